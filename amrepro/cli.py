@@ -1,0 +1,78 @@
+"""The command line: options -> one Config -> commands. Heavy imports (torch, mlflow) happen inside the
+commands, so `amrepro --help` is instant."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from .config import AmreproError, Config, help_for
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Is activation maximization reproducible? Optimize one neuron's input from many seeds, "
+                       "decode, compare, and track every run in MLflow (store: MLFLOW_TRACKING_URI).")
+
+_D = Config()
+
+
+@app.callback()
+def _root() -> None:
+    """Is activation maximization reproducible? Optimize one neuron's input from many seeds, decode, compare,
+    and track every run in MLflow (store: MLFLOW_TRACKING_URI, default sqlite mlflow.db + ./mlruns)."""
+
+
+def _guard(fn, *args, **kwargs):
+    """One clear sentence and a non-zero exit instead of a traceback (AMREPRO_DEBUG=1 shows it)."""
+    from .report import errors
+
+    try:
+        return fn(*args, **kwargs)
+    except AmreproError as error:
+        errors.print(f"error: {error}", soft_wrap=True)
+        raise typer.Exit(2)
+    except KeyboardInterrupt:
+        errors.print("interrupted: finished child runs were kept; every unfinished run was marked KILLED.")
+        raise typer.Exit(130)
+    except Exception as error:  # noqa: BLE001
+        if os.environ.get("AMREPRO_DEBUG"):
+            raise
+        errors.print(f"error: {type(error).__name__}: {error} (set AMREPRO_DEBUG=1 for the traceback)")
+        raise typer.Exit(1)
+
+
+@app.command()
+def run(
+    runs: int = typer.Option(_D.runs, help=help_for("runs")),
+    epochs: int = typer.Option(_D.epochs, help=help_for("epochs")),
+    n_tokens: int = typer.Option(_D.n_tokens, help=help_for("n_tokens")),
+    layer: int = typer.Option(_D.layer, help=help_for("layer")),
+    dim: int = typer.Option(_D.dim, help=help_for("dim")),
+    target: str = typer.Option(_D.target, help=help_for("target")),
+    lr: float = typer.Option(_D.lr, help=help_for("lr")),
+    l2: float = typer.Option(_D.l2, help=help_for("l2")),
+    seed: int = typer.Option(_D.seed, help=help_for("seed")),
+    model: str = typer.Option(_D.model, help=help_for("model")),
+    device: str = typer.Option(_D.device, help=help_for("device")),
+    experiment: str = typer.Option("", help="MLflow experiment name (default: MLflow's own, "
+                                            "or MLFLOW_EXPERIMENT_NAME / MLFLOW_EXPERIMENT_ID)."),
+):
+    """Run the experiment: RUNS seeds batched, one MLflow parent run with a child run per seed."""
+    config = Config(model=model, layer=layer, dim=dim, target=target, runs=runs, epochs=epochs,
+                    n_tokens=n_tokens, lr=lr, l2=l2, seed=seed, device=device)
+
+    def go():
+        from . import commands
+
+        commands.run(config, experiment or None)
+
+    _guard(go)
+
+
+def main() -> None:
+    app(prog_name="amrepro")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""One frozen Config: every hyperparameter of an experiment, each field carrying its own help text.
+
+Only the standard library is imported here, so `amrepro --help` stays instant (no torch import).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+class AmreproError(Exception):
+    """A problem the user can fix: printed as one sentence, exit code 2, never a traceback."""
+
+
+def _f(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str = _f("gpt2", "Hugging Face model id or local folder, loaded with from_pretrained.")
+    layer: int = _f(8, "Residual stream after LAYER blocks, i.e. HF hidden_states[LAYER] "
+                       "(= blocks.LAYER.hook_resid_pre = output of block LAYER-1); 0 <= LAYER < n_layers.")
+    dim: int = _f(91, "Index of the neuron (residual-stream dimension) to maximize.")
+    target: str = _f("", "TransformerLens-style target, e.g. 'blocks.6.mlp.hook_post[1234]'; "
+                         "overrides --layer/--dim when given.")
+    runs: int = _f(10, "Number of independent runs (seeds SEED, SEED+1, ...), optimized as one batch.")
+    epochs: int = _f(500, "Adam steps per run (the reference notebook used 300).")
+    n_tokens: int = _f(5, "Number of input vectors (sequence length) optimized per run.")
+    lr: float = _f(1e-3, "Adam learning rate.")
+    l2: float = _f(0.01, "Weight of the L2 penalty sum(x**2) in the loss.")
+    seed: int = _f(0, "Seed of run 0; run r uses SEED + r.")
+    device: str = _f("auto", "auto (cuda if available), cpu or cuda.")
+
+    @property
+    def target_name(self) -> str:
+        """The target as a TransformerLens-style name; --layer/--dim is shorthand for resid_pre."""
+        return self.target or f"blocks.{self.layer}.hook_resid_pre[{self.dim}]"
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.seed + r for r in range(self.runs)]
+
+    def validate(self) -> "Config":
+        """Checks that need no model; model-dependent ranges are checked once the model is loaded."""
+        for name in ("runs", "epochs", "n_tokens"):
+            if getattr(self, name) < 1:
+                raise AmreproError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+        if not self.lr > 0:
+            raise AmreproError(f"--lr must be positive, got {self.lr}.")
+        if self.l2 < 0:
+            raise AmreproError(f"--l2 must be non-negative, got {self.l2}.")
+        if self.layer < 0 or self.dim < 0:
+            raise AmreproError("--layer and --dim must be non-negative.")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise AmreproError(f"--device must be auto, cpu or cuda, got {self.device!r}.")
+        if self.seed < 0:
+            raise AmreproError(f"--seed must be non-negative, got {self.seed}.")
+        return self
+
+    def to_params(self) -> dict[str, str]:
+        """Every field as MLflow params (strings), plus the resolved target name."""
+        params = {f.name: str(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        params["target_name"] = self.target_name
+        return params
+
+    @classmethod
+    def from_params(cls, params: dict[str, str]) -> "Config":
+        """Inverse of to_params: rebuild the Config a run was made with (unknown keys are ignored)."""
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in params:
+                raise AmreproError(f"the run has no '{f.name}' param: it was not made by amrepro run.")
+            kind = type(f.default)
+            kwargs[f.name] = kind(params[f.name])
+        return cls(**kwargs)
+
+
+def help_for(name: str) -> str:
+    """The help text of a Config field, for the CLI."""
+    return {f.name: f.metadata["help"] for f in dataclasses.fields(Config)}[name]

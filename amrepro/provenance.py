@@ -1,0 +1,58 @@
+"""What a run needs to be reproduced: library versions, device, threads, git state, pip freeze."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _git(*args: str) -> str:
+    try:
+        out = subprocess.run(["git", *args], cwd=_ROOT, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    """Tags `env.*` for the parent run."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    commit = _git("rev-parse", "HEAD")
+    return {
+        "env.python": platform.python_version(),
+        "env.torch": torch.__version__,
+        "env.transformers": _version("transformers"),
+        "env.mlflow": _version("mlflow"),
+        "env.numpy": _version("numpy"),
+        "env.amrepro": _version("amrepro"),
+        "env.device": device.type,
+        "env.device_name": name,
+        "env.cuda": torch.version.cuda or "none",
+        "env.dtype": "float32",
+        "env.threads": str(torch.get_num_threads()),
+        "env.platform": platform.platform(),
+        "env.git_commit": commit or "unknown",
+        "env.git_dirty": ("true" if _git("status", "--porcelain", "--untracked-files=no") else "false") if commit else "unknown",
+    }
+
+
+def pip_freeze() -> bytes:
+    try:
+        out = subprocess.run([sys.executable, "-m", "pip", "freeze"], capture_output=True, text=True, timeout=60)
+        return out.stdout.encode()
+    except (OSError, subprocess.SubprocessError) as error:
+        return f"pip freeze failed: {error}\n".encode()

@@ -1,0 +1,85 @@
+"""Site readers: callables x [runs, pos, d_model] -> target activation [runs, pos] that compute only the
+blocks the target needs. Used as context managers, so no hook outlives a run.
+
+- HookedReader works on any HF transformer that takes `inputs_embeds`: a hook captures the site and
+  stops the forward right there (TransformerLens' stop_at_layer, done with an exception).
+- GPT2Reader (gpt2.py) is the fast path for GPT-2: a functional forward on the same weights that also skips
+  the part of the last block the target does not read. Tests pin it to HookedReader and to HF hidden_states.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import AmreproError
+from .model import LoadedModel
+from .targets import Target, check_target, site_location
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook: everything after the site is unused compute."""
+
+
+class HookedReader:
+    def __init__(self, lm: LoadedModel, target: Target):
+        self.lm, self.target = lm, target
+        path, self.kind = site_location(lm.model_type, target.site)
+        if not 0 <= target.block < lm.n_layers:
+            check_target(target, lm.n_layers, width=target.index + 1)
+        block = lm.blocks[target.block]
+        self.module = block.get_submodule(path) if path else block
+        self._handle = None
+        self._site = None
+
+    def _capture(self, tensor) -> None:
+        self._site = tensor[0] if isinstance(tensor, (tuple, list)) else tensor
+        raise _StopForward
+
+    def __enter__(self) -> "HookedReader":
+        if self.kind == "input":
+            self._handle = self.module.register_forward_pre_hook(
+                lambda module, args, kwargs: self._capture(args[0] if args else kwargs["hidden_states"]),
+                with_kwargs=True)
+        else:
+            self._handle = self.module.register_forward_hook(lambda module, args, out: self._capture(out))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+        self._handle = self._site = None
+
+    def read_site(self, x: torch.Tensor) -> torch.Tensor:
+        """The whole site tensor [runs, pos, width] for inputs x [runs, pos, d_model]."""
+        if self._handle is None:
+            raise RuntimeError("use the reader inside a `with` block")
+        try:
+            self.lm.model(inputs_embeds=x)
+        except _StopForward:
+            pass
+        else:
+            raise RuntimeError(f"the forward never reached {self.target.name}")
+        site, self._site = self._site, None
+        return site
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.read_site(x)[..., self.target.index]  # [runs, pos]
+
+
+def site_reader(lm: LoadedModel, target: Target, fast: bool = True):
+    """The fastest reader that supports this model and target (validated against the model)."""
+    with HookedReader(lm, target) as probe:  # one tiny forward tells the site's width on any architecture
+        width = probe.read_site(torch.zeros(1, 1, lm.d_model, device=lm.device)).shape[-1]
+    check_target(target, lm.n_layers, width)
+    if fast:
+        from .gpt2 import GPT2Reader
+
+        if GPT2Reader.supports(lm):
+            return GPT2Reader(lm, target)
+    return HookedReader(lm, target)
+
+
+def check_positions(lm: LoadedModel, n_tokens: int) -> None:
+    config = lm.model.config
+    max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if max_pos is not None and n_tokens > max_pos:
+        raise AmreproError(f"--n-tokens {n_tokens} exceeds the model's {max_pos} positions.")

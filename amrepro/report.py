@@ -1,0 +1,61 @@
+"""What the user sees in the terminal (rich): a progress bar over epochs, the decoded-token table and the
+reference's summary line. Nothing here computes or logs."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console(highlight=False)
+errors = Console(stderr=True, highlight=False)
+
+
+@contextmanager
+def epoch_progress(epochs: int, runs: int):
+    """Yields on_epoch(epoch) for the optimization loop."""
+    columns = (TextColumn(f"[bold]optimizing {runs} runs"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("epochs"), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("optimize", total=epochs)
+        yield lambda epoch: progress.update(task, completed=epoch + 1)
+
+
+def token_table(outcome) -> Table:
+    n_pos = len(outcome.tokens[0])
+    table = Table(title=f"Decoded tokens ({outcome.target.name})", header_style="bold")
+    table.add_column("seed", justify="right")
+    for p in range(n_pos):
+        table.add_column(f"pos {p}")
+    table.add_column("act (final)", justify="right")
+    table.add_column("act (tokens)", justify="right")
+    counts = {row["id"]: row["count"] for row in outcome.summary["unique"]}
+    for r, seed in enumerate(outcome.result.seeds):
+        cells = []
+        for token_id, text in zip(outcome.ids[r], outcome.tokens[r]):
+            shown = repr(text)
+            cells.append(f"[bold yellow]{_escape(shown)}[/]" if counts[int(token_id)] > 1 else _escape(shown))
+        table.add_row(str(seed), *cells, f"{float(outcome.result.final_activation[r]):.3f}",
+                      f"{float(outcome.decoded_activation[r]):.3f}")
+    return table
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """The reference's format: 'N/M tokens are unique.', then each repeated token with its count."""
+    lines = [f"{summary['n_unique_tokens']}/{summary['n_tokens_total']} tokens are unique."]
+    lines += [f"  {row['token']!r} (id {row['id']}) appears {row['count']} times" for row in summary["repeated"]]
+    return lines
+
+
+def print_outcome(outcome, parent_id: str | None, uri: str | None) -> None:
+    console.print(token_table(outcome))
+    for line in summary_lines(outcome.summary):
+        console.print(_escape(line))
+    if parent_id:
+        console.print(f"MLflow parent run {parent_id} ({len(outcome.result.seeds)} child runs) in {uri}")
+
+
+def _escape(text: str) -> str:
+    return text.replace("[", r"\[")

@@ -1,0 +1,33 @@
+"""The one place that seeds: every random draw comes from an explicit generator derived from a run's seed,
+and every determinism switch is flipped here."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def configure_determinism(device: torch.device) -> None:
+    """Bit-identical results for the same seed on the same device and versions."""
+    if device.type == "cuda":
+        # cuBLAS needs a fixed workspace for deterministic GEMMs; must be set before its first use.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cuda.matmul.allow_tf32 = False  # TF32 would silently change the fp32 science
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True)
+
+
+def initial_embeddings(seeds: list[int], n_tokens: int, std: float, d_model: int) -> torch.Tensor:
+    """x_r ~ N(0, std) of shape [n_tokens, d_model] for each seed, stacked to [runs, n_tokens, d_model].
+
+    Drawn on the CPU with one torch.Generator per seed, so run r's start depends on its seed alone (not on
+    the batch it ran in, nor on the device it will be optimized on).
+    """
+    starts = []
+    for seed in seeds:
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        starts.append(torch.randn(n_tokens, d_model, generator=generator, dtype=torch.float32) * std)
+    return torch.stack(starts)  # [runs, pos, d_model]

@@ -1,0 +1,72 @@
+"""Targets by TransformerLens-style name: 'blocks.8.hook_resid_pre[91]' -> Target(block=8, site, index=91).
+
+`--layer L --dim D` is the reference's shorthand for blocks.L.hook_resid_pre[D] = HF hidden_states[L][..., D]
+(the residual stream after L blocks = blocks.{L-1}.hook_resid_post).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .config import AmreproError
+
+# site -> (module path inside a block, whether the site is that module's input or output).
+# "" is the block itself: its input is resid_pre, its output resid_post, on every architecture.
+RESIDUAL_SITES = {"hook_resid_pre": ("", "input"), "hook_resid_post": ("", "output")}
+SITES_BY_MODEL_TYPE = {
+    "gpt2": {"hook_resid_mid": ("ln_2", "input"), "hook_attn_out": ("attn", "output"),
+             "mlp.hook_post": ("mlp.act", "output")},
+    "gpt_neo": {"hook_resid_mid": ("ln_2", "input"), "hook_attn_out": ("attn", "output"),
+                "mlp.hook_post": ("mlp.act", "output")},
+    # BERT is post-LN: resid_mid is the attention sublayer's normalized output, the MLP's input.
+    "bert": {"hook_resid_mid": ("attention", "output"), "hook_attn_out": ("attention.output.dense", "output"),
+             "mlp.hook_post": ("intermediate", "output")},
+    # GPT-NeoX (Pythia) runs attention and MLP in parallel: there is no resid_mid.
+    "gpt_neox": {"hook_attn_out": ("attention", "output"), "mlp.hook_post": ("mlp.act", "output")},
+}
+ALL_SITES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "mlp.hook_post")
+_NAME = re.compile(r"blocks\.(\d+)\.([a-z_.]+)\[(\d+)\]")
+
+
+@dataclass(frozen=True)
+class Target:
+    block: int
+    site: str
+    index: int
+
+    @property
+    def name(self) -> str:
+        return f"blocks.{self.block}.{self.site}[{self.index}]"
+
+    @classmethod
+    def parse(cls, text: str) -> "Target":
+        match = _NAME.fullmatch(text.strip())
+        if not match or match.group(2) not in ALL_SITES:
+            raise AmreproError(
+                f"unknown target '{text}': expected blocks.L.SITE[i] with SITE one of {', '.join(ALL_SITES)}, "
+                "e.g. blocks.8.hook_resid_pre[91] or blocks.6.mlp.hook_post[1234].")
+        return cls(block=int(match.group(1)), site=match.group(2), index=int(match.group(3)))
+
+    @property
+    def is_residual(self) -> bool:
+        return self.site in RESIDUAL_SITES or self.site == "hook_resid_mid"
+
+
+def site_location(model_type: str, site: str) -> tuple[str, str]:
+    """(module path inside the block, 'input' or 'output') of a site on this architecture."""
+    sites = {**RESIDUAL_SITES, **SITES_BY_MODEL_TYPE.get(model_type, {})}
+    if site not in sites:
+        raise AmreproError(f"site '{site}' is not available for {model_type} models; "
+                           f"valid sites: {', '.join(s for s in ALL_SITES if s in sites)}.")
+    return sites[site]
+
+
+def check_target(target: Target, n_layers: int, width: int) -> None:
+    """Range checks with the valid range in the message; width is the site's size (d_model or d_mlp)."""
+    if not 0 <= target.block < n_layers:
+        raise AmreproError(f"block {target.block} is out of range: the model has {n_layers} blocks "
+                           f"(valid: 0..{n_layers - 1}; --layer L reads the residual stream before block L).")
+    if not 0 <= target.index < width:
+        raise AmreproError(f"index {target.index} is out of range for {target.site}, which has {width} "
+                           f"dimensions (valid: 0..{width - 1}).")
