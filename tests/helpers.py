@@ -1,0 +1,23 @@
+"""Shared test helpers: run the CLI in-process and read the tracking store back."""
+
+from __future__ import annotations
+
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from amrepro.cli import app
+
+
+def cli(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def all_runs(uri: str):
+    client = MlflowClient(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, max_results=1000) if experiments else []
+
+
+def children_of(uri: str, parent_id: str):
+    return sorted((r for r in all_runs(uri) if r.data.tags.get("mlflow.parentRunId") == parent_id),
+                  key=lambda r: int(r.data.params["run_index"]))

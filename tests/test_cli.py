@@ -1,0 +1,112 @@
+"""`amrepro run` end to end against a temp sqlite store: the MLflow layout users rely on, and bad input."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from helpers import all_runs, children_of, cli
+
+
+def test_help_is_fast_and_does_not_import_torch():
+    code = ("import sys\nfrom amrepro.cli import app\nfrom typer.testing import CliRunner\n"
+            "assert CliRunner().invoke(app, ['run', '--help']).exit_code == 0\n"
+            "assert 'torch' not in sys.modules and 'mlflow' not in sys.modules, 'help imported heavy modules'\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    out = cli("run", "--help").output
+    for option in ("--runs", "--epochs", "--n-tokens", "--layer", "--dim", "--target", "--lr", "--l2", "--seed",
+                   "--model", "--device"):
+        assert option in out
+    assert "hidden_states" in out  # --layer says precisely which tensor it reads
+
+
+def test_run_logs_parent_and_one_child_per_seed(tiny_gpt2, store):
+    result = cli("run", "--model", tiny_gpt2, "--runs", "2", "--epochs", "500", "--dim", "3", "--seed", "4",
+                 "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "/10 tokens are unique." in result.output
+    client = MlflowClient(store)
+    runs = all_runs(store)
+    assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    p = parent.data
+    assert p.params["runs"] == "2" and p.params["epochs"] == "500" and p.params["lr"] == "0.001"
+    assert p.params["target_name"] == "blocks.8.hook_resid_pre[3]" and p.params["model"] == tiny_gpt2
+    assert p.metrics["n_tokens_total"] == 10 and 1 <= p.metrics["n_unique_tokens"] <= 10
+    for key in ("env.torch", "env.transformers", "env.mlflow", "env.device", "env.git_commit", "env.threads"):
+        assert p.tags[key]
+    summary = json.loads(Path(client.download_artifacts(parent.info.run_id, "summary.json")).read_text())
+    assert summary["n_unique_tokens"] == p.metrics["n_unique_tokens"] and len(summary["tokens"]) == 2
+
+    children = children_of(store, parent.info.run_id)
+    assert [c.info.run_name for c in children] == ["seed-4", "seed-5"]
+    all_ids = []
+    for r, child in enumerate(children):
+        assert child.data.params["seed"] == str(4 + r) and child.data.params["epochs"] == "500"
+        history = client.get_metric_history(child.info.run_id, "loss/total")
+        assert sorted(m.step for m in history) == list(range(500))
+        assert len(client.get_metric_history(child.info.run_id, "act/target")) == 500
+        assert {"act/final", "act/decoded"} <= set(child.data.metrics)
+        folder = Path(client.download_artifacts(child.info.run_id, ""))
+        for name in ("embeddings/initial.npy", "embeddings/final.npy"):
+            array = np.load(folder / name)
+            assert array.shape == (5, 32) and array.dtype == np.float32
+            assert child.data.tags[f"sha256/{name}"] == hashlib.sha256((folder / name).read_bytes()).hexdigest()
+        tokens = json.loads((folder / "tokens.json").read_text())
+        assert len(tokens["ids"]) == len(tokens["tokens"]) == 5
+        all_ids += tokens["ids"]
+    assert len(set(all_ids)) == p.metrics["n_unique_tokens"]
+
+
+BAD_INPUTS = [
+    (["--runs", "0"], "--runs must be at least 1"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--n-tokens", "0"], "--n-tokens must be at least 1"),
+    (["--n-tokens", "65"], "exceeds the model's 64 positions"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--layer", "10"], "block 10 is out of range: the model has 10 blocks"),
+    (["--dim", "32"], "index 32 is out of range"),
+    (["--target", "blocks.2.hook_nonsense[1]"], "unknown target"),
+    (["--device", "tpu"], "--device must be auto, cpu or cuda"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_sentence_exit_2_and_no_run_left_running(tiny_gpt2, store, args, message):
+    result = cli("run", "--model", tiny_gpt2, "--epochs", "3", "--dim", "3", *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert all(r.info.status != "RUNNING" for r in all_runs(store))
+
+
+def test_missing_local_model_and_unreachable_hub(store, tmp_path):
+    result = cli("run", "--model", str(tmp_path / "no-such-model"))
+    assert result.exit_code == 2 and "local path does not exist" in result.output
+    result = cli("run", "--model", "surely-not-a-model-xyz")
+    assert result.exit_code == 2 and "HF_HUB_OFFLINE" in result.output
+    assert all_runs(store) == [] or all(r.info.status != "RUNNING" for r in all_runs(store))
+
+
+def test_bad_input_under_mlflow_run_marks_its_run_failed(tiny_gpt2, store, monkeypatch):
+    client = MlflowClient(store)
+    run = client.create_run("0")  # what `mlflow run` does before calling the entry point
+    monkeypatch.setenv("MLFLOW_RUN_ID", run.info.run_id)
+    result = cli("run", "--model", tiny_gpt2, "--dim", "999")
+    assert result.exit_code == 2
+    finished = client.get_run(run.info.run_id)
+    assert finished.info.status == "FAILED" and "out of range" in finished.data.tags["error"]
+
+
+def test_store_that_is_down_fails_fast_with_one_sentence(tiny_gpt2, tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "amrepro", "run", "--model", tiny_gpt2, "--epochs", "2"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert "cannot use the MLflow tracking store at http://127.0.0.1:9" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
