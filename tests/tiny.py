@@ -25,9 +25,16 @@ def write_tiny_gpt2(folder: Path, n_layer: int = 10, n_embd: int = 32, n_head: i
 
     tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=n_embd, n_layer=n_layer, n_head=n_head)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+                        bos_token_id=0, eos_token_id=0)
     model = GPT2Model(config)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+if __name__ == "__main__":  # python tests/tiny.py FOLDER: a tiny random GPT-2 to try amrepro offline
+    import sys
+
+    print(write_tiny_gpt2(Path(sys.argv[1] if len(sys.argv) > 1 else "tiny-gpt2")))

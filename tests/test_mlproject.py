@@ -1,0 +1,65 @@
+"""The MLproject entry point: every parameter reaches the CLI, and `mlflow run` works end to end."""
+
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import yaml
+from mlflow import MlflowClient
+
+from amrepro.config import Config
+from helpers import children_of
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def entry_point():
+    return yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["main"]
+
+
+def test_every_declared_parameter_appears_in_the_command():
+    main = entry_point()
+    declared = set(main["parameters"])
+    used = set(re.findall(r"\{(\w+)\}", main["command"]))
+    assert declared == used
+    for name in declared:  # each one lands on the CLI option of the same name
+        assert f"--{name.replace('_', '-')} {{{name}}}" in main["command"]
+
+
+def test_every_config_field_is_an_mlproject_parameter_with_the_same_default():
+    params = entry_point()["parameters"]
+    for field in dataclasses.fields(Config):
+        assert field.name in params, field.name
+        assert str(params[field.name]["default"]) == str(field.default), field.name
+
+
+def test_python_env_pins_the_cpu_torch_wheel_and_all_runtime_dependencies():
+    env = yaml.safe_load((ROOT / "python_env.yaml").read_text())
+    pins = {re.split(r"[=<>]", d)[0] for d in env["dependencies"]}
+    runtime = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert {re.split(r"[=<>]", d)[0] for d in runtime} <= pins
+    assert "torch==2.13.0" in env["dependencies"]
+
+
+def test_mlflow_run_local_env_end_to_end(tiny_gpt2, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    client.create_experiment("e2e", artifact_location=str(tmp_path / "artifacts"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(MLFLOW_TRACKING_URI=uri, HF_HUB_OFFLINE="1")
+    bindir = Path(sys.executable).parent
+    env["PATH"] = f"{bindir}{os.pathsep}{env['PATH']}"
+    proc = subprocess.run(["mlflow", "run", ".", "--env-manager", "local", "--experiment-name", "e2e",
+                           "-P", "runs=2", "-P", "epochs=5", "-P", f"model={tiny_gpt2}", "-P", "dim=3"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "/10 tokens are unique." in proc.stdout
+    (parent,) = [r for r in client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
+                 if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "FINISHED" and parent.data.metrics["n_tokens_total"] == 10
+    children = children_of(uri, parent.info.run_id)
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
