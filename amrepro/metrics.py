@@ -19,3 +19,257 @@ def unique_summary(ids: np.ndarray, tokens: list[list[str]]) -> dict:
         "repeated": [{"id": i, "token": text[i], "count": c} for c, i in repeated],
         "unique": [{"id": int(i), "token": text[int(i)], "count": int(c)} for i, c in zip(unique, counts)],
     }
+
+
+# --- reproducibility statistics --------------------------------------------------------------------------
+#
+# Every pairwise statistic is first computed as a [runs, runs] matrix, then averaged over pairs of distinct
+# runs. The bootstrap reuses those matrices with run multiplicities as weights, so a resample never re-runs
+# the (possibly exponential) matching.
+
+INTERVAL = (2.5, 97.5)  # percentiles of the 95% intervals
+EXACT_MATCHING_MAX_POS = 8  # 8! = 40320 permutations per pair of runs; above that, greedy matching
+
+
+def pairwise_agreement(ids: np.ndarray) -> np.ndarray:
+    """[runs, runs]: fraction of positions at which two runs decode to the same token."""
+    ids = np.asarray(ids)  # [runs, pos]
+    return (ids[:, None, :] == ids[None, :, :]).mean(axis=-1)  # [runs, runs]
+
+
+def pairwise_jaccard(ids: np.ndarray) -> np.ndarray:
+    """[runs, runs]: |A ∩ B| / |A ∪ B| of the two runs' token sets (order and repeats ignored)."""
+    ids = np.asarray(ids)  # [runs, pos]
+    _, compact = np.unique(ids, return_inverse=True)  # token ids -> 0..K-1
+    member = np.zeros((ids.shape[0], compact.max() + 1))  # [runs, K]: run contains token
+    member[np.arange(ids.shape[0])[:, None], compact.reshape(ids.shape)] = 1.0
+    inter = member @ member.T  # [runs, runs]
+    size = member.sum(axis=1)  # [runs]
+    return inter / (size[:, None] + size[None, :] - inter)  # sets are never empty: pos >= 1
+
+
+def _cosine_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """[pos_a, pos_b] cosine similarities of the rows of a and b."""
+    a = a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
+    return a @ b.T
+
+
+def _greedy_matching(sim: np.ndarray) -> float:
+    """Sum of a one-to-one matching built by repeatedly taking the largest remaining entry."""
+    total, used_rows, used_cols = 0.0, set(), set()
+    for flat in np.argsort(-sim, axis=None):
+        i, j = divmod(int(flat), sim.shape[1])
+        if i not in used_rows and j not in used_cols:
+            total += sim[i, j]
+            used_rows.add(i)
+            used_cols.add(j)
+    return total
+
+
+def pairwise_matched_cosine(final: np.ndarray) -> tuple[np.ndarray, str]:
+    """[runs, runs]: mean cosine of two runs' final vectors after the best one-to-one matching of positions
+    (so the same inputs in another order still count as the same), and how the matching was found."""
+    import itertools
+
+    final = np.asarray(final, dtype=np.float64)  # [runs, pos, d_model]
+    runs, pos = final.shape[:2]
+    exact = pos <= EXACT_MATCHING_MAX_POS
+    perms = np.array(list(itertools.permutations(range(pos)))) if exact else None  # [pos!, pos]
+    out = np.ones((runs, runs))
+    for a, b in itertools.combinations(range(runs), 2):
+        sim = _cosine_matrix(final[a], final[b])  # [pos, pos]
+        best = sim[np.arange(pos), perms].sum(axis=1).max() if exact else _greedy_matching(sim)
+        out[a, b] = out[b, a] = best / pos
+    method = ("exact: best of all pos! position permutations" if exact
+              else f"greedy: pos > {EXACT_MATCHING_MAX_POS}, largest cosine first (a lower bound on the optimum)")
+    return out, method
+
+
+def pairwise_positional_cosine(final: np.ndarray) -> np.ndarray:
+    """[runs, runs]: mean cosine of two runs' final vectors at the same position (no matching)."""
+    final = np.asarray(final, dtype=np.float64)  # [runs, pos, d_model]
+    unit = final / np.maximum(np.linalg.norm(final, axis=-1, keepdims=True), 1e-12)
+    return np.einsum("apd,bpd->abp", unit, unit).mean(axis=-1)  # [runs, runs]
+
+
+def pair_mean(matrix: np.ndarray, counts: np.ndarray | None = None) -> float:
+    """Mean of a symmetric [runs, runs] matrix over pairs of *different* runs, each run weighted by how often
+    it was drawn (counts; all ones = every pair once). A run paired with itself is never counted: it would
+    fake agreement. NaN when fewer than two different runs are present."""
+    counts = np.ones(matrix.shape[0]) if counts is None else np.asarray(counts, dtype=float)
+    weights = np.outer(counts, counts)  # [runs, runs]
+    np.fill_diagonal(weights, 0.0)
+    total = weights.sum()
+    return float((weights * matrix).sum() / total) if total > 0 else float("nan")
+
+
+def token_stats(ids: np.ndarray) -> dict[str, float]:
+    """The token-level statistics of one [runs, pos] matrix, as used for data and baselines alike."""
+    ids = np.asarray(ids)
+    n_unique = int(np.unique(ids).size)
+    return {"n_unique": n_unique, "unique_fraction": n_unique / ids.size,
+            "positional_agreement": pair_mean(pairwise_agreement(ids)),
+            "jaccard_mean": pair_mean(pairwise_jaccard(ids))}
+
+
+def _interval(values, with_mean: bool = True) -> dict:
+    """Mean and 95% percentile interval of Monte Carlo / bootstrap values (NaNs, from degenerate draws, ignored)."""
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return {"mean": None, "low": None, "high": None} if with_mean else {"low": None, "high": None}
+    low, high = np.percentile(values, INTERVAL)
+    out = {"low": float(low), "high": float(high)}
+    return {"mean": float(values.mean()), **out} if with_mean else out
+
+
+def random_token_baseline(runs: int, pos: int, vocab_size: int, n_draws: int, seed: int = 0) -> dict:
+    """What chance gives: token_stats of runs x pos tokens drawn uniformly from the vocabulary, n_draws times."""
+    rng = np.random.default_rng(seed)
+    draws = [token_stats(rng.integers(0, vocab_size, size=(runs, pos))) for _ in range(n_draws)]
+    return {"n_draws": n_draws,
+            **{key: _interval([d[key] for d in draws]) for key in draws[0]}}
+
+
+def _spread(values: np.ndarray) -> dict:
+    values = np.asarray(values, dtype=float)  # [runs]
+    return {"mean": float(values.mean()), "std": float(values.std()), "min": float(values.min()),
+            "max": float(values.max()), "per_run": values.tolist()}
+
+
+def _bootstrap(ids, matrices: dict[str, np.ndarray], per_run: dict[str, np.ndarray], n_boot: int,
+               rng: np.random.Generator) -> dict:
+    """95% intervals over runs resampled with replacement. Pairwise statistics weight runs by how often they
+    were drawn but never pair a run with itself; the unique fraction is taken over the distinct runs drawn
+    (a run drawn twice would otherwise fake repeated tokens); per-run means use every draw."""
+    runs = ids.shape[0]
+    values: dict[str, list[float]] = {"unique_fraction": [], **{k: [] for k in matrices}, **{k: [] for k in per_run}}
+    for _ in range(n_boot):
+        counts = np.bincount(rng.integers(0, runs, size=runs), minlength=runs)  # [runs]
+        distinct = ids[counts > 0]  # [distinct runs, pos]
+        values["unique_fraction"].append(np.unique(distinct).size / distinct.size)
+        for key, matrix in matrices.items():
+            values[key].append(pair_mean(matrix, counts))
+        for key, per in per_run.items():
+            values[key].append(float((counts * per).sum() / runs))
+    return {"n_boot": n_boot, **{key: _interval(v, with_mean=False) for key, v in values.items()}}
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def _verdict(observed: dict, random: dict, initial: dict, n_total: int) -> str:
+    """Observed statistics against the 95% chance intervals, in words; nothing stronger than the data says.
+    Below/above chance means outside the 95% interval of uniformly random tokens (a one-sided test at 2.5%)."""
+    u, ru, iu = observed["n_unique"], random["n_unique"], initial["n_unique"]
+    words = (f"{u}/{n_total} tokens unique; chance level (random tokens) {ru['mean']:.2f} "
+             f"[{ru['low']:.0f}, {ru['high']:.0f}]; decoded initial embeddings {iu}/{n_total}. ")
+    if u < ru["low"]:
+        words += ("Below chance: runs repeat tokens more than uniformly random tokens do, evidence that AM "
+                  "converges to preferred tokens.")
+        if iu <= u:
+            words += (" But the un-optimized initial embeddings repeat as much or more, so the repetition is "
+                      "explained by decoding to nearest tokens, not by the optimization.")
+        elif iu < ru["low"]:
+            words += (" But the un-optimized initial embeddings also decode below chance, so part of the repetition "
+                      "comes from decoding to nearest tokens, not from the optimization.")
+    else:
+        words += "Within chance: no evidence of a preferred token set."
+    agreement, ra = observed["positional_agreement"], random["positional_agreement"]
+    if agreement is None or ra["high"] is None:
+        return words + " A single run has no run-to-run agreement to measure."
+    words += (f" Positional agreement {_fmt(agreement)} (initial {_fmt(initial['positional_agreement'])}) vs chance "
+              f"{ra['mean']:.4f} [{_fmt(ra['low'])}, {_fmt(ra['high'])}]: ")
+    if agreement > ra["high"]:
+        return words + "above chance, runs decode to the same token at the same position more often than chance."
+    return words + "within chance, no evidence that runs agree position by position."
+
+
+def _none_if_nan(stats: dict) -> dict:
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in stats.items()}
+
+
+def _flat_metrics(out: dict) -> dict[str, float]:
+    """MLflow-ready float metrics with namespaced keys; statistics that do not exist (one run) are left out."""
+    b, r, i = out["bootstrap"], out["baselines"]["random_tokens"], out["baselines"]["initial_tokens"]
+    flat = {
+        "stats/n_unique_tokens": out["n_unique_tokens"], "stats/unique_fraction": out["unique_fraction"],
+        "stats/positional_agreement": out["positional_agreement"], "stats/jaccard_mean": out["jaccard_mean"],
+        "stats/matched_cosine_mean": out["matched_cosine_mean"],
+        "stats/positional_cosine_mean": out["positional_cosine_mean"],
+        "stats/projection_gap_mean": out["projection_gap"]["mean"],
+        "stats/cosine_mean": out["cosine"]["mean"], "stats/cosine_min": out["cosine"]["min"],
+        "baseline/initial_unique": i["n_unique"], "baseline/initial_agreement": i["positional_agreement"],
+        "baseline/initial_jaccard": i["jaccard_mean"],
+        "verdict/unique_below_chance": float(out["n_unique_tokens"] < r["n_unique"]["low"]),
+    }
+    for name in ("final_activation", "decoded_activation"):
+        flat.update({f"stats/{name}_{k}": out[name][k] for k in ("mean", "std", "min", "max")})
+    for short, key in (("unique", "n_unique"), ("agreement", "positional_agreement"), ("jaccard", "jaccard_mean")):
+        flat.update({f"baseline/random_{short}_{k}": r[key][k] for k in ("mean", "low", "high")})
+    for key, interval in b.items():
+        if isinstance(interval, dict):
+            flat.update({f"bootstrap/{key}_{k}": v for k, v in interval.items()})
+    if out["positional_agreement"] is not None and r["positional_agreement"]["high"] is not None:
+        flat["verdict/agreement_above_chance"] = float(out["positional_agreement"] > r["positional_agreement"]["high"])
+    return {k: float(v) for k, v in flat.items() if v is not None and np.isfinite(v)}
+
+
+def reproducibility_stats(ids, final, final_activation, decoded_activation, cosine, initial_ids, vocab_size: int,
+                          seed: int = 0, n_boot: int = 1000) -> dict:
+    """How similar are the runs, and how does that compare with chance? A JSON-serialisable dict.
+
+    ids [runs, pos] decoded token ids; final [runs, pos, d_model] final embeddings; final_activation [runs] and
+    decoded_activation [runs] the mean target activation of the embeddings and of their decoded tokens;
+    cosine [runs, pos] each final vector's cosine to its decoded token; initial_ids [runs, pos] the decoded
+    initial embeddings. n_boot is both the number of bootstrap resamples and of random-token draws; seed
+    seeds both (numpy default_rng), so the same inputs give the same dict.
+    """
+    ids, initial_ids = np.asarray(ids), np.asarray(initial_ids)  # [runs, pos] each
+    final, cosine = np.asarray(final, dtype=np.float64), np.asarray(cosine, dtype=np.float64)
+    final_act = np.asarray(final_activation, dtype=np.float64)  # [runs]
+    decoded_act = np.asarray(decoded_activation, dtype=np.float64)  # [runs]
+    runs, pos = ids.shape
+    if initial_ids.shape != ids.shape or cosine.shape != ids.shape or final.shape[:2] != ids.shape:
+        raise ValueError(f"ids {ids.shape}, initial_ids {initial_ids.shape}, cosine {cosine.shape} and "
+                         f"final {final.shape[:2]} must all be [runs, pos]")
+    if final_act.shape != (runs,) or decoded_act.shape != (runs,):
+        raise ValueError(f"final_activation {final_act.shape} and decoded_activation {decoded_act.shape} must be [{runs}]")
+
+    matched, matching = pairwise_matched_cosine(final)
+    matrices = {"positional_agreement": pairwise_agreement(ids), "jaccard_mean": pairwise_jaccard(ids),
+                "matched_cosine_mean": matched, "positional_cosine_mean": pairwise_positional_cosine(final)}
+    observed = {"n_unique": int(np.unique(ids).size), **{k: pair_mean(m) for k, m in matrices.items()}}
+    observed = _none_if_nan(observed)
+    gap = final_act - decoded_act  # [runs]
+    cosine_per_run = cosine.mean(axis=1)  # [runs]
+    random = random_token_baseline(runs, pos, vocab_size, n_boot, seed)
+    initial = _none_if_nan(token_stats(initial_ids))
+    per_run = {"final_activation_mean": final_act, "projection_gap_mean": gap, "cosine_mean": cosine_per_run}
+    # a generator of its own for the bootstrap, so its draws do not depend on the Monte Carlo's
+    bootstrap = _bootstrap(ids, matrices, per_run, n_boot, np.random.default_rng([seed, 1]))
+    out = {
+        "n_runs": runs, "n_positions": pos, "n_tokens_total": int(ids.size), "vocab_size": int(vocab_size),
+        "n_unique_tokens": observed["n_unique"], "unique_fraction": observed["n_unique"] / ids.size,
+        "positional_agreement": observed["positional_agreement"], "jaccard_mean": observed["jaccard_mean"],
+        "matched_cosine_mean": observed["matched_cosine_mean"], "matching": matching,
+        "positional_cosine_mean": observed["positional_cosine_mean"],
+        "final_activation": _spread(final_act), "decoded_activation": _spread(decoded_act),
+        "projection_gap": {"per_run": gap.tolist(), "mean": float(gap.mean())},
+        "cosine": {"per_run": cosine_per_run.tolist(), "mean": float(cosine.mean()), "min": float(cosine.min())},
+        "baselines": {"random_tokens": random, "initial_tokens": initial},
+        "bootstrap": bootstrap,
+        "interval": "95%: 2.5th-97.5th percentiles",
+        "notes": [
+            "pairwise statistics average over pairs of different runs; None with a single run",
+            f"matched cosine matching: {matching}",
+            "random_tokens: runs x pos ids drawn uniformly from the vocabulary (n_draws times)",
+            "bootstrap: runs resampled with replacement; pairwise statistics never pair a run with itself, "
+            "unique_fraction is taken over the distinct runs drawn",
+        ],
+    }
+    out["verdict"] = _verdict(observed, random, initial, int(ids.size))
+    out["metrics"] = _flat_metrics(out)
+    return out
