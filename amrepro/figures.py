@@ -1,0 +1,115 @@
+"""Figures of one experiment, as matplotlib Figures for MLflow's log_figure (nothing is shown or saved here).
+
+Figures are built with matplotlib.figure.Figure, not pyplot: no global figure registry to leak into, no
+interactive backend; savefig renders PNGs with Agg. Token strings are arbitrary (byte-level pieces, '$',
+backslashes, newlines), so they are shown as repr() and every text that holds one is drawn with
+parse_math=False: mathtext never sees them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+LABEL_LIMIT = 18  # characters of a token label before it is shortened with an ellipsis
+
+
+def token_label(text: str, limit: int = LABEL_LIMIT) -> str:
+    """repr() of a token (quotes show leading spaces, escapes show newlines), shortened to limit characters."""
+    shown = repr(text)
+    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _occurrences(ids: np.ndarray) -> np.ndarray:
+    """For each cell, how often its token occurs in the whole matrix: [runs, pos]."""
+    _, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
+    return counts[inverse.reshape(ids.shape)]
+
+
+def curves(loss, activation, seeds):
+    """Loss and mean target activation per epoch, one line per seed, in two panels."""
+    loss, activation = np.asarray(loss, dtype=float), np.asarray(activation, dtype=float)  # [epochs, runs] each
+    fig = _figure(11, 4)
+    ax_loss, ax_act = fig.subplots(1, 2, sharex=True)
+    epochs = np.arange(loss.shape[0])
+    for r, seed in enumerate(seeds):
+        ax_loss.plot(epochs, loss[:, r], lw=1, label=f"seed {seed}")
+        ax_act.plot(epochs, activation[:, r], lw=1, label=f"seed {seed}")
+    ax_loss.set(title="loss", xlabel="epoch", ylabel="loss")
+    ax_act.set(title="mean target activation", xlabel="epoch", ylabel="activation")
+    if len(seeds) <= 12:  # beyond that the legend is longer than the plot
+        fig.legend(*ax_act.get_legend_handles_labels(), loc="outside right upper", fontsize="small")
+    fig.suptitle(f"{len(seeds)} seeds")
+    return fig
+
+
+def token_grid(tokens, ids, seeds):
+    """The runs x positions decoded tokens as a table, each cell coloured by how often its token occurs
+    anywhere in the grid (1 = unique): repetition across seeds stands out."""
+    ids = np.asarray(ids)  # [runs, pos]
+    runs, pos = ids.shape
+    counts = _occurrences(ids)  # [runs, pos]
+    fig = _figure(max(4.0, 1.5 * pos + 2.0), max(2.5, 0.42 * runs + 1.4))
+    ax = fig.subplots()
+    image = ax.imshow(counts, cmap="YlOrRd", vmin=1, vmax=max(2, int(counts.max())), aspect="auto")
+    fontsize = 9 if runs <= 20 and pos <= 10 else 6
+    for r in range(runs):
+        for p in range(pos):
+            dark = counts[r, p] > 0.6 * max(2, counts.max())  # white text on the darkest cells
+            ax.text(p, r, token_label(tokens[r][p]), ha="center", va="center", fontsize=fontsize,
+                    color="white" if dark else "black", parse_math=False)
+    ax.set_xticks(range(pos), [f"pos {p}" for p in range(pos)])
+    ax.set_yticks(range(runs), [f"seed {s}" for s in seeds])
+    ax.set_title(f"decoded tokens: {np.unique(ids).size}/{ids.size} unique")
+    fig.colorbar(image, ax=ax, label="occurrences of the token in the grid")
+    return fig
+
+
+def token_frequency(ids, tokens, top_k: int = 20):
+    """Horizontal bars of the top_k most frequent decoded tokens (ties broken by token id)."""
+    ids = np.asarray(ids)  # [runs, pos]
+    text = {int(i): t for row_ids, row in zip(ids, tokens) for i, t in zip(row_ids, row)}
+    unique, counts = np.unique(ids, return_counts=True)
+    order = sorted(range(unique.size), key=lambda k: (-counts[k], unique[k]))[:top_k]
+    labels = [f"{token_label(text[int(unique[k])])} ({int(unique[k])})" for k in order]
+    fig = _figure(7, max(2.5, 0.3 * len(order) + 1.2))
+    ax = fig.subplots()
+    ax.barh(range(len(order)), [int(counts[k]) for k in order], color="tab:blue")
+    ax.set_yticks(range(len(order)), labels, parse_math=False)
+    ax.invert_yaxis()  # most frequent on top
+    ax.set(xlabel="occurrences", title=f"decoded-token frequency (top {len(order)} of {unique.size} unique, "
+                                       f"{ids.size} tokens)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    return fig
+
+
+def projection_gap(final_activation, decoded_activation, seeds):
+    """Per run: the activation reached by the continuous embeddings and by their decoded tokens."""
+    final = np.asarray(final_activation, dtype=float)  # [runs]
+    decoded = np.asarray(decoded_activation, dtype=float)  # [runs]
+    x = np.arange(final.size)
+    fig = _figure(max(5.0, 0.6 * final.size + 2.0), 4)
+    ax = fig.subplots()
+    ax.bar(x - 0.2, final, width=0.4, label="continuous embeddings", color="tab:orange")
+    ax.bar(x + 0.2, decoded, width=0.4, label="decoded tokens", color="tab:blue")
+    ax.axhline(0.0, color="black", lw=0.8)
+    ax.set_xticks(x, [str(s) for s in seeds])
+    ax.set(xlabel="seed", ylabel="mean target activation",
+           title=f"projection gap (continuous - decoded): mean {float((final - decoded).mean()):.3g}")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def all_figures(loss, activation, seeds, tokens, ids, final_activation, decoded_activation) -> dict:
+    """Every figure, keyed by its artifact path."""
+    return {
+        "figures/curves.png": curves(loss, activation, seeds),
+        "figures/token_grid.png": token_grid(tokens, ids, seeds),
+        "figures/token_frequency.png": token_frequency(ids, tokens),
+        "figures/projection_gap.png": projection_gap(final_activation, decoded_activation, seeds),
+    }
