@@ -29,11 +29,13 @@ def _guard(fn, *args, **kwargs):
 
     try:
         return fn(*args, **kwargs)
+    except typer.Exit:
+        raise
     except AmreproError as error:
         errors.print(f"error: {error}", soft_wrap=True)
         raise typer.Exit(2)
-    except KeyboardInterrupt:
-        errors.print("interrupted: finished child runs were kept; every unfinished run was marked KILLED.")
+    except KeyboardInterrupt as interrupt:
+        errors.print(f"interrupted: {interrupt or 'nothing was logged yet.'}", soft_wrap=True)
         raise typer.Exit(130)
     except Exception as error:  # noqa: BLE001
         if os.environ.get("AMREPRO_DEBUG"):
@@ -66,6 +68,37 @@ def run(
         from . import commands
 
         commands.run(config, experiment or None)
+
+    _guard(go)
+
+
+@app.command()
+def decode(run_id: str = typer.Argument(..., help="A child run id, or a parent run id for all its children.")):
+    """Re-derive tokens from a run's logged final embeddings (no optimization); exit 1 if they differ
+    from the logged tokens.json."""
+
+    def go():
+        from . import commands
+
+        if not commands.decode(run_id):
+            raise typer.Exit(1)
+
+    _guard(go)
+
+
+@app.command()
+def reproduce(
+    run_id: str = typer.Argument(..., help="A parent run id, or one child run id."),
+    device: str = typer.Option("", help="Override the device the run was logged with (then bit-identity "
+                                        "is not expected)."),
+):
+    """Re-run a logged run from its params and compare with its artifacts; exit 0 only when it reproduces."""
+
+    def go():
+        from . import commands
+
+        if not commands.reproduce(run_id, device or None):
+            raise typer.Exit(1)
 
     _guard(go)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 
 from . import report
@@ -22,7 +24,7 @@ def run(config: Config, experiment: str | None = None) -> Outcome:
     config.validate()
     tracker = Tracker(experiment)
     tracker.check()  # a store that is down fails before minutes of model loading and optimization
-    with tracker:  # any exception from here on ends every open run FAILED, Ctrl-C ends them KILLED
+    with _saying_what_was_saved(tracker), tracker:  # any exception from here on ends every open run FAILED, Ctrl-C ends them KILLED
         tracker.attach_mlflow_run()  # under `mlflow run`, its run is open (and failed on error) from now on
         prep = prepare(config)
         parent = tracker.start_parent(config.to_params(), environment(prep.lm.device),
@@ -38,6 +40,16 @@ def run(config: Config, experiment: str | None = None) -> Outcome:
         tracker.end(parent)
     report.print_outcome(outcome, parent, tracker.uri)
     return outcome
+
+
+@contextmanager
+def _saying_what_was_saved(tracker: Tracker):
+    """On Ctrl-C, tell the user what the store now holds (the tracker has already ended the open runs)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"{tracker.n_finished} finished run(s) kept, {tracker.n_stopped} unfinished "
+                                f"run(s) marked KILLED in {tracker.uri}.") from None
 
 
 def log_child(tracker: Tracker, run_id: str, outcome: Outcome, r: int) -> None:
@@ -59,3 +71,95 @@ def log_parent(tracker: Tracker, run_id: str, outcome: Outcome) -> None:
     tracker.log_metrics(run_id, {"n_unique_tokens": s["n_unique_tokens"], "n_tokens_total": s["n_tokens_total"],
                                  "unique_fraction": s["unique_fraction"]})
     tracker.log_artifacts(run_id, {"summary.json": json_bytes(s), "environment/pip-freeze.txt": pip_freeze()})
+
+
+def decode(run_id: str) -> bool:
+    """Re-derive the tokens of a child run (or every child of a parent) from its logged final embeddings.
+    True when they equal the logged tokens.json."""
+    import torch
+
+    from .decode import nearest_tokens
+    from .model import load_model
+    from .tracking import RunReader
+
+    reader = RunReader()
+    parent, children, asked = reader.family(run_id)
+    selected = [asked] if asked is not None else children
+    config = Config.from_params(parent.data.params)
+    finals = np.stack([reader.npy(c, "embeddings/final.npy") for c in selected])  # [runs, pos, d_model]
+    logged = [reader.json(c, "tokens.json")["ids"] for c in selected]
+    lm = load_model(config.model, torch.device("cpu"))  # nearest-token search needs no accelerator
+    ids, _ = nearest_tokens(torch.from_numpy(finals), lm.embedding)
+    rows = [(c.data.params["seed"], lm.token_strings(row), row == want)
+            for c, row, want in zip(selected, ids.tolist(), logged)]
+    report.print_decoded(run_id, rows)
+    return all(match for _, _, match in rows)
+
+
+# environment tags whose difference can explain a final embedding that is not bit-identical
+_NUMERIC_ENV = ("env.torch", "env.transformers", "env.numpy", "env.device", "env.device_name", "env.cuda",
+                "env.threads", "env.platform")
+
+
+def reproduce(run_id: str, device: str | None = None, tolerance: float = 1e-4) -> bool:
+    """Re-run the batch a parent or child run belongs to and compare with its logged artifacts.
+
+    The whole batch is re-run even for one child: the runs never interact, but the BLAS kernels chosen for a
+    batch of 10 and a batch of 1 round differently, so only the same batch can be bit-identical."""
+    import dataclasses
+
+    from .tracking import RunReader
+
+    reader = RunReader()
+    parent, children, asked = reader.family(run_id)
+    selected = [asked] if asked is not None else children
+    logged_env = {k: v for k, v in parent.data.tags.items() if k.startswith("env.")}
+    config = Config.from_params(parent.data.params)
+    config = dataclasses.replace(config, device=device or logged_env.get("env.device", config.device))
+    logged = [(c, reader.npy(c, "embeddings/initial.npy"), reader.npy(c, "embeddings/final.npy"),
+               reader.json(c, "tokens.json")["ids"]) for c in selected]
+
+    tracker = Tracker()
+    with _saying_what_was_saved(tracker), tracker:
+        prep = prepare(config)
+        env_now = environment(prep.lm.device)
+        differences = {k: (logged_env.get(k, "?"), env_now[k]) for k in _NUMERIC_ENV if logged_env.get(k) != env_now[k]}
+        new_run = tracker.start_parent(config.to_params(), {**env_now, "amrepro.reproduces": run_id},
+                                       run_name=f"reproduce {run_id[:8]}", experiment_id=parent.info.experiment_id)
+        with report.epoch_progress(config.epochs, config.runs) as on_epoch:
+            outcome = execute(prep, on_epoch)
+        rows = []
+        for child, initial, final, ids in logged:
+            r = int(child.data.params["run_index"])
+            new_final = outcome.result.final[r].numpy()
+            rows.append({
+                "seed": int(child.data.params["seed"]), "run_id": child.info.run_id,
+                "initial_identical": outcome.result.initial[r].numpy().tobytes() == initial.tobytes(),
+                "final_identical": new_final.tobytes() == final.tobytes(),
+                "max_abs_diff": float(np.abs(new_final.astype(np.float64) - final).max()),
+                "tokens_identical": [int(i) for i in outcome.ids[r]] == ids,
+            })
+        verdict = _verdict(rows, differences, tolerance)
+        tracker.log_metrics(new_run, {"max_abs_diff_final": max(row["max_abs_diff"] for row in rows),
+                                      "n_runs_bit_identical": sum(row["final_identical"] for row in rows)})
+        tracker.log_artifacts(new_run, {"reproduction.json": json_bytes(
+            {"reproduces": run_id, "verdict": verdict, "runs": rows,
+             "environment_differences": {k: {"logged": a, "now": b} for k, (a, b) in differences.items()}})})
+        tracker.log_tags(new_run, {"amrepro.verdict": verdict})
+        tracker.end(new_run)
+    report.print_reproduction(run_id, rows, differences, verdict, new_run)
+    return verdict.startswith("reproduced")
+
+
+def _verdict(rows: list[dict], differences: dict, tolerance: float) -> str:
+    if not all(row["initial_identical"] for row in rows):
+        return "differs: initial embeddings are not bit-identical (seeding changed)"
+    if not all(row["tokens_identical"] for row in rows):
+        return "differs: decoded tokens changed"
+    if all(row["final_identical"] for row in rows):
+        return "reproduced: bit-identical"
+    worst = max(row["max_abs_diff"] for row in rows)
+    if differences and worst <= tolerance:
+        return f"reproduced within {tolerance:g} (max |delta| {worst:.2e}; environment differs: {', '.join(differences)})"
+    return f"differs: final embeddings not bit-identical (max |delta| {worst:.2e})" + (
+        f"; environment differs: {', '.join(differences)}" if differences else " in the same environment")

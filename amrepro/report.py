@@ -59,3 +59,32 @@ def print_outcome(outcome, parent_id: str | None, uri: str | None) -> None:
 
 def _escape(text: str) -> str:
     return text.replace("[", r"\[")
+
+
+def print_decoded(run_id: str, rows) -> None:
+    """rows: (seed, tokens, matches the logged tokens.json)."""
+    table = Table(title=f"Tokens re-derived from the logged final embeddings of {run_id}", header_style="bold")
+    table.add_column("seed", justify="right")
+    table.add_column("tokens")
+    table.add_column("= tokens.json")
+    for seed, tokens, match in rows:
+        table.add_row(str(seed), _escape(" | ".join(repr(t) for t in tokens)), "[green]yes[/]" if match else "[red]NO[/]")
+    console.print(table)
+    bad = sum(not match for _, _, match in rows)
+    console.print("all tokens match the logged tokens.json." if not bad
+                  else f"[red]{bad} run(s) decode to tokens that differ from the logged tokens.json.[/]")
+
+
+def print_reproduction(run_id: str, rows: list[dict], differences: dict, verdict: str, new_run: str) -> None:
+    table = Table(title=f"Reproducing {run_id}", header_style="bold")
+    for column in ("seed", "initial identical", "final identical", "max |delta| final", "tokens identical"):
+        table.add_column(column, justify="right")
+    yes = lambda ok: "[green]yes[/]" if ok else "[red]no[/]"  # noqa: E731
+    for row in rows:
+        table.add_row(str(row["seed"]), yes(row["initial_identical"]), yes(row["final_identical"]),
+                      f"{row['max_abs_diff']:.2e}", yes(row["tokens_identical"]))
+    console.print(table)
+    for key, (logged, now) in differences.items():
+        console.print(f"  {key}: logged {logged}, now {now}")
+    colour = "green" if verdict.startswith("reproduced") else "red"
+    console.print(f"[bold {colour}]{_escape(verdict)}[/]  (logged as run {new_run})")

@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 import time
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ import numpy as np
 from .config import AmreproError
 
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no download bars on stderr
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -50,6 +52,15 @@ def _quick_http_failure():
                 os.environ[key] = value
 
 
+def check_store(client, uri: str) -> None:
+    """One cheap request: a store that is down or unusable is one clear sentence, within seconds."""
+    with _quick_http_failure():
+        try:
+            client.search_experiments(max_results=1)
+        except Exception as error:  # noqa: BLE001 - any failure means the store is unusable
+            raise AmreproError(f"cannot use the MLflow tracking store at {uri}: {_short(error)}") from None
+
+
 class Tracker:
     """Creates, fills and ends runs. As a context manager it guarantees no run is left RUNNING:
     on an exception every open run ends FAILED (KILLED on Ctrl-C) with the error as a tag."""
@@ -63,14 +74,12 @@ class Tracker:
         self.experiment = experiment
         self.open_runs: list[str] = []
         self.attached: str | None = None
+        self.n_finished = 0  # runs this tracker ended FINISHED (they stay so, whatever happens next)
+        self.n_stopped = 0  # runs it ended FAILED or KILLED on the way out of an error
 
     # --- connection -------------------------------------------------------------------------------------
     def check(self) -> None:
-        with _quick_http_failure():
-            try:
-                self.client.search_experiments(max_results=1)
-            except Exception as error:  # noqa: BLE001 - any failure means the store is unusable
-                raise AmreproError(f"cannot use the MLflow tracking store at {self.uri}: {_short(error)}") from None
+        check_store(self.client, self.uri)
 
     def _experiment_id(self) -> str:
         from mlflow.tracking.fluent import _get_experiment_id
@@ -93,11 +102,13 @@ class Tracker:
             try:
                 self.client.set_tag(run_id, "error", message[:5000])
                 self.end(run_id, status)
+                self.n_stopped += 1
             except Exception:  # noqa: BLE001 - the store itself may be what failed; keep ending the rest
                 pass
 
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
+        self.n_finished += status == "FINISHED"
         if run_id in self.open_runs:
             self.open_runs.remove(run_id)
 
@@ -114,7 +125,8 @@ class Tracker:
         self.attached = run_id
         return run_id
 
-    def start_parent(self, params: dict[str, str], tags: dict[str, str], run_name: str | None = None) -> str:
+    def start_parent(self, params: dict[str, str], tags: dict[str, str], run_name: str | None = None,
+                     experiment_id: str | None = None) -> str:
         """The attached `mlflow run` run, or a new one; log params and tags on it."""
         run_id = self.attached
         if run_id:
@@ -122,7 +134,7 @@ class Tracker:
             existing = self.client.get_run(run_id).data.params
             params = {k: v for k, v in params.items() if k not in existing}
         else:
-            run_id = self.client.create_run(self._experiment_id(), run_name=run_name).info.run_id
+            run_id = self.client.create_run(experiment_id or self._experiment_id(), run_name=run_name).info.run_id
             self.open_runs.append(run_id)
         self._log(run_id, params=params, tags=tags)
         return run_id
@@ -163,6 +175,9 @@ class Tracker:
             self.client.log_artifacts(run_id, folder)
         self._log(run_id, tags={f"sha256/{path}": hashlib.sha256(data).hexdigest() for path, data in files.items()})
 
+    def log_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        self._log(run_id, tags=tags)
+
     def log_figure(self, run_id: str, figure, path: str) -> None:
         self.client.log_figure(run_id, figure, path)
 
@@ -170,3 +185,59 @@ class Tracker:
 def _short(error: BaseException | None) -> str:
     text = str(error).strip().splitlines() if error is not None else []
     return (text[0] if text else type(error).__name__)[:300]
+
+
+class RunReader:
+    """Reads amrepro runs back for `decode` and `reproduce`, refusing tampered or missing artifacts."""
+
+    def __init__(self):
+        import mlflow
+        from mlflow import MlflowClient
+
+        self.uri = mlflow.get_tracking_uri()
+        self.client = MlflowClient(self.uri)
+        check_store(self.client, self.uri)
+
+    def run(self, run_id: str):
+        if not re.fullmatch(r"[0-9a-zA-Z_-]{1,64}", run_id or ""):
+            raise AmreproError(f"'{run_id}' is not a run id (copy it from the MLflow UI, e.g. 2740715b24f34d20...).")
+        try:
+            return self.client.get_run(run_id)
+        except Exception:  # noqa: BLE001 - MLflow raises its own RESOURCE_DOES_NOT_EXIST exception
+            raise AmreproError(f"no run with id {run_id} in the tracking store {self.uri}.") from None
+
+    def family(self, run_id: str):
+        """(parent run, [its child runs by run_index], the child asked for or None) for a parent or child id."""
+        run = self.run(run_id)
+        parent_id = run.data.tags.get("mlflow.parentRunId")
+        parent = self.run(parent_id) if parent_id else run
+        children = self.client.search_runs([parent.info.experiment_id],
+                                           filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+                                           max_results=10000)
+        children = [c for c in children if "run_index" in c.data.params]
+        if "target_name" not in parent.data.params or not children:
+            raise AmreproError(f"run {run_id} was not made by `amrepro run` (no amrepro params or child runs).")
+        children.sort(key=lambda c: int(c.data.params["run_index"]))
+        return parent, children, (run if parent_id else None)
+
+    def artifact(self, run, path: str) -> bytes:
+        """The artifact's bytes, checked against the sha256/<path> tag written when it was logged."""
+        expected = run.data.tags.get(f"sha256/{path}")
+        if expected is None:
+            raise AmreproError(f"run {run.info.run_id} has no sha256 tag for {path}: it was not logged by amrepro.")
+        try:
+            local = self.client.download_artifacts(run.info.run_id, path)
+            with open(local, "rb") as f:
+                data = f.read()
+        except Exception:  # noqa: BLE001
+            raise AmreproError(f"artifact {path} of run {run.info.run_id} is missing from the artifact store.") from None
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise AmreproError(f"artifact {path} of run {run.info.run_id} does not match its sha256 tag: "
+                               "it was changed after it was logged, so it cannot be trusted.")
+        return data
+
+    def npy(self, run, path: str) -> np.ndarray:
+        return np.load(io.BytesIO(self.artifact(run, path)), allow_pickle=False)
+
+    def json(self, run, path: str):
+        return json.loads(self.artifact(run, path))

@@ -1,0 +1,154 @@
+"""Reproduce any result from its logged artifacts, and fail safely (issue 3)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from helpers import all_runs, children_of, cli
+
+
+@pytest.fixture
+def logged(tiny_gpt2, store):
+    """A finished 2-seed run: (store uri, parent id, [child ids])."""
+    result = cli("run", "--model", tiny_gpt2, "--runs", "2", "--epochs", "30", "--dim", "3", "--lr", "0.01")
+    assert result.exit_code == 0, result.output
+    (parent,) = [r for r in all_runs(store) if "mlflow.parentRunId" not in r.data.tags]
+    return store, parent.info.run_id, [c.info.run_id for c in children_of(store, parent.info.run_id)]
+
+
+def artifact_file(uri, run_id, path) -> Path:
+    return Path(MlflowClient(uri).get_run(run_id).info.artifact_uri.removeprefix("file://")) / path
+
+
+def test_decode_parent_and_child_match_the_logged_tokens(logged):
+    _, parent, children = logged
+    for run_id in (parent, children[1]):
+        result = cli("decode", run_id)
+        assert result.exit_code == 0, result.output
+        assert "all tokens match the logged tokens.json" in result.output
+
+
+def test_decode_exits_nonzero_when_tokens_differ(logged):
+    uri, _, children = logged
+    path = artifact_file(uri, children[0], "tokens.json")
+    tokens = json.loads(path.read_text())
+    tokens["ids"][0] = (tokens["ids"][0] + 1) % 300
+    path.write_text(json.dumps(tokens))
+    import hashlib
+    MlflowClient(uri).set_tag(children[0], "sha256/tokens.json", hashlib.sha256(path.read_bytes()).hexdigest())
+    result = cli("decode", children[0])
+    assert result.exit_code == 1 and "differ from the logged tokens.json" in result.output
+
+
+def test_reproduce_parent_is_bit_identical_and_logged(logged):
+    uri, parent, children = logged
+    result = cli("reproduce", parent)
+    assert result.exit_code == 0, result.output
+    assert "reproduced: bit-identical" in result.output
+    (rerun,) = [r for r in all_runs(uri) if r.data.tags.get("amrepro.reproduces") == parent]
+    assert rerun.info.status == "FINISHED" and rerun.data.tags["amrepro.verdict"] == "reproduced: bit-identical"
+    assert rerun.data.metrics["max_abs_diff_final"] == 0.0
+
+
+def test_reproduce_one_child_alone(logged):
+    _, _, children = logged
+    result = cli("reproduce", children[1])
+    assert result.exit_code == 0, result.output
+    assert "reproduced: bit-identical" in result.output
+
+
+@pytest.mark.parametrize("command", ["decode", "reproduce"])
+def test_tampered_artifact_is_refused(logged, command):
+    uri, parent, children = logged
+    path = artifact_file(uri, children[0], "embeddings/final.npy")
+    array = np.load(path)
+    array[0, 0] += 1e-3
+    np.save(path, array)
+    result = cli(command, parent)
+    assert result.exit_code == 2
+    assert "does not match its sha256 tag" in result.output and "Traceback" not in result.output
+
+
+def test_missing_artifact_is_refused(logged):
+    uri, _, children = logged
+    artifact_file(uri, children[1], "embeddings/initial.npy").unlink()
+    result = cli("reproduce", children[1])
+    assert result.exit_code == 2 and "missing" in result.output
+
+
+def test_bad_run_ids_and_foreign_runs(logged):
+    uri, _, _ = logged
+    for bad in ("not a run id!", "0123456789abcdef0123456789abcdef"):
+        result = cli("decode", bad)
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    client = MlflowClient(uri)
+    foreign = client.create_run("0").info.run_id  # a run some other tool made
+    client.set_terminated(foreign)
+    result = cli("reproduce", foreign)
+    assert result.exit_code == 2 and "not made by `amrepro run`" in result.output
+
+
+def test_exception_mid_run_marks_every_run_failed(tiny_gpt2, store, monkeypatch):
+    def exploding_reader(*args, **kwargs):
+        raise RuntimeError("simulated failure in the middle of the optimization")
+
+    monkeypatch.setattr("amrepro.experiment.optimize", exploding_reader)
+    result = cli("run", "--model", tiny_gpt2, "--runs", "2", "--epochs", "5", "--dim", "3")
+    assert result.exit_code == 1 and "simulated failure" in result.output
+    runs = all_runs(store)
+    assert len(runs) == 3
+    for run in runs:
+        assert run.info.status == "FAILED"
+        assert "simulated failure" in run.data.tags["error"]
+
+
+def _env(uri):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(MLFLOW_TRACKING_URI=uri, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def test_ctrl_c_marks_parent_and_unfinished_children_killed(tiny_gpt2, store, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "amrepro", "run", "--model", tiny_gpt2, "--runs", "2",
+                             "--epochs", "1000000", "--dim", "3"], env=_env(store), cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while len(all_runs(store)) < 3 and time.time() < deadline:  # parent + 2 children exist: it is optimizing
+        time.sleep(0.5)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted: 0 finished run(s) kept, 3 unfinished run(s) marked KILLED" in err.replace("\n", " ")
+    assert "Traceback" not in err
+    runs = all_runs(store)
+    assert len(runs) == 3 and all(r.info.status == "KILLED" for r in runs)
+
+
+def test_four_concurrent_workers_lose_no_run_and_no_metric(tiny_gpt2, store, tmp_path):
+    MlflowClient(store).search_experiments()  # create the sqlite db first: MLflow races on a fresh one
+    procs = [subprocess.Popen([sys.executable, "-m", "amrepro", "run", "--model", tiny_gpt2, "--runs", "2",
+                               "--epochs", "50", "--dim", "3", "--seed", str(10 * w)], env=_env(store), cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for w in range(4)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    client = MlflowClient(store)
+    runs = all_runs(store)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 4 and len(runs) == 12 and all(r.info.status == "FINISHED" for r in runs)
+    assert sorted(int(p.data.params["seed"]) for p in parents) == [0, 10, 20, 30]
+    for parent in parents:
+        children = children_of(store, parent.info.run_id)
+        assert len(children) == 2
+        for child in children:
+            assert len(client.get_metric_history(child.info.run_id, "loss/total")) == 50
+            assert len(client.get_metric_history(child.info.run_id, "act/target")) == 50
