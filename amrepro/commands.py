@@ -6,7 +6,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from . import report
+from . import figures, report
 from .config import Config
 from .experiment import Outcome, execute, prepare
 from .provenance import environment, pip_freeze
@@ -69,8 +69,14 @@ def log_child(tracker: Tracker, run_id: str, outcome: Outcome, r: int) -> None:
 def log_parent(tracker: Tracker, run_id: str, outcome: Outcome) -> None:
     s = outcome.summary
     tracker.log_metrics(run_id, {"n_unique_tokens": s["n_unique_tokens"], "n_tokens_total": s["n_tokens_total"],
-                                 "unique_fraction": s["unique_fraction"]})
+                                 "unique_fraction": s["unique_fraction"], **s["statistics"]["metrics"]})
+    tracker.log_tags(run_id, {"verdict": s["statistics"]["verdict"][:5000]})
     tracker.log_artifacts(run_id, {"summary.json": json_bytes(s), "environment/pip-freeze.txt": pip_freeze()})
+    result = outcome.result
+    for path, figure in figures.all_figures(result.loss.numpy(), result.activation.numpy(), result.seeds,
+                                            outcome.tokens, outcome.ids, result.final_activation.numpy(),
+                                            outcome.decoded_activation).items():
+        tracker.log_figure(run_id, figure, path)
 
 
 def decode(run_id: str) -> bool:

@@ -60,7 +60,12 @@ def execute(prep: Prepared, on_epoch: Callable[[int], None] | None = None) -> Ou
         result = optimize(reader, start, reference_loss(c.l2), c.seeds, c.epochs, c.lr, lm.device, on_epoch)
         ids, cosine = nearest_tokens(result.final, lm.embedding)  # [runs, pos] each
         decoded = token_activation(reader, ids, lm.embedding)  # [runs]
+    initial_ids, _ = nearest_tokens(result.initial, lm.embedding)  # [runs, pos]: the un-optimized baseline
     tokens = [lm.token_strings(row) for row in ids.tolist()]
     summary = metrics.unique_summary(ids.numpy(), tokens)
-    summary.update(target=prep.target.name, model=c.model, seeds=c.seeds, token_ids=ids.tolist(), tokens=tokens)
+    summary.update(target=prep.target.name, model=c.model, seeds=c.seeds, token_ids=ids.tolist(), tokens=tokens,
+                   initial_token_ids=initial_ids.tolist())
+    summary["statistics"] = metrics.reproducibility_stats(
+        ids.numpy(), result.final.numpy(), result.final_activation.numpy(), decoded.numpy(), cosine.numpy(),
+        initial_ids.numpy(), vocab_size=lm.embedding.shape[0], seed=c.seed)
     return Outcome(c, prep.target, result, ids.numpy(), tokens, cosine.numpy(), decoded.numpy(), summary)

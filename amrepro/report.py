@@ -49,10 +49,46 @@ def summary_lines(summary: dict) -> list[str]:
     return lines
 
 
+def stats_table(stats: dict) -> Table:
+    """Observed statistics with their bootstrap interval, next to the chance and un-optimized baselines."""
+    random, initial, boot = stats["baselines"]["random_tokens"], stats["baselines"]["initial_tokens"], stats["bootstrap"]
+    table = Table(title="Reproducibility statistics (95% intervals)", header_style="bold")
+    table.add_column("statistic", no_wrap=True)
+    for column in ("observed", "bootstrap", "chance", "initial"):
+        table.add_column(column, justify="right", no_wrap=True)
+    table.caption = "bootstrap: runs resampled; chance: uniformly random real tokens; initial: un-optimized starts"
+
+    def num(x, digits=3):
+        return "n/a" if x is None else f"{x:.{digits}f}"
+
+    def interval(d, digits=3):
+        return "n/a" if not isinstance(d, dict) or d.get("low") is None else f"[{num(d['low'], digits)}, {num(d['high'], digits)}]"
+
+    def chance(d):
+        return f"{num(d['mean'], 2)} {interval(d, 2)}" if isinstance(d, dict) and d.get("mean") is not None else "n/a"
+
+    table.add_row("unique tokens", f"{stats['n_unique_tokens']}/{stats['n_tokens_total']}", "",
+                  f"{random['n_unique']['mean']:.1f} [{random['n_unique']['low']:.0f}, {random['n_unique']['high']:.0f}]",
+                  str(initial["n_unique"]))
+    for key, label in (("unique_fraction", "unique fraction"), ("positional_agreement", "agreement"),
+                       ("jaccard_mean", "Jaccard")):
+        table.add_row(label, num(stats[key]), interval(boot.get(key), 2), chance(random.get(key)), num(initial.get(key)))
+    for key, label in (("matched_cosine_mean", "matched cosine"),
+                       ("cosine_mean", "cosine to token"),
+                       ("final_activation_mean", "activation"),
+                       ("projection_gap_mean", "projection gap")):
+        observed = {"cosine_mean": stats["cosine"]["mean"], "final_activation_mean": stats["final_activation"]["mean"],
+                    "projection_gap_mean": stats["projection_gap"]["mean"]}.get(key, stats.get(key))
+        table.add_row(label, num(observed), interval(boot.get(key), 2), "", "")
+    return table
+
+
 def print_outcome(outcome, parent_id: str | None, uri: str | None) -> None:
     console.print(token_table(outcome))
+    console.print(stats_table(outcome.summary["statistics"]))
     for line in summary_lines(outcome.summary):
         console.print(_escape(line))
+    console.print(f"[bold]Verdict:[/] {_escape(outcome.summary['statistics']['verdict'])}")
     if parent_id:
         console.print(f"MLflow parent run {parent_id} ({len(outcome.result.seeds)} child runs) in {uri}")
 

@@ -43,6 +43,14 @@ def test_run_logs_parent_and_one_child_per_seed(tiny_gpt2, store):
         assert p.tags[key]
     summary = json.loads(Path(client.download_artifacts(parent.info.run_id, "summary.json")).read_text())
     assert summary["n_unique_tokens"] == p.metrics["n_unique_tokens"] and len(summary["tokens"]) == 2
+    # issue 5: statistics with baselines in summary.json, as parent metrics, in the terminal; figures in the UI
+    stats = summary["statistics"]
+    assert stats["n_unique_tokens"] == p.metrics["n_unique_tokens"]
+    assert p.metrics["stats/positional_agreement"] == pytest.approx(stats["positional_agreement"])
+    assert "baseline/random_unique_mean" in p.metrics and p.tags["verdict"] == stats["verdict"]
+    assert "Reproducibility statistics" in result.output and "Verdict:" in result.output
+    figures = {f.path for f in client.list_artifacts(parent.info.run_id, "figures")}
+    assert figures == {f"figures/{n}.png" for n in ("curves", "token_grid", "token_frequency", "projection_gap")}
 
     children = children_of(store, parent.info.run_id)
     assert [c.info.run_name for c in children] == ["seed-4", "seed-5"]
