@@ -152,3 +152,27 @@ def test_four_concurrent_workers_lose_no_run_and_no_metric(tiny_gpt2, store, tmp
         for child in children:
             assert len(client.get_metric_history(child.info.run_id, "loss/total")) == 50
             assert len(client.get_metric_history(child.info.run_id, "act/target")) == 50
+
+
+def test_store_down_and_model_gone_are_one_sentence(logged, tiny_gpt2, tmp_path, monkeypatch):
+    import shutil
+
+    uri, parent, _ = logged
+    # the model the run was made with is no longer where it was
+    moved = tmp_path / "moved-model"
+    shutil.copytree(tiny_gpt2, moved)
+    client = MlflowClient(uri)
+    result = cli("run", "--model", str(moved), "--runs", "1", "--epochs", "2", "--dim", "3")
+    assert result.exit_code == 0
+    (new_parent,) = [r for r in all_runs(uri) if r.data.params.get("model") == str(moved)
+                     and "mlflow.parentRunId" not in r.data.tags]
+    shutil.rmtree(moved)
+    result = cli("reproduce", new_parent.info.run_id)
+    assert result.exit_code == 2 and "local path does not exist" in result.output
+    assert all(r.info.status != "RUNNING" for r in all_runs(uri))
+    # a store that is down
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    for command in ("decode", "reproduce"):
+        result = cli(command, parent)
+        assert result.exit_code == 2 and "cannot use the MLflow tracking store" in result.output
+    assert client.get_run(parent).info.status == "FINISHED"
