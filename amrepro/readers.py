@@ -23,7 +23,7 @@ class _StopForward(Exception):
 class HookedReader:
     def __init__(self, lm: LoadedModel, target: Target):
         self.lm, self.target = lm, target
-        path, self.kind = site_location(lm.model_type, target.site)
+        path, self.kind = site_location(lm.model_type, target.site, lm.model.config)
         if not 0 <= target.block < lm.n_layers:
             check_target(target, lm.n_layers, width=target.index + 1)
         block = lm.blocks[target.block]
@@ -36,6 +36,8 @@ class HookedReader:
         raise _StopForward
 
     def __enter__(self) -> "HookedReader":
+        if self._handle is not None:  # a second hook would replace the first's handle: that hook would leak
+            raise RuntimeError("this reader is already in use: leave its `with` block before entering it again")
         if self.kind == "input":
             self._handle = self.module.register_forward_pre_hook(
                 lambda module, args, kwargs: self._capture(args[0] if args else kwargs["hidden_states"]),

@@ -2,6 +2,10 @@
 
 `--layer L --dim D` is the reference's shorthand for blocks.L.hook_resid_pre[D] = HF hidden_states[L][..., D]
 (the residual stream after L blocks = blocks.{L-1}.hook_resid_post).
+
+Residual sites are a block's input and output, i.e. HF's hidden_states, on every architecture. For post-LN BERT
+these are *normalized* streams (TransformerLens' BERT hook_resid_post is the sum before that LayerNorm, and its
+hook_resid_mid the sum before the attention LayerNorm); amrepro keeps hidden_states' meaning instead.
 """
 
 from __future__ import annotations
@@ -22,9 +26,12 @@ SITES_BY_MODEL_TYPE = {
     # BERT is post-LN: resid_mid is the attention sublayer's normalized output, the MLP's input.
     "bert": {"hook_resid_mid": ("attention", "output"), "hook_attn_out": ("attention.output.dense", "output"),
              "mlp.hook_post": ("intermediate", "output")},
-    # GPT-NeoX (Pythia) runs attention and MLP in parallel: there is no resid_mid.
+    # GPT-NeoX (Pythia) runs attention and MLP in parallel by default: then there is no resid_mid (see below).
     "gpt_neox": {"hook_attn_out": ("attention", "output"), "mlp.hook_post": ("mlp.act", "output")},
 }
+# GPT-NeoX with use_parallel_residual=False is sequential: the MLP's LayerNorm reads resid_pre + attn_out.
+# (With parallel residuals that LayerNorm reads resid_pre itself, so the same hook would be wrong.)
+_SEQUENTIAL_NEOX_SITES = {"hook_resid_mid": ("post_attention_layernorm", "input")}
 ALL_SITES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "mlp.hook_post")
 _NAME = re.compile(r"blocks\.(\d+)\.([a-z_.]+)\[(\d+)\]")
 
@@ -53,11 +60,16 @@ class Target:
         return self.site in RESIDUAL_SITES or self.site == "hook_resid_mid"
 
 
-def site_location(model_type: str, site: str) -> tuple[str, str]:
-    """(module path inside the block, 'input' or 'output') of a site on this architecture."""
+def site_location(model_type: str, site: str, config=None) -> tuple[str, str]:
+    """(module path inside the block, 'input' or 'output') of a site on this architecture. config (the HF
+    model config, optional) refines architectures whose layout depends on it (sequential GPT-NeoX)."""
     sites = {**RESIDUAL_SITES, **SITES_BY_MODEL_TYPE.get(model_type, {})}
+    if model_type == "gpt_neox" and config is not None and not getattr(config, "use_parallel_residual", True):
+        sites.update(_SEQUENTIAL_NEOX_SITES)
     if site not in sites:
-        raise AmreproError(f"site '{site}' is not available for {model_type} models; "
+        why = (" (attention and MLP run in parallel: there is no resid_mid)"
+               if model_type == "gpt_neox" and site == "hook_resid_mid" else "")
+        raise AmreproError(f"site '{site}' is not available for {model_type} models{why}; "
                            f"valid sites: {', '.join(s for s in ALL_SITES if s in sites)}.")
     return sites[site]
 
