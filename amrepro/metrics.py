@@ -166,17 +166,16 @@ def _verdict(observed: dict, random: dict, initial: dict, n_total: int) -> str:
     u, ru, iu = observed["n_unique"], random["n_unique"], initial["n_unique"]
     words = (f"{u}/{n_total} tokens unique; chance level (random tokens) {ru['mean']:.2f} "
              f"[{ru['low']:.0f}, {ru['high']:.0f}]; decoded initial embeddings {iu}/{n_total}. ")
-    if u < ru["low"]:
-        words += ("Below chance: runs repeat tokens more than uniformly random tokens do, evidence that AM "
-                  "converges to preferred tokens.")
+    if u >= ru["low"]:
+        words += "Within chance: no evidence of a preferred token set."
+    else:
+        words += "Below chance: " + _repeats(observed["jaccard_mean"], random["jaccard_mean"])
         if iu <= u:
             words += (" But the un-optimized initial embeddings repeat as much or more, so the repetition is "
                       "explained by decoding to nearest tokens, not by the optimization.")
         elif iu < ru["low"]:
             words += (" But the un-optimized initial embeddings also decode below chance, so part of the repetition "
                       "comes from decoding to nearest tokens, not from the optimization.")
-    else:
-        words += "Within chance: no evidence of a preferred token set."
     agreement, ra = observed["positional_agreement"], random["positional_agreement"]
     if agreement is None or ra["high"] is None:
         return words + " A single run has no run-to-run agreement to measure."
@@ -185,6 +184,18 @@ def _verdict(observed: dict, random: dict, initial: dict, n_total: int) -> str:
     if agreement > ra["high"]:
         return words + "above chance, runs decode to the same token at the same position more often than chance."
     return words + "within chance, no evidence that runs agree position by position."
+
+
+def _repeats(jaccard: float | None, chance: dict) -> str:
+    """Whether the repeated tokens are shared across runs (a preferred token set) or only repeat inside runs."""
+    if jaccard is None or chance["high"] is None:
+        return "the run repeats tokens."
+    shown = f"Jaccard {_fmt(jaccard)} vs chance [{_fmt(chance['low'])}, {_fmt(chance['high'])}]"
+    if jaccard > chance["high"]:
+        return f"runs share tokens more than uniformly random tokens do ({shown}), evidence that AM converges to " \
+               "preferred tokens."
+    return (f"tokens repeat, but runs share no more tokens than chance ({shown}): the repeats are within runs, "
+            "not a token set that different seeds converge to.")
 
 
 def _none_if_nan(stats: dict) -> dict:
@@ -214,6 +225,7 @@ def _flat_metrics(out: dict) -> dict[str, float]:
             flat.update({f"bootstrap/{key}_{k}": v for k, v in interval.items()})
     if out["positional_agreement"] is not None and r["positional_agreement"]["high"] is not None:
         flat["verdict/agreement_above_chance"] = float(out["positional_agreement"] > r["positional_agreement"]["high"])
+        flat["verdict/jaccard_above_chance"] = float(out["jaccard_mean"] > r["jaccard_mean"]["high"])
     return {k: float(v) for k, v in flat.items() if v is not None and np.isfinite(v)}
 
 

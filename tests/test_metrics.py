@@ -152,6 +152,7 @@ def test_the_reference_48_of_50_is_below_uniform_chance():
     s = stats_for(ids, initial_ids=rng.choice(50257, size=50, replace=False).reshape(10, 5))
     assert s["n_unique_tokens"] == 48 and s["baselines"]["random_tokens"]["n_unique"]["low"] == 49
     assert s["verdict"].startswith("48/50 tokens unique") and "Below chance" in s["verdict"]
+    assert "runs share tokens more than uniformly random tokens do" in s["verdict"]  # the repeats are across runs
     assert "within chance, no evidence that runs agree" in s["verdict"]
 
 
@@ -160,11 +161,22 @@ def test_verdict_below_chance_and_decoding_caveat():
     fresh = np.arange(50).reshape(10, 5) + 100
     s = stats_for(preferred, initial_ids=fresh)
     assert "Below chance" in s["verdict"] and "above chance" in s["verdict"] and "decoding" not in s["verdict"]
+    assert "AM converges to preferred tokens" in s["verdict"]
     assert s["metrics"]["verdict/unique_below_chance"] == 1.0 and s["metrics"]["verdict/agreement_above_chance"] == 1.0
+    assert s["metrics"]["verdict/jaccard_above_chance"] == 1.0
     s = stats_for(preferred, initial_ids=preferred)  # the un-optimized start repeats as much: say so
     assert "explained by decoding" in s["verdict"]
     half = np.concatenate([fresh[:5], preferred[:5]])  # initial: 30 unique, below chance but above 5
     assert "also decode below chance" in stats_for(preferred, initial_ids=half)["verdict"]
+
+
+def test_verdict_tells_repeats_within_runs_from_shared_tokens():
+    ids = np.arange(50).reshape(10, 5)
+    ids[:, 1] = ids[:, 0]  # every run repeats its own first token; no two runs share one
+    s = stats_for(ids, initial_ids=np.arange(50).reshape(10, 5) + 100)
+    assert s["n_unique_tokens"] == 40 and s["jaccard_mean"] == 0.0
+    assert "Below chance" in s["verdict"] and "the repeats are within runs" in s["verdict"]
+    assert "converges to preferred tokens" not in s["verdict"] and s["metrics"]["verdict/jaccard_above_chance"] == 0.0
 
 
 def test_json_and_mlflow_metric_keys():
