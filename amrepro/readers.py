@@ -30,8 +30,14 @@ class HookedReader:
         self.module = block.get_submodule(path) if path else block
         self._handle = None
         self._site = None
+        self._reading = False
 
     def _capture(self, tensor) -> None:
+        # Only this reader's own forward stops here. Any other forward of the model while the hook is installed
+        # (another reader's, or a plain model call) passes through: otherwise it would be cut short at this
+        # site, and the other reader would catch our stop and return nothing.
+        if not self._reading:
+            return
         self._site = tensor[0] if isinstance(tensor, (tuple, list)) else tensor
         raise _StopForward
 
@@ -54,12 +60,15 @@ class HookedReader:
         """The whole site tensor [runs, pos, width] for inputs x [runs, pos, d_model]."""
         if self._handle is None:
             raise RuntimeError("use the reader inside a `with` block")
+        self._reading = True
         try:
             self.lm.model(inputs_embeds=x)
         except _StopForward:
             pass
         else:
             raise RuntimeError(f"the forward never reached {self.target.name}")
+        finally:
+            self._reading = False
         site, self._site = self._site, None
         return site
 

@@ -297,6 +297,17 @@ def test_reader_refuses_to_nest_and_needs_a_with_block(fresh):
     assert hooks(lm.model) == {}
 
 
+def test_readers_do_not_interfere(models):
+    """Two readers live on one model at once, and a plain forward inside a reader's block: each hook stops only
+    its own reader's forward (the inner block's hook fires first in the outer reader's forward)."""
+    lm, x = models["bert"], _x(seed=3)
+    hs = hidden_states(lm, x)
+    with HookedReader(lm, Target(3, "hook_resid_pre", 4)) as late, HookedReader(lm, Target(1, "hook_resid_post", 4)) as early:
+        assert torch.equal(late(x), hs[3][..., 4]) and torch.equal(early(x), hs[2][..., 4])
+        with torch.no_grad():
+            assert torch.equal(lm.model(inputs_embeds=x).last_hidden_state, hs[-1])  # runs to the end
+
+
 def test_hf_hooks_are_left_alone(models):
     """After output_hidden_states HF keeps its own (inactive) capture hooks: a reader must leave them as they are."""
     lm = models["gpt2"]
