@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 
@@ -70,8 +72,6 @@ def _greedy_matching(sim: np.ndarray) -> float:
 def pairwise_matched_cosine(final: np.ndarray) -> tuple[np.ndarray, str]:
     """[runs, runs]: mean cosine of two runs' final vectors after the best one-to-one matching of positions
     (so the same inputs in another order still count as the same), and how the matching was found."""
-    import itertools
-
     final = np.asarray(final, dtype=np.float64)  # [runs, pos, d_model]
     runs, pos = final.shape[:2]
     exact = pos <= EXACT_MATCHING_MAX_POS
@@ -81,7 +81,7 @@ def pairwise_matched_cosine(final: np.ndarray) -> tuple[np.ndarray, str]:
         sim = _cosine_matrix(final[a], final[b])  # [pos, pos]
         best = sim[np.arange(pos), perms].sum(axis=1).max() if exact else _greedy_matching(sim)
         out[a, b] = out[b, a] = best / pos
-    method = ("exact: best of all pos! position permutations" if exact
+    method = ("exact: brute force over all pos! permutations (the optimal assignment)" if exact
               else f"greedy: pos > {EXACT_MATCHING_MAX_POS}, largest cosine first (a lower bound on the optimum)")
     return out, method
 
@@ -133,6 +133,7 @@ def random_token_baseline(runs: int, pos: int, vocab_size: int, n_draws: int, se
 
 
 def _spread(values: np.ndarray) -> dict:
+    """Mean, std (population, ddof=0: the runs are all there is), min, max and the values themselves."""
     values = np.asarray(values, dtype=float)  # [runs]
     return {"mean": float(values.mean()), "std": float(values.std()), "min": float(values.min()),
             "max": float(values.max()), "per_run": values.tolist()}
@@ -248,7 +249,8 @@ def reproducibility_stats(ids, final, final_activation, decoded_activation, cosi
         raise ValueError(f"ids {ids.shape}, initial_ids {initial_ids.shape}, cosine {cosine.shape} and "
                          f"final {final.shape[:2]} must all be [runs, pos]")
     if final_act.shape != (runs,) or decoded_act.shape != (runs,):
-        raise ValueError(f"final_activation {final_act.shape} and decoded_activation {decoded_act.shape} must be [{runs}]")
+        raise ValueError(f"final_activation {final_act.shape} and decoded_activation {decoded_act.shape} "
+                         f"must be [{runs}]")
 
     matched, matching = pairwise_matched_cosine(final)
     matrices = {"positional_agreement": pairwise_agreement(ids), "jaccard_mean": pairwise_jaccard(ids),

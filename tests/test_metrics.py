@@ -19,7 +19,8 @@ def stats_for(ids, final=None, vocab_size=50257, initial_ids=None, n_boot=200, s
     rng = np.random.default_rng(123)
     final = rng.normal(size=(runs, pos, 16)) if final is None else final
     return reproducibility_stats(
-        ids, final, kw.get("final_activation", np.arange(runs) + 10.0), kw.get("decoded_activation", np.arange(runs) * 0.5),
+        ids, final, kw.get("final_activation", np.arange(runs) + 10.0),
+        kw.get("decoded_activation", np.arange(runs) * 0.5),
         kw.get("cosine", np.full((runs, pos), 0.5)), ids if initial_ids is None else initial_ids, vocab_size,
         seed=seed, n_boot=n_boot)
 

@@ -86,7 +86,8 @@ def test_residual_sites_are_hidden_states_on_real_weights(lm):
                     HookedReader(lm, Target(layer - 1, "hook_resid_post", 100)) as post:
                 assert torch.equal(pre(x), hs[layer][..., 100]) and torch.equal(post(x), hs[layer][..., 100])
         block = lm.blocks[2]
-        with HookedReader(lm, Target(2, "hook_resid_mid", 0)) as mid, HookedReader(lm, Target(2, "mlp.hook_post", 0)) as mlp:
+        mid, mlp = HookedReader(lm, Target(2, "hook_resid_mid", 0)), HookedReader(lm, Target(2, "mlp.hook_post", 0))
+        with mid, mlp:
             m, u = mid.read_site(x), mlp.read_site(x)  # [2, 5, 384], [2, 5, 1536]
         torch.testing.assert_close(u, block.intermediate(m))
         torch.testing.assert_close(hs[3], block.output.LayerNorm(block.output.dense(u) + m))

@@ -302,7 +302,8 @@ def test_readers_do_not_interfere(models):
     its own reader's forward (the inner block's hook fires first in the outer reader's forward)."""
     lm, x = models["bert"], _x(seed=3)
     hs = hidden_states(lm, x)
-    with HookedReader(lm, Target(3, "hook_resid_pre", 4)) as late, HookedReader(lm, Target(1, "hook_resid_post", 4)) as early:
+    late, early = HookedReader(lm, Target(3, "hook_resid_pre", 4)), HookedReader(lm, Target(1, "hook_resid_post", 4))
+    with late, early:
         assert torch.equal(late(x), hs[3][..., 4]) and torch.equal(early(x), hs[2][..., 4])
         with torch.no_grad():
             assert torch.equal(lm.model(inputs_embeds=x).last_hidden_state, hs[-1])  # runs to the end
