@@ -179,7 +179,11 @@ class Tracker:
         self._log(run_id, tags=tags)
 
     def log_figure(self, run_id: str, figure, path: str) -> None:
-        self.client.log_figure(run_id, figure, path)
+        import warnings
+
+        with warnings.catch_warnings():  # a token in a script the font lacks is drawn as a box, not an error
+            warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+            self.client.log_figure(run_id, figure, path)
 
 
 def _short(error: BaseException | None) -> str:
