@@ -32,15 +32,16 @@ def _guard(fn, *args, **kwargs):
     except typer.Exit:
         raise
     except AmreproError as error:
-        errors.print(f"error: {error}", soft_wrap=True)
+        errors.print(f"error: {error}", soft_wrap=True, markup=False)
         raise typer.Exit(2)
     except KeyboardInterrupt as interrupt:
-        errors.print(f"interrupted: {interrupt or 'nothing was logged yet.'}", soft_wrap=True)
+        errors.print(f"interrupted: {interrupt or 'nothing was logged yet.'}", soft_wrap=True, markup=False)
         raise typer.Exit(130)
     except Exception as error:  # noqa: BLE001
         if os.environ.get("AMREPRO_DEBUG"):
             raise
-        errors.print(f"error: {type(error).__name__}: {error} (set AMREPRO_DEBUG=1 for the traceback)")
+        errors.print(f"error: {type(error).__name__}: {error} (set AMREPRO_DEBUG=1 for the traceback)",
+                     soft_wrap=True, markup=False)
         raise typer.Exit(1)
 
 

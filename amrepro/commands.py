@@ -103,8 +103,8 @@ def decode(run_id: str) -> bool:
 
 
 # environment tags whose difference can explain a final embedding that is not bit-identical
-_NUMERIC_ENV = ("env.torch", "env.transformers", "env.numpy", "env.device", "env.device_name", "env.cuda",
-                "env.threads", "env.platform")
+_NUMERIC_ENV = ("env.git_commit", "env.git_dirty", "env.torch", "env.transformers", "env.numpy", "env.device",
+                "env.device_name", "env.cuda", "env.threads", "env.platform")
 
 
 def reproduce(run_id: str, device: str | None = None, tolerance: float = 1e-4) -> bool:

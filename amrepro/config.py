@@ -6,6 +6,7 @@ Only the standard library is imported here, so `amrepro --help` stays instant (n
 from __future__ import annotations
 
 import dataclasses
+import shlex
 from dataclasses import dataclass, field
 
 
@@ -73,8 +74,19 @@ class Config:
             if f.name not in params:
                 raise AmreproError(f"the run has no '{f.name}' param: it was not made by amrepro run.")
             kind = type(f.default)
-            kwargs[f.name] = kind(params[f.name])
+            kwargs[f.name] = kind(_unquote(params[f.name]) if kind is str else params[f.name])
         return cls(**kwargs)
+
+
+def _unquote(value: str) -> str:
+    """`mlflow run` logs string parameters shell-quoted as it passed them (an empty target becomes "''")."""
+    try:
+        words = shlex.split(value)
+    except ValueError:
+        return value
+    if not words:
+        return ""
+    return words[0] if len(words) == 1 and shlex.quote(words[0]) == value else value
 
 
 def help_for(name: str) -> str:

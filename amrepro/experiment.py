@@ -45,10 +45,10 @@ class Outcome:
 
 def prepare(config: Config, lm: LoadedModel | None = None) -> Prepared:
     config.validate()
+    target = Target.parse(config.target_name)  # a typo in the name fails before the model loads
     device = resolve_device(config.device)
     configure_determinism(device)
     lm = lm or load_model(config.model, device)
-    target = Target.parse(config.target_name)
     check_positions(lm, config.n_tokens)
     return Prepared(config, lm, target, site_reader(lm, target))
 

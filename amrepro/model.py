@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from dataclasses import dataclass
+from urllib.parse import urlparse
 
 import torch
 
@@ -72,21 +74,37 @@ def load_model(name: str, device: torch.device) -> LoadedModel:
             raise AmreproError(f"'{name}' is a folder but not a saved model (it has no config.json).")
     elif _looks_like_path(name) or os.path.exists(path):
         raise AmreproError(f"no model folder at '{name}': the local path does not exist.")
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    # An unreachable Hub would cost ~25 s of retries per file; probe it once, then use only the cache.
+    reachable = os.path.isdir(path) or offline or _hub_reachable()
     try:
         # eager attention: plain matmul + softmax, deterministic on every device.
-        model = AutoModel.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModel.from_pretrained(path, dtype=torch.float32, attn_implementation="eager",
+                                          local_files_only=not reachable)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=not reachable)
     except Exception as error:  # noqa: BLE001 - HF raises OSError, ValueError, HTTP errors...
         if os.path.isdir(path):
             raise AmreproError(f"could not load the model saved in '{name}': {_first_line(error)}") from None
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        why = ("HF_HUB_OFFLINE is set, so only the local cache was searched"
-               if offline else "the Hugging Face Hub is unreachable or has no such model "
-               "(set HF_HUB_OFFLINE=1 to use only the local cache)")
-        raise AmreproError(f"could not load model '{name}': {why}; pass a local folder with --model PATH.") from None
+        if offline:
+            why = "HF_HUB_OFFLINE is set, so only the local cache was searched, and it is not there"
+        elif not reachable:
+            why = "the Hugging Face Hub is unreachable and the model is not in the local cache"
+        else:
+            why = f"the Hugging Face Hub has no such model or refused it ({_first_line(error)})"
+        raise AmreproError(f"could not load model '{name}': {why}; pass a local folder with --model PATH "
+                           "(HF_HUB_OFFLINE=1 skips the Hub).") from None
     model.eval().to(device)
     model.requires_grad_(False)  # no weight gradients: only the input embeddings are optimized
     return LoadedModel(name=name, model=model, tokenizer=tokenizer, blocks=find_blocks(model), device=device)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def find_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:

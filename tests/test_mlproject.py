@@ -12,7 +12,7 @@ import yaml
 from mlflow import MlflowClient
 
 from amrepro.config import Config
-from helpers import children_of
+from helpers import children_of, cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,7 +45,7 @@ def test_python_env_pins_the_cpu_torch_wheel_and_all_runtime_dependencies():
     assert "torch==2.13.0" in env["dependencies"]
 
 
-def test_mlflow_run_local_env_end_to_end(tiny_gpt2, tmp_path):
+def test_mlflow_run_local_env_end_to_end(tiny_gpt2, tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     client.create_experiment("e2e", artifact_location=str(tmp_path / "artifacts"))
@@ -63,3 +63,9 @@ def test_mlflow_run_local_env_end_to_end(tiny_gpt2, tmp_path):
     assert parent.info.status == "FINISHED" and parent.data.metrics["n_tokens_total"] == 10
     children = children_of(uri, parent.info.run_id)
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    # mlflow run logs string parameters shell-quoted (the empty target as "''"): reproduce still reads them
+    assert parent.data.params["target"] == "''"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    result = cli("reproduce", parent.info.run_id)
+    assert result.exit_code == 0 and "reproduced: bit-identical" in result.output, result.output
