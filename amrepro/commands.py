@@ -22,8 +22,7 @@ def child_params(config: Config, r: int) -> dict[str, str]:
 
 def run(config: Config, experiment: str | None = None) -> Outcome:
     config.validate()
-    tracker = Tracker(experiment)
-    tracker.check()  # a store that is down fails before minutes of model loading and optimization
+    tracker = Tracker(experiment)  # a store that is down fails here, before the model loads
     with _saying_what_was_saved(tracker), tracker:  # any exception from here on ends every open run FAILED, Ctrl-C ends them KILLED
         tracker.attach_mlflow_run()  # under `mlflow run`, its run is open (and failed on error) from now on
         prep = prepare(config)

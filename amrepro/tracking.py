@@ -52,13 +52,46 @@ def _quick_http_failure():
                 os.environ[key] = value
 
 
-def check_store(client, uri: str) -> None:
-    """One cheap request: a store that is down or unusable is one clear sentence, within seconds."""
-    with _quick_http_failure():
+@contextmanager
+def _sqlite_creation_lock(uri: str):
+    """MLflow corrupts a fresh sqlite store when several processes create its tables at once; hold an flock
+    on the database's folder while this process opens (and maybe creates) it. Other stores: no lock."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; create the store first there
+        yield
+        return
+    folder = os.path.dirname(os.path.abspath(uri[len("sqlite:///"):])) or "."
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        yield  # a folder that does not exist: let MLflow say so
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def connect():
+    """(MlflowClient, uri) for MLflow's configured store, checked with one cheap request: a store that is down
+    or unusable is one clear sentence within seconds. Opening a fresh sqlite store creates its tables, which
+    is done under a lock so that concurrent workers can start on a store that does not exist yet."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = mlflow.get_tracking_uri()
+    with _quick_http_failure(), _sqlite_creation_lock(uri):
         try:
+            client = MlflowClient(uri)
             client.search_experiments(max_results=1)
         except Exception as error:  # noqa: BLE001 - any failure means the store is unusable
             raise AmreproError(f"cannot use the MLflow tracking store at {uri}: {_short(error)}") from None
+    return client, uri
 
 
 class Tracker:
@@ -66,11 +99,7 @@ class Tracker:
     on an exception every open run ends FAILED (KILLED on Ctrl-C) with the error as a tag."""
 
     def __init__(self, experiment: str | None = None):
-        import mlflow
-        from mlflow import MlflowClient
-
-        self.uri = mlflow.get_tracking_uri()
-        self.client = MlflowClient(self.uri)
+        self.client, self.uri = connect()  # fails fast, before minutes of model loading and optimization
         self.experiment = experiment
         self.open_runs: list[str] = []
         self.attached: str | None = None
@@ -78,9 +107,6 @@ class Tracker:
         self.n_stopped = 0  # runs it ended FAILED or KILLED on the way out of an error
 
     # --- connection -------------------------------------------------------------------------------------
-    def check(self) -> None:
-        check_store(self.client, self.uri)
-
     def _experiment_id(self) -> str:
         from mlflow.tracking.fluent import _get_experiment_id
 
@@ -195,12 +221,7 @@ class RunReader:
     """Reads amrepro runs back for `decode` and `reproduce`, refusing tampered or missing artifacts."""
 
     def __init__(self):
-        import mlflow
-        from mlflow import MlflowClient
-
-        self.uri = mlflow.get_tracking_uri()
-        self.client = MlflowClient(self.uri)
-        check_store(self.client, self.uri)
+        self.client, self.uri = connect()
 
     def run(self, run_id: str):
         if not re.fullmatch(r"[0-9a-zA-Z_-]{1,64}", run_id or ""):

@@ -134,9 +134,11 @@ def test_ctrl_c_marks_parent_and_unfinished_children_killed(tiny_gpt2, store, tm
 
 
 def test_four_concurrent_workers_lose_no_run_and_no_metric(tiny_gpt2, store, tmp_path):
-    MlflowClient(store).search_experiments()  # create the sqlite db first: MLflow races on a fresh one
+    # The sqlite store does not exist yet: MLflow alone corrupts a fresh db when 4 processes create it at once.
+    assert not (tmp_path / "mlflow.db").exists()
+    env = {**_env(store), "OMP_NUM_THREADS": "1"}  # 4 workers on 2 cores: no thread oversubscription
     procs = [subprocess.Popen([sys.executable, "-m", "amrepro", "run", "--model", tiny_gpt2, "--runs", "2",
-                               "--epochs", "50", "--dim", "3", "--seed", str(10 * w)], env=_env(store), cwd=tmp_path,
+                               "--epochs", "50", "--dim", "3", "--seed", str(10 * w)], env=env, cwd=tmp_path,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for w in range(4)]
     for proc in procs:
         _, err = proc.communicate(timeout=300)
