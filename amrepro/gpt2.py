@@ -77,6 +77,7 @@ class _Block:
     ln_2: tuple | None
     fc: _Linear | None  # mlp.c_fc, full
     out: _Linear | None  # mlp.c_proj, full
+    column: tuple | None = None  # last block only: (W[:, i] contiguous, b[i]) of the one projection column read
 
 
 def _layer_norm(h: torch.Tensor, ln: tuple, tape: list | None):
@@ -132,6 +133,8 @@ class GPT2Reader:
         rows_hint = rows if pack else None
         full_proj = self.site in ("hook_resid_post", "mlp.hook_post")  # ln_2 needs every dimension of resid_mid
         blocks = []
+        conv = {"hook_attn_out": "attn.c_proj", "hook_resid_mid": "attn.c_proj", "mlp.hook_post": "mlp.c_fc",
+                "hook_resid_post": "mlp.c_proj"}.get(self.site)
         for n, b in enumerate(h):
             last = n == self.last
             lin = lambda conv: _Linear(conv.weight, conv.bias, rows_hint)  # noqa: E731
@@ -141,14 +144,20 @@ class GPT2Reader:
                 proj=lin(b.attn.c_proj) if not last or full_proj else None,
                 ln_2=(b.ln_2.weight, b.ln_2.bias, b.ln_2.eps) if not last or full_proj else None,
                 fc=lin(b.mlp.c_fc) if not last or self.site == "hook_resid_post" else None,
-                out=lin(b.mlp.c_proj) if not last else None))
+                out=lin(b.mlp.c_proj) if not last else None,
+                column=self._column(b.get_submodule(conv)) if last else None))
         return blocks
 
+    def _column(self, conv) -> tuple:
+        i = self.target.index
+        return conv.weight[:, i].contiguous(), conv.bias[i]  # [in], []
+
     def _causal_mask(self, P: int, device: torch.device) -> torch.Tensor:
-        """True above the diagonal: the future positions a query may not attend to. [P, P]"""
+        """Additive causal mask, as HF's: 0 where a query may attend, float32 min above the diagonal. [P, P]"""
         key = (P, device)
         if key not in self._masks:
-            self._masks[key] = torch.ones(P, P, dtype=torch.bool, device=device).triu(1)
+            future = torch.ones(P, P, dtype=torch.bool, device=device).triu(1)
+            self._masks[key] = torch.zeros(P, P, device=device).masked_fill_(future, torch.finfo(torch.float32).min)
         return self._masks[key]
 
     # --- forward (appending what the backward needs to `tape` when it is a list) ---------------------------
@@ -158,12 +167,13 @@ class GPT2Reader:
         H, hd = self.n_head, D // self.n_head
         a = _layer_norm(h, blk.ln_1, tape)  # [R, P, D]
         qkv = blk.attn(a.view(R * P, D))  # [R*P, 3D]
-        q, k, v = qkv.view(R, P, 3, H, hd).permute(2, 0, 3, 1, 4)  # 3 x [R, H, P, hd]
-        scores = (q @ k.transpose(-1, -2)) * hd**-0.5  # [R, H, P, P], scaled as HF does
-        att = scores.masked_fill_(self._causal_mask(P, h.device), torch.finfo(scores.dtype).min).softmax(-1)
+        # one copy into head-major layout, then q, k, v are contiguous [R*H, P, hd] batches for bmm
+        q, k, v = qkv.view(R, P, 3, H, hd).permute(2, 0, 3, 1, 4).reshape(3, R * H, P, hd)
+        # mask + (q @ k^T) * hd^-0.5 in one call: [R*H, P, P]
+        att = torch.baddbmm(self._causal_mask(P, h.device), q, k.transpose(1, 2), alpha=hd**-0.5).softmax(-1)
         if tape is not None:
             tape.append((q, k, v, att))
-        return (att @ v).transpose(1, 2).reshape(R * P, D)  # [R*P, D]
+        return torch.bmm(att, v).view(R, H, P, hd).transpose(1, 2).reshape(R * P, D)  # [R*P, D]
 
     def _mlp_hidden(self, blk: _Block, h: torch.Tensor, tape: list | None) -> torch.Tensor:
         """gelu(ln_2(h) @ W_fc + b_fc): h [R, P, D] -> [R*P, d_mlp]."""
@@ -190,34 +200,37 @@ class GPT2Reader:
         return self._last_block(self._blocks[self.last], h, tape)
 
     def _last_block(self, blk: _Block, h: torch.Tensor, tape: list | None) -> torch.Tensor:
-        i, c = self.target.index, self.model.h[self.last]
+        i, (w, b) = self.target.index, blk.column
         y = self._attention(blk, h, tape)  # [R*P, D]
         if self.site in ("hook_attn_out", "hook_resid_mid"):
-            act = (y @ c.attn.c_proj.weight[:, i] + c.attn.c_proj.bias[i]).view(h.shape[:-1])  # one column of W_O
+            act = (y @ w + b).view(h.shape[:-1])  # [R, P]: one column of W_O
             return act + h[..., i] if self.site == "hook_resid_mid" else act
         h = h + blk.proj(y).view(h.shape)  # resid_mid [R, P, D]: ln_2 needs every dimension
         if self.site == "mlp.hook_post":
-            a = _layer_norm(h, blk.ln_2, tape)  # [R, P, D]
-            pre = a @ c.mlp.c_fc.weight[:, i] + c.mlp.c_fc.bias[i]  # [R, P]: one hidden unit
+            pre = _layer_norm(h, blk.ln_2, tape) @ w + b  # [R, P]: one hidden unit
             if tape is not None:
                 tape.append(pre)
             return F.gelu(pre, approximate=self.gelu)
         u = self._mlp_hidden(blk, h, tape)  # resid_post: [R*P, d_mlp]
-        return h[..., i] + (u @ c.mlp.c_proj.weight[:, i]).view(h.shape[:-1]) + c.mlp.c_proj.bias[i]  # [R, P]
+        return h[..., i] + (u @ w + b).view(h.shape[:-1])  # [R, P]: one column of W_out
 
     # --- backward: the same steps in reverse, popping the tape ----------------------------------------------
     def _attention_grad(self, blk: _Block, dy: torch.Tensor, tape: list) -> torch.Tensor:
         """dy [R*P, D] (gradient of the merged heads) -> gradient of the block input [R, P, D]."""
-        q, k, v, att = tape.pop()  # [R, H, P, hd] x3, [R, H, P, P]
+        q, k, v, att = tape.pop()  # [R*H, P, hd] x3, [R*H, P, P]
         ln_saved = tape.pop()
-        R, H, P, hd = q.shape
-        dyh = dy.view(R, P, H, hd).transpose(1, 2)  # [R, H, P, hd]
-        datt = dyh @ v.transpose(-1, -2)  # [R, H, P, P]
-        dv = att.transpose(-1, -2) @ dyh  # [R, H, P, hd]
+        RH, P, hd = q.shape
+        H = self.n_head
+        R = RH // H
+        dyh = dy.view(R, P, H, hd).transpose(1, 2).reshape(RH, P, hd)  # [R*H, P, hd]
+        datt = torch.bmm(dyh, v.transpose(1, 2))  # [R*H, P, P]
+        dqkv = torch.empty(3, RH, P, hd, device=dy.device, dtype=dy.dtype)  # dq, dk, dv written in place
+        torch.bmm(att.transpose(1, 2), dyh, out=dqkv[2])  # dv
         # masked entries have att = 0, so their score gradient is 0: no mask needed here
-        dscores = torch._softmax_backward_data(datt, att, -1, att.dtype) * hd**-0.5  # [R, H, P, P]
-        dq, dk = dscores @ k, dscores.transpose(-1, -2) @ q  # [R, H, P, hd] each
-        dqkv = torch.stack((dq, dk, dv)).permute(1, 3, 0, 2, 4).reshape(R * P, 3 * H * hd)  # [R*P, 3D]
+        dscores = torch._softmax_backward_data(datt, att, -1, att.dtype).mul_(hd**-0.5)  # [R*H, P, P]
+        torch.bmm(dscores, k, out=dqkv[0])  # dq
+        torch.bmm(dscores.transpose(1, 2), q, out=dqkv[1])  # dk
+        dqkv = dqkv.view(3, R, H, P, hd).permute(1, 3, 0, 2, 4).reshape(R * P, 3 * H * hd)  # [R*P, 3D]
         da = blk.attn.grad(dqkv).view(R, P, H * hd)  # [R, P, D]
         return _layer_norm_grad(da, blk.ln_1, ln_saved)
 
@@ -236,20 +249,20 @@ class GPT2Reader:
 
     def _last_block_grad(self, blk: _Block, dact: torch.Tensor, tape: list) -> torch.Tensor:
         """dact [R, P] -> gradient of the last block's input [R, P, D]."""
-        i, c = self.target.index, self.model.h[self.last]
+        i, (w, _) = self.target.index, blk.column
         R, P = dact.shape
         d = dact.reshape(R * P, 1)  # [R*P, 1]
         if self.site in ("hook_attn_out", "hook_resid_mid"):
-            dh = self._attention_grad(blk, d * c.attn.c_proj.weight[:, i], tape)  # [R, P, D]
+            dh = self._attention_grad(blk, d * w, tape)  # [R, P, D]
             if self.site == "hook_resid_mid":
                 dh[..., i] += dact
             return dh
         if self.site == "mlp.hook_post":
             pre = tape.pop()  # [R, P]
             dpre = torch.ops.aten.gelu_backward(dact, pre, approximate=self.gelu)  # [R, P]
-            dmid = _layer_norm_grad(dpre[..., None] * c.mlp.c_fc.weight[:, i], blk.ln_2, tape.pop())  # [R, P, D]
+            dmid = _layer_norm_grad(dpre[..., None] * w, blk.ln_2, tape.pop())  # [R, P, D]
         else:  # resid_post
-            dmid = self._mlp_hidden_grad(blk, d * c.mlp.c_proj.weight[:, i], tape)  # [R, P, D]
+            dmid = self._mlp_hidden_grad(blk, d * w, tape)  # [R, P, D]
             dmid[..., i] += dact
         return self._attention_grad(blk, blk.proj.grad(dmid.view(R * P, -1)), tape).add_(dmid)
 

@@ -1,0 +1,420 @@
+"""Benchmark: amrepro's engine against the reference notebook's loop and against the machine's GEMM rate.
+
+    python bench/bench.py                      # the full benchmark (a few minutes on 2 CPU cores)
+    python bench/bench.py --epochs 10 --repeats 2 --skip-full-run    # smoke run, < 1 minute
+    python bench/bench.py --device cuda        # the same figures on a GPU
+
+One process, one run. The model is GPT-2 small's shape (GPT2Config() defaults) with random weights -- the cost
+does not depend on the weight values -- saved with save_pretrained and loaded through amrepro.model.load_model,
+so the engine runs its real code path. Figures (printed as a table, written to bench/results/latest.json):
+
+- ms per seed-step: one Adam step of one seed. Reference: bench/reference.py (the notebook: full 12-layer HF
+  forward with hidden_states, batch 1, weights left trainable). Engine: amrepro.optimize.optimize with the
+  reader from amrepro.readers.site_reader, all RUNS seeds batched (time of a whole optimize call, including its
+  final no-grad forward, divided by epochs x runs). Medians over REPEATS, reference and engine interleaved so
+  that both see the same background load; both extrapolated to RUNS x 500 epochs.
+- GFLOP/s: the experiment's matmul FLOPs counted analytically (forward through the blocks the target needs,
+  plus the input-gradient backward; no weight gradients) over the engine's step time, as a fraction of the
+  machine's fp32 GEMM rate measured in the same process on a 2048^3 matmul (the best of torch.mm and, on the
+  CPU, the oneDNN GEMM the engine uses).
+- MLflow share: `amrepro.commands.run` end to end (RUNS x 500 epochs) on a fresh sqlite store in a temp
+  folder, with the Tracker's methods timed by wrapping them from here. The store is created (and mlflow
+  imported) once before the timed run; those one-off costs are reported on their own lines.
+- peak RSS of each phase (VmHWM, reset between phases where Linux allows), `amrepro --help` start-up time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import gc
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the working tree's amrepro, also when it is not installed
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+import reference  # noqa: E402  (bench/reference.py)
+from amrepro.config import Config  # noqa: E402
+from amrepro.experiment import prepare  # noqa: E402
+from amrepro.objectives import reference_loss  # noqa: E402
+from amrepro.optimize import optimize  # noqa: E402
+from amrepro.readers import HookedReader  # noqa: E402
+from amrepro.seeding import initial_embeddings  # noqa: E402
+
+FULL_EPOCHS = 500  # the figure users care about: RUNS seeds x 500 epochs
+
+
+# --- timing helpers ---------------------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device) -> float:
+    """Seconds of fn(), with the device drained before and after (CUDA kernels run asynchronously)."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process since the last reset_peak_rss() (VmHWM), else since start."""
+    try:
+        return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
+    except (OSError, AttributeError):
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+def reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def busy_cpus() -> float:
+    """CPUs kept busy by *other* processes is what makes a shared machine noisy: report the load average."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
+# --- the model --------------------------------------------------------------------------------------------------
+def write_model(folder: Path) -> None:
+    """GPT-2 small's shape with random weights, and a small byte-level BPE tokenizer (no network here).
+    Token ids beyond the tokenizer's vocabulary decode to '' -- decoding is not what is measured."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2Model, GPT2TokenizerFast
+
+    torch.manual_seed(0)
+    GPT2Model(GPT2Config()).save_pretrained(folder)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["activation maximization of one neuron, from many seeds. " * 50], vocab_size=300,
+                            min_frequency=1, special_tokens=["<|endoftext|>"])
+    GPT2TokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                      unk_token="<|endoftext|>").save_pretrained(folder)
+
+
+def experiment_flops(cfg, layer: int, runs: int, n_tokens: int) -> dict:
+    """Matmul FLOPs of one step for target blocks.LAYER.hook_resid_pre (= resid_post of block LAYER-1), as
+    amrepro computes it: LAYER-1 full blocks, then block LAYER-1 with only one column of its MLP output
+    projection; the backward is the input gradient only (dx = dy @ W^T: the same FLOPs as the forward GEMM;
+    attention: 2 matmuls forward, 4 backward). Elementwise work (layer norm, GELU, softmax, Adam) is not counted."""
+    D, M = cfg.n_embd, runs * n_tokens  # M: rows of every GEMM (all runs and positions batched)
+    d_mlp = cfg.n_inner or 4 * D
+    attention = 2 * runs * n_tokens * n_tokens * D  # q@k^T or att@v over all heads: 2*R*H*P*P*hd
+    weights_full = D * 3 * D + D * D + D * d_mlp + d_mlp * D  # c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
+    weights_last = weights_full - d_mlp * D + d_mlp  # one column of mlp.c_proj
+    gemm = 2 * M * ((layer - 1) * weights_full + weights_last)
+    forward = gemm + layer * 2 * attention
+    backward = gemm + layer * 4 * attention
+    return {"forward": forward, "backward": backward, "total": forward + backward}
+
+
+def gemm_roofline(device: torch.device, repeats: int) -> dict:
+    """fp32 GFLOP/s of a 2048^3 matmul: torch.mm (MKL on CPU, cuBLAS without TF32 on CUDA) and, on the CPU,
+    oneDNN with a pre-packed weight (what the engine's GEMMs use). The roofline is the better of the two."""
+    n = 2048
+    a, b = (torch.randn(n, n, device=device) for _ in range(2))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+    rates = {}
+    candidates = {"torch.mm": lambda: torch.mm(a, b)}
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), n)
+        candidates["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+    for name, fn in candidates.items():
+        fn()
+        rates[name] = 2 * n**3 / statistics.median(timed(fn, device) for _ in range(max(5, repeats))) / 1e9
+    return {"gflops_by_kernel": rates, "gflops": max(rates.values()), "best": max(rates, key=rates.get)}
+
+
+# --- the two loops ----------------------------------------------------------------------------------------------
+class Engine:
+    """amrepro's science path, as experiment.execute runs it: prepare -> initial embeddings -> optimize."""
+
+    def __init__(self, model: str, device: str, runs: int, layer: int, dim: int, n_tokens: int, hooked: bool):
+        self.config = Config(model=model, layer=layer, dim=dim, runs=runs, n_tokens=n_tokens, device=device)
+        self.prep = prepare(self.config)
+        if hooked:  # the generic path (HF modules under autograd, stopped at the target) for comparison
+            self.prep.reader = HookedReader(self.prep.lm, self.prep.target)
+        lm = self.prep.lm
+        self.start = initial_embeddings(self.config.seeds, n_tokens, lm.embedding_std(), lm.d_model)
+        self.reader = type(self.prep.reader).__name__
+
+    def run(self, epochs: int):
+        c = self.config
+        with self.prep.reader as read:
+            return optimize(read, self.start, reference_loss(c.l2), c.seeds, epochs, c.lr, self.prep.lm.device)
+
+    def seconds_per_seed_step(self, epochs: int) -> float:
+        return timed(lambda: self.run(epochs), self.prep.lm.device) / (epochs * self.config.runs)
+
+
+class Reference:
+    """bench/reference.py on the same saved weights, one seed at a time (batch 1), as the notebook runs."""
+
+    def __init__(self, model: str, device: str, start: torch.Tensor, layer: int, dim: int):
+        self.device = torch.device(device)
+        self.model = reference.load_reference_model(model, self.device)
+        self.start, self.layer, self.dim = start, layer, dim
+
+    def run(self, epochs: int) -> torch.Tensor:
+        return reference.reference_train(self.model, self.start, self.layer, self.dim, epochs)
+
+    def seconds_per_seed_step(self, epochs: int) -> float:
+        return timed(lambda: self.run(epochs), self.device) / epochs
+
+
+# --- the full run with MLflow -------------------------------------------------------------------------------------
+TRACKER_METHODS = ("__init__", "check", "attach_mlflow_run", "start_parent", "start_child", "end", "log_metrics",
+                   "log_tags", "log_artifacts", "log_figure", "__exit__")
+
+
+@contextlib.contextmanager
+def timing_wrappers(targets: dict[str, tuple[object, list[str]]]):
+    """Wrap obj.attr for every (obj, attrs) in targets so that calls add their seconds to times[group][attr];
+    nested wrapped calls count once (in the outermost). Restores everything on exit."""
+    times: dict[str, dict[str, float]] = {group: {} for group in targets}
+    depth = [0]
+    saved = []
+
+    def wrap(group, name, fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            depth[0] += 1
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+                if depth[0] == 0:
+                    times[group][name] = times[group].get(name, 0.0) + time.perf_counter() - start
+        return wrapper
+
+    for group, (obj, names) in targets.items():
+        for name in names:
+            present = name in vars(obj) if isinstance(obj, type) else hasattr(obj, name)
+            if present:  # e.g. a Tracker method another version of amrepro does not have
+                saved.append((obj, name, getattr(obj, name)))
+                setattr(obj, name, wrap(group, name, getattr(obj, name)))
+    try:
+        yield times
+    finally:
+        for obj, name, fn in reversed(saved):
+            setattr(obj, name, fn)
+
+
+def full_run(model: str, device: str, runs: int, layer: int, dim: int, n_tokens: int) -> dict:
+    """`amrepro run` (commands.run) end to end on a fresh sqlite store, with its time split by component."""
+    import amrepro.commands as commands
+    import amrepro.report as report
+    from amrepro import tracking
+
+    folder = Path(tempfile.mkdtemp(prefix="amrepro-bench-run-"))
+    keep_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID",
+                                                "MLFLOW_EXPERIMENT_NAME")}
+    keep_cwd = os.getcwd()
+    try:
+        os.chdir(folder)  # ./mlruns artifacts land in the temp folder
+        for key in keep_env:
+            os.environ.pop(key, None)
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
+        start = time.perf_counter()
+        import mlflow  # noqa: F401  (paid once per `amrepro run` process; reported on its own)
+        import_s = time.perf_counter() - start
+        start = time.perf_counter()
+        tracking.Tracker().check()  # creates the store: once per store, not per run
+        store_s = time.perf_counter() - start
+
+        config = Config(model=model, layer=layer, dim=dim, runs=runs, epochs=FULL_EPOCHS, n_tokens=n_tokens,
+                        device=device)
+        quiet, report.console.quiet = report.console.quiet, True  # no progress bar / token table in the bench
+        targets = {"mlflow": (tracking.Tracker, list(TRACKER_METHODS)),
+                   "provenance": (commands, ["environment", "pip_freeze"]),
+                   "science": (commands, ["prepare", "execute"])}
+        if hasattr(commands, "figures"):
+            targets["figures"] = (commands.figures, ["all_figures"])
+        reset_peak_rss()
+        try:
+            with timing_wrappers(targets) as times:
+                wall = timed(lambda: commands.run(config), torch.device(device))
+        finally:
+            report.console.quiet = quiet
+        rss = peak_rss_mb()
+        mlflow_s = sum(times["mlflow"].values())
+        parts = {group: round(sum(t.values()), 3) for group, t in times.items()}
+        parts["other"] = round(wall - sum(parts.values()), 3)
+        return {"wall_s": wall, "mlflow_s": mlflow_s, "mlflow_share": mlflow_s / wall,
+                "mlflow_share_with_import": (mlflow_s + import_s) / (wall + import_s),
+                "mlflow_by_method_s": {k: round(v, 3) for k, v in sorted(times["mlflow"].items(), key=lambda kv: -kv[1])},
+                "parts_s": parts, "mlflow_import_s": import_s, "store_creation_s": store_s, "peak_rss_mb": rss}
+    finally:
+        os.chdir(keep_cwd)
+        for key, value in keep_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def help_startup(repeats: int) -> dict:
+    """Wall time of `amrepro --help` in a fresh process (the installed script, else python -m amrepro)."""
+    exe = shutil.which("amrepro")
+    command = [exe, "--help"] if exe else [sys.executable, "-m", "amrepro", "--help"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run(command, capture_output=True, check=True, env=env, cwd=ROOT)
+        times.append(time.perf_counter() - start)
+    return {"command": " ".join(Path(c).name if i == 0 else c for i, c in enumerate(command)),
+            "median_s": statistics.median(times), "all_s": times}
+
+
+# --- main -------------------------------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--runs", type=int, default=10, help="seeds optimized as one batch by the engine")
+    parser.add_argument("--layer", type=int, default=8)
+    parser.add_argument("--dim", type=int, default=91)
+    parser.add_argument("--n-tokens", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=40, help="engine epochs per timed repeat")
+    parser.add_argument("--ref-epochs", type=int, default=0, help="reference epochs per repeat (default: epochs/2)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats (medians are reported)")
+    parser.add_argument("--hooked", action="store_true", help="also time the generic HookedReader engine")
+    parser.add_argument("--skip-full-run", action="store_true", help="skip the 10 x 500 run with MLflow")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: torch sees no CUDA device here.")
+    ref_epochs = args.ref_epochs or max(2, args.epochs // 2)
+    load_start = busy_cpus()
+    out: dict = {"args": vars(args), "machine": {
+        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}}
+
+    roofline = gemm_roofline(device, args.repeats)
+    with tempfile.TemporaryDirectory(prefix="amrepro-bench-model-") as model_dir:
+        write_model(Path(model_dir))
+        reset_peak_rss()
+        engine = Engine(model_dir, args.device, args.runs, args.layer, args.dim, args.n_tokens, hooked=False)
+        engine.run(3)  # warm-up: packs the weights, first-touch allocations, oneDNN primitive creation
+        out["engine_peak_rss_mb"] = peak_rss_mb()
+        flops = experiment_flops(engine.prep.lm.model.config, args.layer, args.runs, args.n_tokens)
+        ref = Reference(model_dir, args.device, engine.start[0], args.layer, args.dim)
+        ref.run(2)  # warm-up
+        hooked = None
+        if args.hooked:
+            hooked = Engine(model_dir, args.device, args.runs, args.layer, args.dim, args.n_tokens, hooked=True)
+            hooked.run(2)
+
+        engine_s, ref_s, hooked_s = [], [], []
+        for _ in range(args.repeats):  # interleaved: every figure sees the same background load
+            ref_s.append(ref.seconds_per_seed_step(ref_epochs))
+            engine_s.append(engine.seconds_per_seed_step(args.epochs))
+            if hooked:
+                hooked_s.append(hooked.seconds_per_seed_step(args.epochs))
+
+        # the same science: engine run 0 and the reference from the same start after the same steps
+        check_epochs = ref_epochs
+        diff = float((engine.run(check_epochs).final[0] - ref.run(check_epochs).cpu()).abs().max())
+        out["with_reference_peak_rss_mb"] = peak_rss_mb()
+        del ref, hooked
+        gc.collect()
+
+        step = statistics.median(engine_s) * args.runs  # seconds per step of all runs
+        ref_ms, engine_ms = 1e3 * statistics.median(ref_s), 1e3 * statistics.median(engine_s)
+        out.update({
+            "reference_ms_per_seed_step": ref_ms, "reference_ms_all": [1e3 * s for s in ref_s],
+            "engine_ms_per_seed_step": engine_ms, "engine_ms_all": [1e3 * s for s in engine_s],
+            "engine_reader": engine.reader,
+            "hooked_ms_per_seed_step": 1e3 * statistics.median(hooked_s) if hooked_s else None,
+            "speedup": ref_ms / engine_ms,
+            "speedup_min_over_min": min(ref_s) / min(engine_s),
+            "reference_s_for_full": ref_ms / 1e3 * args.runs * FULL_EPOCHS,
+            "engine_s_for_full": engine_ms / 1e3 * args.runs * FULL_EPOCHS,
+            "max_abs_diff_vs_reference": diff, "diff_epochs": check_epochs,
+            "flops_per_step": flops, "achieved_gflops": flops["total"] / step / 1e9,
+            "roofline": roofline, "roofline_fraction": flops["total"] / step / 1e9 / roofline["gflops"],
+        })
+        del engine
+        gc.collect()
+        if not args.skip_full_run:
+            out["full_run"] = full_run(model_dir, args.device, args.runs, args.layer, args.dim, args.n_tokens)
+    out["help"] = help_startup(max(3, args.repeats))
+    out["loadavg"] = {"start": load_start, "end": busy_cpus()}
+    if device.type == "cuda":
+        out["cuda_max_memory_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print_table(out, args)
+
+
+def print_table(out: dict, args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    full = f"{args.runs} x {FULL_EPOCHS}"
+    table = Table(title=f"amrepro benchmark ({out['machine']['device']}, {out['machine']['cpus']} CPUs, "
+                        f"torch {out['machine']['torch']})", header_style="bold")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_column("target / note")
+    table.add_row("reference ms / seed-step", f"{out['reference_ms_per_seed_step']:.1f}",
+                  f"{full}: {out['reference_s_for_full']:.0f} s")
+    table.add_row(f"engine ms / seed-step ({out['engine_reader']})", f"{out['engine_ms_per_seed_step']:.2f}",
+                  f"{full}: {out['engine_s_for_full']:.0f} s")
+    if out["hooked_ms_per_seed_step"]:
+        table.add_row("engine ms / seed-step (HookedReader)", f"{out['hooked_ms_per_seed_step']:.2f}", "generic path")
+    table.add_row("speed-up (medians)", f"{out['speedup']:.1f}x",
+                  f">= 15x; best-of: {out['speedup_min_over_min']:.1f}x")
+    table.add_row("max |engine - reference|", f"{out['max_abs_diff_vs_reference']:.1e}",
+                  f"after {out['diff_epochs']} steps, same start")
+    table.add_row("GFLOP / step (fwd + input bwd)", f"{out['flops_per_step']['total'] / 1e9:.2f}", "matmuls only")
+    table.add_row("achieved GFLOP/s", f"{out['achieved_gflops']:.0f}", "")
+    rates = ", ".join(f"{k} {v:.0f}" for k, v in out["roofline"]["gflops_by_kernel"].items())
+    table.add_row("GEMM roofline GFLOP/s (2048^3)", f"{out['roofline']['gflops']:.0f}", rates)
+    table.add_row("fraction of roofline", f"{out['roofline_fraction']:.2f}", ">= 0.5")
+    if "full_run" in out:
+        f = out["full_run"]
+        table.add_row(f"amrepro run {full} wall s", f"{f['wall_s']:.1f}", ", ".join(f"{k} {v:.1f}" for k, v in f["parts_s"].items()))
+        table.add_row("MLflow share of the run", f"{100 * f['mlflow_share']:.1f}%",
+                      f"<= 5%; {100 * f['mlflow_share_with_import']:.1f}% with `import mlflow` ({f['mlflow_import_s']:.1f} s)")
+        table.add_row("new sqlite store (once per store)", f"{f['store_creation_s']:.1f} s", "not in the share")
+        table.add_row("peak RSS, amrepro run (MB)", f"{f['peak_rss_mb']:.0f}", "")
+    table.add_row("peak RSS, engine alone (MB)", f"{out['engine_peak_rss_mb']:.0f}", "model + packed weights")
+    table.add_row("peak RSS, + reference (MB)", f"{out['with_reference_peak_rss_mb']:.0f}", "")
+    table.add_row("`amrepro --help` s", f"{out['help']['median_s']:.2f}", "< 1 s")
+    table.add_row("load average start / end", f"{out['loadavg']['start']:.1f} / {out['loadavg']['end']:.1f}",
+                  "other processes on the machine")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()
