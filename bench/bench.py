@@ -225,7 +225,7 @@ def timing_wrappers(targets: dict[str, tuple[object, list[str]]]):
             setattr(obj, name, fn)
 
 
-def full_run(model: str, device: str, runs: int, layer: int, dim: int, n_tokens: int) -> dict:
+def full_run(model: str, device: str, runs: int, layer: int, dim: int, n_tokens: int, epochs: int) -> dict:
     """`amrepro run` (commands.run) end to end on a fresh sqlite store, with its time split by component."""
     import amrepro.commands as commands
     import amrepro.report as report
@@ -244,10 +244,11 @@ def full_run(model: str, device: str, runs: int, layer: int, dim: int, n_tokens:
         import mlflow  # noqa: F401  (paid once per `amrepro run` process; reported on its own)
         import_s = time.perf_counter() - start
         start = time.perf_counter()
-        tracking.Tracker().check()  # creates the store: once per store, not per run
+        tracker = tracking.Tracker()  # connects, creating the store's tables: once per store, not per run
+        getattr(tracker, "check", lambda: None)()  # (older Trackers connect in check())
         store_s = time.perf_counter() - start
 
-        config = Config(model=model, layer=layer, dim=dim, runs=runs, epochs=FULL_EPOCHS, n_tokens=n_tokens,
+        config = Config(model=model, layer=layer, dim=dim, runs=runs, epochs=epochs, n_tokens=n_tokens,
                         device=device)
         quiet, report.console.quiet = report.console.quiet, True  # no progress bar / token table in the bench
         targets = {"mlflow": (tracking.Tracker, list(TRACKER_METHODS)),
@@ -306,12 +307,19 @@ def main() -> None:
     parser.add_argument("--ref-epochs", type=int, default=0, help="reference epochs per repeat (default: epochs/2)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats (medians are reported)")
     parser.add_argument("--hooked", action="store_true", help="also time the generic HookedReader engine")
-    parser.add_argument("--skip-full-run", action="store_true", help="skip the 10 x 500 run with MLflow")
+    parser.add_argument("--skip-full-run", action="store_true", help="skip the RUNS x 500 run with MLflow")
+    parser.add_argument("--full-epochs", type=int, default=FULL_EPOCHS, help="epochs of that run (quick checks)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
     args = parser.parse_args()
+    if args.layer < 1:
+        parser.error("--layer must be at least 1 (layer 0 is the input itself: nothing to compute)")
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: torch sees no CUDA device here.")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit("--device cuda: torch sees no CUDA device here.")
+        # deterministic cuBLAS needs its workspace fixed before the first GEMM (here: the roofline's), as
+        # amrepro.seeding does for a normal run
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     ref_epochs = args.ref_epochs or max(2, args.epochs // 2)
     load_start = busy_cpus()
     out: dict = {"args": vars(args), "machine": {
@@ -366,7 +374,8 @@ def main() -> None:
         del engine
         gc.collect()
         if not args.skip_full_run:
-            out["full_run"] = full_run(model_dir, args.device, args.runs, args.layer, args.dim, args.n_tokens)
+            out["full_run"] = full_run(model_dir, args.device, args.runs, args.layer, args.dim, args.n_tokens,
+                                       args.full_epochs)
     out["help"] = help_startup(max(3, args.repeats))
     out["loadavg"] = {"start": load_start, "end": busy_cpus()}
     if device.type == "cuda":
@@ -403,7 +412,7 @@ def print_table(out: dict, args) -> None:
     table.add_row("fraction of roofline", f"{out['roofline_fraction']:.2f}", ">= 0.5")
     if "full_run" in out:
         f = out["full_run"]
-        table.add_row(f"amrepro run {full} wall s", f"{f['wall_s']:.1f}", ", ".join(f"{k} {v:.1f}" for k, v in f["parts_s"].items()))
+        table.add_row(f"amrepro run {args.runs} x {args.full_epochs} wall s", f"{f['wall_s']:.1f}", ", ".join(f"{k} {v:.1f}" for k, v in f["parts_s"].items()))
         table.add_row("MLflow share of the run", f"{100 * f['mlflow_share']:.1f}%",
                       f"<= 5%; {100 * f['mlflow_share_with_import']:.1f}% with `import mlflow` ({f['mlflow_import_s']:.1f} s)")
         table.add_row("new sqlite store (once per store)", f"{f['store_creation_s']:.1f} s", "not in the share")
