@@ -131,13 +131,16 @@ class GPT2Reader:
             used = sum(m.weight.numel() for b in h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj))
             pack = 2 * 4 * used <= _PACK_RAM_FRACTION * _physical_memory()
         rows_hint = rows if pack else None
+
+        def lin(conv) -> _Linear:
+            return _Linear(conv.weight, conv.bias, rows_hint)
+
         full_proj = self.site in ("hook_resid_post", "mlp.hook_post")  # ln_2 needs every dimension of resid_mid
         blocks = []
         conv = {"hook_attn_out": "attn.c_proj", "hook_resid_mid": "attn.c_proj", "mlp.hook_post": "mlp.c_fc",
                 "hook_resid_post": "mlp.c_proj"}.get(self.site)
         for n, b in enumerate(h):
             last = n == self.last
-            lin = lambda conv: _Linear(conv.weight, conv.bias, rows_hint)  # noqa: E731
             blocks.append(_Block(
                 ln_1=(b.ln_1.weight, b.ln_1.bias, b.ln_1.eps),
                 attn=lin(b.attn.c_attn),
@@ -266,14 +269,15 @@ class GPT2Reader:
             dmid[..., i] += dact
         return self._attention_grad(blk, blk.proj.grad(dmid.view(R * P, -1)), tape).add_(dmid)
 
-    def _backward(self, dact: torch.Tensor, tape: list, shape: torch.Size) -> torch.Tensor:
-        """dact [R, P] -> dx [R, P, D]; the position embedding add passes the gradient through unchanged."""
+    def _backward(self, dact: torch.Tensor, tape: list, shape: torch.Size, blocks: list[_Block]) -> torch.Tensor:
+        """dact [R, P] -> dx [R, P, D]; the position embedding add passes the gradient through unchanged.
+        `blocks` are the weights the forward used (still valid if the reader was closed in between)."""
         if self.site == "stream":
             dx = dact.new_zeros(shape)
             dx[..., self.target.index] = dact
             return dx
-        dh = self._last_block_grad(self._blocks[self.last], dact.contiguous(), tape)
-        for blk in reversed(self._blocks[:self.last]):
+        dh = self._last_block_grad(blocks[self.last], dact.contiguous(), tape)
+        for blk in reversed(blocks[:self.last]):
             dh = self._block_grad(blk, dh, tape)
         assert not tape, "forward and backward disagree on what was saved"
         return dh
@@ -292,10 +296,10 @@ class _ReadSite(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, reader: GPT2Reader) -> torch.Tensor:
         tape: list = []
         act = reader._forward(x, tape)  # [R, P]
-        ctx.reader, ctx.tape, ctx.shape = reader, tape, x.shape
+        ctx.reader, ctx.tape, ctx.shape, ctx.blocks = reader, tape, x.shape, reader._blocks
         return act
 
     @staticmethod
     def backward(ctx, dact: torch.Tensor):
         tape, ctx.tape = ctx.tape, None  # the saved activations are freed as soon as they are used
-        return ctx.reader._backward(dact, tape, ctx.shape), None
+        return ctx.reader._backward(dact, tape, ctx.shape, ctx.blocks), None

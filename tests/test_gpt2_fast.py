@@ -112,3 +112,15 @@ def test_site_reader_picks_fast_path_only_for_frozen_weights(tiny_gpt2):
     assert isinstance(site_reader(lm, target), GPT2Reader)
     lm.model.requires_grad_(True)  # the hand-written backward gives no weight gradients
     assert isinstance(site_reader(lm, target), HookedReader)
+
+
+def test_backward_after_the_reader_is_closed(lm):
+    """The graph keeps the weights its forward used: closing the reader (freeing its packed copies) before
+    backward() is safe."""
+    target = Target(block=7, site="hook_resid_post", index=4)
+    _, grad_ref = value_and_grad(HookedReader, lm, target, _x())
+    x = _x().requires_grad_(True)
+    with GPT2Reader(lm, target) as read:
+        act = read(x)  # [R, P]
+    (act * torch.linspace(-1.0, 2.0, act.numel()).view(act.shape)).sum().backward()
+    assert_close(x.grad, grad_ref)
