@@ -6,12 +6,10 @@ Adam is elementwise and the runs never interact in the forward pass, so optimizi
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.utils.deterministic
 
 from .objectives import Objective, activation
 
@@ -32,20 +30,6 @@ class Result:
                       self.activation[:, pick], self.final_activation[pick])
 
 
-@contextmanager
-def _no_uninitialized_fill():
-    """use_deterministic_algorithms(True) also makes every torch.empty write NaNs into its fresh memory
-    (torch.utils.deterministic.fill_uninitialized_memory), a debugging aid: ~2700 extra fill kernels per
-    10 steps of GPT-2 here, ~10% of the step time. No kernel in the loop reads memory it did not write, so
-    the results do not change; the setting is restored afterwards."""
-    saved = torch.utils.deterministic.fill_uninitialized_memory
-    torch.utils.deterministic.fill_uninitialized_memory = False
-    try:
-        yield
-    finally:
-        torch.utils.deterministic.fill_uninitialized_memory = saved
-
-
 def optimize(reader: Callable[[torch.Tensor], torch.Tensor], initial: torch.Tensor, objective: Objective,
              seeds: list[int], epochs: int, lr: float, device: torch.device,
              on_epoch: Callable[[int], None] | None = None) -> Result:
@@ -56,19 +40,18 @@ def optimize(reader: Callable[[torch.Tensor], torch.Tensor], initial: torch.Tens
     # history stays on the device: no host sync per epoch on a GPU
     losses = torch.empty(epochs, len(seeds), device=device)  # [epochs, runs]
     acts = torch.empty(epochs, len(seeds), device=device)  # [epochs, runs]
-    with _no_uninitialized_fill():
-        for epoch in range(epochs):
-            optimizer.zero_grad(set_to_none=True)
-            act = reader(x)  # [runs, pos]
-            loss = objective(act, x)  # [runs]
-            loss.sum().backward()  # d(sum)/d(loss_r) = 1: each run gets its own gradient
-            optimizer.step()
-            losses[epoch] = loss.detach()
-            acts[epoch] = mean_act(act, x).detach()
-            if on_epoch is not None:
-                on_epoch(epoch)
-        final = x.detach()
-        with torch.no_grad():
-            final_act = mean_act(reader(final), final)
+    for epoch in range(epochs):
+        optimizer.zero_grad(set_to_none=True)
+        act = reader(x)  # [runs, pos]
+        loss = objective(act, x)  # [runs]
+        loss.sum().backward()  # d(sum)/d(loss_r) = 1: each run gets its own gradient
+        optimizer.step()
+        losses[epoch] = loss.detach()
+        acts[epoch] = mean_act(act, x).detach()
+        if on_epoch is not None:
+            on_epoch(epoch)
+    final = x.detach()
+    with torch.no_grad():
+        final_act = mean_act(reader(final), final)
     return Result(seeds=list(seeds), initial=initial.detach().cpu().clone(), final=final.cpu().clone(),
                   loss=losses.cpu(), activation=acts.cpu(), final_activation=final_act.cpu())
