@@ -88,8 +88,7 @@ def decode(run_id: str) -> bool:
     from .tracking import RunReader
 
     reader = RunReader()
-    parent, children, asked = reader.family(run_id)
-    selected = [asked] if asked is not None else children
+    parent, selected = reader.family(run_id)
     config = Config.from_params(parent.data.params)
     finals = np.stack([reader.npy(c, "embeddings/final.npy") for c in selected])  # [runs, pos, d_model]
     logged = [reader.json(c, "tokens.json")["ids"] for c in selected]
@@ -116,8 +115,7 @@ def reproduce(run_id: str, device: str | None = None, tolerance: float = 1e-4) -
     from .tracking import RunReader
 
     reader = RunReader()
-    parent, children, asked = reader.family(run_id)
-    selected = [asked] if asked is not None else children
+    parent, selected = reader.family(run_id)
     logged_env = {k: v for k, v in parent.data.tags.items() if k.startswith("env.")}
     config = Config.from_params(parent.data.params)
     config = dataclasses.replace(config, device=device or logged_env.get("env.device", config.device))

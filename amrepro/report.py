@@ -73,12 +73,11 @@ def stats_table(stats: dict) -> Table:
     for key, label in (("unique_fraction", "unique fraction"), ("positional_agreement", "agreement"),
                        ("jaccard_mean", "Jaccard")):
         table.add_row(label, num(stats[key]), interval(boot.get(key), 2), chance(random.get(key)), num(initial.get(key)))
-    for key, label in (("matched_cosine_mean", "matched cosine"),
-                       ("cosine_mean", "cosine to token"),
-                       ("final_activation_mean", "activation"),
-                       ("projection_gap_mean", "projection gap")):
-        observed = {"cosine_mean": stats["cosine"]["mean"], "final_activation_mean": stats["final_activation"]["mean"],
-                    "projection_gap_mean": stats["projection_gap"]["mean"]}.get(key, stats.get(key))
+    # (bootstrap key, label, observed value)
+    for key, label, observed in (("matched_cosine_mean", "matched cosine", stats["matched_cosine_mean"]),
+                                 ("cosine_mean", "cosine to token", stats["cosine"]["mean"]),
+                                 ("final_activation_mean", "activation", stats["final_activation"]["mean"]),
+                                 ("projection_gap_mean", "projection gap", stats["projection_gap"]["mean"])):
         table.add_row(label, num(observed), interval(boot.get(key), 2), "", "")
     return table
 

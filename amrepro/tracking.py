@@ -232,7 +232,8 @@ class RunReader:
             raise AmreproError(f"no run with id {run_id} in the tracking store {self.uri}.") from None
 
     def family(self, run_id: str):
-        """(parent run, [its child runs by run_index], the child asked for or None) for a parent or child id."""
+        """(parent run, child runs) for a run id: the one child asked for, or every child of the parent asked
+        for, by run_index."""
         run = self.run(run_id)
         parent_id = run.data.tags.get("mlflow.parentRunId")
         parent = self.run(parent_id) if parent_id else run
@@ -243,7 +244,7 @@ class RunReader:
         if "target_name" not in parent.data.params or not children:
             raise AmreproError(f"run {run_id} was not made by `amrepro run` (no amrepro params or child runs).")
         children.sort(key=lambda c: int(c.data.params["run_index"]))
-        return parent, children, (run if parent_id else None)
+        return parent, ([run] if parent_id else children)
 
     def artifact(self, run, path: str) -> bytes:
         """The artifact's bytes, checked against the sha256/<path> tag written when it was logged."""
