@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from .config import AmreproError, Config, help_for
+from .config import AmreproError, Config, NoResult, help_for
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Is activation maximization reproducible? Optimize one neuron's input from many seeds, "
@@ -34,6 +34,9 @@ def _guard(fn, *args, **kwargs):
     except AmreproError as error:
         errors.print(f"error: {error}", soft_wrap=True, markup=False)
         raise typer.Exit(2)
+    except NoResult as error:
+        errors.print(f"error: {error}", soft_wrap=True, markup=False)
+        raise typer.Exit(1)
     except KeyboardInterrupt as interrupt:
         errors.print(f"interrupted: {interrupt or 'nothing was logged yet.'}", soft_wrap=True, markup=False)
         raise typer.Exit(130)
@@ -58,12 +61,13 @@ def run(
     seed: int = typer.Option(_D.seed, help=help_for("seed")),
     model: str = typer.Option(_D.model, help=help_for("model")),
     device: str = typer.Option(_D.device, help=help_for("device")),
+    threads: int = typer.Option(_D.threads, help=help_for("threads")),
     experiment: str = typer.Option("", help="MLflow experiment name (default: MLflow's own, "
                                             "or MLFLOW_EXPERIMENT_NAME / MLFLOW_EXPERIMENT_ID)."),
 ):
     """Run the experiment: RUNS seeds batched, one MLflow parent run with a child run per seed."""
     config = Config(model=model, layer=layer, dim=dim, target=target, runs=runs, epochs=epochs,
-                    n_tokens=n_tokens, lr=lr, l2=l2, seed=seed, device=device)
+                    n_tokens=n_tokens, lr=lr, l2=l2, seed=seed, device=device, threads=threads)
 
     def go():
         from . import commands

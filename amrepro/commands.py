@@ -7,7 +7,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from . import figures, report
-from .config import Config
+from .config import Config, NoResult
 from .experiment import Outcome, execute, prepare
 from .provenance import environment, pip_freeze
 from .tracking import Tracker, json_bytes, npy_bytes
@@ -34,8 +34,17 @@ def run(config: Config, experiment: str | None = None) -> Outcome:
             outcome = execute(prep, on_epoch)
         for r, child in enumerate(children):
             log_child(tracker, child, outcome, r)
-            tracker.end(child)
+            why = outcome.diverged.get(r)
+            if why:  # divergence is not a result: the run says why and ends FAILED
+                tracker.log_tags(child, {"error": f"diverged: {why}"})
+            tracker.end(child, "FAILED" if why else "FINISHED")
         log_parent(tracker, parent, outcome)
+        if outcome.summary["statistics"] is None:
+            tracker.log_tags(parent, {"error": f"all {config.runs} runs diverged"})
+            tracker.end(parent, "FAILED")
+            report.print_outcome(outcome, parent, tracker.uri)
+            raise NoResult(f"all {config.runs} runs diverged ({outcome.diverged[0]}), so there is nothing to "
+                           "compare; lower --lr or --l2. The runs are marked FAILED.")
         tracker.end(parent)
     report.print_outcome(outcome, parent, tracker.uri)
     return outcome
@@ -53,28 +62,41 @@ def _saying_what_was_saved(tracker: Tracker):
 
 def log_child(tracker: Tracker, run_id: str, outcome: Outcome, r: int) -> None:
     result = outcome.result
+    files = {"embeddings/initial.npy": npy_bytes(result.initial[r].numpy().astype(np.float32)),
+             "embeddings/final.npy": npy_bytes(result.final[r].numpy().astype(np.float32))}
+    if r in outcome.diverged:  # NaN "decodes" to nothing meaningful: only the history up to the divergence
+        epoch = int(result.diverged_at[r])
+        tracker.log_metrics(run_id, scalars={"diverged/epoch": epoch},
+                            history={"loss/total": result.loss[:epoch, r].numpy(),
+                                     "act/target": result.activation[:epoch, r].numpy()})
+        tracker.log_artifacts(run_id, files)
+        return
     tracker.log_metrics(run_id,
                         scalars={"act/final": float(result.final_activation[r]),
                                  "act/decoded": float(outcome.decoded_activation[r]),
                                  "loss/final": float(result.loss[-1, r])},
                         history={"loss/total": result.loss[:, r].numpy(), "act/target": result.activation[:, r].numpy()})
-    tracker.log_artifacts(run_id, {
-        "embeddings/initial.npy": npy_bytes(result.initial[r].numpy().astype(np.float32)),
-        "embeddings/final.npy": npy_bytes(result.final[r].numpy().astype(np.float32)),
-        "tokens.json": json_bytes({"ids": [int(i) for i in outcome.ids[r]], "tokens": outcome.tokens[r]}),
-    })
+    files["tokens.json"] = json_bytes({"ids": [int(i) for i in outcome.ids[r]], "tokens": outcome.tokens[r]})
+    tracker.log_artifacts(run_id, files)
 
 
 def log_parent(tracker: Tracker, run_id: str, outcome: Outcome) -> None:
     s = outcome.summary
-    tracker.log_metrics(run_id, {"n_unique_tokens": s["n_unique_tokens"], "n_tokens_total": s["n_tokens_total"],
-                                 "unique_fraction": s["unique_fraction"], **s["statistics"]["metrics"]})
-    tracker.log_tags(run_id, {"verdict": s["statistics"]["verdict"][:5000]})
+    counts = {"runs/diverged": len(outcome.diverged), "runs/ok": s["n_runs_ok"]}
     tracker.log_artifacts(run_id, {"summary.json": json_bytes(s), "environment/pip-freeze.txt": pip_freeze()})
-    result = outcome.result
-    for path, figure in figures.all_figures(result.loss.numpy(), result.activation.numpy(), result.seeds,
-                                            outcome.tokens, outcome.ids, result.final_activation.numpy(),
-                                            outcome.decoded_activation).items():
+    if s["statistics"] is None:  # every run diverged: no statistic exists, and none is logged
+        tracker.log_metrics(run_id, counts)
+        tracker.log_tags(run_id, {"verdict": f"no result: all {len(outcome.diverged)} runs diverged"})
+        return
+    tracker.log_metrics(run_id, {"n_unique_tokens": s["n_unique_tokens"], "n_tokens_total": s["n_tokens_total"],
+                                 "unique_fraction": s["unique_fraction"], **counts, **s["statistics"]["metrics"]})
+    tracker.log_tags(run_id, {"verdict": s["statistics"]["verdict"][:5000]})
+    result, ok = outcome.result, outcome.ok
+    for path, figure in figures.all_figures(result.loss.numpy()[:, ok], result.activation.numpy()[:, ok],
+                                            [s for s, keep in zip(result.seeds, ok) if keep],
+                                            [t for t, keep in zip(outcome.tokens, ok) if keep], outcome.ids[ok],
+                                            result.final_activation.numpy()[ok],
+                                            outcome.decoded_activation[ok]).items():
         tracker.log_figure(run_id, figure, path)
 
 

@@ -6,12 +6,21 @@ Only the standard library is imported here, so `amrepro --help` stays instant (n
 from __future__ import annotations
 
 import dataclasses
+import math
 import shlex
 from dataclasses import dataclass, field
 
 
 class AmreproError(Exception):
     """A problem the user can fix: printed as one sentence, exit code 2, never a traceback."""
+
+
+class NoResult(Exception):
+    """The science ran but produced nothing to report (every run diverged): one sentence, exit code 1."""
+
+
+LR_MAX = 1e37  # float32 max is 3.4e38; Adam divides lr by 1 - beta1 = 0.1 on its first step
+SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed and MLflow's integer params stay exact below this
 
 
 def _f(default, help: str):
@@ -33,6 +42,8 @@ class Config:
     l2: float = _f(0.01, "Weight of the L2 penalty sum(x**2) in the loss.")
     seed: int = _f(0, "Seed of run 0; run r uses SEED + r.")
     device: str = _f("auto", "auto (cuda if available), cpu or cuda.")
+    threads: int = _f(0, "torch CPU threads; 0 = one per core (torch's default). Results are bit-identical only "
+                         "for the same thread count; use 1 when several runs share the cores.")
 
     @property
     def target_name(self) -> str:
@@ -48,16 +59,24 @@ class Config:
         for name in ("runs", "epochs", "n_tokens"):
             if getattr(self, name) < 1:
                 raise AmreproError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
-        if not self.lr > 0:
-            raise AmreproError(f"--lr must be positive, got {self.lr}.")
+        for name in ("lr", "l2"):  # nan/inf would only "optimize" into NaN embeddings
+            if not math.isfinite(getattr(self, name)):
+                raise AmreproError(f"--{name} must be a finite number, got {getattr(self, name)}.")
+        if not 0 < self.lr < LR_MAX:
+            raise AmreproError(f"--lr must be positive and below {LR_MAX:g} (Adam's first step, lr / (1 - beta1), "
+                               f"must fit in float32), got {self.lr}." if self.lr > 0 else
+                               f"--lr must be positive, got {self.lr}.")
         if self.l2 < 0:
             raise AmreproError(f"--l2 must be non-negative, got {self.l2}.")
         if self.layer < 0 or self.dim < 0:
             raise AmreproError("--layer and --dim must be non-negative.")
         if self.device not in ("auto", "cpu", "cuda"):
             raise AmreproError(f"--device must be auto, cpu or cuda, got {self.device!r}.")
-        if self.seed < 0:
-            raise AmreproError(f"--seed must be non-negative, got {self.seed}.")
+        if not 0 <= self.seed <= SEED_MAX - (self.runs - 1):
+            raise AmreproError(f"--seed must be between 0 and {SEED_MAX - (self.runs - 1)} (the last run uses "
+                               f"SEED + RUNS - 1 <= 2**63 - 1), got {self.seed}.")
+        if self.threads < 0:
+            raise AmreproError(f"--threads must be 0 (one per core) or more, got {self.threads}.")
         return self
 
     def to_params(self) -> dict[str, str]:
@@ -72,10 +91,20 @@ class Config:
         kwargs = {}
         for f in dataclasses.fields(cls):
             if f.name not in params:
+                if f.name in _ADDED_LATER:  # a run logged before the field existed ran with its default
+                    continue
                 raise AmreproError(f"the run has no '{f.name}' param: it was not made by amrepro run.")
             kind = type(f.default)
-            kwargs[f.name] = kind(_unquote(params[f.name]) if kind is str else params[f.name])
+            try:
+                kwargs[f.name] = kind(_unquote(params[f.name]) if kind is str else params[f.name])
+            except ValueError:
+                raise AmreproError(f"the run's param {f.name}={params[f.name]!r} is not a valid "
+                                   f"{kind.__name__}: it was edited or not made by amrepro run.") from None
         return cls(**kwargs)
+
+
+# Fields added after the first release: runs logged before them are read with the field's default.
+_ADDED_LATER = frozenset({"threads"})
 
 
 def _unquote(value: str) -> str:

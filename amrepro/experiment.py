@@ -41,6 +41,12 @@ class Outcome:
     cosine: np.ndarray  # [runs, pos] cosine of each final vector to its decoded token
     decoded_activation: np.ndarray  # [runs] mean target activation of the decoded tokens as real input
     summary: dict
+    diverged: dict[int, str]  # run index -> why that run is not a result (its loss became non-finite)
+
+    @property
+    def ok(self) -> np.ndarray:
+        """[runs] bool: the runs that stayed finite; statistics are computed on these alone."""
+        return np.array([r not in self.diverged for r in range(len(self.result.seeds))])
 
 
 def prepare(config: Config, lm: LoadedModel | None = None) -> Prepared:
@@ -48,6 +54,8 @@ def prepare(config: Config, lm: LoadedModel | None = None) -> Prepared:
     target = Target.parse(config.target_name)  # a typo in the name fails before the model loads
     device = resolve_device(config.device)
     configure_determinism(device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
     lm = lm or load_model(config.model, device)
     check_positions(lm, config.n_tokens)
     return Prepared(config, lm, target, site_reader(lm, target))
@@ -62,10 +70,20 @@ def execute(prep: Prepared, on_epoch: Callable[[int], None] | None = None) -> Ou
         decoded = token_activation(reader, ids, lm.embedding)  # [runs]
     initial_ids, _ = nearest_tokens(result.initial, lm.embedding)  # [runs, pos]: the un-optimized baseline
     tokens = [lm.token_strings(row) for row in ids.tolist()]
-    summary = metrics.unique_summary(ids.numpy(), tokens)
+    # A diverged run (NaN/inf) "decodes" to whatever argmax makes of NaN: it is left out of every statistic.
+    diverged = {r: why for r in range(c.runs) if (why := result.divergence(r)) is not None}
+    ok = np.array([r not in diverged for r in range(c.runs)])  # [runs]
+    if ok.any():
+        summary = metrics.unique_summary(ids.numpy()[ok], [t for t, keep in zip(tokens, ok) if keep])
+    else:
+        summary = {}
     summary.update(target=prep.target.name, model=c.model, seeds=c.seeds, token_ids=ids.tolist(), tokens=tokens,
-                   initial_token_ids=initial_ids.tolist())
+                   initial_token_ids=initial_ids.tolist(), n_runs_ok=int(ok.sum()),
+                   diverged=[{"seed": c.seeds[r], "run_index": r, "reason": why} for r, why in diverged.items()])
     summary["statistics"] = metrics.reproducibility_stats(
-        ids.numpy(), result.final.numpy(), result.final_activation.numpy(), decoded.numpy(), cosine.numpy(),
-        initial_ids.numpy(), vocab_size=lm.embedding.shape[0], seed=c.seed)
-    return Outcome(c, prep.target, result, ids.numpy(), tokens, cosine.numpy(), decoded.numpy(), summary)
+        ids.numpy()[ok], result.final.numpy()[ok], result.final_activation.numpy()[ok], decoded.numpy()[ok],
+        cosine.numpy()[ok], initial_ids.numpy()[ok], vocab_size=lm.embedding.shape[0], seed=c.seed) if ok.any() else None
+    if diverged and summary["statistics"] is not None:  # the verdict never hides runs it left out
+        summary["statistics"]["verdict"] = (f"{len(diverged)} of {c.runs} runs diverged and are left out; statistics "
+                                            f"of the other {int(ok.sum())}. " + summary["statistics"]["verdict"])
+    return Outcome(c, prep.target, result, ids.numpy(), tokens, cosine.numpy(), decoded.numpy(), summary, diverged)

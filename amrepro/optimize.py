@@ -22,12 +22,25 @@ class Result:
     loss: torch.Tensor  # [epochs, runs]: loss at each epoch, before its step
     activation: torch.Tensor  # [epochs, runs]: mean target activation at each epoch, before its step
     final_activation: torch.Tensor  # [runs]: mean target activation of the final embeddings
+    # [runs] int64: the first epoch whose loss was non-finite (the run diverged), `epochs` when only the final
+    # embeddings are, -1 when the run stayed finite. Runs never mix, so one diverged run leaves the others intact.
+    diverged_at: torch.Tensor
+
+    def divergence(self, r: int) -> str | None:
+        """Why run r is not a result (one phrase), or None when it stayed finite."""
+        epoch = int(self.diverged_at[r])
+        if epoch < 0:
+            return None
+        if epoch >= self.loss.shape[0]:
+            return f"the embeddings became non-finite after the last step (epoch {epoch - 1})"
+        value = float(self.loss[epoch, r])
+        return f"the loss became non-finite ({value}) at epoch {epoch}"
 
     def run(self, r: int) -> "Result":
         """The result of run r alone, as if it had run in a batch of one."""
         pick = slice(r, r + 1)
         return Result([self.seeds[r]], self.initial[pick], self.final[pick], self.loss[:, pick],
-                      self.activation[:, pick], self.final_activation[pick])
+                      self.activation[:, pick], self.final_activation[pick], self.diverged_at[pick])
 
 
 def optimize(reader: Callable[[torch.Tensor], torch.Tensor], initial: torch.Tensor, objective: Objective,
@@ -40,6 +53,8 @@ def optimize(reader: Callable[[torch.Tensor], torch.Tensor], initial: torch.Tens
     # history stays on the device: no host sync per epoch on a GPU
     losses = torch.empty(epochs, len(seeds), device=device)  # [epochs, runs]
     acts = torch.empty(epochs, len(seeds), device=device)  # [epochs, runs]
+    # divergence is tracked on the device too: a NaN/inf loss is recorded, never acted on inside the loop
+    diverged_at = torch.full((len(seeds),), -1, dtype=torch.long, device=device)  # [runs]
     for epoch in range(epochs):
         optimizer.zero_grad(set_to_none=True)
         act = reader(x)  # [runs, pos]
@@ -47,11 +62,16 @@ def optimize(reader: Callable[[torch.Tensor], torch.Tensor], initial: torch.Tens
         loss.sum().backward()  # d(sum)/d(loss_r) = 1: each run gets its own gradient
         optimizer.step()
         losses[epoch] = loss.detach()
+        first = (diverged_at < 0) & ~torch.isfinite(losses[epoch])  # [runs]
+        diverged_at.masked_fill_(first, epoch)
         acts[epoch] = mean_act(act, x).detach()
         if on_epoch is not None:
             on_epoch(epoch)
     final = x.detach()
     with torch.no_grad():
         final_act = mean_act(reader(final), final)
+    last = (diverged_at < 0) & ~torch.isfinite(final).flatten(1).all(dim=1)  # [runs]
+    diverged_at.masked_fill_(last, epochs)
     return Result(seeds=list(seeds), initial=initial.detach().cpu().clone(), final=final.cpu().clone(),
-                  loss=losses.cpu(), activation=acts.cpu(), final_activation=final_act.cpu())
+                  loss=losses.cpu(), activation=acts.cpu(), final_activation=final_act.cpu(),
+                  diverged_at=diverged_at.cpu())

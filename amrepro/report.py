@@ -31,8 +31,11 @@ def token_table(outcome) -> Table:
         table.add_column(f"pos {p}")
     table.add_column("act (final)", justify="right")
     table.add_column("act (tokens)", justify="right")
-    counts = {row["id"]: row["count"] for row in outcome.summary["unique"]}
+    counts = {row["id"]: row["count"] for row in outcome.summary.get("unique", [])}
     for r, seed in enumerate(outcome.result.seeds):
+        if r in outcome.diverged:
+            table.add_row(str(seed), *(["[red]diverged[/]"] + [""] * (n_pos - 1)), "n/a", "n/a")
+            continue
         cells = []
         for token_id, text in zip(outcome.ids[r], outcome.tokens[r]):
             shown = repr(text)
@@ -84,6 +87,11 @@ def stats_table(stats: dict) -> Table:
 
 def print_outcome(outcome, parent_id: str | None, uri: str | None) -> None:
     console.print(token_table(outcome))
+    for r, why in outcome.diverged.items():
+        console.print(f"[red]seed {outcome.result.seeds[r]} diverged:[/] {_escape(why)} (run marked FAILED)")
+    if outcome.summary["statistics"] is None:
+        console.print(f"[bold red]No result:[/] all {len(outcome.diverged)} runs diverged; no statistic was computed.")
+        return
     console.print(stats_table(outcome.summary["statistics"]))
     for line in summary_lines(outcome.summary):
         console.print(_escape(line))
