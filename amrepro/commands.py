@@ -7,7 +7,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from . import figures, report
-from .config import Config, NoResult
+from .config import AmreproError, Config, NoResult
 from .experiment import Outcome, execute, prepare
 from .provenance import environment, pip_freeze
 from .tracking import Tracker, json_bytes, npy_bytes
@@ -140,6 +140,7 @@ def reproduce(run_id: str, device: str | None = None, tolerance: float = 1e-4) -
     parent, selected = reader.family(run_id)
     logged_env = {k: v for k, v in parent.data.tags.items() if k.startswith("env.")}
     config = Config.from_params(parent.data.params)
+    _check_family_params(config, parent, selected)
     config = dataclasses.replace(config, device=device or logged_env.get("env.device", config.device))
     logged = [(c, reader.npy(c, "embeddings/initial.npy"), reader.npy(c, "embeddings/final.npy"),
                reader.json(c, "tokens.json")["ids"]) for c in selected]
@@ -174,6 +175,28 @@ def reproduce(run_id: str, device: str | None = None, tolerance: float = 1e-4) -
         tracker.end(new_run)
     report.print_reproduction(run_id, rows, differences, verdict, new_run)
     return verdict.startswith("reproduced")
+
+
+def _check_family_params(config: Config, parent, children) -> None:
+    """A parent and its children are logged with the same hyperparameters; a param edited afterwards (in the UI
+    or the store) would otherwise be re-run and blamed on something else."""
+    for child in children:
+        params = {**child.data.params, "seed": child.data.params.get("batch_seed", "")}
+        try:
+            mine = Config.from_params(params)
+        except Exception:  # noqa: BLE001 - AmreproError for a missing or garbled param
+            mine = None
+        if mine != config:
+            diff = [f"{name}: parent {getattr(config, name)!r}, child {getattr(mine, name, '?')!r}"
+                    for name in config.__dataclass_fields__ if mine is None or getattr(mine, name) != getattr(config, name)]
+            raise AmreproError(f"the params of run {parent.info.run_id} and its child {child.data.params.get('seed', '?')} "
+                               f"disagree ({'; '.join(diff)}): one was edited after it was logged, so the run cannot "
+                               "be reproduced as logged.")
+        expected_seed = config.seed + int(child.data.params.get("run_index", -1))
+        if child.data.params.get("seed") != str(expected_seed):
+            raise AmreproError(f"child run {child.info.run_id} has seed {child.data.params.get('seed')} but run_index "
+                               f"{child.data.params.get('run_index')} of a batch starting at seed {config.seed} means "
+                               f"{expected_seed}: it was edited after it was logged.")
 
 
 def _verdict(rows: list[dict], differences: dict, tolerance: float) -> str:

@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import torch
 
+CHUNK_ELEMENTS = 2**26  # cosines held at once when decoding (256 MB of float32)
+
 
 @torch.no_grad()
 def nearest_tokens(embeddings: torch.Tensor, vocab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """embeddings [runs, pos, d_model], vocab [n_vocab, d_model] -> (ids [runs, pos], cosine [runs, pos])."""
     e = torch.nn.functional.normalize(embeddings.to(vocab.device, vocab.dtype), dim=-1)
     v = torch.nn.functional.normalize(vocab, dim=-1)
-    cosine = e @ v.T  # [runs, pos, n_vocab]
-    best, ids = cosine.max(dim=-1)
-    return ids.cpu(), best.cpu()
+    if e.shape[0] * e.shape[1] * v.shape[0] <= CHUNK_ELEMENTS:  # the common case: one matmul
+        best, ids = (e @ v.T).max(dim=-1)  # [runs, pos, n_vocab] -> [runs, pos]
+        return ids.cpu(), best.cpu()
+    # Thousands of runs: [runs, pos, n_vocab] would not fit; a few runs at a time keeps it to CHUNK_ELEMENTS.
+    step = max(1, CHUNK_ELEMENTS // (e.shape[1] * v.shape[0]))
+    parts = [(e[i:i + step] @ v.T).max(dim=-1) for i in range(0, e.shape[0], step)]
+    return torch.cat([p.indices for p in parts]).cpu(), torch.cat([p.values for p in parts]).cpu()
 
 
 @torch.no_grad()

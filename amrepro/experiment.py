@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from . import metrics
-from .config import Config
+from .config import AmreproError, Config
 from .decode import nearest_tokens, token_activation
 from .model import LoadedModel, load_model, resolve_device
 from .objectives import reference_loss
@@ -58,7 +58,54 @@ def prepare(config: Config, lm: LoadedModel | None = None) -> Prepared:
         torch.set_num_threads(config.threads)
     lm = lm or load_model(config.model, device)
     check_positions(lm, config.n_tokens)
+    check_memory(lm, target, config)
     return Prepared(config, lm, target, site_reader(lm, target))
+
+
+def _available_bytes(device: torch.device) -> int | None:
+    """Memory free for the run now: MemAvailable of /proc/meminfo (CPU), cudaMemGetInfo (GPU); None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def memory_needed(lm: LoadedModel, target: Target, config: Config) -> tuple[int, int]:
+    """(bytes per run, bytes per pair of runs): a generous estimate of what --runs costs.
+
+    Per run: the optimized vectors with their gradient, Adam's two moments, start and final copies; the
+    activations every block keeps for the backward (attention scores grow with n_tokens^2); the loss history.
+    Per pair: the run-to-run statistics are [runs, runs] matrices (agreement also [runs, runs, pos])."""
+    c, hf = config, lm.model.config
+    pos, d = c.n_tokens, lm.d_model
+    heads = getattr(hf, "num_attention_heads", None) or getattr(hf, "n_head", 1)
+    d_mlp = getattr(hf, "intermediate_size", None) or getattr(hf, "n_inner", None) or 4 * d
+    blocks = target.block + 1
+    per_block = (8 * d + 2 * d_mlp) * pos + 3 * heads * pos * pos  # floats kept for the backward, per run
+    per_run = 4 * (8 * pos * d + 2 * blocks * per_block + 2 * c.epochs)  # x2: autograd keeps more than the fast path
+    per_pair = pos + 6 * 8  # bool agreement per position + a few float64 [runs, runs] matrices
+    return per_run, per_pair
+
+
+def check_memory(lm: LoadedModel, target: Target, config: Config) -> None:
+    """Refuse a --runs that cannot fit, with the largest one that would, instead of failing hours later."""
+    available = _available_bytes(lm.device)
+    if available is None:
+        return
+    per_run, per_pair = memory_needed(lm, target, config)
+    budget = 0.8 * available  # leave room for the store, the figures and the rest of the machine
+    if config.runs * per_run + config.runs**2 * per_pair <= budget:
+        return
+    # largest r with r * per_run + r^2 * per_pair <= budget
+    fits = int((-per_run + (per_run**2 + 4 * per_pair * budget) ** 0.5) / (2 * per_pair))
+    need = config.runs * per_run + config.runs**2 * per_pair
+    raise AmreproError(f"--runs {config.runs} needs about {need / 2**30:.1f} GiB on {lm.device.type} "
+                       f"(optimization state and run-to-run statistics), but only {available / 2**30:.1f} GiB is "
+                       f"available; at most about {max(fits, 1)} runs fit here.")
 
 
 def execute(prep: Prepared, on_epoch: Callable[[int], None] | None = None) -> Outcome:

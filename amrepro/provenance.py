@@ -56,3 +56,20 @@ def pip_freeze() -> bytes:
         return out.stdout.encode()
     except (OSError, subprocess.SubprocessError) as error:
         return f"pip freeze failed: {error}\n".encode()
+
+
+def busy_cores_note() -> str | None:
+    """A warning when other processes already keep the cores busy: torch's threads then spin against them
+    (measured in the README: 8 concurrent runs on 2 cores took 16x longer with default threads than with one)."""
+    import os
+
+    cores = os.cpu_count() or 1
+    threads = torch.get_num_threads()
+    try:
+        load = os.getloadavg()[0]  # runnable processes, averaged over the last minute
+    except OSError:
+        return None
+    if threads > 1 and load >= cores - 0.5:
+        return (f"the machine is busy (load {load:.1f} on {cores} cores) and torch uses {threads} threads, which "
+                "spin against the other processes; when several runs share the cores, --threads 1 is much faster.")
+    return None

@@ -96,3 +96,25 @@ def test_seed_range_is_bounded(tiny_gpt2, store):
     result = cli("run", "--model", tiny_gpt2, "--runs", "2", "--epochs", "1", "--seed", str(2**63 - 1))
     assert result.exit_code == 2 and "--seed" in result.output  # the second run would need 2**63
     assert all_runs(store) == []
+
+
+def test_runs_beyond_memory_are_refused_with_what_fits(tiny_gpt2, store, monkeypatch):
+    monkeypatch.setattr(experiment, "_available_bytes", lambda device: 64 * 2**20)  # a 64 MiB machine
+    result = cli("run", "--model", tiny_gpt2, "--runs", "100000", "--epochs", "1", "--dim", "3")
+    assert result.exit_code == 2, result.output
+    assert "--runs 100000 needs about" in result.output and "at most about" in result.output
+    fits = int(result.output.split("at most about")[1].split()[0])
+    assert 1 < fits < 100000
+    assert all_runs(store) == []
+
+
+def test_chunked_decoding_equals_one_matmul(monkeypatch):
+    from amrepro import decode
+
+    generator = torch.Generator().manual_seed(0)
+    vocab = torch.randn(50, 8, generator=generator)
+    x = torch.randn(7, 3, 8, generator=generator)
+    whole = decode.nearest_tokens(x, vocab)
+    monkeypatch.setattr(decode, "CHUNK_ELEMENTS", 3 * 50 * 2)  # two runs per chunk
+    chunked = decode.nearest_tokens(x, vocab)
+    assert torch.equal(whole[0], chunked[0]) and torch.allclose(whole[1], chunked[1])
