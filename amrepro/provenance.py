@@ -28,9 +28,21 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+def cpu_name() -> str:
+    """The CPU model ("AMD EPYC 9R14 ..."), not just the architecture that platform.processor() gives on Linux."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device) -> dict[str, str]:
     """Tags `env.*` for the parent run."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     commit = _git("rev-parse", "HEAD")
     return {
         "env.python": platform.python_version(),
