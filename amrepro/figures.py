@@ -31,15 +31,28 @@ def _occurrences(ids: np.ndarray) -> np.ndarray:
     return counts[inverse.reshape(ids.shape)]
 
 
+def seed_colors(n: int) -> list:
+    """n distinct colours: matplotlib's default cycle repeats after 10 seeds, which makes seed 0 and seed 10
+    look like one run. tab10/tab20 up to 20 seeds, then evenly spaced samples of a perceptual colormap."""
+    from matplotlib import colormaps
+
+    if n <= 10:
+        return [colormaps["tab10"](i) for i in range(n)]
+    if n <= 20:
+        return [colormaps["tab20"](i) for i in range(n)]
+    return [colormaps["turbo"](x) for x in np.linspace(0.05, 0.95, n)]
+
+
 def curves(loss, activation, seeds):
     """Loss and mean target activation per epoch, one line per seed, in two panels."""
     loss, activation = np.asarray(loss, dtype=float), np.asarray(activation, dtype=float)  # [epochs, runs] each
     fig = _figure(11, 4)
     ax_loss, ax_act = fig.subplots(1, 2, sharex=True)
     epochs = np.arange(loss.shape[0])
+    colors = seed_colors(len(seeds))
     for r, seed in enumerate(seeds):
-        ax_loss.plot(epochs, loss[:, r], lw=1, label=f"seed {seed}")
-        ax_act.plot(epochs, activation[:, r], lw=1, label=f"seed {seed}")
+        ax_loss.plot(epochs, loss[:, r], lw=1, color=colors[r], label=f"seed {seed}")
+        ax_act.plot(epochs, activation[:, r], lw=1, color=colors[r], label=f"seed {seed}")
     ax_loss.set(title="loss", xlabel="epoch", ylabel="loss")
     ax_act.set(title="mean target activation", xlabel="epoch", ylabel="activation")
     if len(seeds) <= 12:  # beyond that the legend is longer than the plot
@@ -56,7 +69,12 @@ def token_grid(tokens, ids, seeds):
     counts = _occurrences(ids)  # [runs, pos]
     fig = _figure(max(4.0, 1.5 * pos + 2.0), max(2.5, 0.42 * runs + 1.4))
     ax = fig.subplots()
-    image = ax.imshow(counts, cmap="YlOrRd", vmin=1, vmax=max(2, int(counts.max())), aspect="auto")
+    # counts are whole numbers: one colour per count, and a colour bar with integer ticks only
+    from matplotlib.colors import BoundaryNorm
+
+    top = max(2, int(counts.max()))
+    norm = BoundaryNorm(np.arange(0.5, top + 1.5), ncolors=256)
+    image = ax.imshow(counts, cmap="YlOrRd", norm=norm, aspect="auto")
     fontsize = 9 if runs <= 20 and pos <= 10 else 6
     for r in range(runs):
         for p in range(pos):
@@ -66,7 +84,8 @@ def token_grid(tokens, ids, seeds):
     ax.set_xticks(range(pos), [f"pos {p}" for p in range(pos)])
     ax.set_yticks(range(runs), [f"seed {s}" for s in seeds])
     ax.set_title(f"decoded tokens: {np.unique(ids).size}/{ids.size} unique")
-    fig.colorbar(image, ax=ax, label="occurrences of the token in the grid")
+    bar = fig.colorbar(image, ax=ax, label="occurrences of the token in the grid")
+    bar.set_ticks(np.unique(np.linspace(1, top, min(top, 8)).round().astype(int)))
     return fig
 
 
@@ -93,15 +112,17 @@ def projection_gap(final_activation, decoded_activation, seeds):
     final = np.asarray(final_activation, dtype=float)  # [runs]
     decoded = np.asarray(decoded_activation, dtype=float)  # [runs]
     x = np.arange(final.size)
-    fig = _figure(max(5.0, 0.6 * final.size + 2.0), 4)
-    ax = fig.subplots()
-    ax.bar(x - 0.2, final, width=0.4, label="continuous embeddings", color="tab:orange")
-    ax.bar(x + 0.2, decoded, width=0.4, label="decoded tokens", color="tab:blue")
-    ax.axhline(0.0, color="black", lw=0.8)
-    ax.set_xticks(x, [str(s) for s in seeds])
-    ax.set(xlabel="seed", ylabel="mean target activation",
-           title=f"projection gap (continuous - decoded): mean {float((final - decoded).mean()):.3g}")
-    ax.legend(fontsize="small")
+    # Two panels with their own scales: the decoded tokens often keep ~1% of the continuous activation, and
+    # on a shared axis their bars would be invisible.
+    fig = _figure(max(8.0, 1.0 * final.size + 3.0), 4)
+    ax_final, ax_decoded = fig.subplots(1, 2, sharex=True)
+    for ax, values, label, color in ((ax_final, final, "continuous embeddings", "tab:orange"),
+                                     (ax_decoded, decoded, "decoded tokens (fed back as real tokens)", "tab:blue")):
+        ax.bar(x, values, width=0.6, color=color)
+        ax.axhline(0.0, color="black", lw=0.8)
+        ax.set_xticks(x, [str(s) for s in seeds])
+        ax.set(xlabel="seed", ylabel="mean target activation", title=label)
+    fig.suptitle(f"projection gap (continuous - decoded): mean {float((final - decoded).mean()):.3g}")
     return fig
 
 

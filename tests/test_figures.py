@@ -69,12 +69,31 @@ def test_token_frequency_orders_by_count(grid):
     png(fig)
 
 
-def test_projection_gap_bars(grid):
-    final, decoded = np.array([3.0, 2.0, 1.0]), np.array([1.0, -1.0, 1.0])
+def test_projection_gap_has_a_panel_per_kind_with_its_own_scale(grid):
+    final, decoded = np.array([300.0, 200.0, 100.0]), np.array([1.0, -1.0, 1.0])  # decoded ~1% of continuous
     fig = figures.projection_gap(final, decoded, [1, 2, 3])
-    ax = fig.axes[0]
-    assert [b.get_height() for b in ax.patches] == [3.0, 2.0, 1.0, 1.0, -1.0, 1.0]
-    assert "mean 1.67" in ax.get_title()  # gaps 2, 3, 0
+    ax_final, ax_decoded = fig.axes
+    assert [b.get_height() for b in ax_final.patches] == [300.0, 200.0, 100.0]
+    assert [b.get_height() for b in ax_decoded.patches] == [1.0, -1.0, 1.0]
+    assert ax_decoded.get_ylim()[1] < 10  # the small bars fill their own panel, not 1% of a shared one
+    assert "mean 200" in fig.get_suptitle()  # gaps 299, 201, 99: 199.67 to 3 digits
+    png(fig)
+
+
+def test_seed_colours_never_repeat():
+    for n in (3, 10, 12, 20, 37):
+        colors = figures.seed_colors(n)
+        assert len(set(colors)) == n
+    loss = np.zeros((5, 12))
+    lines = figures.curves(loss, loss, list(range(12))).axes[0].lines
+    assert len({line.get_color() for line in lines}) == 12  # matplotlib's default cycle repeats after 10
+
+
+def test_token_grid_colour_bar_has_whole_counts_only(grid):
+    ids, tokens, seeds = grid
+    fig = figures.token_grid(tokens, ids, seeds)
+    ticks = fig.axes[1].get_yticks()
+    assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks)
     png(fig)
 
 
