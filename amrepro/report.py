@@ -3,19 +3,29 @@ reference's summary line. Nothing here computes or logs."""
 
 from __future__ import annotations
 
+import os
+import sys
+import time
 from contextlib import contextmanager
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
-console = Console(highlight=False)
+# Redirected to a file, rich would assume 80 columns and cut tokens; a log file has no width to respect.
+console = Console(highlight=False, width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200)
 errors = Console(stderr=True, highlight=False)
+PLAIN_PROGRESS_SECONDS = 30.0  # without a terminal: one progress line at most this often (and at 10% steps)
 
 
 @contextmanager
 def epoch_progress(epochs: int, runs: int):
-    """Yields on_epoch(epoch) for the optimization loop."""
+    """Yields on_epoch(epoch) for the optimization loop: a live bar in a terminal, plain lines otherwise (a
+    redirected stdout sees no bar until the end, so a long run would look dead)."""
+    if not console.is_terminal:
+        yield _plain_progress(epochs, runs)
+        return
     columns = (TextColumn(f"[bold]optimizing {runs} runs"), BarColumn(), MofNCompleteColumn(),
                TextColumn("epochs"), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as progress:
@@ -23,12 +33,34 @@ def epoch_progress(epochs: int, runs: int):
         yield lambda epoch: progress.update(task, completed=epoch + 1)
 
 
-def token_table(outcome) -> Table:
+def _plain_progress(epochs: int, runs: int):
+    start = last = time.monotonic()
+    step = max(1, epochs // 10)
+
+    def on_epoch(epoch: int) -> None:
+        nonlocal last
+        now, done = time.monotonic(), epoch + 1
+        if done == epochs or done % step == 0 or now - last >= PLAIN_PROGRESS_SECONDS:
+            last = now
+            left = (now - start) / done * (epochs - done)
+            print(f"optimizing {runs} runs: epoch {done}/{epochs} ({100 * done // epochs}%), "
+                  f"{now - start:.0f} s elapsed, ~{left:.0f} s left", flush=True)
+
+    return on_epoch
+
+
+def token_table(outcome):
+    """The decoded tokens, one row per seed, each token whole (repr, so spaces and escapes show). When a table
+    of whole tokens is wider than the console, one line per seed instead of cut tokens."""
     n_pos = len(outcome.tokens[0])
+    widest = max((len(repr(t)) for r, row in enumerate(outcome.tokens) if r not in outcome.diverged for t in row),
+                 default=8)
+    if 8 + n_pos * (widest + 3) + 30 > console.width:
+        return _token_lines(outcome)
     table = Table(title=f"Decoded tokens ({outcome.target.name})", header_style="bold")
     table.add_column("seed", justify="right")
     for p in range(n_pos):
-        table.add_column(f"pos {p}")
+        table.add_column(f"pos {p}", no_wrap=True, min_width=min(widest, 40))
     table.add_column("act (final)", justify="right")
     table.add_column("act (tokens)", justify="right")
     counts = {row["id"]: row["count"] for row in outcome.summary.get("unique", [])}
@@ -43,6 +75,30 @@ def token_table(outcome) -> Table:
         table.add_row(str(seed), *cells, f"{float(outcome.result.final_activation[r]):.3f}",
                       f"{float(outcome.decoded_activation[r]):.3f}")
     return table
+
+
+def _token_lines(outcome) -> Group:
+    """One entry per seed, wrapped by us only between tokens (rich would break inside "' The'")."""
+    counts = {row["id"]: row["count"] for row in outcome.summary.get("unique", [])}
+    lines = [Text(f"Decoded tokens ({outcome.target.name}), repeated tokens in yellow", style="bold")]
+    for r, seed in enumerate(outcome.result.seeds):
+        if r in outcome.diverged:
+            lines.append(Text(f"seed {seed}: ").append("diverged", style="red"))
+            continue
+        pieces = [(repr(text), "bold yellow" if counts[int(token_id)] > 1 else "")
+                  for token_id, text in zip(outcome.ids[r], outcome.tokens[r])]
+        pieces.append((f"act {float(outcome.result.final_activation[r]):.3f} "
+                       f"(tokens {float(outcome.decoded_activation[r]):.3f})", "dim"))
+        line = Text(f"seed {seed}: ", no_wrap=True, overflow="ignore")
+        for k, (piece, style) in enumerate(pieces):
+            sep = "" if k == 0 else ("  " if k == len(pieces) - 1 else " | ")
+            if k and len(line) + len(sep) + len(piece) > console.width:
+                lines.append(line)
+                line, sep = Text("    ", no_wrap=True, overflow="ignore"), ""
+            line.append(sep)
+            line.append(piece, style=style or None)
+        lines.append(line)
+    return Group(*lines)
 
 
 def summary_lines(summary: dict) -> list[str]:

@@ -1,0 +1,53 @@
+"""The terminal: a redirected stdout still shows progress while a long run works, and tokens stay whole."""
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from amrepro import report
+
+
+def test_plain_progress_lines_without_a_terminal(capsys, monkeypatch):
+    monkeypatch.setattr(report, "console", Console(file=open("/dev/null", "w"), force_terminal=False))
+    with report.epoch_progress(100, 3) as on_epoch:
+        for epoch in range(100):
+            on_epoch(epoch)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 10  # every 10%, printed as it happens, not at the end
+    assert lines[0].startswith("optimizing 3 runs: epoch 10/100 (10%)") and "left" in lines[0]
+    assert lines[-1].startswith("optimizing 3 runs: epoch 100/100 (100%)")
+
+
+class _Outcome:
+    """Just what token_table reads."""
+
+    def __init__(self, tokens):
+        from types import SimpleNamespace
+
+        runs, pos = len(tokens), len(tokens[0])
+        self.tokens = tokens
+        self.ids = np.arange(runs * pos).reshape(runs, pos)
+        self.ids[1, 0] = self.ids[0, 0]  # one repeated token
+        self.diverged = {}
+        self.target = SimpleNamespace(name="blocks.8.hook_resid_pre[91]")
+        self.result = SimpleNamespace(seeds=list(range(runs)), final_activation=torch.ones(runs))
+        self.decoded_activation = np.zeros(runs)
+        unique, counts = np.unique(self.ids, return_counts=True)
+        self.summary = {"unique": [{"id": int(i), "count": int(c)} for i, c in zip(unique, counts)]}
+
+
+def _render(outcome, width: int) -> str:
+    out = Console(width=width, record=True, file=open("/dev/null", "w"))
+    out.print(report.token_table(outcome))
+    return out.export_text()
+
+
+def test_tokens_are_never_cut_at_80_columns(monkeypatch):
+    long = [[" valuable", " TheNitromeFan", " externalToEVA", " sup", " RandomRedditor"] for _ in range(3)]
+    monkeypatch.setattr(report, "console", Console(width=80, file=open("/dev/null", "w")))
+    text = _render(_Outcome(long), 80)
+    for token in long[0]:
+        assert repr(token) in text  # whole, on one line, not 'valuab…'
+    assert "…" not in text
+    short = [["a", "b", "c", "d", "e"] for _ in range(3)]
+    assert "┃" in _render(_Outcome(short), 80)  # short tokens keep the table
