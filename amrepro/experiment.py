@@ -43,12 +43,13 @@ class Outcome:
     summary: dict
 
 
-def prepare(config: Config, lm: LoadedModel | None = None) -> Prepared:
+def prepare(config: Config, lm: LoadedModel | None = None, note: Callable[[str], None] | None = None) -> Prepared:
+    """note(text), if given, hears what loading the model has to say (e.g. a one-off GGUF conversion)."""
     config.validate()
     target = Target.parse(config.target_name)  # a typo in the name fails before the model loads
     device = resolve_device(config.device)
     configure_determinism(device)
-    lm = lm or load_model(config.model, device)
+    lm = lm or load_model(config.model, device, note=note)
     check_positions(lm, config.n_tokens)
     return Prepared(config, lm, target, site_reader(lm, target))
 

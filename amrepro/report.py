@@ -13,6 +13,11 @@ console = Console(highlight=False)
 errors = Console(stderr=True, highlight=False)
 
 
+def note(text: str) -> None:
+    """A one-line remark from a step that takes a while (e.g. converting a GGUF file), dimmed."""
+    console.print(f"[dim]{_escape(text)}[/]")
+
+
 @contextmanager
 def epoch_progress(epochs: int, runs: int):
     """Yields on_epoch(epoch) for the optimization loop."""
