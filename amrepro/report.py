@@ -15,7 +15,7 @@ errors = Console(stderr=True, highlight=False)
 
 def note(text: str) -> None:
     """A one-line remark from a step that takes a while (e.g. converting a GGUF file), dimmed."""
-    console.print(f"[dim]{_escape(text)}[/]")
+    console.print(f"[dim]{_escape(text)}[/]", soft_wrap=True)  # a path stays one piece, copyable
 
 
 @contextmanager
