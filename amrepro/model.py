@@ -210,18 +210,25 @@ def load_gguf(name: str, note: Note):
         raise AmreproError(f"could not read the GGUF file '{name}' (corrupt, truncated, or an architecture "
                            f"transformers cannot convert): {_first_line(error)}") from None
     try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        partial = Path(tempfile.mkdtemp(prefix=f".{file_sha256}.", dir=cached.parent))
-        try:
-            model.save_pretrained(partial)
-            tokenizer.save_pretrained(partial)
-            os.rename(partial, cached)  # atomic; fails if another process renamed its copy first: keep theirs
-        finally:
-            shutil.rmtree(partial, ignore_errors=True)
-    except OSError as error:
-        if not cached.is_dir():
-            note(f"could not write the GGUF cache {cached} ({error}); the next load converts again")
+        write_atomically(cached, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    except Exception as error:  # noqa: BLE001 - a cache that cannot be written costs time next load, not this run
+        note(f"could not write the GGUF cache {cached} ({_first_line(error)}); the next load converts again")
     return model, tokenizer, file_sha256
+
+
+def write_atomically(folder: Path, write: Callable[[Path], object]) -> None:
+    """write(tmp) fills a temporary folder next to `folder`, which is then renamed into place: a reader sees the
+    whole folder or none. If another process renamed its copy there first, theirs is kept and ours dropped."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        write(partial)
+        os.rename(partial, folder)  # atomic on one file system; fails when `folder` already exists
+    except OSError:
+        if not folder.is_dir():
+            raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def _dequantized() -> dict:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from amrepro.config import AmreproError
-from amrepro.model import load_model
+from amrepro.model import load_model, write_atomically
 from helpers import all_runs, cli
 
 CPU = torch.device("cpu")
@@ -49,6 +49,36 @@ def test_hub_model_names_its_commit(tiny_gpt2, tmp_path, monkeypatch):
     tags = lm.fingerprint()
     assert tags["model.source"] == "hub" and tags["model.revision"] == commit
     assert tags["model.weights_sha256"] == load_model(tiny_gpt2, CPU).fingerprint()["model.weights_sha256"]
+
+
+def test_cache_folders_appear_whole_or_not_at_all(tmp_path):
+    """The GGUF cache is written with write_atomically: a failed write leaves nothing, and when another process
+    renames its copy into place first, that copy is kept whole."""
+    target = tmp_path / "cache" / "abc"
+
+    def fail_midway(tmp):
+        (tmp / "config.json").write_text("{}")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomically(target, fail_midway)
+    assert list(target.parent.iterdir()) == []  # neither the folder nor a half-written temporary one
+
+    def lose_the_race(tmp):
+        (tmp / "model.safetensors").write_text("ours")
+        other = tmp_path / "other"  # another process finishes its copy first
+        other.mkdir()
+        (other / "model.safetensors").write_text("theirs")
+        other.rename(target)
+
+    write_atomically(target, lose_the_race)
+    assert [p.name for p in target.parent.iterdir()] == ["abc"]
+    assert (target / "model.safetensors").read_text() == "theirs"
+
+    fresh = tmp_path / "cache" / "def"
+    write_atomically(fresh, lambda tmp: (tmp / "model.safetensors").write_text("complete"))
+    assert (fresh / "model.safetensors").read_text() == "complete"
+    assert sorted(p.name for p in fresh.parent.iterdir()) == ["abc", "def"]
 
 
 def _bad_files(tmp_path: Path) -> dict:
