@@ -25,7 +25,7 @@ def run(config: Config, experiment: str | None = None) -> Outcome:
     tracker = Tracker(experiment)  # a store that is down fails here, before the model loads
     with _saying_what_was_saved(tracker), tracker:  # any exception from here on ends every open run FAILED, Ctrl-C ends them KILLED
         tracker.attach_mlflow_run()  # under `mlflow run`, its run is open (and failed on error) from now on
-        prep = prepare(config)
+        prep = prepare(config, note=report.note)
         parent = tracker.start_parent(config.to_params(), environment(prep.lm.device),
                                       run_name=f"{prep.target.name} x{config.runs}")
         children = [tracker.start_child(parent, f"seed-{seed}", child_params(config, r))
@@ -114,7 +114,7 @@ def decode(run_id: str) -> bool:
     config = Config.from_params(parent.data.params)
     finals = np.stack([reader.npy(c, "embeddings/final.npy") for c in selected])  # [runs, pos, d_model]
     logged = [reader.json(c, "tokens.json")["ids"] for c in selected]
-    lm = load_model(config.model, torch.device("cpu"))  # nearest-token search needs no accelerator
+    lm = load_model(config.model, torch.device("cpu"), note=report.note)  # nearest-token search needs no accelerator
     ids, _ = nearest_tokens(torch.from_numpy(finals), lm.embedding)
     rows = [(c.data.params["seed"], lm.token_strings(row), row == want)
             for c, row, want in zip(selected, ids.tolist(), logged)]

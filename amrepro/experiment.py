@@ -49,14 +49,15 @@ class Outcome:
         return np.array([r not in self.diverged for r in range(len(self.result.seeds))])
 
 
-def prepare(config: Config, lm: LoadedModel | None = None) -> Prepared:
+def prepare(config: Config, lm: LoadedModel | None = None, note: Callable[[str], None] | None = None) -> Prepared:
+    """note(text), if given, hears what loading the model has to say (e.g. a one-off GGUF conversion)."""
     config.validate()
     target = Target.parse(config.target_name)  # a typo in the name fails before the model loads
     device = resolve_device(config.device)
     configure_determinism(device)
     if config.threads:
         torch.set_num_threads(config.threads)
-    lm = lm or load_model(config.model, device)
+    lm = lm or load_model(config.model, device, note=note)
     check_positions(lm, config.n_tokens)
     check_memory(lm, target, config)
     return Prepared(config, lm, target, site_reader(lm, target))

@@ -19,6 +19,11 @@ errors = Console(stderr=True, highlight=False)
 PLAIN_PROGRESS_SECONDS = 30.0  # without a terminal: one progress line at most this often (and at 10% steps)
 
 
+def note(text: str) -> None:
+    """A one-line remark from a step that takes a while (e.g. converting a GGUF file), dimmed."""
+    console.print(f"[dim]{_escape(text)}[/]", soft_wrap=True)  # a path stays one piece, copyable
+
+
 @contextmanager
 def epoch_progress(epochs: int, runs: int):
     """Yields on_epoch(epoch) for the optimization loop: a live bar in a terminal, plain lines otherwise (a

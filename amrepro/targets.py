@@ -28,6 +28,10 @@ SITES_BY_MODEL_TYPE = {
              "mlp.hook_post": ("intermediate", "output")},
     # GPT-NeoX (Pythia) runs attention and MLP in parallel by default: then there is no resid_mid (see below).
     "gpt_neox": {"hook_attn_out": ("attention", "output"), "mlp.hook_post": ("mlp.act", "output")},
+    # Llama (pre-RMSNorm, SwiGLU MLP: down_proj(act(gate_proj(x)) * up_proj(x))). The MLP's neurons are the
+    # product, which no module outputs: it is the *input* of down_proj (TransformerLens' mlp.hook_post).
+    "llama": {"hook_resid_mid": ("post_attention_layernorm", "input"), "hook_attn_out": ("self_attn", "output"),
+              "mlp.hook_post": ("mlp.down_proj", "input")},
 }
 # GPT-NeoX with use_parallel_residual=False is sequential: the MLP's LayerNorm reads resid_pre + attn_out.
 # (With parallel residuals that LayerNorm reads resid_pre itself, so the same hook would be wrong.)

@@ -60,9 +60,9 @@ def test_range_checks_name_the_valid_range():
 
 def test_site_availability_per_architecture():
     assert site_location("bert", "mlp.hook_post") == ("intermediate", "output")
-    assert site_location("llama", "hook_resid_post") == ("", "output")  # residual sites work on any model
+    assert site_location("opt", "hook_resid_post") == ("", "output")  # residual sites work on any model
     with pytest.raises(AmreproError, match="valid sites: hook_resid_pre, hook_resid_post.$"):
-        site_location("llama", "mlp.hook_post")
+        site_location("opt", "mlp.hook_post")
     with pytest.raises(AmreproError, match=r"parallel: there is no resid_mid\); valid sites: hook_resid_pre, "
                                            r"hook_resid_post, hook_attn_out, mlp.hook_post"):
         site_location("gpt_neox", "hook_resid_mid")
