@@ -26,7 +26,7 @@ def run(config: Config, experiment: str | None = None) -> Outcome:
     with _saying_what_was_saved(tracker), tracker:  # any exception from here on ends every open run FAILED, Ctrl-C ends them KILLED
         tracker.attach_mlflow_run()  # under `mlflow run`, its run is open (and failed on error) from now on
         prep = prepare(config, note=report.note)
-        parent = tracker.start_parent(config.to_params(), environment(prep.lm.device),
+        parent = tracker.start_parent(config.to_params(), {**environment(prep.lm.device), **prep.lm.fingerprint()},
                                       run_name=f"{prep.target.name} x{config.runs}")
         children = [tracker.start_child(parent, f"seed-{seed}", child_params(config, r))
                     for r, seed in enumerate(config.seeds)]
@@ -147,8 +147,9 @@ def reproduce(run_id: str, device: str | None = None, tolerance: float = 1e-4) -
 
     tracker = Tracker()
     with _saying_what_was_saved(tracker), tracker:
-        prep = prepare(config)
-        env_now = environment(prep.lm.device)
+        prep = prepare(config, note=report.note)
+        env_now = {**environment(prep.lm.device), **prep.lm.fingerprint()}
+        weights = (parent.data.tags.get("model.weights_sha256"), env_now["model.weights_sha256"])
         differences = {k: (logged_env.get(k, "?"), env_now[k]) for k in _NUMERIC_ENV if logged_env.get(k) != env_now[k]}
         new_run = tracker.start_parent(config.to_params(), {**env_now, "amrepro.reproduces": run_id},
                                        run_name=f"reproduce {run_id[:8]}", experiment_id=parent.info.experiment_id)
@@ -165,7 +166,7 @@ def reproduce(run_id: str, device: str | None = None, tolerance: float = 1e-4) -
                 "max_abs_diff": float(np.abs(new_final.astype(np.float64) - final).max()),
                 "tokens_identical": [int(i) for i in outcome.ids[r]] == ids,
             })
-        verdict = _verdict(rows, differences, tolerance)
+        verdict = _verdict(rows, differences, tolerance, weights)
         tracker.log_metrics(new_run, {"max_abs_diff_final": max(row["max_abs_diff"] for row in rows),
                                       "n_runs_bit_identical": sum(row["final_identical"] for row in rows)})
         tracker.log_artifacts(new_run, {"reproduction.json": json_bytes(
@@ -199,7 +200,15 @@ def _check_family_params(config: Config, parent, children) -> None:
                                f"{expected_seed}: it was edited after it was logged.")
 
 
-def _verdict(rows: list[dict], differences: dict, tolerance: float) -> str:
+def _verdict(rows: list[dict], differences: dict, tolerance: float, weights: tuple = (None, None)) -> str:
+    """The first cause that explains a difference, most fundamental first: other weights explain everything
+    downstream (std(wte) sets the starts, so they would otherwise read as "seeding changed")."""
+    logged, now = weights
+    if logged is not None and logged != now:
+        if all(row["initial_identical"] and row["final_identical"] and row["tokens_identical"] for row in rows):
+            return ("reproduced: bit-identical, although the model weights differ from the logged fingerprint "
+                    f"(sha256 logged {logged[:12]}, now {now[:12]}) in parts this target does not read")
+        return f"differs: the model weights changed (sha256 logged {logged[:12]}, now {now[:12]})"
     if not all(row["initial_identical"] for row in rows):
         return "differs: initial embeddings are not bit-identical (seeding changed)"
     if not all(row["tokens_identical"] for row in rows):

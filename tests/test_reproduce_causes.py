@@ -144,3 +144,40 @@ def test_from_params_refuses_garbled_or_missing_params(edit, message):
             params[key] = value
     with pytest.raises(AmreproError, match=re.escape(message)):
         Config.from_params(params)
+
+
+# --- changed weights are named as the cause ------------------------------------------------------------------
+
+def _logged_on_copy(tiny_gpt2, store, tmp_path, block: int):
+    """A run on a copy of the tiny model; then block `block`'s weights are scaled by 1.01 and saved in place."""
+    import shutil
+
+    from transformers import AutoModel
+
+    folder = tmp_path / "model-copy"
+    shutil.copytree(tiny_gpt2, folder)
+    result = cli("run", "--model", str(folder), "--runs", "2", "--epochs", "10", "--dim", "3", "--lr", "0.01")
+    assert result.exit_code == 0, result.output
+    (parent,) = [r for r in all_runs(store) if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parent.data.tags["model.weights_sha256"]) == 64
+    model = AutoModel.from_pretrained(folder)
+    with torch.no_grad():
+        for p in model.h[block].parameters():
+            p.mul_(1.01)
+    model.save_pretrained(folder)
+    return parent.info.run_id
+
+
+def test_changed_weights_are_named_not_blamed_on_seeding(tiny_gpt2, store, tmp_path):
+    parent = _logged_on_copy(tiny_gpt2, store, tmp_path, block=2)  # the target reads blocks 0..7
+    result = cli("reproduce", parent)
+    assert result.exit_code == 1, result.output
+    assert "differs: the model weights changed" in result.output
+    assert "seeding" not in result.output and "same environment" not in result.output
+
+
+def test_weights_changed_where_the_target_does_not_read_still_reproduce(tiny_gpt2, store, tmp_path):
+    parent = _logged_on_copy(tiny_gpt2, store, tmp_path, block=9)  # after the target's block 7: never computed
+    result = cli("reproduce", parent)
+    assert result.exit_code == 0, result.output
+    assert "reproduced: bit-identical, although the model weights differ" in result.output
