@@ -33,6 +33,8 @@ class Config:
     l2: float = _f(0.01, "Weight of the L2 penalty sum(x**2) in the loss.")
     seed: int = _f(0, "Seed of run 0; run r uses SEED + r.")
     device: str = _f("auto", "auto (cuda if available), cpu or cuda.")
+    controls: int = _f(0, "K other targets of the same site, chosen reproducibly from the seed, optimized in the "
+                          "same batch to test target specificity (0: none).")
 
     @property
     def target_name(self) -> str:
@@ -58,6 +60,8 @@ class Config:
             raise AmreproError(f"--device must be auto, cpu or cuda, got {self.device!r}.")
         if self.seed < 0:
             raise AmreproError(f"--seed must be non-negative, got {self.seed}.")
+        if self.controls < 0:  # the upper bound (the site's width) is checked once the model is loaded
+            raise AmreproError(f"--controls must be non-negative, got {self.controls}.")
         return self
 
     def to_params(self) -> dict[str, str]:

@@ -2,6 +2,9 @@
 
 `prepare` does every check that can fail on user input *before* any MLflow run exists; `execute` is the
 science. Both are shared by `amrepro run` and `amrepro reproduce`.
+
+With --controls K, the batch holds (1 + K) x runs rows: the target's runs first, then each control target's runs
+from the SAME seeds (specificity.py explains why). Everything but `specificity` describes the target's own rows.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from .decode import nearest_tokens, token_activation
 from .model import LoadedModel, load_model, resolve_device
 from .objectives import reference_loss
 from .optimize import Result, optimize
-from .readers import check_positions, site_reader
+from .readers import check_positions, site_reader, site_width
 from .seeding import configure_determinism, initial_embeddings
-from .targets import Target
+from .specificity import choose_controls, specificity
+from .targets import Target, check_target
 
 
 @dataclass
@@ -29,6 +33,7 @@ class Prepared:
     lm: LoadedModel
     target: Target
     reader: object  # a site reader: x [runs, pos, d_model] -> act [runs, pos]
+    controls: tuple[Target, ...] = ()  # --controls: the other targets of the site, read by rows runs.. of the batch
 
 
 @dataclass
@@ -41,6 +46,7 @@ class Outcome:
     cosine: np.ndarray  # [runs, pos] cosine of each final vector to its decoded token
     decoded_activation: np.ndarray  # [runs] mean target activation of the decoded tokens as real input
     summary: dict
+    specificity: dict | None = None  # --controls: specificity.specificity() plus the controls' tokens
 
 
 def prepare(config: Config, lm: LoadedModel | None = None) -> Prepared:
@@ -50,16 +56,37 @@ def prepare(config: Config, lm: LoadedModel | None = None) -> Prepared:
     configure_determinism(device)
     lm = lm or load_model(config.model, device)
     check_positions(lm, config.n_tokens)
-    return Prepared(config, lm, target, site_reader(lm, target))
+    controls = _controls(config, lm, target)
+    # row t * runs + r reads target t (0: the user's) from seed r
+    index = [t.index for t in (target, *controls) for _ in range(config.runs)] if controls else None
+    return Prepared(config, lm, target, site_reader(lm, target, index=index), controls)
+
+
+def _controls(config: Config, lm: LoadedModel, target: Target) -> tuple[Target, ...]:
+    """--controls K: K other indices of the target's site, drawn reproducibly from the seed."""
+    if not config.controls:
+        return ()
+    width = site_width(lm, target)
+    check_target(target, lm.n_layers, width)
+    picked = choose_controls(target.index, width, config.controls, config.seed, f"blocks.{target.block}.{target.site}")
+    return tuple(Target(target.block, target.site, i) for i in picked)
 
 
 def execute(prep: Prepared, on_epoch: Callable[[int], None] | None = None) -> Outcome:
     c, lm = prep.config, prep.lm
-    start = initial_embeddings(c.seeds, c.n_tokens, lm.embedding_std(), lm.d_model)  # [runs, pos, d_model]
+    seeds = c.seeds * (1 + len(prep.controls))  # every target from the same seeds, hence the same starts
+    start = initial_embeddings(seeds, c.n_tokens, lm.embedding_std(), lm.d_model)  # [rows, pos, d_model]
     with prep.reader as reader:
-        result = optimize(reader, start, reference_loss(c.l2), c.seeds, c.epochs, c.lr, lm.device, on_epoch)
-        ids, cosine = nearest_tokens(result.final, lm.embedding)  # [runs, pos] each
-        decoded = token_activation(reader, ids, lm.embedding)  # [runs]
+        result = optimize(reader, start, reference_loss(c.l2), seeds, c.epochs, c.lr, lm.device, on_epoch)
+        ids, cosine = nearest_tokens(result.final, lm.embedding)  # [rows, pos] each
+        decoded = token_activation(reader, ids, lm.embedding)  # [rows]
+    spec = None
+    if prep.controls:
+        spec = _specificity(prep, ids, result.final)
+        n, r = c.runs, result  # from here on: the target's own rows only
+        result = Result(r.seeds[:n], r.initial[:n], r.final[:n], r.loss[:, :n], r.activation[:, :n],
+                        r.final_activation[:n])
+        ids, cosine, decoded = ids[:n], cosine[:n], decoded[:n]
     initial_ids, _ = nearest_tokens(result.initial, lm.embedding)  # [runs, pos]: the un-optimized baseline
     tokens = [lm.token_strings(row) for row in ids.tolist()]
     summary = metrics.unique_summary(ids.numpy(), tokens)
@@ -68,4 +95,17 @@ def execute(prep: Prepared, on_epoch: Callable[[int], None] | None = None) -> Ou
     summary["statistics"] = metrics.reproducibility_stats(
         ids.numpy(), result.final.numpy(), result.final_activation.numpy(), decoded.numpy(), cosine.numpy(),
         initial_ids.numpy(), vocab_size=lm.embedding.shape[0], seed=c.seed)
-    return Outcome(c, prep.target, result, ids.numpy(), tokens, cosine.numpy(), decoded.numpy(), summary)
+    if spec is not None:
+        summary["specificity"] = spec
+    return Outcome(c, prep.target, result, ids.numpy(), tokens, cosine.numpy(), decoded.numpy(), summary, spec)
+
+
+def _specificity(prep: Prepared, ids: torch.Tensor, final: torch.Tensor) -> dict:
+    """specificity() of all rows ids [T*runs, pos], final [T*runs, pos, d_model], plus the controls' tokens."""
+    T, runs = 1 + len(prep.controls), prep.config.runs
+    spec = specificity(ids.view(T, runs, -1).numpy(), final.view(T, runs, *final.shape[1:]).numpy(),
+                       [t.name for t in (prep.target, *prep.controls)], seed=prep.config.seed)
+    spec["controls"] = [t.name for t in prep.controls]
+    spec["control_token_ids"] = ids[runs:].view(T - 1, runs, -1).tolist()  # [K][runs][pos]
+    spec["control_tokens"] = [[prep.lm.token_strings(row) for row in rows] for rows in spec["control_token_ids"]]
+    return spec
