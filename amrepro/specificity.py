@@ -113,20 +113,21 @@ def specificity(ids: np.ndarray, final: np.ndarray, names: list[str], seed: int 
 
 
 def _p(p: float) -> str:
-    return f"p = {p:.2g}" if p >= 0.001 else f"p = {p:.1e}"
+    return f"p = {p:.2g}" if p >= 0.0001 else f"p = {p:.1e}"
 
 
 def specificity_words(spec: dict) -> str:
     """One or two sentences for the verdict; 'more alike' only where p < ALPHA, always with the numbers."""
     k = spec["n_targets"] - 1
     jac, cos = spec["jaccard"], spec["cosine"]
-    same = (f"Same-seed pairs of different targets (shared start, not tested): Jaccard {jac['same_seed']:.2f}, "
-            f"matched cosine {cos['same_seed']:.2f}.")
+    same = (f"Same-seed pairs of different targets (shared start, not tested): Jaccard {jac['same_seed']:.3f}, "
+            f"matched cosine {cos['same_seed']:.3f}.")
     if jac["p"] is None:
         return f"Specificity against {k} control target(s) cannot be tested with one run per target. {same}"
     shown = {"Jaccard": (jac, "Jaccard"), "cosine": (cos, "matched cosine")}
-    parts = {name: f"{label} within {d['within']:.2f} vs across {d['across']:.2f}, {_p(d['p'])}"
-             for name, (d, label) in shown.items()}
+    # the difference is the effect size: with many runs a tiny one can be significant, and it must show
+    parts = {name: f"{label} within {d['within']:.3f} vs across {d['across']:.3f}, difference "
+                   f"{d['difference']:+.2g}, {_p(d['p'])}" for name, (d, label) in shown.items()}
     significant = [name for name, (d, _) in shown.items() if d["p"] < ALPHA]
     head = f"Specificity against {k} control target(s) of the same site, different seeds only: "
     if significant:
