@@ -82,7 +82,7 @@ def execute(prep: Prepared, on_epoch: Callable[[int], None] | None = None) -> Ou
         decoded = token_activation(reader, ids, lm.embedding)  # [rows]
     spec = None
     if prep.controls:
-        spec = _specificity(prep, ids, result.final)
+        spec = _specificity(prep, ids, result)
         n, r = c.runs, result  # from here on: the target's own rows only
         result = Result(r.seeds[:n], r.initial[:n], r.final[:n], r.loss[:, :n], r.activation[:, :n],
                         r.final_activation[:n])
@@ -100,12 +100,13 @@ def execute(prep: Prepared, on_epoch: Callable[[int], None] | None = None) -> Ou
     return Outcome(c, prep.target, result, ids.numpy(), tokens, cosine.numpy(), decoded.numpy(), summary, spec)
 
 
-def _specificity(prep: Prepared, ids: torch.Tensor, final: torch.Tensor) -> dict:
-    """specificity() of all rows ids [T*runs, pos], final [T*runs, pos, d_model], plus the controls' tokens."""
-    T, runs = 1 + len(prep.controls), prep.config.runs
+def _specificity(prep: Prepared, ids: torch.Tensor, result: Result) -> dict:
+    """specificity() of all T*runs rows (ids [T*runs, pos]), plus the controls' tokens and final activations."""
+    T, runs, final = 1 + len(prep.controls), prep.config.runs, result.final  # final [T*runs, pos, d_model]
     spec = specificity(ids.view(T, runs, -1).numpy(), final.view(T, runs, *final.shape[1:]).numpy(),
                        [t.name for t in (prep.target, *prep.controls)], seed=prep.config.seed)
     spec["controls"] = [t.name for t in prep.controls]
     spec["control_token_ids"] = ids[runs:].view(T - 1, runs, -1).tolist()  # [K][runs][pos]
     spec["control_tokens"] = [[prep.lm.token_strings(row) for row in rows] for rows in spec["control_token_ids"]]
+    spec["control_final_activation"] = result.final_activation[runs:].view(T - 1, runs).tolist()  # [K][runs]
     return spec

@@ -177,6 +177,8 @@ def test_planted_target_specific_optimum(tiny_gpt2):
     assert spec["cosine"]["p"] < 0.005 and spec["jaccard"]["p"] < 0.005
     assert set(spec["metrics"]) >= SPEC_METRICS and outcome.summary["specificity"] is spec
     assert np.array(spec["control_token_ids"]).shape == (3, 4, 3) and len(spec["control_tokens"][2][3]) == 3
+    # every control climbed most of the way to its own optimum, 1 / (2 * l2 * n_tokens) = 16.7, in 150 steps
+    assert np.array(spec["control_final_activation"]).shape == (3, 4) and min(min(spec["control_final_activation"])) > 10
     assert specificity_words(spec).startswith("Specificity against 3 control target(s) of the same site, different "
                                               "seeds only: runs of the same target are more alike")
     # the target's own rows: what they would be without controls
