@@ -14,7 +14,8 @@ statistic = mean(within) - mean(across), for the Jaccard of decoded token sets a
 embeddings (metrics.pairwise_jaccard / pairwise_matched_cosine). Null: the target does not matter, so within each
 seed the T rows are exchangeable; the permutation test shuffles which row is which target *within each seed*
 (stratified), which keeps every pair's same-seed/different-seed status and thus the shared-start confound.
-One-sided p = (1 + #{permuted statistic >= observed}) / (1 + n_perm), from a seeded generator.
+One-sided p = (1 + #{permuted statistic >= observed}) / (1 + n_perm), from a seeded generator. Two measures are
+tested, so the words claim an effect only where the Holm-adjusted p (over the two) is below 0.05.
 """
 
 from __future__ import annotations
@@ -108,6 +109,10 @@ def specificity(ids: np.ndarray, final: np.ndarray, names: list[str], seed: int 
         flat.update({f"specificity/{key}_within": w, f"specificity/{key}_across": a,
                      f"specificity/{key}_same_seed": out[key]["same_seed"],
                      f"specificity/{key}_difference": observed, f"pvalue/specificity_{key}": out[key]["p"]})
+    # Holm over the two measures: the smaller p times 2, the larger at least that (and both capped at 1)
+    (low, p_low), (high, p_high) = sorted(((k, out[k]["p"]) for k in matrices), key=lambda kp: kp[1])
+    out[low]["p_holm"] = min(1.0, 2 * p_low)
+    out[high]["p_holm"] = min(1.0, max(out[low]["p_holm"], p_high))
     out["metrics"] = {k: float(v) for k, v in flat.items()}
     return out
 
@@ -117,7 +122,8 @@ def _p(p: float) -> str:
 
 
 def specificity_words(spec: dict) -> str:
-    """One or two sentences for the verdict; 'more alike' only where p < ALPHA, always with the numbers."""
+    """One or two sentences for the verdict; 'more alike' only where the Holm-adjusted p < ALPHA (two measures
+    are tested), always with the numbers and the difference."""
     k = spec["n_targets"] - 1
     jac, cos = spec["jaccard"], spec["cosine"]
     same = (f"Same-seed pairs of different targets (shared start, not tested): Jaccard {jac['same_seed']:.3f}, "
@@ -127,8 +133,9 @@ def specificity_words(spec: dict) -> str:
     shown = {"Jaccard": (jac, "Jaccard"), "cosine": (cos, "matched cosine")}
     # the difference is the effect size: with many runs a tiny one can be significant, and it must show
     parts = {name: f"{label} within {d['within']:.3f} vs across {d['across']:.3f}, difference "
-                   f"{d['difference']:+.2g}, {_p(d['p'])}" for name, (d, label) in shown.items()}
-    significant = [name for name, (d, _) in shown.items() if d["p"] < ALPHA]
+                   f"{d['difference']:+.2g}, {_p(d['p'])}" + (f", Holm {d['p_holm']:.2g}" if d["p"] < ALPHA else "")
+             for name, (d, label) in shown.items()}
+    significant = [name for name, (d, _) in shown.items() if d["p_holm"] < ALPHA]
     head = f"Specificity against {k} control target(s) of the same site, different seeds only: "
     if significant:
         rest = [parts[n] for n in shown if n not in significant]
@@ -137,7 +144,8 @@ def specificity_words(spec: dict) -> str:
         words += f"; no evidence from the other measure ({rest[0]})." if rest else "."
     else:
         words = (head + "no evidence that runs of the same target are more alike than runs of different targets ("
-                 + "; ".join(parts.values()) + ").")
+                 + "; ".join(parts.values()) + ")" + (" once corrected for testing two measures (Holm)."
+                                                      if min(jac["p"], cos["p"]) < ALPHA else "."))
     if spec["log10_distinct_assignments"] < -math.log10(ALPHA):
         words += " Too few runs for the test to reach p < 0.05."
     return f"{words} {same}"

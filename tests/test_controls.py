@@ -144,6 +144,21 @@ def test_planted_target_effect_is_found_and_the_test_is_calibrated():
     assert (ps <= 0.05).mean(axis=0).max() <= 0.12 and ps.mean() > 0.35
 
 
+def test_one_measure_at_p_0_035_is_no_claim_after_holm():
+    """Measured on SmolLM2 (reference recipe, 4 controls): cosine p = 0.035, Jaccard p = 0.76. Two measures were
+    tested, so the Holm-adjusted p (0.07) allows no claim."""
+    spec = specificity(*_data(3, 5, target_scale=3.0, seed=2), list("abc"), n_perm=499)
+    assert spec["cosine"]["p_holm"] == pytest.approx(min(1, 2 * min(spec["cosine"]["p"], spec["jaccard"]["p"])))
+    spec["jaccard"].update(p=0.76, p_holm=0.76)
+    spec["cosine"].update(p=0.035, p_holm=0.07)
+    words = specificity_words(spec)
+    assert ": no evidence that runs" in words and "p = 0.035, Holm 0.07" in words and "(Holm)." in words
+    spec["cosine"].update(p=0.02, p_holm=0.04)
+    words = specificity_words(spec)
+    assert "more alike than runs of different targets (matched cosine within" in words
+    assert "no evidence from the other measure (Jaccard" in words
+
+
 def test_one_run_per_target_cannot_be_tested():
     ids, final = _data(3, 1)
     spec = specificity(ids, final, list("abc"))
