@@ -205,11 +205,12 @@ def test_planted_target_specific_optimum(tiny_gpt2):
 
 
 def test_target_rows_match_the_run_without_controls_deep_site(tiny_gpt2):
-    """Same on a site where the last block reads per-row columns (bmm) and the batch is 3x larger."""
+    """Same on a site where the last block reads per-row columns (bmm) and the batch is 3x larger, within issue 10's
+    1e-6 (measured here: at most 4.5e-8)."""
     kw = dict(target="blocks.6.mlp.hook_post[40]", epochs=40, lr=0.01)
     with_controls, alone = _planted(tiny_gpt2, 2, **kw), _planted(tiny_gpt2, 0, **kw)
-    torch.testing.assert_close(with_controls.result.final, alone.result.final, rtol=0, atol=1e-5)
-    torch.testing.assert_close(with_controls.result.loss, alone.result.loss, rtol=0, atol=1e-5)
+    torch.testing.assert_close(with_controls.result.final, alone.result.final, rtol=0, atol=1e-6)
+    torch.testing.assert_close(with_controls.result.loss, alone.result.loss, rtol=0, atol=1e-6)
     assert np.array_equal(with_controls.ids, alone.ids)
 
 
