@@ -62,12 +62,14 @@ def run(
     model: str = typer.Option(_D.model, help=help_for("model")),
     device: str = typer.Option(_D.device, help=help_for("device")),
     threads: int = typer.Option(_D.threads, help=help_for("threads")),
+    controls: int = typer.Option(_D.controls, help=help_for("controls")),
     experiment: str = typer.Option("", help="MLflow experiment name (default: MLflow's own, "
                                             "or MLFLOW_EXPERIMENT_NAME / MLFLOW_EXPERIMENT_ID)."),
 ):
     """Run the experiment: RUNS seeds batched, one MLflow parent run with a child run per seed."""
     config = Config(model=model, layer=layer, dim=dim, target=target, runs=runs, epochs=epochs,
-                    n_tokens=n_tokens, lr=lr, l2=l2, seed=seed, device=device, threads=threads)
+                    n_tokens=n_tokens, lr=lr, l2=l2, seed=seed, device=device, threads=threads,
+                    controls=controls)
 
     def go():
         from . import commands

@@ -10,6 +10,7 @@ from . import figures, report
 from .config import AmreproError, Config, NoResult
 from .experiment import Outcome, execute, prepare
 from .provenance import environment, pip_freeze
+from .specificity import specificity_words
 from .tracking import Tracker, json_bytes, npy_bytes
 
 
@@ -91,6 +92,9 @@ def log_parent(tracker: Tracker, run_id: str, outcome: Outcome) -> None:
     tracker.log_metrics(run_id, {"n_unique_tokens": s["n_unique_tokens"], "n_tokens_total": s["n_tokens_total"],
                                  "unique_fraction": s["unique_fraction"], **counts, **s["statistics"]["metrics"]})
     tracker.log_tags(run_id, {"verdict": s["statistics"]["verdict"][:5000]})
+    if outcome.specificity is not None:  # --controls
+        tracker.log_metrics(run_id, outcome.specificity["metrics"])
+        tracker.log_tags(run_id, {"specificity": specificity_words(outcome.specificity)[:5000]})
     result, ok = outcome.result, outcome.ok
     for path, figure in figures.all_figures(result.loss.numpy()[:, ok], result.activation.numpy()[:, ok],
                                             [s for s, keep in zip(result.seeds, ok) if keep],

@@ -44,6 +44,8 @@ class Config:
     device: str = _f("auto", "auto (cuda if available), cpu or cuda.")
     threads: int = _f(0, "torch CPU threads; 0 = one per core (torch's default). Results are bit-identical only "
                          "for the same thread count; use 1 when several runs share the cores.")
+    controls: int = _f(0, "K other targets of the same site, chosen reproducibly from the seed, optimized in the "
+                          "same batch to test target specificity (0: none).")
 
     @property
     def target_name(self) -> str:
@@ -77,6 +79,8 @@ class Config:
                                f"SEED + RUNS - 1 <= 2**63 - 1), got {self.seed}.")
         if self.threads < 0:
             raise AmreproError(f"--threads must be 0 (one per core) or more, got {self.threads}.")
+        if self.controls < 0:  # the upper bound (the site's width) is checked once the model is loaded
+            raise AmreproError(f"--controls must be non-negative, got {self.controls}.")
         return self
 
     def to_params(self) -> dict[str, str]:
@@ -104,7 +108,7 @@ class Config:
 
 
 # Fields added after the first release: runs logged before them are read with the field's default.
-_ADDED_LATER = frozenset({"threads"})
+_ADDED_LATER = frozenset({"threads", "controls"})
 
 
 def _unquote(value: str) -> str:

@@ -2,6 +2,9 @@
 
 `prepare` does every check that can fail on user input *before* any MLflow run exists; `execute` is the
 science. Both are shared by `amrepro run` and `amrepro reproduce`.
+
+With --controls K, the batch holds (1 + K) x runs rows: the target's runs first, then each control target's runs
+from the SAME seeds (specificity.py explains why). Everything but `specificity` describes the target's own rows.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from .decode import nearest_tokens, token_activation
 from .model import LoadedModel, load_model, resolve_device
 from .objectives import reference_loss
 from .optimize import Result, optimize
-from .readers import check_positions, site_reader
+from .readers import check_positions, site_reader, site_width
 from .seeding import configure_determinism, initial_embeddings
-from .targets import Target
+from .specificity import choose_controls, specificity, specificity_words
+from .targets import Target, check_target
 
 
 @dataclass
@@ -29,6 +33,7 @@ class Prepared:
     lm: LoadedModel
     target: Target
     reader: object  # a site reader: x [runs, pos, d_model] -> act [runs, pos]
+    controls: tuple[Target, ...] = ()  # --controls: the other targets of the site, read by rows runs.. of the batch
 
 
 @dataclass
@@ -42,6 +47,7 @@ class Outcome:
     decoded_activation: np.ndarray  # [runs] mean target activation of the decoded tokens as real input
     summary: dict
     diverged: dict[int, str]  # run index -> why that run is not a result (its loss became non-finite)
+    specificity: dict | None = None  # --controls: specificity.specificity() plus the controls' tokens
 
     @property
     def ok(self) -> np.ndarray:
@@ -59,8 +65,21 @@ def prepare(config: Config, lm: LoadedModel | None = None, note: Callable[[str],
         torch.set_num_threads(config.threads)
     lm = lm or load_model(config.model, device, note=note)
     check_positions(lm, config.n_tokens)
-    check_memory(lm, target, config)
-    return Prepared(config, lm, target, site_reader(lm, target))
+    controls = _controls(config, lm, target)
+    check_memory(lm, target, config, rows=config.runs * (1 + len(controls)))
+    # row t * runs + r reads target t (0: the user's) from seed r
+    index = [t.index for t in (target, *controls) for _ in range(config.runs)] if controls else None
+    return Prepared(config, lm, target, site_reader(lm, target, index=index), controls)
+
+
+def _controls(config: Config, lm: LoadedModel, target: Target) -> tuple[Target, ...]:
+    """--controls K: K other indices of the target's site, drawn reproducibly from the seed."""
+    if not config.controls:
+        return ()
+    width = site_width(lm, target)
+    check_target(target, lm.n_layers, width)
+    picked = choose_controls(target.index, width, config.controls, config.seed, f"blocks.{target.block}.{target.site}")
+    return tuple(Target(target.block, target.site, i) for i in picked)
 
 
 def _available_bytes(device: torch.device) -> int | None:
@@ -92,13 +111,15 @@ def memory_needed(lm: LoadedModel, target: Target, config: Config) -> tuple[int,
     return per_run, per_pair
 
 
-def check_memory(lm: LoadedModel, target: Target, config: Config) -> None:
-    """Refuse a --runs that cannot fit, with the largest one that would, instead of failing hours later."""
+def check_memory(lm: LoadedModel, target: Target, config: Config, rows: int | None = None) -> None:
+    """Refuse a --runs that cannot fit, with the largest one that would, instead of failing hours later.
+    rows: optimized rows when they are more than the runs (--controls: (1 + K) x runs)."""
     available = _available_bytes(lm.device)
     if available is None:
         return
     per_run, per_pair = memory_needed(lm, target, config)
     budget = 0.8 * available  # leave room for the store, the figures and the rest of the machine
+    per_run *= (rows or config.runs) / config.runs  # each run brings its controls' rows along
     if config.runs * per_run + config.runs**2 * per_pair <= budget:
         return
     # largest r with r * per_run + r^2 * per_pair <= budget
@@ -111,11 +132,21 @@ def check_memory(lm: LoadedModel, target: Target, config: Config) -> None:
 
 def execute(prep: Prepared, on_epoch: Callable[[int], None] | None = None) -> Outcome:
     c, lm = prep.config, prep.lm
-    start = initial_embeddings(c.seeds, c.n_tokens, lm.embedding_std(), lm.d_model)  # [runs, pos, d_model]
+    seeds = c.seeds * (1 + len(prep.controls))  # every target from the same seeds, hence the same starts
+    start = initial_embeddings(seeds, c.n_tokens, lm.embedding_std(), lm.d_model)  # [rows, pos, d_model]
     with prep.reader as reader:
-        result = optimize(reader, start, reference_loss(c.l2), c.seeds, c.epochs, c.lr, lm.device, on_epoch)
-        ids, cosine = nearest_tokens(result.final, lm.embedding)  # [runs, pos] each
-        decoded = token_activation(reader, ids, lm.embedding)  # [runs]
+        result = optimize(reader, start, reference_loss(c.l2), seeds, c.epochs, c.lr, lm.device, on_epoch)
+        ids, cosine = nearest_tokens(result.final, lm.embedding)  # [rows, pos] each
+        decoded = token_activation(reader, ids, lm.embedding)  # [rows]
+    spec = None
+    if prep.controls:
+        # NaN rows would poison every pairwise similarity: specificity needs every row finite
+        all_finite = bool((result.diverged_at < 0).all())
+        spec = _specificity(prep, ids, result) if all_finite else None
+        n, r = c.runs, result  # from here on: the target's own rows only
+        result = Result(r.seeds[:n], r.initial[:n], r.final[:n], r.loss[:, :n], r.activation[:, :n],
+                        r.final_activation[:n], r.diverged_at[:n])
+        ids, cosine, decoded = ids[:n], cosine[:n], decoded[:n]
     initial_ids, _ = nearest_tokens(result.initial, lm.embedding)  # [runs, pos]: the un-optimized baseline
     tokens = [lm.token_strings(row) for row in ids.tolist()]
     # A diverged run (NaN/inf) "decodes" to whatever argmax makes of NaN: it is left out of every statistic.
@@ -134,4 +165,24 @@ def execute(prep: Prepared, on_epoch: Callable[[int], None] | None = None) -> Ou
     if diverged and summary["statistics"] is not None:  # the verdict never hides runs it left out
         summary["statistics"]["verdict"] = (f"{len(diverged)} of {c.runs} runs diverged and are left out; statistics "
                                             f"of the other {int(ok.sum())}. " + summary["statistics"]["verdict"])
-    return Outcome(c, prep.target, result, ids.numpy(), tokens, cosine.numpy(), decoded.numpy(), summary, diverged)
+    if spec is not None:
+        summary["specificity"] = spec
+        if summary["statistics"] is not None:
+            summary["statistics"]["verdict"] += " Target specificity: " + specificity_words(spec)
+    elif prep.controls:
+        summary["specificity"] = {"controls": [t.name for t in prep.controls],
+                                  "not_computed": "a target or control run diverged"}
+    return Outcome(c, prep.target, result, ids.numpy(), tokens, cosine.numpy(), decoded.numpy(), summary, diverged,
+                   spec)
+
+
+def _specificity(prep: Prepared, ids: torch.Tensor, result: Result) -> dict:
+    """specificity() of all T*runs rows (ids [T*runs, pos]), plus the controls' tokens and final activations."""
+    T, runs, final = 1 + len(prep.controls), prep.config.runs, result.final  # final [T*runs, pos, d_model]
+    spec = specificity(ids.view(T, runs, -1).numpy(), final.view(T, runs, *final.shape[1:]).numpy(),
+                       [t.name for t in (prep.target, *prep.controls)], seed=prep.config.seed)
+    spec["controls"] = [t.name for t in prep.controls]
+    spec["control_token_ids"] = ids[runs:].view(T - 1, runs, -1).tolist()  # [K][runs][pos]
+    spec["control_tokens"] = [[prep.lm.token_strings(row) for row in rows] for rows in spec["control_token_ids"]]
+    spec["control_final_activation"] = result.final_activation[runs:].view(T - 1, runs).tolist()  # [K][runs]
+    return spec

@@ -12,6 +12,11 @@ Why it is faster than the HF module tree under autograd (bench/bench.py measures
   copies cost 2x the used weights in memory (packing is skipped when that would exceed a quarter of RAM).
 Every op stays float32; tests/test_gpt2_fast.py pins values and gradients to HF and HookedReader.
 
+Per-row targets (`index`, a LongTensor [rows]): row r reads index[r] of the same site and block, so one batch
+serves several targets of a site (--controls, sweeps). Only the last block differs: it reads W[:, index[r]]
+for row r (a bmm against [rows, in, 1] instead of one matvec) and the residual adds gather. Without `index`
+the single-target ops run unchanged, bit for bit.
+
 HF's Conv1D stores weights as [in, out]: y = b + x @ W.
 """
 
@@ -77,7 +82,9 @@ class _Block:
     ln_2: tuple | None
     fc: _Linear | None  # mlp.c_fc, full
     out: _Linear | None  # mlp.c_proj, full
-    column: tuple | None = None  # last block only: (W[:, i] contiguous, b[i]) of the one projection column read
+    # last block only: (W[:, i] contiguous [in], b[i] []) of the one projection column read, or per row
+    # (W[:, index].T contiguous [rows, in], b[index] [rows])
+    column: tuple | None = None
 
 
 def _layer_norm(h: torch.Tensor, ln: tuple, tape: list | None):
@@ -103,8 +110,11 @@ class GPT2Reader:
                 # the hand-written backward gives gradients for the input only: frozen weights required
                 and not any(p.requires_grad for p in lm.model.parameters()))
 
-    def __init__(self, lm: LoadedModel, target: Target):
+    def __init__(self, lm: LoadedModel, target: Target, index: torch.Tensor | None = None):
+        """index: None reads target.index in every row; a LongTensor [rows] reads index[r] of the same site and
+        block in row r (calls must then pass exactly rows rows)."""
         self.model, self.target = lm.model, target
+        self.index = None if index is None else torch.as_tensor(index, dtype=torch.long, device=lm.device)
         self.n_head = lm.model.config.n_head
         self.gelu = _ACTIVATIONS[lm.model.config.activation_function]
         self.site, self.last = target.site, target.block
@@ -152,8 +162,39 @@ class GPT2Reader:
         return blocks
 
     def _column(self, conv) -> tuple:
+        if self.index is not None:
+            return conv.weight[:, self.index].t().contiguous(), conv.bias[self.index]  # [rows, in], [rows]
         i = self.target.index
         return conv.weight[:, i].contiguous(), conv.bias[i]  # [in], []
+
+    # --- per-row helpers: with index None they are the single-target ops, unchanged --------------------------
+    def _pick(self, h: torch.Tensor) -> torch.Tensor:
+        """h [R, P, D] -> h[r, :, index[r]] [R, P]."""
+        if self.index is None:
+            return h[..., self.target.index]
+        return h.gather(-1, self.index.view(-1, 1, 1).expand(h.shape[0], h.shape[1], 1)).squeeze(-1)
+
+    def _pick_grad_(self, dh: torch.Tensor, dact: torch.Tensor) -> torch.Tensor:
+        """dh[r, :, index[r]] += dact[r] in place: dh [R, P, D], dact [R, P]."""
+        if self.index is None:
+            dh[..., self.target.index] += dact
+            return dh
+        return dh.scatter_add_(-1, self.index.view(-1, 1, 1).expand(dh.shape[0], dh.shape[1], 1), dact[..., None])
+
+    def _project(self, y: torch.Tensor, column: tuple, shape: torch.Size) -> torch.Tensor:
+        """One projection column per row: y [R*P, in] -> y @ W[:, i] + b[i] as [R, P] (shape = (R, P))."""
+        w, b = column
+        if self.index is None:
+            return (y @ w + b).view(shape)
+        R, P = shape
+        return torch.bmm(y.view(R, P, -1), w[:, :, None]).view(R, P) + b[:, None]  # [R, P]
+
+    def _project_grad(self, dact: torch.Tensor, column: tuple) -> torch.Tensor:
+        """dact [R, P] -> d(act)/d(y) * dact [R*P, in]: the column itself, scaled by each row's gradient."""
+        w = column[0]
+        if self.index is None:
+            return dact.reshape(-1, 1) * w  # [R*P, in]
+        return (dact[..., None] * w[:, None, :]).view(-1, w.shape[-1])  # [R*P, in]
 
     def _causal_mask(self, P: int, device: torch.device) -> torch.Tensor:
         """Additive causal mask, as HF's: 0 where a query may attend, float32 min above the diagonal. [P, P]"""
@@ -193,29 +234,34 @@ class GPT2Reader:
     def _forward(self, x: torch.Tensor, tape: list | None) -> torch.Tensor:
         """x [R, P, D] -> target activation [R, P]."""
         R, P, D = x.shape
+        if self.index is not None and self.index.shape != (R,):
+            raise ValueError(f"this reader reads {self.index.shape[0]} per-row indices, got {R} rows")
         if self._blocks is None:
             self._blocks = self._build(R * P, x.device)
         h = x + self.model.wpe.weight[:P]  # [R, P, D]: GPT-2 adds positions to inputs_embeds too
         if self.site == "stream":
-            return h[..., self.target.index]
+            return self._pick(h)
         for blk in self._blocks[:self.last]:  # full blocks before the one the target lives in
             h = self._block(blk, h, tape)
         return self._last_block(self._blocks[self.last], h, tape)
 
     def _last_block(self, blk: _Block, h: torch.Tensor, tape: list | None) -> torch.Tensor:
-        i, (w, b) = self.target.index, blk.column
         y = self._attention(blk, h, tape)  # [R*P, D]
         if self.site in ("hook_attn_out", "hook_resid_mid"):
-            act = (y @ w + b).view(h.shape[:-1])  # [R, P]: one column of W_O
-            return act + h[..., i] if self.site == "hook_resid_mid" else act
+            act = self._project(y, blk.column, h.shape[:-1])  # [R, P]: one column of W_O
+            return act + self._pick(h) if self.site == "hook_resid_mid" else act
         h = h + blk.proj(y).view(h.shape)  # resid_mid [R, P, D]: ln_2 needs every dimension
         if self.site == "mlp.hook_post":
-            pre = _layer_norm(h, blk.ln_2, tape) @ w + b  # [R, P]: one hidden unit
+            a = _layer_norm(h, blk.ln_2, tape)  # [R, P, D]
+            if self.index is None:
+                pre = a @ blk.column[0] + blk.column[1]  # [R, P]: one hidden unit
+            else:
+                pre = self._project(a.view(-1, a.shape[-1]), blk.column, h.shape[:-1])  # [R, P]
             if tape is not None:
                 tape.append(pre)
             return F.gelu(pre, approximate=self.gelu)
         u = self._mlp_hidden(blk, h, tape)  # resid_post: [R*P, d_mlp]
-        return h[..., i] + (u @ w + b).view(h.shape[:-1])  # [R, P]: one column of W_out
+        return self._pick(h) + self._project(u, blk.column, h.shape[:-1])  # [R, P]: one column of W_out
 
     # --- backward: the same steps in reverse, popping the tape ----------------------------------------------
     def _attention_grad(self, blk: _Block, dy: torch.Tensor, tape: list) -> torch.Tensor:
@@ -252,30 +298,23 @@ class GPT2Reader:
 
     def _last_block_grad(self, blk: _Block, dact: torch.Tensor, tape: list) -> torch.Tensor:
         """dact [R, P] -> gradient of the last block's input [R, P, D]."""
-        i, (w, _) = self.target.index, blk.column
         R, P = dact.shape
-        d = dact.reshape(R * P, 1)  # [R*P, 1]
         if self.site in ("hook_attn_out", "hook_resid_mid"):
-            dh = self._attention_grad(blk, d * w, tape)  # [R, P, D]
-            if self.site == "hook_resid_mid":
-                dh[..., i] += dact
-            return dh
+            dh = self._attention_grad(blk, self._project_grad(dact, blk.column), tape)  # [R, P, D]
+            return self._pick_grad_(dh, dact) if self.site == "hook_resid_mid" else dh
         if self.site == "mlp.hook_post":
             pre = tape.pop()  # [R, P]
             dpre = torch.ops.aten.gelu_backward(dact, pre, approximate=self.gelu)  # [R, P]
-            dmid = _layer_norm_grad(dpre[..., None] * w, blk.ln_2, tape.pop())  # [R, P, D]
+            dmid = _layer_norm_grad(self._project_grad(dpre, blk.column).view(R, P, -1), blk.ln_2, tape.pop())
         else:  # resid_post
-            dmid = self._mlp_hidden_grad(blk, d * w, tape)  # [R, P, D]
-            dmid[..., i] += dact
+            dmid = self._pick_grad_(self._mlp_hidden_grad(blk, self._project_grad(dact, blk.column), tape), dact)
         return self._attention_grad(blk, blk.proj.grad(dmid.view(R * P, -1)), tape).add_(dmid)
 
     def _backward(self, dact: torch.Tensor, tape: list, shape: torch.Size, blocks: list[_Block]) -> torch.Tensor:
         """dact [R, P] -> dx [R, P, D]; the position embedding add passes the gradient through unchanged.
         `blocks` are the weights the forward used (still valid if the reader was closed in between)."""
         if self.site == "stream":
-            dx = dact.new_zeros(shape)
-            dx[..., self.target.index] = dact
-            return dx
+            return self._pick_grad_(dact.new_zeros(shape), dact)
         dh = self._last_block_grad(blocks[self.last], dact.contiguous(), tape)
         for blk in reversed(blocks[:self.last]):
             dh = self._block_grad(blk, dh, tape)

@@ -5,9 +5,15 @@ blocks the target needs. Used as context managers, so no hook outlives a run.
   stops the forward right there (TransformerLens' stop_at_layer, done with an exception).
 - GPT2Reader (gpt2.py) is the fast path for GPT-2: a functional forward on the same weights that also skips
   the part of the last block the target does not read. Tests pin it to HookedReader and to HF hidden_states.
+
+Both take an optional per-row `index` (a LongTensor [rows]): row r then reads index[r] of the target's site and
+block, so one batch optimizes several targets of a site (--controls; tests/test_controls.py pins each row to a
+reader of that index alone). Without it every row reads target.index, exactly as before.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -21,8 +27,9 @@ class _StopForward(Exception):
 
 
 class HookedReader:
-    def __init__(self, lm: LoadedModel, target: Target):
+    def __init__(self, lm: LoadedModel, target: Target, index: torch.Tensor | Sequence[int] | None = None):
         self.lm, self.target = lm, target
+        self.index = None if index is None else torch.as_tensor(index, dtype=torch.long, device=lm.device)  # [rows]
         path, self.kind = site_location(lm.model_type, target.site, lm.model.config)
         if not 0 <= target.block < lm.n_layers:
             check_target(target, lm.n_layers, width=target.index + 1)
@@ -73,20 +80,36 @@ class HookedReader:
         return site
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.read_site(x)[..., self.target.index]  # [runs, pos]
+        site = self.read_site(x)  # [runs, pos, width]
+        if self.index is None:
+            return site[..., self.target.index]  # [runs, pos]
+        if self.index.shape != site.shape[:1]:
+            raise ValueError(f"this reader reads {self.index.shape[0]} per-row indices, got {site.shape[0]} rows")
+        return site.gather(-1, self.index.view(-1, 1, 1).expand(*site.shape[:2], 1)).squeeze(-1)  # [runs, pos]
 
 
-def site_reader(lm: LoadedModel, target: Target, fast: bool = True):
-    """The fastest reader that supports this model and target (validated against the model)."""
-    with HookedReader(lm, target) as probe:  # one tiny forward tells the site's width on any architecture
-        width = probe.read_site(torch.zeros(1, 1, lm.d_model, device=lm.device)).shape[-1]
+def site_width(lm: LoadedModel, target: Target) -> int:
+    """How many dimensions the target's site has (d_model, d_mlp, ...): one tiny forward, any architecture."""
+    with HookedReader(lm, target) as probe:
+        return probe.read_site(torch.zeros(1, 1, lm.d_model, device=lm.device)).shape[-1]
+
+
+def site_reader(lm: LoadedModel, target: Target, fast: bool = True,
+                index: torch.Tensor | Sequence[int] | None = None):
+    """The fastest reader that supports this model and target (validated against the model). index: optional
+    per-row indices [rows] of the same site and block (see the module docstring)."""
+    width = site_width(lm, target)
     check_target(target, lm.n_layers, width)
+    if index is not None:
+        index = torch.as_tensor(index, dtype=torch.long)
+        for i in index.unique().tolist():
+            check_target(Target(target.block, target.site, i), lm.n_layers, width)
     if fast:
         from .gpt2 import GPT2Reader
 
         if GPT2Reader.supports(lm):
-            return GPT2Reader(lm, target)
-    return HookedReader(lm, target)
+            return GPT2Reader(lm, target, index)
+    return HookedReader(lm, target, index)
 
 
 def check_positions(lm: LoadedModel, n_tokens: int) -> None:

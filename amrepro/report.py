@@ -146,6 +146,16 @@ def stats_table(stats: dict) -> Table:
     return table
 
 
+def print_specificity(outcome) -> None:
+    """--controls: the control targets and the specificity sentence (nothing when the run had no controls)."""
+    from .specificity import specificity_words
+
+    spec = outcome.specificity
+    if spec is not None:
+        console.print(f"[bold]Controls:[/] {_escape(', '.join(spec['controls']))}")
+        console.print(f"[bold]Specificity:[/] {_escape(specificity_words(spec))}")
+
+
 def print_outcome(outcome, parent_id: str | None, uri: str | None) -> None:
     console.print(token_table(outcome))
     for r, why in outcome.diverged.items():

@@ -45,7 +45,7 @@ def _plant_nan(monkeypatch, row: int, epoch: int):
                     act = act + poison
             return act
 
-    monkeypatch.setattr(experiment, "site_reader", lambda lm, target: Planted(real(lm, target)))
+    monkeypatch.setattr(experiment, "site_reader", lambda lm, target, **kw: Planted(real(lm, target, **kw)))
 
 
 def test_planted_divergence_leaves_the_other_runs_bit_identical(tiny_gpt2, monkeypatch):
