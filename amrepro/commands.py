@@ -6,7 +6,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from . import figures, report
+from . import figures, metrics, report
 from .config import Config
 from .experiment import Outcome, execute, prepare
 from .provenance import environment, pip_freeze
@@ -56,7 +56,8 @@ def log_child(tracker: Tracker, run_id: str, outcome: Outcome, r: int) -> None:
     tracker.log_metrics(run_id,
                         scalars={"act/final": float(result.final_activation[r]),
                                  "act/decoded": float(outcome.decoded_activation[r]),
-                                 "loss/final": float(result.loss[-1, r])},
+                                 "loss/final": float(result.loss[-1, r]),
+                                 **metrics.child_metrics(outcome.summary["statistics"], r)},
                         history={"loss/total": result.loss[:, r].numpy(), "act/target": result.activation[:, r].numpy()})
     tracker.log_artifacts(run_id, {
         "embeddings/initial.npy": npy_bytes(result.initial[r].numpy().astype(np.float32)),
@@ -74,7 +75,8 @@ def log_parent(tracker: Tracker, run_id: str, outcome: Outcome) -> None:
     result = outcome.result
     for path, figure in figures.all_figures(result.loss.numpy(), result.activation.numpy(), result.seeds,
                                             outcome.tokens, outcome.ids, result.final_activation.numpy(),
-                                            outcome.decoded_activation).items():
+                                            outcome.decoded_activation,
+                                            hubs=s["statistics"]["nulls"]["decoded_starts"]).items():
         tracker.log_figure(run_id, figure, path)
 
 

@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import metrics
+from . import metrics, nulls
 from .config import Config
 from .decode import nearest_tokens, token_activation
 from .model import LoadedModel, load_model, resolve_device
@@ -65,7 +65,12 @@ def execute(prep: Prepared, on_epoch: Callable[[int], None] | None = None) -> Ou
     summary = metrics.unique_summary(ids.numpy(), tokens)
     summary.update(target=prep.target.name, model=c.model, seeds=c.seeds, token_ids=ids.tolist(), tokens=tokens,
                    initial_token_ids=initial_ids.tolist())
-    summary["statistics"] = metrics.reproducibility_stats(
+    # the primary null: the method's own start distribution, decoded like the results (nulls.py)
+    pool = nulls.decoded_start_pool(lm.embedding, lm.embedding_std(), nulls.pool_size(c.runs, c.n_tokens), c.seed)
+    summary["statistics"] = stats = metrics.reproducibility_stats(
         ids.numpy(), result.final.numpy(), result.final_activation.numpy(), decoded.numpy(), cosine.numpy(),
-        initial_ids.numpy(), vocab_size=lm.embedding.shape[0], seed=c.seed)
+        initial_ids.numpy(), vocab_size=lm.embedding.shape[0], seed=c.seed, start_pool=pool,
+        activation=result.activation.numpy())
+    for hub in stats["nulls"]["decoded_starts"]["hub_tokens"]:
+        hub["token"] = lm.token_strings([hub["id"]])[0]
     return Outcome(c, prep.target, result, ids.numpy(), tokens, cosine.numpy(), decoded.numpy(), summary)
