@@ -16,8 +16,10 @@ entries are i.i.d., so any set of distinct entries is an exact sample of i.i.d. 
 (exchangeability): every draw has exactly the null distribution, no bias. Draws share pool entries, so they
 are not independent of one another: the p-values are conditional on the pool's hub frequencies, which adds
 Monte Carlo variance, not bias. (Sampling WITH replacement would be biased: a pool entry drawn twice in one
-draw fakes a repeat.) Cost, measured on this project's shared 2-core CPU: decoding K = 4096 vectors against a
-GPT-2-sized 50257 x 768 matrix takes ~3.2 s (~1.6 s for K = 2048); the 2000 draws and their statistics ~0.1 s.
+draw fakes a repeat.) Cost on this project's shared 2-core CPU (bench/hubness.py --timing): decoding K = 4096
+vectors against a GPT-2-sized 50257 x 768 matrix took 3.2 s at load ~2 and 8-9 s at load ~7 (other jobs
+running); the 2 x 2000 draws and their statistics 0.1-0.4 s. The "under 2 s" aim would need K ~ 2048, which
+doubles the pool's sampling error of the hub frequencies; K = 4096 was kept.
 
 P-values are one-sided with add-one smoothing, p = (1 + #{draws at least as extreme}) / (1 + n_draws), so the
 smallest possible p is 1 / (1 + n_draws) and p is never 0.
