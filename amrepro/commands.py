@@ -6,7 +6,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from . import figures, report
+from . import figures, metrics, report
 from .config import AmreproError, Config, NoResult
 from .experiment import Outcome, execute, prepare
 from .provenance import environment, pip_freeze
@@ -75,7 +75,9 @@ def log_child(tracker: Tracker, run_id: str, outcome: Outcome, r: int) -> None:
     tracker.log_metrics(run_id,
                         scalars={"act/final": float(result.final_activation[r]),
                                  "act/decoded": float(outcome.decoded_activation[r]),
-                                 "loss/final": float(result.loss[-1, r])},
+                                 "loss/final": float(result.loss[-1, r]),
+                                 # statistics hold the finite runs only: run r is their entry number ok[:r].sum()
+                                 **metrics.child_metrics(outcome.summary["statistics"], int(outcome.ok[:r].sum()))},
                         history={"loss/total": result.loss[:, r].numpy(), "act/target": result.activation[:, r].numpy()})
     files["tokens.json"] = json_bytes({"ids": [int(i) for i in outcome.ids[r]], "tokens": outcome.tokens[r]})
     tracker.log_artifacts(run_id, files)
@@ -100,7 +102,8 @@ def log_parent(tracker: Tracker, run_id: str, outcome: Outcome) -> None:
                                             [s for s, keep in zip(result.seeds, ok) if keep],
                                             [t for t, keep in zip(outcome.tokens, ok) if keep], outcome.ids[ok],
                                             result.final_activation.numpy()[ok],
-                                            outcome.decoded_activation[ok]).items():
+                                            outcome.decoded_activation[ok],
+                                            hubs=s["statistics"]["nulls"]["decoded_starts"]).items():
         tracker.log_figure(run_id, figure, path)
 
 

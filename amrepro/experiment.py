@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import metrics
+from . import metrics, nulls
 from .config import AmreproError, Config
 from .decode import nearest_tokens, token_activation
 from .model import LoadedModel, load_model, resolve_device
@@ -159,21 +159,34 @@ def execute(prep: Prepared, on_epoch: Callable[[int], None] | None = None) -> Ou
     summary.update(target=prep.target.name, model=c.model, seeds=c.seeds, token_ids=ids.tolist(), tokens=tokens,
                    initial_token_ids=initial_ids.tolist(), n_runs_ok=int(ok.sum()),
                    diverged=[{"seed": c.seeds[r], "run_index": r, "reason": why} for r, why in diverged.items()])
-    summary["statistics"] = metrics.reproducibility_stats(
-        ids.numpy()[ok], result.final.numpy()[ok], result.final_activation.numpy()[ok], decoded.numpy()[ok],
-        cosine.numpy()[ok], initial_ids.numpy()[ok], vocab_size=lm.embedding.shape[0], seed=c.seed) if ok.any() else None
-    if diverged and summary["statistics"] is not None:  # the verdict never hides runs it left out
-        summary["statistics"]["verdict"] = (f"{len(diverged)} of {c.runs} runs diverged and are left out; statistics "
-                                            f"of the other {int(ok.sum())}. " + summary["statistics"]["verdict"])
+    summary["statistics"] = stats = _statistics(prep, ids[ok], result, decoded[ok], cosine[ok], initial_ids[ok], ok) \
+        if ok.any() else None
+    if diverged and stats is not None:  # the verdict never hides runs it left out
+        stats["verdict"] = (f"{len(diverged)} of {c.runs} runs diverged and are left out; statistics "
+                            f"of the other {int(ok.sum())}. " + stats["verdict"])
     if spec is not None:
         summary["specificity"] = spec
-        if summary["statistics"] is not None:
-            summary["statistics"]["verdict"] += " Target specificity: " + specificity_words(spec)
+        if stats is not None:
+            stats["verdict"] += " Target specificity: " + specificity_words(spec)
     elif prep.controls:
         summary["specificity"] = {"controls": [t.name for t in prep.controls],
                                   "not_computed": "a target or control run diverged"}
     return Outcome(c, prep.target, result, ids.numpy(), tokens, cosine.numpy(), decoded.numpy(), summary, diverged,
                    spec)
+
+
+def _statistics(prep: Prepared, ids, result: Result, decoded, cosine, initial_ids, ok: np.ndarray) -> dict:
+    """metrics.reproducibility_stats of the finite runs (ids [ok runs, pos]), against the primary null: the
+    method's own start distribution, decoded like the results (nulls.py)."""
+    c, lm = prep.config, prep.lm
+    pool = nulls.decoded_start_pool(lm.embedding, lm.embedding_std(), nulls.pool_size(c.runs, c.n_tokens), c.seed)
+    stats = metrics.reproducibility_stats(
+        ids.numpy(), result.final.numpy()[ok], result.final_activation.numpy()[ok], decoded.numpy(), cosine.numpy(),
+        initial_ids.numpy(), vocab_size=lm.embedding.shape[0], seed=c.seed, start_pool=pool,
+        activation=result.activation.numpy()[:, ok])
+    for hub in stats["nulls"]["decoded_starts"]["hub_tokens"]:
+        hub["token"] = lm.token_strings([hub["id"]])[0]
+    return stats
 
 
 def _specificity(prep: Prepared, ids: torch.Tensor, result: Result) -> dict:

@@ -126,11 +126,38 @@ def projection_gap(final_activation, decoded_activation, seeds):
     return fig
 
 
-def all_figures(loss, activation, seeds, tokens, ids, final_activation, decoded_activation) -> dict:
-    """Every figure, keyed by its artifact path."""
-    return {
+def hub_tokens(hubs: list[dict], pool_size: int, vocab_size: int, pool_distinct: int | None = None):
+    """The hub tokens of the decoded-starts null: how often random start vectors decode to each of the most
+    frequent tokens (count on each bar), against the 1/vocab_size that uniform tokens would give. The title
+    compares the distinct tokens of the pool with what uniform tokens give: the top of a small pool is noisy,
+    the distinct count says whether decoding really concentrates."""
+    labels = [f"{token_label(h.get('token', '?'))} ({h['id']})" for h in hubs]
+    fig = _figure(7, max(2.5, 0.3 * len(hubs) + 1.6))
+    ax = fig.subplots()
+    bars = ax.barh(range(len(hubs)), [h["frequency"] for h in hubs], color="tab:red")
+    ax.bar_label(bars, [str(h["count"]) for h in hubs], padding=2, fontsize="small")
+    ax.axvline(1.0 / vocab_size, color="black", lw=1, ls="--", label=f"uniform: 1/{vocab_size}")
+    ax.set_yticks(range(len(hubs)), labels, parse_math=False)
+    ax.invert_yaxis()  # most frequent on top
+    title = f"hub tokens of nearest-token decoding (top {len(hubs)}, count on each bar)"
+    if pool_distinct is not None:
+        uniform = vocab_size * (1 - (1 - 1 / vocab_size) ** pool_size)  # expected distinct among uniform tokens
+        title += f"\n{pool_distinct} distinct tokens among the starts; uniform tokens: {uniform:.0f}"
+    ax.set(xlabel=f"frequency among {pool_size} decoded random starts", title=title)
+    ax.legend(fontsize="small", loc="lower right")
+    return fig
+
+
+def all_figures(loss, activation, seeds, tokens, ids, final_activation, decoded_activation, hubs=None) -> dict:
+    """Every figure, keyed by its artifact path. hubs: the decoded-starts null of the statistics (nulls.py),
+    for figures/hub_tokens.png."""
+    out = {
         "figures/curves.png": curves(loss, activation, seeds),
         "figures/token_grid.png": token_grid(tokens, ids, seeds),
         "figures/token_frequency.png": token_frequency(ids, tokens),
         "figures/projection_gap.png": projection_gap(final_activation, decoded_activation, seeds),
     }
+    if hubs is not None:
+        out["figures/hub_tokens.png"] = hub_tokens(hubs["hub_tokens"], hubs["pool_size"], hubs["vocab_size"],
+                                                   hubs["pool_distinct"])
+    return out

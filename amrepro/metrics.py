@@ -1,10 +1,13 @@
-"""Reproducibility statistics on decoded token matrices: numpy only, no torch, no MLflow."""
+"""Reproducibility statistics on decoded token matrices: numpy only, no torch, no MLflow. Chance levels and
+p-values come from nulls.py, the words from verdict.py."""
 
 from __future__ import annotations
 
 import itertools
 
 import numpy as np
+
+from . import nulls, verdict
 
 
 def unique_summary(ids: np.ndarray, tokens: list[list[str]]) -> dict:
@@ -124,14 +127,6 @@ def _interval(values, with_mean: bool = True) -> dict:
     return {"mean": float(values.mean()), **out} if with_mean else out
 
 
-def random_token_baseline(runs: int, pos: int, vocab_size: int, n_draws: int, seed: int = 0) -> dict:
-    """What chance gives: token_stats of runs x pos tokens drawn uniformly from the vocabulary, n_draws times."""
-    rng = np.random.default_rng(seed)
-    draws = [token_stats(rng.integers(0, vocab_size, size=(runs, pos))) for _ in range(n_draws)]
-    return {"n_draws": n_draws,
-            **{key: _interval([d[key] for d in draws]) for key in draws[0]}}
-
-
 def _spread(values: np.ndarray) -> dict:
     """Mean, std (population, ddof=0: the runs are all there is), min, max and the values themselves."""
     values = np.asarray(values, dtype=float)  # [runs]
@@ -157,46 +152,32 @@ def _bootstrap(ids, matrices: dict[str, np.ndarray], per_run: dict[str, np.ndarr
     return {"n_boot": n_boot, **{key: _interval(v, with_mean=False) for key, v in values.items()}}
 
 
-def _fmt(x: float | None, digits: int = 3) -> str:
-    return "n/a" if x is None else f"{x:.{digits}f}"
+CONVERGENCE_WINDOW = 0.1  # the last 10% of epochs
+STILL_RISING = 0.01  # a relative rise above 1% over that window: not converged
 
 
-def _verdict(observed: dict, random: dict, initial: dict, n_total: int) -> str:
-    """Observed statistics against the 95% chance intervals, in words; nothing stronger than the data says.
-    Below/above chance means outside the 95% interval of uniformly random tokens (a one-sided test at 2.5%)."""
-    u, ru, iu = observed["n_unique"], random["n_unique"], initial["n_unique"]
-    words = (f"{u}/{n_total} tokens unique; chance level (random tokens) {ru['mean']:.2f} "
-             f"[{ru['low']:.0f}, {ru['high']:.0f}]; decoded initial embeddings {iu}/{n_total}. ")
-    if u >= ru["low"]:
-        words += "Within chance: no evidence of a preferred token set."
-    else:
-        words += "Below chance: " + _repeats(observed["jaccard_mean"], random["jaccard_mean"])
-        if iu <= u:
-            words += (" But the un-optimized initial embeddings repeat as much or more, so the repetition is "
-                      "explained by decoding to nearest tokens, not by the optimization.")
-        elif iu < ru["low"]:
-            words += (" But the un-optimized initial embeddings also decode below chance, so part of the repetition "
-                      "comes from decoding to nearest tokens, not from the optimization.")
-    agreement, ra = observed["positional_agreement"], random["positional_agreement"]
-    if agreement is None or ra["high"] is None:
-        return words + " A single run has no run-to-run agreement to measure."
-    words += (f" Positional agreement {_fmt(agreement)} (initial {_fmt(initial['positional_agreement'])}) vs chance "
-              f"{ra['mean']:.4f} [{_fmt(ra['low'])}, {_fmt(ra['high'])}]: ")
-    if agreement > ra["high"]:
-        return words + "above chance, runs decode to the same token at the same position more often than chance."
-    return words + "within chance, no evidence that runs agree position by position."
+def start_token_kept(ids: np.ndarray, initial_ids: np.ndarray) -> np.ndarray:
+    """[runs]: fraction of each run's final tokens that equal the decoded token of their own start vector."""
+    return (np.asarray(ids) == np.asarray(initial_ids)).mean(axis=1)
 
 
-def _repeats(jaccard: float | None, chance: dict) -> str:
-    """Whether the repeated tokens are shared across runs (a preferred token set) or only repeat inside runs."""
-    if jaccard is None or chance["high"] is None:
-        return "the run repeats tokens."
-    shown = f"Jaccard {_fmt(jaccard)} vs chance [{_fmt(chance['low'])}, {_fmt(chance['high'])}]"
-    if jaccard > chance["high"]:
-        return f"runs share tokens more than uniformly random tokens do ({shown}), evidence that AM converges to " \
-               "preferred tokens."
-    return (f"tokens repeat, but runs share no more tokens than chance ({shown}): the repeats are within runs, "
-            "not a token set that different seeds converge to.")
+def convergence(activation) -> dict | None:
+    """Is the activation still rising at the end? Per run, the relative change over the last 10% of epochs,
+    (a_end - a_begin) / max(|a_begin|, |a_end|) (bounded in [-2, 2], defined even when one end is near 0), and
+    whether it exceeds STILL_RISING. activation [epochs, runs] is the logged per-epoch mean activation; None
+    with fewer than 2 epochs."""
+    act = np.asarray(activation, dtype=float)  # [epochs, runs]
+    epochs = act.shape[0]
+    if epochs < 2:
+        return None
+    window = min(epochs - 1, max(1, int(round(CONVERGENCE_WINDOW * epochs))))  # epochs in the window
+    begin, end = act[-1 - window], act[-1]  # [runs] each
+    rel = (end - begin) / np.maximum(np.maximum(np.abs(begin), np.abs(end)), 1e-12)  # [runs]
+    rising = rel > STILL_RISING
+    return {"per_run": rel.tolist(), "still_rising": rising.tolist(), "n_still_rising": int(rising.sum()),
+            "frac_still_rising": float(rising.mean()), "window_epochs": window, "threshold": STILL_RISING,
+            "definition": "(a_end - a_begin) / max(|a_begin|, |a_end|) over the last 10% of epochs of the "
+                          "per-epoch mean target activation; still rising when > threshold"}
 
 
 def _none_if_nan(stats: dict) -> dict:
@@ -204,8 +185,9 @@ def _none_if_nan(stats: dict) -> dict:
 
 
 def _flat_metrics(out: dict) -> dict[str, float]:
-    """MLflow-ready float metrics with namespaced keys; statistics that do not exist (one run) are left out."""
-    b, r, i = out["bootstrap"], out["baselines"]["random_tokens"], out["baselines"]["initial_tokens"]
+    """MLflow-ready float metrics with namespaced keys; statistics that do not exist (one run, no decoded-starts
+    null, one epoch) are left out."""
+    b, i, nulls, kept = out["bootstrap"], out["baselines"]["initial_tokens"], out["nulls"], out["start_token_kept"]
     flat = {
         "stats/n_unique_tokens": out["n_unique_tokens"], "stats/unique_fraction": out["unique_fraction"],
         "stats/positional_agreement": out["positional_agreement"], "stats/jaccard_mean": out["jaccard_mean"],
@@ -213,32 +195,58 @@ def _flat_metrics(out: dict) -> dict[str, float]:
         "stats/positional_cosine_mean": out["positional_cosine_mean"],
         "stats/projection_gap_mean": out["projection_gap"]["mean"],
         "stats/cosine_mean": out["cosine"]["mean"], "stats/cosine_min": out["cosine"]["min"],
+        "stats/start_token_kept": kept["mean"], "pvalue/start_token_kept": kept["pvalue"],
+        **{f"stats/{k}": v for k, v in nulls["events"].items()},  # repeats, agreeing_positions, shared_tokens
         "baseline/initial_unique": i["n_unique"], "baseline/initial_agreement": i["positional_agreement"],
         "baseline/initial_jaccard": i["jaccard_mean"],
-        "verdict/unique_below_chance": float(out["n_unique_tokens"] < r["n_unique"]["low"]),
     }
     for name in ("final_activation", "decoded_activation"):
         flat.update({f"stats/{name}_{k}": out[name][k] for k in ("mean", "std", "min", "max")})
-    for short, key in (("unique", "n_unique"), ("agreement", "positional_agreement"), ("jaccard", "jaccard_mean")):
-        flat.update({f"baseline/random_{short}_{k}": r[key][k] for k in ("mean", "low", "high")})
+    for null in ("decoded_starts", "uniform"):
+        if null not in nulls:
+            continue
+        for short, key in (("unique", "n_unique"), ("agreement", "positional_agreement"), ("jaccard", "jaccard_mean")):
+            flat.update({f"null/{null}/{short}_{k}": nulls[null][key][k] for k in ("mean", "low", "high")})
+            flat[f"pvalue/{short}_{null}"] = nulls[null][key]["pvalue"]
+    if "decoded_starts" in nulls:
+        ds = nulls["decoded_starts"]
+        flat.update({"null/decoded_starts/start_token_kept_chance": ds["collision_probability"],
+                     "null/decoded_starts/pool_size": ds["pool_size"],
+                     "null/decoded_starts/pool_distinct": ds["pool_distinct"]})
+    flat["null/n_draws"] = nulls["uniform"]["n_draws"]
+    if out["convergence"] is not None:
+        c = out["convergence"]
+        flat.update({"converge/act_rel_change_last10pct_mean": float(np.mean(c["per_run"])),
+                     "converge/act_rel_change_last10pct_max": float(np.max(c["per_run"])),
+                     "converge/frac_runs_still_rising": c["frac_still_rising"]})
     for key, interval in b.items():
         if isinstance(interval, dict):
             flat.update({f"bootstrap/{key}_{k}": v for k, v in interval.items()})
-    if out["positional_agreement"] is not None and r["positional_agreement"]["high"] is not None:
-        flat["verdict/agreement_above_chance"] = float(out["positional_agreement"] > r["positional_agreement"]["high"])
-        flat["verdict/jaccard_above_chance"] = float(out["jaccard_mean"] > r["jaccard_mean"]["high"])
+    flat.update(verdict.verdict_metrics(out))
     return {k: float(v) for k, v in flat.items() if v is not None and np.isfinite(v)}
 
 
+def child_metrics(stats: dict, r: int) -> dict[str, float]:
+    """Run r's own share of the parent's statistics, for its child run."""
+    out = {"stats/start_token_kept": stats["start_token_kept"]["per_run"][r]}
+    if stats["convergence"] is not None:
+        out["converge/act_rel_change_last10pct"] = stats["convergence"]["per_run"][r]
+        out["converge/still_rising"] = float(stats["convergence"]["still_rising"][r])
+    return {k: float(v) for k, v in out.items()}
+
+
 def reproducibility_stats(ids, final, final_activation, decoded_activation, cosine, initial_ids, vocab_size: int,
-                          seed: int = 0, n_boot: int = 1000) -> dict:
+                          seed: int = 0, n_boot: int = 1000, start_pool=None, activation=None,
+                          n_null: int = nulls.N_DRAWS) -> dict:
     """How similar are the runs, and how does that compare with chance? A JSON-serialisable dict.
 
     ids [runs, pos] decoded token ids; final [runs, pos, d_model] final embeddings; final_activation [runs] and
     decoded_activation [runs] the mean target activation of the embeddings and of their decoded tokens;
     cosine [runs, pos] each final vector's cosine to its decoded token; initial_ids [runs, pos] the decoded
-    initial embeddings. n_boot is both the number of bootstrap resamples and of random-token draws; seed
-    seeds both (numpy default_rng), so the same inputs give the same dict.
+    initial embeddings. start_pool [K]: decoded i.i.d. start vectors (nulls.decoded_start_pool), the primary
+    null; without it only the uniform null exists and the verdict claims nothing. activation [epochs, runs]:
+    the per-epoch mean activation, for the convergence diagnostic. n_boot bootstrap resamples, n_null Monte
+    Carlo draws per null; seed seeds all of them (numpy default_rng), so the same inputs give the same dict.
     """
     ids, initial_ids = np.asarray(ids), np.asarray(initial_ids)  # [runs, pos] each
     final, cosine = np.asarray(final, dtype=np.float64), np.asarray(cosine, dtype=np.float64)
@@ -259,8 +267,11 @@ def reproducibility_stats(ids, final, final_activation, decoded_activation, cosi
     observed = _none_if_nan(observed)
     gap = final_act - decoded_act  # [runs]
     cosine_per_run = cosine.mean(axis=1)  # [runs]
-    random = random_token_baseline(runs, pos, vocab_size, n_boot, seed)
+    null = nulls.null_models(ids, vocab_size, start_pool, seed, n_null)
     initial = _none_if_nan(token_stats(initial_ids))
+    kept = start_token_kept(ids, initial_ids)  # [runs]
+    n_kept = int((ids == initial_ids).sum())
+    chance_kept = null["decoded_starts"]["collision_probability"] if "decoded_starts" in null else None
     per_run = {"final_activation_mean": final_act, "projection_gap_mean": gap, "cosine_mean": cosine_per_run}
     # a generator of its own for the bootstrap, so its draws do not depend on the Monte Carlo's
     bootstrap = _bootstrap(ids, matrices, per_run, n_boot, np.random.default_rng([seed, 1]))
@@ -273,17 +284,28 @@ def reproducibility_stats(ids, final, final_activation, decoded_activation, cosi
         "final_activation": _spread(final_act), "decoded_activation": _spread(decoded_act),
         "projection_gap": {"per_run": gap.tolist(), "mean": float(gap.mean())},
         "cosine": {"per_run": cosine_per_run.tolist(), "mean": float(cosine.mean()), "min": float(cosine.min())},
-        "baselines": {"random_tokens": random, "initial_tokens": initial},
+        "nulls": null, "primary_null": "decoded_starts",
+        "baselines": {"initial_tokens": initial},
+        "start_token_kept": {
+            "per_run": kept.tolist(), "mean": float(kept.mean()), "n_kept": n_kept, "n_total": int(ids.size),
+            "chance": chance_kept,
+            "pvalue": None if chance_kept is None else nulls.binomial_tail(n_kept, int(ids.size), chance_kept)},
+        "convergence": None if activation is None else convergence(activation),
         "bootstrap": bootstrap,
         "interval": "95%: 2.5th-97.5th percentiles",
         "notes": [
             "pairwise statistics average over pairs of different runs; None with a single run",
             f"matched cosine matching: {matching}",
-            "random_tokens: runs x pos ids drawn uniformly from the vocabulary (n_draws times)",
+            "nulls.uniform: runs x pos ids drawn uniformly from the vocabulary; nulls.decoded_starts (primary): "
+            "i.i.d. start vectors decoded to their nearest tokens (distinct entries of a decoded pool per draw)",
+            "p-values: one-sided Monte Carlo, (1 + #{draws at least as extreme}) / (1 + draws); unique count: "
+            "as few or fewer, agreement and Jaccard: as large or larger",
+            "start_token_kept: fraction of final tokens equal to their own start's decoded token; chance = the "
+            "decoded-starts collision probability sum_t p_t^2; p-value binomial",
             "bootstrap: runs resampled with replacement; pairwise statistics never pair a run with itself, "
             "unique_fraction is taken over the distinct runs drawn",
         ],
     }
-    out["verdict"] = _verdict(observed, random, initial, int(ids.size))
+    out["verdict"] = verdict.verdict(out)
     out["metrics"] = _flat_metrics(out)
     return out

@@ -114,13 +114,19 @@ def summary_lines(summary: dict) -> list[str]:
 
 
 def stats_table(stats: dict) -> Table:
-    """Observed statistics with their bootstrap interval, next to the chance and un-optimized baselines."""
-    random, initial, boot = stats["baselines"]["random_tokens"], stats["baselines"]["initial_tokens"], stats["bootstrap"]
+    """Observed statistics with their bootstrap interval, next to the two chance levels (decoded random starts
+    first: the primary null) with their one-sided p-values, and the un-optimized baseline."""
+    nulls, initial, boot = stats["nulls"], stats["baselines"]["initial_tokens"], stats["bootstrap"]
+    ds, un = nulls.get("decoded_starts"), nulls["uniform"]
     table = Table(title="Reproducibility statistics (95% intervals)", header_style="bold")
-    table.add_column("statistic", no_wrap=True)
-    for column in ("observed", "bootstrap", "chance", "initial"):
-        table.add_column(column, justify="right", no_wrap=True)
-    table.caption = "bootstrap: runs resampled; chance: uniformly random real tokens; initial: un-optimized starts"
+    # One line per row from ~110 columns on; a narrower terminal breaks cells at their spaces and folds (never
+    # crops) a number that does not fit.
+    table.add_column("statistic", overflow="fold")
+    for column in ("observed", "bootstrap", "chance: decoded starts", "p", "chance: uniform", "p", "initial"):
+        table.add_column(column, justify="right", overflow="fold")
+    table.caption = (f"bootstrap: runs resampled. chance: {un['n_draws']} Monte Carlo draws of random start vectors "
+                     "decoded to their nearest tokens (the primary null) or of uniformly random tokens. p: one-sided "
+                     "(unique: as few or fewer; others: as large or larger). initial: the runs' un-optimized starts")
 
     def num(x, digits=3):
         return "n/a" if x is None else f"{x:.{digits}f}"
@@ -128,21 +134,39 @@ def stats_table(stats: dict) -> Table:
     def interval(d, digits=3):
         return "n/a" if not isinstance(d, dict) or d.get("low") is None else f"[{num(d['low'], digits)}, {num(d['high'], digits)}]"
 
-    def chance(d):
-        return f"{num(d['mean'], 2)} {interval(d, 2)}" if isinstance(d, dict) and d.get("mean") is not None else "n/a"
+    def chance(d, digits=2, ends=2):
+        return f"{num(d['mean'], digits)} {interval(d, ends)}" if isinstance(d, dict) and d.get("mean") is not None else "n/a"
 
-    table.add_row("unique tokens", f"{stats['n_unique_tokens']}/{stats['n_tokens_total']}", "",
-                  f"{random['n_unique']['mean']:.1f} [{random['n_unique']['low']:.0f}, {random['n_unique']['high']:.0f}]",
-                  str(initial["n_unique"]))
-    for key, label in (("unique_fraction", "unique fraction"), ("positional_agreement", "agreement"),
-                       ("jaccard_mean", "Jaccard")):
-        table.add_row(label, num(stats[key]), interval(boot.get(key), 2), chance(random.get(key)), num(initial.get(key)))
+    def p(d):
+        return "n/a" if not isinstance(d, dict) or d.get("pvalue") is None else f"{d['pvalue']:.2g}"
+
+    for key, label, observed, digits, ends in (
+            ("n_unique", "unique tokens", f"{stats['n_unique_tokens']}/{stats['n_tokens_total']}", 2, 0),
+            ("positional_agreement", "agreement", num(stats["positional_agreement"]), 4, 3),
+            ("jaccard_mean", "Jaccard", num(stats["jaccard_mean"]), 4, 3)):
+        d = ds[key] if ds else None
+        initial_value = str(initial["n_unique"]) if key == "n_unique" else num(initial.get(key))
+        table.add_row(label, observed, "" if key == "n_unique" else interval(boot.get(key), 2),
+                      chance(d, digits, ends), p(d), chance(un[key], digits, ends), p(un[key]), initial_value)
+        if key == "n_unique":
+            table.add_row("unique fraction", num(stats["unique_fraction"]), interval(boot.get("unique_fraction"), 2),
+                          "", "", "", "", num(initial.get("unique_fraction")))
+    kept = stats["start_token_kept"]
+    table.add_row("start token kept", num(kept["mean"]), "",
+                  "n/a" if kept["chance"] is None else f"{kept['chance']:.2g}",
+                  "n/a" if kept["pvalue"] is None else f"{kept['pvalue']:.2g}", "", "", "")
     # (bootstrap key, label, observed value)
     for key, label, observed in (("matched_cosine_mean", "matched cosine", stats["matched_cosine_mean"]),
                                  ("cosine_mean", "cosine to token", stats["cosine"]["mean"]),
                                  ("final_activation_mean", "activation", stats["final_activation"]["mean"]),
                                  ("projection_gap_mean", "projection gap", stats["projection_gap"]["mean"])):
-        table.add_row(label, num(observed), interval(boot.get(key), 2), "", "")
+        table.add_row(label, num(observed), interval(boot.get(key), 2), "", "", "", "", "")
+    conv = stats.get("convergence")
+    if conv is not None:
+        table.add_row(f"activation change, last {conv['window_epochs']} epochs", f"max {max(conv['per_run']):+.1%}",
+                      "", "", "", "", "", "")
+        table.add_row(f"runs still rising (> {conv['threshold']:.0%})",
+                      f"{conv['n_still_rising']}/{len(conv['per_run'])}", "", "", "", "", "", "")
     return table
 
 

@@ -48,10 +48,12 @@ def test_run_logs_parent_and_one_child_per_seed(tiny_gpt2, store):
     stats = summary["statistics"]
     assert stats["n_unique_tokens"] == p.metrics["n_unique_tokens"]
     assert p.metrics["stats/positional_agreement"] == pytest.approx(stats["positional_agreement"])
-    assert "baseline/random_unique_mean" in p.metrics and p.tags["verdict"] == stats["verdict"]
+    assert "null/decoded_starts/unique_mean" in p.metrics and p.tags["verdict"] == stats["verdict"]
+    assert "pvalue/unique_decoded_starts" in p.metrics and len(stats["nulls"]["decoded_starts"]["hub_tokens"]) == 20
     assert "Reproducibility statistics" in result.output and "Verdict:" in result.output
     figures = {f.path for f in client.list_artifacts(parent.info.run_id, "figures")}
-    assert figures == {f"figures/{n}.png" for n in ("curves", "token_grid", "token_frequency", "projection_gap")}
+    assert figures == {f"figures/{n}.png" for n in ("curves", "token_grid", "token_frequency", "projection_gap",
+                                                    "hub_tokens")}
 
     children = children_of(store, parent.info.run_id)
     assert [c.info.run_name for c in children] == ["seed-4", "seed-5"]
@@ -61,7 +63,8 @@ def test_run_logs_parent_and_one_child_per_seed(tiny_gpt2, store):
         history = client.get_metric_history(child.info.run_id, "loss/total")
         assert sorted(m.step for m in history) == list(range(500))
         assert len(client.get_metric_history(child.info.run_id, "act/target")) == 500
-        assert {"act/final", "act/decoded"} <= set(child.data.metrics)
+        assert {"act/final", "act/decoded", "stats/start_token_kept", "converge/act_rel_change_last10pct"} <= set(
+            child.data.metrics)
         folder = Path(client.download_artifacts(child.info.run_id, ""))
         for name in ("embeddings/initial.npy", "embeddings/final.npy"):
             array = np.load(folder / name)

@@ -115,3 +115,16 @@ def test_a_dollar_would_break_mathtext_without_the_escape():
     fig.text(0.5, 0.5, figures.token_label("$\\frac{$"))
     with pytest.raises(ValueError):
         png(fig)
+
+
+def test_hub_tokens_bars_with_the_uniform_line():
+    hubs = [{"id": i, "count": 30 - i, "frequency": (30 - i) / 4096, "token": NASTY[i]} for i in range(len(NASTY))]
+    fig = figures.hub_tokens(hubs, pool_size=4096, vocab_size=300, pool_distinct=120)
+    ax = fig.axes[0]
+    assert [bar.get_width() for bar in ax.patches] == [h["frequency"] for h in hubs]
+    assert [t.get_text() for t in ax.get_yticklabels()] == [f"{figures.token_label(t)} ({i})" for i, t in enumerate(NASTY)]
+    assert ax.lines[0].get_xdata()[0] == 1 / 300  # the uniform null's frequency, for comparison
+    assert "4096 decoded random starts" in ax.get_xlabel()
+    assert "120 distinct tokens among the starts; uniform tokens: 300" in ax.get_title()  # 300 * (1 - (299/300)^4096)
+    assert [t.get_text() for t in ax.texts] == [str(h["count"]) for h in hubs]
+    assert png(fig).startswith(b"\x89PNG")  # '$' tokens and all

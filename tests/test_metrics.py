@@ -8,21 +8,29 @@ import numpy as np
 import pytest
 
 from amrepro import metrics
-from amrepro.metrics import (pair_mean, pairwise_agreement, pairwise_jaccard, pairwise_matched_cosine,
-                             random_token_baseline, reproducibility_stats, token_stats)
+from amrepro.metrics import (convergence, pair_mean, pairwise_agreement, pairwise_jaccard, pairwise_matched_cosine,
+                             reproducibility_stats, start_token_kept, token_stats)
 
 
-def stats_for(ids, final=None, vocab_size=50257, initial_ids=None, n_boot=200, seed=0, **kw):
-    """reproducibility_stats with neutral activations/cosines unless given."""
+def distinct_pool(vocab_size=50257, size=4096):
+    """A decoded-starts pool without hubs: every entry a different token."""
+    return np.random.default_rng(7).choice(vocab_size, size=size, replace=False)
+
+
+def stats_for(ids, final=None, vocab_size=50257, initial_ids=None, n_boot=200, seed=0, start_pool="distinct", **kw):
+    """reproducibility_stats with neutral activations/cosines unless given; by default a hub-free decoded-starts
+    pool, so that the decoded-starts null is close to the uniform one."""
     ids = np.asarray(ids)
     runs, pos = ids.shape
     rng = np.random.default_rng(123)
     final = rng.normal(size=(runs, pos, 16)) if final is None else final
+    if isinstance(start_pool, str):
+        start_pool = distinct_pool(vocab_size, min(4096, vocab_size))
     return reproducibility_stats(
         ids, final, kw.get("final_activation", np.arange(runs) + 10.0),
         kw.get("decoded_activation", np.arange(runs) * 0.5),
         kw.get("cosine", np.full((runs, pos), 0.5)), ids if initial_ids is None else initial_ids, vocab_size,
-        seed=seed, n_boot=n_boot)
+        seed=seed, n_boot=n_boot, start_pool=start_pool, activation=kw.get("activation"))
 
 
 def test_identical_runs_agree_completely():
@@ -97,24 +105,6 @@ def test_exact_matching_is_the_optimum():
     assert pairwise_matched_cosine(final)[0][0, 1] == pytest.approx(best)
 
 
-def test_random_baseline_matches_the_analytic_expectation():
-    V, runs, pos, draws = 7, 4, 3, 4000
-    base = random_token_baseline(runs, pos, V, n_draws=draws, seed=0)
-    n = runs * pos
-    expected = V * (1 - (1 - 1 / V) ** n)  # expected number of distinct values among n uniform draws
-    sem = 2.0 / np.sqrt(draws)  # the count's std is below 2 here: a generous Monte-Carlo error bound
-    assert abs(base["n_unique"]["mean"] - expected) < 4 * sem
-    assert base["n_unique"]["low"] <= expected <= base["n_unique"]["high"]
-    assert abs(base["positional_agreement"]["mean"] - 1 / V) < 0.01  # two uniform tokens agree w.p. 1/V
-    assert 0 < base["jaccard_mean"]["mean"] < 1
-
-
-def test_random_baseline_is_reproducible_and_seeded():
-    a, b = (random_token_baseline(5, 5, 30, 300, seed=1) for _ in range(2))
-    assert a == b
-    assert random_token_baseline(5, 5, 30, 300, seed=2) != a
-
-
 def test_initial_baseline_and_per_run_quantities():
     ids = np.arange(12).reshape(3, 4)
     initial = np.array([[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1]])
@@ -133,28 +123,36 @@ def test_initial_baseline_and_per_run_quantities():
 
 def test_verdict_within_chance():
     rng = np.random.default_rng(0)
-    V = 200  # 50 uniform draws from 200 tokens give about 44 distinct ones
+    V = 200  # 50 tokens from 200 give about 44 distinct ones
     ids = rng.choice(V, size=50, replace=False).reshape(10, 5)
     ids[3, 1], ids[7, 4], ids[8, 0], ids[9, 0] = ids[0, 0], ids[2, 2], ids[1, 1], ids[4, 3]  # 46 unique
-    s = stats_for(ids, vocab_size=V, initial_ids=rng.integers(0, V, size=(10, 5)), n_boot=1000)
-    low, high = s["baselines"]["random_tokens"]["n_unique"]["low"], s["baselines"]["random_tokens"]["n_unique"]["high"]
-    assert s["n_unique_tokens"] == 46 and low <= 46 <= high
-    assert s["verdict"].startswith("46/50 tokens unique") and "Within chance" in s["verdict"]
-    assert "within chance, no evidence that runs agree" in s["verdict"]
+    s = stats_for(ids, vocab_size=V, initial_ids=rng.integers(0, V, size=(10, 5)), n_boot=1000,
+                  start_pool=rng.integers(0, V, size=4096))
+    ds = s["nulls"]["decoded_starts"]["n_unique"]
+    assert s["n_unique_tokens"] == 46 and ds["low"] <= 46 <= ds["high"] and ds["pvalue"] > 0.05
+    assert s["verdict"].startswith("46/50 tokens unique; decoded random starts give") and "Within chance" in s["verdict"]
+    assert "above chance" not in s["verdict"] and "Below chance" not in s["verdict"]
     assert s["metrics"]["verdict/unique_below_chance"] == 0.0
 
 
-def test_the_reference_48_of_50_is_below_uniform_chance():
-    """With a 50257-token vocabulary, 50 uniform draws collide twice with probability ~3e-4: the reference's
-    48/50 is below uniform chance, and the verdict must say so rather than echo 'mostly unique'."""
+def test_48_of_50_is_below_uniform_chance_but_within_a_hubby_decoded_starts_null():
+    """With 50257 tokens, 50 uniform draws collide twice with probability ~3e-4, so 48/50 is below uniform chance.
+    Whether it is below chance for nearest-token decoding depends on the hubs of the decoded-starts null."""
     rng = np.random.default_rng(0)
     ids = rng.choice(50257, size=50, replace=False).reshape(10, 5)
-    ids[3, 1], ids[7, 4] = ids[0, 0], ids[2, 2]  # 48/50 unique, no positional coincidence
-    s = stats_for(ids, initial_ids=rng.choice(50257, size=50, replace=False).reshape(10, 5))
-    assert s["n_unique_tokens"] == 48 and s["baselines"]["random_tokens"]["n_unique"]["low"] == 49
-    assert s["verdict"].startswith("48/50 tokens unique") and "Below chance" in s["verdict"]
-    assert "runs share tokens more than uniformly random tokens do" in s["verdict"]  # the repeats are across runs
-    assert "within chance, no evidence that runs agree" in s["verdict"]
+    ids[3, 1], ids[7, 4] = ids[0, 0], ids[2, 2]  # 48/50 unique, two repeats shared across runs
+    initial = rng.choice(50257, size=50, replace=False).reshape(10, 5)
+    s = stats_for(ids, initial_ids=initial)  # no hubs: decoded starts behave like uniform tokens
+    assert s["n_unique_tokens"] == 48 and s["nulls"]["events"]["repeats"] == 2
+    assert s["metrics"]["pvalue/unique_uniform"] < 0.01 and s["metrics"]["pvalue/unique_decoded_starts"] < 0.01
+    assert "Below chance under decoded random starts (2 repeats)" in s["verdict"]
+    assert s["metrics"]["verdict/unique_below_chance"] == 1.0
+    hubby = np.concatenate([np.repeat(np.arange(40), 60), 1000 + np.arange(1696)])  # 40 hubs hold 59% of the pool
+    s = stats_for(ids, initial_ids=initial, start_pool=hubby)
+    assert s["metrics"]["pvalue/unique_uniform"] < 0.01 and s["metrics"]["pvalue/unique_decoded_starts"] > 0.05
+    assert "Within chance under decoded random starts" in s["verdict"] and "only the uniform null" in s["verdict"]
+    assert "Below chance" not in s["verdict"] and s["metrics"]["verdict/unique_below_chance"] == 0.0
+    assert s["metrics"]["null/decoded_starts/unique_mean"] < s["metrics"]["null/uniform/unique_mean"]
 
 
 def test_verdict_below_chance_and_decoding_caveat():
@@ -165,10 +163,9 @@ def test_verdict_below_chance_and_decoding_caveat():
     assert "AM converges to preferred tokens" in s["verdict"]
     assert s["metrics"]["verdict/unique_below_chance"] == 1.0 and s["metrics"]["verdict/agreement_above_chance"] == 1.0
     assert s["metrics"]["verdict/jaccard_above_chance"] == 1.0
+    assert s["metrics"]["pvalue/agreement_decoded_starts"] == 1 / 2001  # the smallest p of 2000 draws
     s = stats_for(preferred, initial_ids=preferred)  # the un-optimized start repeats as much: say so
     assert "explained by decoding" in s["verdict"]
-    half = np.concatenate([fresh[:5], preferred[:5]])  # initial: 30 unique, below chance but above 5
-    assert "also decode below chance" in stats_for(preferred, initial_ids=half)["verdict"]
 
 
 def test_verdict_tells_repeats_within_runs_from_shared_tokens():
@@ -176,8 +173,44 @@ def test_verdict_tells_repeats_within_runs_from_shared_tokens():
     ids[:, 1] = ids[:, 0]  # every run repeats its own first token; no two runs share one
     s = stats_for(ids, initial_ids=np.arange(50).reshape(10, 5) + 100)
     assert s["n_unique_tokens"] == 40 and s["jaccard_mean"] == 0.0
-    assert "Below chance" in s["verdict"] and "the repeats are within runs" in s["verdict"]
+    assert "Below chance" in s["verdict"] and "Jaccard of token sets 0.000 (0 tokens shared" in s["verdict"]
     assert "converges to preferred tokens" not in s["verdict"] and s["metrics"]["verdict/jaccard_above_chance"] == 0.0
+
+
+def test_start_token_kept_and_its_chance_level():
+    ids = np.arange(20).reshape(4, 5)
+    initial = ids.copy()
+    initial[1:, :] += 100  # run 0 keeps all 5 start tokens, the others none
+    np.testing.assert_allclose(start_token_kept(ids, initial), [1.0, 0.0, 0.0, 0.0])
+    pool = np.concatenate([np.zeros(2048, int), np.arange(1, 2049)])  # one hub: sum p^2 ~ 1/4
+    s = stats_for(ids, initial_ids=initial, start_pool=pool, vocab_size=5000)
+    kept = s["start_token_kept"]
+    assert kept["mean"] == 0.25 and kept["n_kept"] == 5 and kept["per_run"] == [1.0, 0.0, 0.0, 0.0]
+    assert kept["chance"] == pytest.approx(0.25, abs=0.001)
+    assert s["metrics"]["stats/start_token_kept"] == 0.25 and s["metrics"]["pvalue/start_token_kept"] > 0.05
+    s = stats_for(ids, initial_ids=initial, vocab_size=5000)  # hub-free pool: 5 kept tokens are far above chance
+    assert s["start_token_kept"]["pvalue"] < 1e-6 and s["metrics"]["verdict/start_tokens_kept"] == 1.0
+    assert "5/20 final tokens (25%) are the decoded token of their own random start" in s["verdict"]
+    assert "identify the seed more than the neuron" in s["verdict"]  # 0.25 > agreement and Jaccard (0)
+
+
+def test_convergence_flags_runs_still_rising():
+    epochs = np.arange(100, dtype=float)[:, None]
+    act = np.concatenate([10 * (1 - np.exp(-epochs / 5)), epochs / 10 + 1], axis=1)  # [100, 2]: flat, rising
+    c = convergence(act)
+    assert c["window_epochs"] == 10 and c["still_rising"] == [False, True] and c["n_still_rising"] == 1
+    assert c["per_run"][1] == pytest.approx((10.9 - 9.9) / 10.9)
+    assert c["per_run"][0] == pytest.approx(0.0, abs=1e-6)
+    assert convergence(act[:1]) is None
+    ids = np.arange(10).reshape(2, 5)
+    s = stats_for(ids, initial_ids=ids + 100, activation=act)
+    assert s["metrics"]["converge/frac_runs_still_rising"] == 0.5
+    assert s["metrics"]["verdict/not_converged"] == 1.0 and "Not converged: the activation of 1/2 runs" in s["verdict"]
+    assert metrics.child_metrics(s, 1) == {"stats/start_token_kept": 0.0,
+                                           "converge/act_rel_change_last10pct": pytest.approx(1 / 10.9),
+                                           "converge/still_rising": 1.0}
+    flat = stats_for(ids, initial_ids=ids + 100, activation=act[:, :1].repeat(2, axis=1))
+    assert "Not converged" not in flat["verdict"] and flat["metrics"]["verdict/not_converged"] == 0.0
 
 
 def test_json_and_mlflow_metric_keys():
@@ -186,9 +219,12 @@ def test_json_and_mlflow_metric_keys():
     assert all(re.fullmatch(r"[\w\-./ ]+", key) for key in s["metrics"])
     assert all(isinstance(v, float) and np.isfinite(v) for v in s["metrics"].values())
     for key in ("stats/positional_agreement", "stats/jaccard_mean", "stats/matched_cosine_mean",
-                "baseline/random_unique_mean", "baseline/random_unique_low", "baseline/initial_unique",
-                "bootstrap/jaccard_mean_high", "stats/final_activation_std"):
+                "null/decoded_starts/unique_mean", "null/decoded_starts/unique_low", "null/decoded_starts/unique_high",
+                "null/uniform/unique_mean", "pvalue/unique_decoded_starts", "pvalue/unique_uniform",
+                "pvalue/agreement_decoded_starts", "pvalue/jaccard_decoded_starts", "baseline/initial_unique",
+                "bootstrap/jaccard_mean_high", "stats/final_activation_std", "stats/start_token_kept"):
         assert key in s["metrics"]
+    assert not any(key.startswith("baseline/random") for key in s["metrics"])
 
 
 def test_single_run_has_no_pairwise_statistics():

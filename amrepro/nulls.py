@@ -1,0 +1,212 @@
+"""Chance levels for statistics of decoded tokens, and one-sided Monte Carlo p-values.
+
+Two null models, each a distribution of the same statistics (unique count, positional agreement, pairwise
+Jaccard) over `n_draws` Monte Carlo draws of runs x n_tokens tokens:
+
+(a) uniform: token ids drawn uniformly from the vocabulary.
+(b) decoded starts (the primary null): the method's own start vectors, N(0, std(E)) i.i.d. per vector as
+    seeding.initial_embeddings draws them, decoded exactly as the results are (max cosine to the embedding
+    rows, decode.nearest_tokens' math). Nearest-token decoding concentrates on "hub" tokens, so random vectors
+    repeat tokens far more often than uniform tokens do; (a) ignores that and over-states significance.
+
+How (b) is sampled. Independent draws would decode n_draws * runs * n_tokens vectors (2000 x 50 vectors against
+a 50k x 768 vocabulary is ~8 TFLOP). Instead a POOL of K i.i.d. start vectors is decoded once (chunked matmuls),
+and every Monte Carlo draw takes runs * n_tokens DISTINCT pool entries (sampling without replacement). The pool
+entries are i.i.d., so any set of distinct entries is an exact sample of i.i.d. decoded starts
+(exchangeability): every draw has exactly the null distribution, no bias. Draws share pool entries, so they
+are not independent of one another: the p-values are conditional on the pool's hub frequencies, which adds
+Monte Carlo variance, not bias. (Sampling WITH replacement would be biased: a pool entry drawn twice in one
+draw fakes a repeat.) Cost on this project's shared 2-core CPU (bench/hubness.py --timing): decoding K = 4096
+vectors against a GPT-2-sized 50257 x 768 matrix took 3.2 s at load ~2 and 8-9 s at load ~7 (other jobs
+running); the 2 x 2000 draws and their statistics 0.1-0.4 s. The "under 2 s" aim would need K ~ 2048, which
+doubles the pool's sampling error of the hub frequencies; K = 4096 was kept.
+
+P-values are one-sided with add-one smoothing, p = (1 + #{draws at least as extreme}) / (1 + n_draws), so the
+smallest possible p is 1 / (1 + n_draws) and p is never 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+POOL_SIZE = 4096  # decoded start vectors in the pool: see the module docstring for the cost
+N_DRAWS = 2000  # Monte Carlo draws of runs x n_tokens tokens per null
+HUBS = 20  # hub tokens reported
+INTERVAL = (2.5, 97.5)  # percentiles of the 95% intervals
+_POOL_STREAM = 0x6E756C6C  # 'null': keeps the pool's generator apart from every run's own seed
+
+
+def pool_size(runs: int, n_tokens: int) -> int:
+    """K: at least POOL_SIZE, and at least 4 draws' worth of distinct entries so draws overlap little."""
+    return max(POOL_SIZE, 4 * runs * n_tokens)
+
+
+def pool_seed(seed: int) -> int:
+    """The pool generator's seed, derived from Config.seed but never equal to a run's seed: the pool must not
+    contain the runs' own start vectors."""
+    return int(np.random.SeedSequence([seed, _POOL_STREAM]).generate_state(1)[0])
+
+
+def decoded_start_pool(vocab, std: float, size: int, seed: int, chunk: int = 512) -> np.ndarray:
+    """Token ids [size] of `size` i.i.d. start vectors N(0, std) decoded by max cosine to the rows of vocab.
+
+    vocab [n_vocab, d_model] (a torch tensor, any device). The vectors are drawn like
+    seeding.initial_embeddings (float32 on the CPU from a torch.Generator, times std); the decoding is
+    decode.nearest_tokens' arithmetic (normalize both, matmul, max) with the vocabulary normalized once."""
+    import torch  # only here: the rest of this module is numpy
+
+    with torch.no_grad():
+        generator = torch.Generator(device="cpu").manual_seed(pool_seed(seed))
+        v = torch.nn.functional.normalize(vocab, dim=-1)  # [n_vocab, d_model]
+        ids = []
+        for start in range(0, size, chunk):
+            n = min(chunk, size - start)
+            x = torch.randn(n, vocab.shape[1], generator=generator, dtype=torch.float32) * std  # [n, d_model]
+            e = torch.nn.functional.normalize(x.to(vocab.device, vocab.dtype), dim=-1)
+            ids.append((e @ v.T).max(dim=-1).indices.cpu())  # [n]
+        return torch.cat(ids).numpy()
+
+
+def sample_pool(pool: np.ndarray, runs: int, pos: int, n_draws: int, rng: np.random.Generator) -> np.ndarray:
+    """[n_draws, runs, pos]: each draw runs * pos DISTINCT entries of the pool (without replacement)."""
+    n = runs * pos
+    if n > pool.size:
+        raise ValueError(f"a draw needs {n} distinct pool entries but the pool has {pool.size}")
+    picks = np.stack([rng.choice(pool.size, size=n, replace=False) for _ in range(n_draws)])  # [n_draws, n]
+    return pool[picks].reshape(n_draws, runs, pos)
+
+
+def sample_uniform(vocab_size: int, runs: int, pos: int, n_draws: int, rng: np.random.Generator) -> np.ndarray:
+    """[n_draws, runs, pos] token ids drawn uniformly from the vocabulary."""
+    return rng.integers(0, vocab_size, size=(n_draws, runs, pos))
+
+
+def draw_stats(draws: np.ndarray, max_cells: int = 20_000_000) -> dict[str, np.ndarray]:
+    """The token statistics of many [runs, pos] matrices at once: draws [D, runs, pos] -> {name: [D]}.
+
+    The same definitions as metrics.token_stats (pairs of different runs, Jaccard of token sets), vectorized,
+    plus the coincidence counts that the verdict needs: repeats (tokens minus unique ones), agreeing run-pair
+    positions, and shared tokens summed over run pairs. Pairwise values are NaN with a single run."""
+    draws = np.asarray(draws)
+    D, runs, pos = draws.shape
+    step = max(1, max_cells // max(1, runs * runs * pos * pos))  # draws per chunk: bounds the [d, r, r, p, p] mask
+    out = {k: [] for k in ("n_unique", "positional_agreement", "jaccard_mean", "repeats", "agreeing_positions",
+                           "shared_tokens")}
+    upper = np.triu(np.ones((runs, runs), dtype=bool), k=1)  # [runs, runs]: each pair of different runs once
+    n_pairs = runs * (runs - 1) // 2
+    for start in range(0, D, step):
+        x = draws[start:start + step]  # [d, runs, pos]
+        flat = np.sort(x.reshape(x.shape[0], -1), axis=1)  # [d, runs * pos]
+        n_unique = 1 + (np.diff(flat, axis=1) != 0).sum(axis=1)  # [d]
+        agree = (x[:, :, None, :] == x[:, None, :, :]).sum(axis=-1)  # [d, runs, runs] positions equal
+        # token x[a, p] is new in run a if no earlier position of run a holds it: the run's set, without repeats
+        same = x[:, :, :, None] == x[:, :, None, :]  # [d, runs, pos, pos]
+        first = ~np.tril(same, k=-1).any(axis=-1)  # [d, runs, pos]
+        in_other = (x[:, :, None, :, None] == x[:, None, :, None, :]).any(axis=-1)  # [d, a, b, pos_a]
+        inter = (first[:, :, None, :] & in_other).sum(axis=-1)  # [d, runs, runs] |A ∩ B|
+        size = first.sum(axis=-1)  # [d, runs]
+        jaccard = inter / (size[:, :, None] + size[:, None, :] - inter)  # [d, runs, runs]
+        agreeing, shared = agree[:, upper].sum(axis=1), inter[:, upper].sum(axis=1)  # [d] each
+        out["n_unique"].append(n_unique)
+        out["repeats"].append(runs * pos - n_unique)
+        out["agreeing_positions"].append(agreeing)
+        out["shared_tokens"].append(shared)
+        with np.errstate(invalid="ignore", divide="ignore"):  # one run: no pairs, NaN
+            out["positional_agreement"].append(agreeing / (n_pairs * pos))
+            out["jaccard_mean"].append(jaccard[:, upper].sum(axis=1) / n_pairs)
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def interval(values) -> dict:
+    """Mean and 95% interval of Monte Carlo values. The interval's ends are draws themselves (the lower end
+    rounded down, the upper up), so for counts they are counts and at least 95% of the draws lie inside."""
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return {"mean": None, "low": None, "high": None}
+    return {"mean": float(values.mean()), "low": float(np.percentile(values, INTERVAL[0], method="lower")),
+            "high": float(np.percentile(values, INTERVAL[1], method="higher"))}
+
+
+def pvalue(observed, null_values, larger: bool) -> float | None:
+    """One-sided Monte Carlo p-value with add-one smoothing: (1 + #{draws at least as extreme}) / (1 + draws).
+
+    larger=True: extreme = as large or larger (agreement, Jaccard); False: as small or smaller (unique count:
+    repeats). Ties count as extreme. A 1e-9 tolerance keeps float ties tied whatever the summation order.
+    None when the statistic does not exist (observed None or NaN: a single run)."""
+    if observed is None or not np.isfinite(observed):
+        return None
+    null_values = np.asarray(null_values, dtype=float)
+    null_values = null_values[np.isfinite(null_values)]
+    extreme = null_values >= observed - 1e-9 if larger else null_values <= observed + 1e-9
+    return float((1 + extreme.sum()) / (1 + null_values.size))
+
+
+def hub_tokens(pool: np.ndarray, top_k: int = HUBS) -> list[dict]:
+    """The top_k most frequent tokens of the pool (ties broken by id): id, count and frequency in the pool."""
+    unique, counts = np.unique(pool, return_counts=True)
+    order = sorted(range(unique.size), key=lambda k: (-counts[k], unique[k]))[:top_k]
+    return [{"id": int(unique[k]), "count": int(counts[k]), "frequency": float(counts[k] / pool.size)} for k in order]
+
+
+def collision_probability(pool: np.ndarray) -> float:
+    """sum_t p_t^2, the probability that two i.i.d. decoded starts are the same token, estimated without bias
+    from the pool: pairs of different pool entries that coincide, over all such pairs."""
+    _, counts = np.unique(pool, return_counts=True)
+    counts = counts.astype(float)
+    return float((counts * (counts - 1)).sum() / (pool.size * (pool.size - 1)))
+
+
+def binomial_tail(k: int, n: int, q: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, q): how often chance alone keeps k or more of n start tokens."""
+    if k <= 0:
+        return 1.0
+    if q <= 0.0:
+        return 0.0
+    if q >= 1.0:
+        return 1.0
+    terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(q)
+             + (n - i) * math.log1p(-q) for i in range(k, n + 1)]
+    top = max(terms)
+    return float(min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms)))
+
+
+_KEYS = (("n_unique", False), ("positional_agreement", True), ("jaccard_mean", True))  # (statistic, larger)
+
+
+def null_model(draws: np.ndarray, observed: dict) -> dict:
+    """A null's intervals of every statistic and the observed statistics' p-values under it.
+
+    draws [D, runs, pos]; observed: draw_stats of the observed matrix (one draw), so that observed and null
+    values come from the same arithmetic."""
+    values = draw_stats(draws)
+    out = {"n_draws": int(draws.shape[0])}
+    for key, larger in _KEYS:
+        out[key] = interval(values[key])
+        out[key]["pvalue"] = pvalue(observed[key][0], values[key], larger)
+    return out
+
+
+def null_models(ids: np.ndarray, vocab_size: int, start_pool: np.ndarray | None, seed: int,
+                n_draws: int = N_DRAWS) -> dict:
+    """Both nulls for the observed ids [runs, pos]; decoded starts only when a pool of decoded starts is given.
+    Deterministic: every draw comes from numpy generators seeded by (seed, null)."""
+    ids = np.asarray(ids)
+    runs, pos = ids.shape
+    observed = draw_stats(ids[None])
+    uniform = sample_uniform(vocab_size, runs, pos, n_draws, np.random.default_rng([seed, 2]))
+    out = {"uniform": {"description": "token ids drawn uniformly from the vocabulary",
+                       **null_model(uniform, observed)},
+           "events": {k: int(observed[k][0]) for k in ("repeats", "agreeing_positions", "shared_tokens")}}
+    if start_pool is not None:
+        start_pool = np.asarray(start_pool)
+        starts = sample_pool(start_pool, runs, pos, n_draws, np.random.default_rng([seed, 3]))
+        out["decoded_starts"] = {
+            "description": (f"the method's start vectors (N(0, std(E)) i.i.d.) decoded to their max-cosine tokens: "
+                            f"a pool of {start_pool.size} decoded once, each draw {runs * pos} distinct pool entries"),
+            **null_model(starts, observed), "pool_size": int(start_pool.size), "vocab_size": int(vocab_size),
+            "pool_distinct": int(np.unique(start_pool).size),
+            "collision_probability": collision_probability(start_pool), "hub_tokens": hub_tokens(start_pool)}
+    return out
