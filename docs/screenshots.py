@@ -88,7 +88,9 @@ def run_amrepro(folder: Path, model: str, extra: list[str], env: dict[str, str])
     if model == "tiny":
         sys.path.insert(0, str(REPO / "tests"))
         from tiny import write_tiny_gpt2
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # no "Writing model shards" bar in this script's output
         model = str(write_tiny_gpt2(folder / "tiny-gpt2"))
         defaults = {"--layer": "4", "--dim": "3"}  # the tiny model has 10 layers of width 32
         extra = [x for k, v in defaults.items() if k not in extra for x in (k, v)] + extra
