@@ -120,7 +120,8 @@ def start_server(folder: Path, uri: str, env: dict[str, str]) -> tuple[subproces
     deadline = time.time() + 180  # a busy 2-core machine needs ~30 s
     while time.time() < deadline:
         if server.poll() is not None:
-            sys.exit(f"mlflow server exited ({server.returncode}); see its log:\n{(folder / 'server.log').read_text()[-3000:]}")
+            log_text = (folder / "server.log").read_text()[-3000:]
+            sys.exit(f"mlflow server exited ({server.returncode}); its log:\n{log_text}")
         try:
             with urllib.request.urlopen(base + "/health", timeout=2):
                 return server, base
@@ -242,7 +243,8 @@ def shoot(driver, base: str, route: str, state: dict[str, str], wait_for: list[s
                                                    for text in wait_for))
     if click:
         time.sleep(1)
-        found = driver.find_elements(By.XPATH, f"//*[self::button or self::a or @role='button'][normalize-space()='{click}']")
+        clickable = "//*[self::button or self::a or @role='button']"
+        found = driver.find_elements(By.XPATH, f"{clickable}[normalize-space()='{click}']")
         if found:
             found[0].click()
     time.sleep(settle)
