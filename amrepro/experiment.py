@@ -167,7 +167,7 @@ def execute(prep: Prepared, on_epoch: Callable[[int], None] | None = None) -> Ou
     if spec is not None:
         summary["specificity"] = spec
         if stats is not None:
-            stats["verdict"] += " Target specificity: " + specificity_words(spec)
+            stats["verdict"] += " " + specificity_words(spec)
     elif prep.controls:
         summary["specificity"] = {"controls": [t.name for t in prep.controls],
                                   "not_computed": "a target or control run diverged"}
