@@ -23,6 +23,15 @@ def epoch_progress(epochs: int, runs: int):
         yield lambda epoch: progress.update(task, completed=epoch + 1)
 
 
+@contextmanager
+def logging_progress(runs: int, done: int = 0):
+    """Yields advance() for each run logged to MLflow (after the science: Ctrl-C here only says so, see signals)."""
+    columns = (TextColumn("[bold]logging runs to MLflow"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("log", total=runs, completed=done)
+        yield lambda: progress.advance(task)
+
+
 def token_table(outcome) -> Table:
     n_pos = len(outcome.tokens[0])
     table = Table(title=f"Decoded tokens ({outcome.target.name})", header_style="bold")
