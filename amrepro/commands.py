@@ -244,16 +244,17 @@ def log_parent(tracker: Tracker, run_id: str, outcome: Outcome, frozen: bytes | 
 def decode(run_id: str) -> bool:
     """Re-derive the tokens of a child run (or every child of a parent) from its logged final embeddings.
     True when they equal the logged tokens.json."""
+    from .tracking import RunReader
+
+    reader = RunReader()
+    parent, selected = reader.family(run_id)  # a bad id is answered before torch is imported
+    if reader.note:
+        report.errors.print(f"note: {reader.note}", soft_wrap=True, markup=False)
     import torch
 
     from .decode import nearest_tokens
     from .model import load_model
-    from .tracking import RunReader
 
-    reader = RunReader()
-    parent, selected = reader.family(run_id)
-    if reader.note:
-        report.errors.print(f"note: {reader.note}", soft_wrap=True, markup=False)
     config = Config.from_params(parent.data.params)
     finals = np.stack([reader.npy(c, "embeddings/final.npy") for c in selected])  # [runs, pos, d_model]
     logged = [reader.json(c, "tokens.json")["ids"] for c in selected]

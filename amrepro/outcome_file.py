@@ -9,7 +9,6 @@ the pip freeze. Written to a temporary name and renamed, so a file that exists i
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 from dataclasses import dataclass

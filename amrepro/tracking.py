@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import socket
@@ -35,6 +36,8 @@ HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5", "MLFLOW_HTTP_REQU
                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 for _key, _value in HTTP_RETRY_DEFAULTS.items():
     os.environ.setdefault(_key, _value)
+if not os.environ.get("AMREPRO_DEBUG"):  # a store error is one sentence from amrepro, not MLflow's logged traceback
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 class StoreLost(Exception):
@@ -106,8 +109,10 @@ class _Shielded:
 def store_problem(error: BaseException, uri: str) -> str:
     """One sentence for an exception a store call raised."""
     text = str(error)
-    if re.search(r"readonly database|read-only file system|permission denied", text, re.IGNORECASE):
-        return f"the MLflow tracking store at {uri} is read-only, so amrepro cannot log to it ({_short(error)})"
+    found = re.search(r"[^\n]*(readonly database|read-only file system|permission denied)[^\n]*", text, re.IGNORECASE)
+    if found:
+        why = re.sub(r"^\(\w+\.\w+\) ", "", found.group(0).strip())[:200]  # drop "(sqlite3.OperationalError) "
+        return f"the MLflow tracking store at {uri} is read-only, so amrepro cannot log to it ({why})"
     seconds = getattr(error, "amrepro_store_seconds", None)
     if uri.startswith(("http://", "https://")) and re.search(
             r"Max retries exceeded|Connection refused|timed out|ConnectionError|Failed to establish", text):
@@ -181,6 +186,8 @@ def connect(uri: str | None = None):
             client = MlflowClient(uri)
             client.search_experiments(max_results=1)
         except Exception as error:  # noqa: BLE001 - any failure means the store is unusable
+            if re.search(r"readonly database|read-only file system", str(error), re.IGNORECASE):
+                raise AmreproError(store_problem(error, uri) + ".") from None
             raise AmreproError(f"cannot use the MLflow tracking store at {uri}: {_short(error)}") from None
     return _Shielded(client), uri
 
