@@ -94,10 +94,11 @@ def log_outcome(tracker: Tracker, parent: str, experiment_id: str, outcome, froz
             log_parent(tracker, parent, outcome, frozen)
             if outcome.summary["statistics"] is None:
                 tracker.log_tags(parent, {"error": f"all {config.runs} runs diverged"})
-        tracker.end(parent, "FAILED" if outcome.summary["statistics"] is None else "FINISHED")
-    if path is not None:
-        path.unlink(missing_ok=True)
-        tracker.outcome_path = None
+        with signals.shielded():  # a parent that is ended has no outcome file left, whenever a Ctrl-C comes
+            tracker.end(parent, "FAILED" if outcome.summary["statistics"] is None else "FINISHED")
+            if path is not None:
+                path.unlink(missing_ok=True)
+                tracker.outcome_path = None
     if outcome.summary["statistics"] is None:
         raise NoResult(f"all {config.runs} runs diverged ({outcome.diverged[0]}), so there is nothing to "
                        "compare; lower --lr or --l2. The runs are marked FAILED.")

@@ -181,6 +181,11 @@ def connect(uri: str | None = None):
     from mlflow import MlflowClient
 
     uri = uri or mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:///file:"):
+        folder = os.path.dirname(os.path.abspath(uri[len("sqlite:///"):].split("?")[0]))
+        if not os.path.isdir(folder):  # MLflow would create it: a typo in the path would start an empty store
+            raise AmreproError(f"cannot use the MLflow tracking store at {uri}: the folder {folder} does not exist "
+                               "(create it first, or correct MLFLOW_TRACKING_URI).")
     with _quick_http_failure(), _sqlite_creation_lock(uri), signals.shielded():
         try:
             client = MlflowClient(uri)
@@ -239,10 +244,11 @@ class Tracker:
                     self.n_unended += 1
 
     def end(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status=status)
-        self.n_finished += status == "FINISHED"
-        if run_id in self.open_runs:
-            self.open_runs.remove(run_id)
+        with signals.shielded():  # the store and open_runs agree, whenever a Ctrl-C comes
+            self.client.set_terminated(run_id, status=status)
+            self.n_finished += status == "FINISHED"
+            if run_id in self.open_runs:
+                self.open_runs.remove(run_id)
 
     def attach_mlflow_run(self) -> str | None:
         """Under `mlflow run`, the run it created (MLFLOW_RUN_ID) is our parent: hold it open from the start,
@@ -276,18 +282,20 @@ class Tracker:
             existing = self.client.get_run(run_id).data.params
             params = {k: v for k, v in params.items() if k not in existing}
         else:
-            run_id = self.write(lambda: self.client.create_run(experiment_id or self._experiment_id(),
-                                                               run_name=run_name, tags=process_tags()).info.run_id)
-            self.open_runs.append(run_id)
+            with signals.shielded():  # a run that exists is in open_runs, whenever a Ctrl-C comes
+                run_id = self.write(lambda: self.client.create_run(experiment_id or self._experiment_id(),
+                                                                   run_name=run_name, tags=process_tags()).info.run_id)
+                self.open_runs.append(run_id)
         self.write(self._log, run_id, params=params, tags={**tags, **process_tags()})
         return run_id
 
     def start_child(self, parent_id: str, name: str, params: dict[str, str], experiment_id: str | None = None) -> str:
         """A child run with its params; inside batched(run) the params wait for the run's one log_batch."""
         experiment_id = experiment_id or self.client.get_run(parent_id).info.experiment_id
-        run = self.client.create_run(experiment_id, run_name=name,
-                                     tags={"mlflow.parentRunId": parent_id, **process_tags()})
-        self.open_runs.append(run.info.run_id)
+        with signals.shielded():
+            run = self.client.create_run(experiment_id, run_name=name,
+                                         tags={"mlflow.parentRunId": parent_id, **process_tags()})
+            self.open_runs.append(run.info.run_id)
         self._log(run.info.run_id, params=params)
         return run.info.run_id
 
@@ -302,8 +310,9 @@ class Tracker:
             raise
         if run.info.status == "FINISHED" or run.info.lifecycle_stage == "deleted":
             return None, None
-        self.client.update_run(run_id, status="RUNNING")
-        self.open_runs.append(run_id)
+        with signals.shielded():
+            self.client.update_run(run_id, status="RUNNING")
+            self.open_runs.append(run_id)
         if "error" in run.data.tags:
             self.client.delete_tag(run_id, "error")
         self._log(run_id, tags=process_tags())
