@@ -279,14 +279,15 @@ def reproduce(run_id: str, device: str | None = None, tolerance: float = 1e-4) -
     batch of 10 and a batch of 1 round differently, so only the same batch can be bit-identical."""
     import dataclasses
 
-    from .experiment import execute, prepare
-    from .provenance import environment
     from .tracking import RunReader
 
     reader = RunReader()
-    parent, selected = reader.family(run_id)
+    parent, selected = reader.family(run_id)  # a bad id is answered before torch is imported
     if reader.note:
         report.errors.print(f"note: {reader.note}", soft_wrap=True, markup=False)
+    from .experiment import execute, prepare
+    from .provenance import environment
+
     logged_env = {k: v for k, v in parent.data.tags.items() if k.startswith("env.")}
     config = Config.from_params(parent.data.params)
     config = dataclasses.replace(config, device=device or logged_env.get("env.device", config.device))
