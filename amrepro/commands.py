@@ -29,8 +29,8 @@ def child_params(config: Config, r: int) -> dict[str, str]:
 
 
 def run(config: Config, experiment: str | None = None):
-    """The parent run exists from before the model loads (it is what `mlflow run` hands us, and the user sees it
-    RUNNING); the seed runs are created after the science, cheaply, from results already saved to disk."""
+    """The parent run exists from before the optimization (it is what `mlflow run` hands us, and the user sees
+    it RUNNING); the seed runs are created after the science, cheaply, from results already saved to disk."""
     from .experiment import execute, prepare
     from .provenance import environment, pip_freeze
 
@@ -45,10 +45,12 @@ def run(config: Config, experiment: str | None = None):
         experiment_id = tracker.write(tracker.client.get_run, parent).info.experiment_id
         with report.epoch_progress(config.epochs, config.runs) as on_epoch:
             outcome = execute(prep, on_epoch)
-        frozen = pip_freeze()
-        # The science is done: from here on it is never lost. Saved before the first store call, removed after the last.
-        tracker.outcome_path = outcome_file.save(outcome, parent, experiment_id, tracker.uri, config.to_params(),
-                                                 env, frozen)
+        # The science is done: from here on it is never lost. Saved before the first store call (a Ctrl-C here
+        # waits for the file), removed after the last.
+        with signals.shielded():
+            frozen = pip_freeze()
+            tracker.outcome_path = outcome_file.save(outcome, parent, experiment_id, tracker.uri,
+                                                     config.to_params(), env, frozen)
         report.print_outcome(outcome, parent, tracker.uri)
         log_outcome(tracker, parent, experiment_id, outcome, frozen)
     return outcome
