@@ -483,15 +483,21 @@ class RunReader:
             if state:
                 self.note = f"its parent run {parent.info.run_id} is {state}."
             return parent, [run]
-        if state and not done:
-            raise AmreproError(f"run {run_id} is {state} and none of its {n_runs} runs was logged, so there is "
-                               f"nothing to decode{'; ' + kept if kept else ''}.")
+        diverged = [c for c in children if c.info.status == "FAILED" and c.data.tags.get("error", "").startswith("diverged")]
+        missing = n_runs - len(done) - len(diverged)  # never logged: the run was interrupted or is still going
         if not done:
-            why = "all its runs diverged" if children else "it has no child runs"
-            raise AmreproError(f"run {run_id} has nothing to decode: {why}.")
-        if state or len(done) < n_runs:
-            self.note = (f"run {run_id} is {state or 'finished'}: {len(done)} of its {n_runs} runs were logged "
-                         f"and are used here{'; ' + kept if kept else ''}.")
+            if diverged and not missing:
+                raise AmreproError(f"run {run_id} has nothing to decode: all its {n_runs} runs diverged.")
+            raise AmreproError(f"run {run_id} is {state or 'without child runs'}"
+                               f"{f' and none of its {n_runs} runs was logged' if state else ''}, so there is "
+                               f"nothing to decode{'; ' + kept if kept else ''}.")
+        if missing or diverged:
+            parts = [f"{len(done)} of its {n_runs} runs are used here"]
+            if diverged:
+                parts.append(f"{len(diverged)} diverged")
+            if missing:
+                parts.append(f"{missing} were not logged{': ' + kept if kept else ''}")
+            self.note = f"run {run_id} is {state or 'finished'}: " + ", ".join(parts) + "."
         return parent, done
 
     def artifact(self, run, path: str) -> bytes:

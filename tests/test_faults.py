@@ -141,7 +141,9 @@ def test_stopped_while_logging_keeps_the_results_for_amrepro_log(tiny_gpt2, stor
     # item 8: decode says how much of the interrupted run was logged, and decodes that
     result = cli("decode", parent.info.run_id)
     assert result.exit_code == 0, result.output
-    assert f"{len(finished)} of its 120 runs were logged" in result.output and "amrepro log" in result.output
+    out = result.output.replace("\n", " ")
+    assert f"{len(finished)} of its 120 runs are used here, {120 - len(finished)} were not logged" in out
+    assert f"`amrepro log amrepro-outcomes/{path.name}`" in out
 
     # amrepro log FILE: the rest goes into the same parent, which ends FINISHED; the file is removed
     os.chdir(tmp_path)
