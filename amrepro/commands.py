@@ -190,11 +190,13 @@ def _saying_what_was_saved(tracker: Tracker):
 
 
 def _what_was_saved(tracker: Tracker) -> str:
+    path = tracker.outcome_path
+    if not (tracker.n_finished or tracker.n_stopped or tracker.n_unended or path):
+        return "nothing was logged yet."
     text = (f"{tracker.n_finished} finished run(s) kept, {tracker.n_stopped} unfinished run(s) marked KILLED in "
             f"{tracker.uri}.")
     if tracker.n_unended:
         text = text[:-1] + f", {tracker.n_unended} could not be ended (the store failed) and stay RUNNING."
-    path = tracker.outcome_path
     if path is not None and Path(path).exists():
         text += f" Every result is kept in {path}: `amrepro log {path}` logs it."
     return text
