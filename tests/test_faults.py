@@ -48,7 +48,7 @@ def _optimizing(store, tiny_gpt2, cwd, runs=2):
     return proc
 
 
-def _logging(store, tiny_gpt2, cwd, runs=150):
+def _logging(store, tiny_gpt2, cwd, runs=60):
     """A subprocess `amrepro run` whose science is done and that is logging its seed runs."""
     proc = _start(store, cwd, "run", "--model", tiny_gpt2, "--runs", str(runs), "--epochs", "1", "--dim", "3")
     _wait_for(lambda: len(all_runs(store)) >= 2, what="the first logged child")
@@ -57,7 +57,7 @@ def _logging(store, tiny_gpt2, cwd, runs=150):
 
 # --- item 2: runs after the science -----------------------------------------------------------------------
 
-def test_seed_runs_are_created_after_the_science_with_one_log_batch_each(tiny_gpt2, store, tmp_path):
+def test_seed_runs_do_not_exist_before_the_science(tiny_gpt2, store, tmp_path):
     proc = _optimizing(store, tiny_gpt2, tmp_path, runs=3)
     try:
         runs = all_runs(store)  # mid-optimization: the parent alone, RUNNING, no child rows yet
@@ -108,20 +108,20 @@ def test_signal_during_optimization_ends_runs_killed(tiny_gpt2, store, tmp_path,
 
 
 def test_one_ctrl_c_while_logging_only_says_so(tiny_gpt2, store, tmp_path):
-    proc = _logging(store, tiny_gpt2, tmp_path, runs=120)
+    proc = _logging(store, tiny_gpt2, tmp_path, runs=60)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
-    assert "logging is in progress:" in err and "of 120 runs logged" in err and "amrepro-outcomes" in err
+    assert "logging is in progress:" in err and "of 60 runs logged" in err and "amrepro-outcomes" in err
     runs = all_runs(store)
-    assert len(runs) == 121 and all(r.info.status == "FINISHED" for r in runs)
+    assert len(runs) == 61 and all(r.info.status == "FINISHED" for r in runs)
     assert not list((tmp_path / "amrepro-outcomes").glob("*.npz"))
 
 
 @pytest.mark.parametrize("signals_sent", [[signal.SIGINT, signal.SIGINT], [signal.SIGTERM]],
                          ids=["two-ctrl-c", "sigterm"])
 def test_stopped_while_logging_keeps_the_results_for_amrepro_log(tiny_gpt2, store, tmp_path, signals_sent):
-    proc = _logging(store, tiny_gpt2, tmp_path, runs=120)
+    proc = _logging(store, tiny_gpt2, tmp_path, runs=60)
     for signum in signals_sent:
         proc.send_signal(signum)
         time.sleep(0.3)
@@ -136,13 +136,13 @@ def test_stopped_while_logging_keeps_the_results_for_amrepro_log(tiny_gpt2, stor
     (parent,) = _parents(store)
     assert parent.info.status == "KILLED" and path.stem == parent.info.run_id
     finished = [r for r in runs if r.info.status == "FINISHED"]
-    assert 1 <= len(finished) < 120
+    assert 1 <= len(finished) < 60
 
     # item 8: decode says how much of the interrupted run was logged, and decodes that
     result = cli("decode", parent.info.run_id)
     assert result.exit_code == 0, result.output
     out = result.output.replace("\n", " ")
-    assert f"{len(finished)} of its 120 runs are used here, {120 - len(finished)} were not logged" in out
+    assert f"{len(finished)} of its 60 runs are used here, {60 - len(finished)} were not logged" in out
     assert f"`amrepro log amrepro-outcomes/{path.name}`" in out
 
     # amrepro log FILE: the rest goes into the same parent, which ends FINISHED; the file is removed
@@ -154,7 +154,7 @@ def test_stopped_while_logging_keeps_the_results_for_amrepro_log(tiny_gpt2, stor
     (parent,) = _parents(store)
     children = children_of(store, parent.info.run_id)
     assert parent.info.status == "FINISHED" and "error" not in parent.data.tags
-    assert sorted(int(c.data.params["run_index"]) for c in children) == list(range(120))
+    assert sorted(int(c.data.params["run_index"]) for c in children) == list(range(60))
     assert all(c.info.status == "FINISHED" for c in children)
     assert "verdict" in parent.data.tags and "stats/positional_agreement" in parent.data.metrics
 
@@ -174,10 +174,17 @@ def _foreign_running_runs(store):
 
 def test_sigkill_leftovers_are_ended_by_doctor(tiny_gpt2, store, tmp_path):
     proc = _optimizing(store, tiny_gpt2, tmp_path)
-    proc.kill()
-    proc.communicate()
+    try:  # item 8: decode of a run that is still running says so
+        (parent,) = all_runs(store)
+        result = cli("decode", parent.info.run_id)
+        assert result.exit_code == 2 and f"still running (pid {proc.pid}" in result.output.replace("\n", " ")
+    finally:
+        proc.kill()
+        proc.communicate()
     (killed,) = all_runs(store)
     assert killed.info.status == "RUNNING" and killed.data.tags["amrepro.pid"] == str(proc.pid)
+    result = cli("reproduce", killed.info.run_id)  # its process is gone: says so, and names the cure
+    assert result.exit_code == 2 and "is gone" in result.output and "amrepro doctor" in result.output
     live, other = _foreign_running_runs(store)
 
     result = cli("doctor")
@@ -197,31 +204,19 @@ def test_sigkill_leftovers_are_ended_by_doctor(tiny_gpt2, store, tmp_path):
 
 
 def test_the_next_run_ends_sigkill_leftovers_of_this_host(tiny_gpt2, store, tmp_path):
-    proc = _optimizing(store, tiny_gpt2, tmp_path)
-    proc.kill()
-    proc.communicate()
-    (killed,) = all_runs(store)
+    from amrepro.tracking import HOST
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    client = MlflowClient(store)  # what a SIGKILLed `amrepro run` leaves: a RUNNING run whose process is gone
+    killed = client.create_run("0", run_name="killed", tags={"amrepro.host": HOST, "amrepro.pid": dead.stdout.strip(),
+                                                             "amrepro.pid_start": "x:1"}).info.run_id
     live, other = _foreign_running_runs(store)
     result = cli("run", "--model", tiny_gpt2, "--runs", "1", "--epochs", "2", "--dim", "3")
     assert result.exit_code == 0, result.output
-    assert f"note: ended 1 run(s) KILLED that amrepro process(es) {proc.pid}" in result.output.replace("\n", " ")
-    client = MlflowClient(store)
-    assert client.get_run(killed.info.run_id).info.status == "KILLED"
+    out = result.output.replace("\n", " ")
+    assert f"note: ended 1 run(s) KILLED that amrepro process(es) {dead.stdout.strip()} on {HOST}" in out
+    assert client.get_run(killed).info.status == "KILLED"
     assert client.get_run(live).info.status == "RUNNING" and client.get_run(other).info.status == "RUNNING"
-
-
-def test_decode_of_a_running_run_says_it_is_still_running(tiny_gpt2, store, tmp_path):
-    proc = _optimizing(store, tiny_gpt2, tmp_path)
-    try:
-        (parent,) = all_runs(store)
-        result = cli("decode", parent.info.run_id)
-        assert result.exit_code == 2 and f"still running (pid {proc.pid}" in result.output.replace("\n", " ")
-    finally:
-        proc.kill()
-        proc.communicate()
-    result = cli("reproduce", parent.info.run_id)
-    assert result.exit_code == 2 and "its process" in result.output and "is gone" in result.output
-    assert "amrepro doctor" in result.output
 
 
 # --- item 3: stores that cannot be written ----------------------------------------------------------------
