@@ -224,36 +224,40 @@ def test_the_next_run_ends_sigkill_leftovers_of_this_host(tiny_gpt2, store, tmp_
 def _existing_store(tmp_path) -> Path:
     db = tmp_path / "ro" / "mlflow.db"
     db.parent.mkdir()
-    MlflowClient(f"sqlite:///{db}").search_experiments()  # tables created
+    # tables created by another process: this one must open the file fresh, as a user's next command would
+    subprocess.run([sys.executable, "-c", f"from mlflow import MlflowClient; MlflowClient('sqlite:///{db}')"
+                    ".search_experiments()"], check=True, capture_output=True)
     return db
 
 
-def _bad_store_run(tiny_gpt2, uri, cwd):
+def _bad_store_run(tiny_gpt2, uri, cwd, monkeypatch):
+    """`amrepro run` against uri, in-process (the store check needs no subprocess): (result, seconds)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(cwd)
     start = time.time()
-    proc = subprocess.run([sys.executable, "-m", "amrepro", "run", "--model", tiny_gpt2, "--epochs", "2", "--dim", "3"],
-                          capture_output=True, text=True, env=_env(uri), cwd=cwd, timeout=120)
-    return proc, time.time() - start
+    result = cli("run", "--model", tiny_gpt2, "--epochs", "2", "--dim", "3")
+    return result, time.time() - start
 
 
-def test_read_only_sqlite_store_is_one_sentence_and_no_run(tiny_gpt2, tmp_path):
+def test_read_only_sqlite_store_is_one_sentence_and_no_run(tiny_gpt2, tmp_path, monkeypatch):
     db = _existing_store(tmp_path)
     # Tests run as root, where chmod stops nothing: SQLite's own read-only mode fails like a read-only file.
-    proc, _ = _bad_store_run(tiny_gpt2, f"sqlite:///file:{db}?mode=ro&uri=true", tmp_path)
-    assert proc.returncode == 2, proc.stderr
-    assert "is read-only, so amrepro cannot log to it" in proc.stderr and "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) <= 3
+    result, _ = _bad_store_run(tiny_gpt2, f"sqlite:///file:{db}?mode=ro&uri=true", tmp_path, monkeypatch)
+    assert result.exit_code == 2, result.output
+    assert "is read-only, so amrepro cannot log to it (attempt to write a readonly database)" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) <= 3
     assert all_runs(f"sqlite:///{db}") == []  # no half-written run
 
 
-def test_immutable_sqlite_file_is_read_only_too(tiny_gpt2, tmp_path):
+def test_immutable_sqlite_file_is_read_only_too(tiny_gpt2, tmp_path, monkeypatch):
     db = _existing_store(tmp_path)
     if subprocess.run(["chattr", "+i", str(db)], capture_output=True).returncode != 0:
         pytest.skip("chattr +i is not permitted here")
     try:
-        proc, _ = _bad_store_run(tiny_gpt2, f"sqlite:///{db}", tmp_path)
+        result, _ = _bad_store_run(tiny_gpt2, f"sqlite:///{db}", tmp_path, monkeypatch)
     finally:
         subprocess.run(["chattr", "-i", str(db)])
-    assert proc.returncode == 2 and "is read-only" in proc.stderr and "Traceback" not in proc.stderr
+    assert result.exit_code == 2 and "is read-only" in result.output and "Traceback" not in result.output
     assert all_runs(f"sqlite:///{db}") == []
 
 
@@ -268,12 +272,13 @@ def _free_port():
     ("http://127.0.0.1:PORT", "cannot use the MLflow tracking store at http://127.0.0.1:"),
     ("foo://bar", "cannot use the MLflow tracking store at foo://bar"),
 ], ids=["missing-folder", "no-server", "garbage-scheme"])
-def test_unusable_stores_fail_fast_with_one_sentence(tiny_gpt2, tmp_path, uri, message):
-    proc, seconds = _bad_store_run(tiny_gpt2, uri.replace("PORT", str(_free_port())), tmp_path)
-    assert proc.returncode == 2, proc.stderr
-    assert message in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
-    assert len(proc.stderr.strip().splitlines()) <= 3
-    assert seconds < 30  # includes `import mlflow` on a busy 2-core machine; MLflow's own retries take minutes
+def test_unusable_stores_fail_fast_with_one_sentence(tiny_gpt2, tmp_path, monkeypatch, uri, message):
+    result, seconds = _bad_store_run(tiny_gpt2, uri.replace("PORT", str(_free_port())), tmp_path, monkeypatch)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) <= 3
+    assert seconds < 10  # MLflow's own retries take minutes
+    assert not Path("/no/such/dir").exists()  # MLflow would have created the folder of a mistyped path
 
 
 def test_store_error_while_logging_keeps_the_results(tiny_gpt2, store, monkeypatch):
