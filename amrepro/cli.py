@@ -24,13 +24,23 @@ def _root() -> None:
 
 
 def _guard(fn, *args, **kwargs):
-    """One clear sentence and a non-zero exit instead of a traceback (AMREPRO_DEBUG=1 shows it)."""
+    """One clear sentence and a non-zero exit instead of a traceback (AMREPRO_DEBUG=1 shows it).
+    Exit codes: 2 bad input or unusable store, 1 no result, 3 store lost after the science (results kept in
+    a file), 130 Ctrl-C, 143 SIGTERM."""
+    import signal
+
+    from . import signals
     from .report import errors
 
+    saved = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+    signals.install()  # SIGTERM ends runs like Ctrl-C; neither cuts a store call in half
     try:
         return fn(*args, **kwargs)
     except typer.Exit:
         raise
+    except signals.Terminated as interrupt:
+        errors.print(f"terminated (SIGTERM): {interrupt or 'nothing was logged yet.'}", soft_wrap=True, markup=False)
+        raise typer.Exit(143)
     except AmreproError as error:
         errors.print(f"error: {error}", soft_wrap=True, markup=False)
         raise typer.Exit(2)
@@ -41,11 +51,18 @@ def _guard(fn, *args, **kwargs):
         errors.print(f"interrupted: {interrupt or 'nothing was logged yet.'}", soft_wrap=True, markup=False)
         raise typer.Exit(130)
     except Exception as error:  # noqa: BLE001
+        if type(error).__name__ == "StoreLost":  # tracking.StoreLost (not imported here: it would import numpy)
+            errors.print(f"error: {error}", soft_wrap=True, markup=False)
+            raise typer.Exit(3)
         if os.environ.get("AMREPRO_DEBUG"):
             raise
         errors.print(f"error: {type(error).__name__}: {error} (set AMREPRO_DEBUG=1 for the traceback)",
                      soft_wrap=True, markup=False)
         raise typer.Exit(1)
+    finally:
+        if all(handler is not None for handler in saved):
+            signal.signal(signal.SIGINT, saved[0])
+            signal.signal(signal.SIGTERM, saved[1])
 
 
 @app.command()
@@ -106,6 +123,34 @@ def reproduce(
 
         if not commands.reproduce(run_id, device or None):
             raise typer.Exit(1)
+
+    _guard(go)
+
+
+@app.command("log")
+def log_(file: str = typer.Argument(..., help="An outcome file, amrepro-outcomes/<parent run id>.npz.")):
+    """Log the results an interrupted or disconnected `amrepro run` kept in an outcome file (into its parent run
+    when that still exists and is not FINISHED, else a new one), end the runs FINISHED and delete the file.
+    Store: MLFLOW_TRACKING_URI, else the one the file was made for."""
+
+    def go():
+        from . import commands
+
+        commands.log_file(file)
+
+    _guard(go)
+
+
+@app.command()
+def doctor(all_hosts: bool = typer.Option(False, "--all", help="Also end RUNNING runs whose process cannot be "
+                                                               "checked from this host (other hosts, no pid tag).")):
+    """End the runs a killed amrepro process left RUNNING: every RUNNING amrepro run of the store, one line
+    each; those of this host whose process is gone are ended KILLED, live ones and other hosts' are left alone."""
+
+    def go():
+        from . import commands
+
+        commands.doctor(all_hosts)
 
     _guard(go)
 

@@ -1,17 +1,24 @@
-"""One function per CLI command: connects the experiment (science), tracking (MLflow) and report (terminal)."""
+"""One function per CLI command: connects the experiment (science), tracking (MLflow) and report (terminal).
+
+Heavy modules (torch, matplotlib) are imported inside the commands that need them: `decode` and `reproduce`
+of a bad run id answer in about the time of `import mlflow`.
+"""
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import figures, metrics, report
+from . import outcome_file, report, signals
 from .config import AmreproError, Config, NoResult
-from .experiment import Outcome, execute, prepare
-from .provenance import environment, pip_freeze
-from .specificity import specificity_words
-from .tracking import Tracker, json_bytes, npy_bytes
+from .tracking import HOST, StoreLost, Tracker, json_bytes, npy_bytes, store_problem
+
+if TYPE_CHECKING:
+    from .experiment import Outcome
 
 
 def child_params(config: Config, r: int) -> dict[str, str]:
@@ -21,47 +28,186 @@ def child_params(config: Config, r: int) -> dict[str, str]:
     return params
 
 
-def run(config: Config, experiment: str | None = None) -> Outcome:
+def run(config: Config, experiment: str | None = None):
+    """The parent run exists from before the optimization (it is what `mlflow run` hands us, and the user sees
+    it RUNNING); the seed runs are created after the science, cheaply, from results already saved to disk."""
+    from .experiment import execute, prepare
+    from .provenance import busy_cores_note, environment, pip_freeze
+
     config.validate()
     tracker = Tracker(experiment)  # a store that is down fails here, before the model loads
+    end_leftovers(tracker)  # runs a SIGKILLed amrepro left RUNNING on this host: ended KILLED, one line
     with _saying_what_was_saved(tracker), tracker:  # any exception from here on ends every open run FAILED, Ctrl-C ends them KILLED
         tracker.attach_mlflow_run()  # under `mlflow run`, its run is open (and failed on error) from now on
         prep = prepare(config, note=report.note)
-        parent = tracker.start_parent(config.to_params(), {**environment(prep.lm.device), **prep.lm.fingerprint()},
-                                      run_name=f"{prep.target.name} x{config.runs}")
-        children = [tracker.start_child(parent, f"seed-{seed}", child_params(config, r))
-                    for r, seed in enumerate(config.seeds)]
+        busy = busy_cores_note()
+        if busy:
+            report.note(busy)
+        env = {**environment(prep.lm.device), **prep.lm.fingerprint()}
+        parent = tracker.start_parent(config.to_params(), env, run_name=f"{prep.target.name} x{config.runs}")
+        experiment_id = tracker.write(tracker.client.get_run, parent).info.experiment_id
         with report.epoch_progress(config.epochs, config.runs) as on_epoch:
             outcome = execute(prep, on_epoch)
-        for r, child in enumerate(children):
-            log_child(tracker, child, outcome, r)
-            why = outcome.diverged.get(r)
-            if why:  # divergence is not a result: the run says why and ends FAILED
-                tracker.log_tags(child, {"error": f"diverged: {why}"})
-            tracker.end(child, "FAILED" if why else "FINISHED")
-        log_parent(tracker, parent, outcome)
-        if outcome.summary["statistics"] is None:
-            tracker.log_tags(parent, {"error": f"all {config.runs} runs diverged"})
-            tracker.end(parent, "FAILED")
-            report.print_outcome(outcome, parent, tracker.uri)
-            raise NoResult(f"all {config.runs} runs diverged ({outcome.diverged[0]}), so there is nothing to "
-                           "compare; lower --lr or --l2. The runs are marked FAILED.")
-        tracker.end(parent)
-    report.print_outcome(outcome, parent, tracker.uri)
+        # The science is done: from here on it is never lost. Saved before the first store call (a Ctrl-C here
+        # waits for the file), removed after the last.
+        with signals.shielded():
+            frozen = pip_freeze()
+            tracker.outcome_path = outcome_file.save(outcome, parent, experiment_id, tracker.uri,
+                                                     config.to_params(), env, frozen)
+        report.print_outcome(outcome, parent, tracker.uri)
+        log_outcome(tracker, parent, experiment_id, outcome, frozen)
     return outcome
+
+
+def log_outcome(tracker: Tracker, parent: str, experiment_id: str, outcome, frozen: bytes,
+                resume: bool = False) -> None:
+    """Log every seed run (one create_run, one artifact upload, one log_batch, one set_terminated each) and
+    then the parent, from the outcome saved in tracker.outcome_path, which is removed once all is logged.
+    resume: keep the children an interrupted logging already finished, replace the others."""
+    config, path = outcome.config, tracker.outcome_path
+    done = set()
+    if resume:
+        for child in tracker.children(parent, experiment_id):
+            index = child.data.params.get("run_index")
+            complete = child.info.status == "FINISHED" or (
+                child.info.status == "FAILED" and child.data.tags.get("error", "").startswith("diverged"))
+            if complete and index is not None and int(index) not in done:
+                done.add(int(index))
+            else:  # half-logged by the interrupted attempt: replaced by a complete one below
+                tracker.client.delete_run(child.info.run_id)
+    count = {"logged": len(done)}
+
+    def progress() -> str:
+        return (f"logging is in progress: {count['logged']} of {config.runs} runs logged; every result is kept in "
+                f"{path}. Press Ctrl-C again to stop (`amrepro log {path}` logs the rest later).")
+
+    with signals.logging_phase(progress), report.logging_progress(config.runs, len(done)) as advance:
+        for r, seed in enumerate(config.seeds):
+            if r in done:
+                continue
+            child = tracker.start_child(parent, f"seed-{seed}", {}, experiment_id)
+            why = outcome.diverged.get(r)
+            with tracker.batched(child):  # params, tags and metrics: one log_batch
+                tracker.log_params(child, child_params(config, r))
+                log_child(tracker, child, outcome, r)
+                if why:  # divergence is not a result: the run says why and ends FAILED
+                    tracker.log_tags(child, {"error": f"diverged: {why}"})
+            tracker.end(child, "FAILED" if why else "FINISHED")
+            count["logged"] += 1
+            advance()
+        with tracker.batched(parent):
+            log_parent(tracker, parent, outcome, frozen)
+            if outcome.summary["statistics"] is None:
+                tracker.log_tags(parent, {"error": f"all {config.runs} runs diverged"})
+        with signals.shielded():  # a parent that is ended has no outcome file left, whenever a Ctrl-C comes
+            tracker.end(parent, "FAILED" if outcome.summary["statistics"] is None else "FINISHED")
+            if path is not None:
+                path.unlink(missing_ok=True)
+                tracker.outcome_path = None
+    if outcome.summary["statistics"] is None:
+        raise NoResult(f"all {config.runs} runs diverged ({outcome.diverged[0]}), so there is nothing to "
+                       "compare; lower --lr or --l2. The runs are marked FAILED.")
+
+
+def log_file(path: str) -> None:
+    """`amrepro log FILE`: log an outcome file that an interrupted or disconnected `amrepro run` left, into its
+    parent run when that still exists and is not FINISHED, else into a new parent; then delete the file."""
+    saved = outcome_file.load(path)
+    tracker = Tracker(uri=os.environ.get("MLFLOW_TRACKING_URI") or saved.tracking_uri)
+    with _saying_what_was_saved(tracker), tracker:
+        tracker.outcome_path = Path(path)
+        parent, experiment_id = tracker.reopen(saved.parent_id)
+        if parent is None:
+            experiment_id = saved.experiment_id if tracker.experiment_exists(saved.experiment_id) else None
+            config = saved.outcome.config
+            parent = tracker.start_parent(saved.params, {**saved.tags, "amrepro.logged_from": saved.parent_id},
+                                          run_name=f"{config.target_name} x{config.runs}", experiment_id=experiment_id)
+            experiment_id = tracker.client.get_run(parent).info.experiment_id
+        log_outcome(tracker, parent, experiment_id, saved.outcome, saved.pip_freeze, resume=parent == saved.parent_id)
+    report.console.print(f"logged {saved.outcome.config.runs} runs into parent run {parent} in {tracker.uri}; "
+                         f"{path} was removed.")
+
+
+def end_leftovers(tracker: Tracker) -> None:
+    """Runs left RUNNING by an amrepro process of this host that no longer exists: ended KILLED, one line."""
+    try:
+        gone = [run for run, alive in tracker.leftovers() if alive is False]
+        for run in gone:
+            tracker.end_leftover(run, _gone_reason(run, "amrepro run"))
+    except Exception:  # noqa: BLE001 - housekeeping never stops a run; `amrepro doctor` says what failed
+        return
+    if gone:
+        pids = sorted({run.data.tags["amrepro.pid"] for run in gone}, key=int)
+        report.errors.print(f"note: ended {len(gone)} run(s) KILLED that amrepro process(es) {', '.join(pids)} on "
+                            f"{gone[0].data.tags['amrepro.host']} left RUNNING when they were killed.",
+                            soft_wrap=True, markup=False)
+
+
+def _gone_reason(run, by: str) -> str:
+    tags = run.data.tags
+    return (f"its process (pid {tags.get('amrepro.pid')} on {tags.get('amrepro.host')}) is gone: killed or crashed "
+            f"without ending the run; ended by {by}")
+
+
+def doctor(all_hosts: bool = False) -> None:
+    """`amrepro doctor`: every RUNNING amrepro run of the store, one line each. Runs of this host whose process
+    is gone are ended KILLED; live ones are left alone; runs of other hosts (or without process tags) cannot be
+    checked from here and are left alone unless all_hosts."""
+    tracker = Tracker()
+    ended = alive_n = left = 0
+    for run, alive in tracker.leftovers():
+        tags, run_id = run.data.tags, run.info.run_id
+        name = f"{run_id} ({run.info.run_name})"
+        where = f"pid {tags['amrepro.pid']} on {tags['amrepro.host']}" if "amrepro.pid" in tags else "no process tags"
+        if alive:
+            alive_n += 1
+            report.console.print(f"running   {name}: {where}, still alive; left alone", soft_wrap=True, markup=False)
+        elif alive is False or all_hosts:
+            why = (_gone_reason(run, "amrepro doctor") if alive is False else
+                   f"its process ({where}) could not be checked from {HOST}; ended by amrepro doctor --all")
+            tracker.end_leftover(run, why)
+            ended += 1
+            report.console.print(f"KILLED    {name}: {why}", soft_wrap=True, markup=False)
+        else:
+            left += 1
+            report.console.print(f"unchecked {name}: {where}, cannot be checked from {HOST}; left alone "
+                                 "(`amrepro doctor --all` ends it)", soft_wrap=True, markup=False)
+    report.console.print(f"{ended} run(s) ended KILLED, {alive_n} still running, {left} left alone unchecked "
+                         f"in {tracker.uri}.", soft_wrap=True, markup=False)
 
 
 @contextmanager
 def _saying_what_was_saved(tracker: Tracker):
-    """On Ctrl-C, tell the user what the store now holds (the tracker has already ended the open runs)."""
+    """On Ctrl-C, SIGTERM or a store that fails, tell the user what the store now holds (the tracker has
+    already ended the open runs) and where the results are kept when they are not all logged."""
     try:
         yield
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"{tracker.n_finished} finished run(s) kept, {tracker.n_stopped} unfinished "
-                                f"run(s) marked KILLED in {tracker.uri}.") from None
+    except KeyboardInterrupt as interrupt:
+        raise type(interrupt)(_what_was_saved(tracker)) from None
+    except Exception as error:  # noqa: BLE001
+        if not hasattr(error, "amrepro_store_seconds"):
+            raise
+        if tracker.outcome_path is None:  # nothing computed yet: the store is simply unusable
+            raise AmreproError(store_problem(error, tracker.uri) + ".") from None
+        raise StoreLost(f"{store_problem(error, tracker.uri)}; {_what_was_saved(tracker)}") from None
+
+
+def _what_was_saved(tracker: Tracker) -> str:
+    path = tracker.outcome_path
+    if not (tracker.n_finished or tracker.n_stopped or tracker.n_unended or path):
+        return "nothing was logged yet."
+    text = (f"{tracker.n_finished} finished run(s) kept, {tracker.n_stopped} unfinished run(s) marked KILLED in "
+            f"{tracker.uri}.")
+    if tracker.n_unended:
+        text = text[:-1] + f", {tracker.n_unended} could not be ended (the store failed) and stay RUNNING."
+    if path is not None and Path(path).exists():
+        text += f" Every result is kept in {path}: `amrepro log {path}` logs it."
+    return text
 
 
 def log_child(tracker: Tracker, run_id: str, outcome: Outcome, r: int) -> None:
+    from . import metrics
+
     result = outcome.result
     files = {"embeddings/initial.npy": npy_bytes(result.initial[r].numpy().astype(np.float32)),
              "embeddings/final.npy": npy_bytes(result.final[r].numpy().astype(np.float32))}
@@ -83,10 +229,15 @@ def log_child(tracker: Tracker, run_id: str, outcome: Outcome, r: int) -> None:
     tracker.log_artifacts(run_id, files)
 
 
-def log_parent(tracker: Tracker, run_id: str, outcome: Outcome) -> None:
+def log_parent(tracker: Tracker, run_id: str, outcome: Outcome, frozen: bytes | None = None) -> None:
+    from . import figures
+    from .provenance import pip_freeze
+    from .specificity import specificity_words
+
     s = outcome.summary
     counts = {"runs/diverged": len(outcome.diverged), "runs/ok": s["n_runs_ok"]}
-    tracker.log_artifacts(run_id, {"summary.json": json_bytes(s), "environment/pip-freeze.txt": pip_freeze()})
+    tracker.log_artifacts(run_id, {"summary.json": json_bytes(s),
+                                   "environment/pip-freeze.txt": frozen if frozen is not None else pip_freeze()})
     if s["statistics"] is None:  # every run diverged: no statistic exists, and none is logged
         tracker.log_metrics(run_id, counts)
         tracker.log_tags(run_id, {"verdict": f"no result: all {len(outcome.diverged)} runs diverged"})
@@ -110,14 +261,17 @@ def log_parent(tracker: Tracker, run_id: str, outcome: Outcome) -> None:
 def decode(run_id: str) -> bool:
     """Re-derive the tokens of a child run (or every child of a parent) from its logged final embeddings.
     True when they equal the logged tokens.json."""
+    from .tracking import RunReader
+
+    reader = RunReader()
+    parent, selected = reader.family(run_id)  # a bad id is answered before torch is imported
+    if reader.note:
+        report.errors.print(f"note: {reader.note}", soft_wrap=True, markup=False)
     import torch
 
     from .decode import nearest_tokens
     from .model import load_model
-    from .tracking import RunReader
 
-    reader = RunReader()
-    parent, selected = reader.family(run_id)
     config = Config.from_params(parent.data.params)
     finals = np.stack([reader.npy(c, "embeddings/final.npy") for c in selected])  # [runs, pos, d_model]
     logged = [reader.json(c, "tokens.json")["ids"] for c in selected]
@@ -144,7 +298,12 @@ def reproduce(run_id: str, device: str | None = None, tolerance: float = 1e-4) -
     from .tracking import RunReader
 
     reader = RunReader()
-    parent, selected = reader.family(run_id)
+    parent, selected = reader.family(run_id)  # a bad id is answered before torch is imported
+    if reader.note:
+        report.errors.print(f"note: {reader.note}", soft_wrap=True, markup=False)
+    from .experiment import execute, prepare
+    from .provenance import environment
+
     logged_env = {k: v for k, v in parent.data.tags.items() if k.startswith("env.")}
     config = Config.from_params(parent.data.params)
     _check_family_params(config, parent, selected)

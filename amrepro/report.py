@@ -54,6 +54,15 @@ def _plain_progress(epochs: int, runs: int):
     return on_epoch
 
 
+@contextmanager
+def logging_progress(runs: int, done: int = 0):
+    """Yields advance() for each run logged to MLflow (after the science: Ctrl-C here only says so, see signals)."""
+    columns = (TextColumn("[bold]logging runs to MLflow"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("log", total=runs, completed=done)
+        yield lambda: progress.advance(task)
+
+
 def token_table(outcome):
     """The decoded tokens, one row per seed, each token whole (repr, so spaces and escapes show). When a table
     of whole tokens is wider than the console, one line per seed instead of cut tokens."""

@@ -1,0 +1,323 @@
+"""Faults (issue 12 items 2, 3, 5, 8; issue 11's Ctrl-C while logging and slow bad run ids): signals at every
+phase, SIGKILL leftovers and `amrepro doctor`, stores that cannot be written, outcome files and `amrepro log`."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from helpers import all_runs, children_of, cli
+
+
+def _env(uri, **extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(MLFLOW_TRACKING_URI=uri, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def _start(store, cwd, *args):
+    return subprocess.Popen([sys.executable, "-m", "amrepro", *args], env=_env(store), cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(predicate, timeout=120, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _parents(store):
+    return [r for r in all_runs(store) if "mlflow.parentRunId" not in r.data.tags]
+
+
+def _optimizing(store, tiny_gpt2, cwd, runs=2):
+    """A subprocess `amrepro run` that is optimizing (its parent exists) for a long time."""
+    proc = _start(store, cwd, "run", "--model", tiny_gpt2, "--runs", str(runs), "--epochs", "10000000", "--dim", "3")
+    _wait_for(lambda: _parents(store), what="the parent run")
+    time.sleep(1.0)  # past the parent's tags, into the loop
+    return proc
+
+
+def _logging(store, tiny_gpt2, cwd, runs=60):
+    """A subprocess `amrepro run` whose science is done and that is logging its seed runs."""
+    proc = _start(store, cwd, "run", "--model", tiny_gpt2, "--runs", str(runs), "--epochs", "1", "--dim", "3")
+    _wait_for(lambda: len(all_runs(store)) >= 2, what="the first logged child")
+    return proc
+
+
+# --- item 2: runs after the science -----------------------------------------------------------------------
+
+def test_seed_runs_do_not_exist_before_the_science(tiny_gpt2, store, tmp_path):
+    proc = _optimizing(store, tiny_gpt2, tmp_path, runs=3)
+    try:
+        runs = all_runs(store)  # mid-optimization: the parent alone, RUNNING, no child rows yet
+        assert len(runs) == 1 and runs[0].info.status == "RUNNING"
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
+def test_each_child_costs_one_create_run_and_one_log_batch(tiny_gpt2, store, monkeypatch):
+    calls = []
+    for name in ("create_run", "log_batch", "set_tag", "log_param", "log_metric"):
+        original = getattr(MlflowClient, name)
+
+        def counting(self, *args, _name=name, _original=original, **kwargs):
+            calls.append((_name, kwargs.get("tags", {}).get("mlflow.parentRunId") if _name == "create_run"
+                          else (args[0] if args else kwargs.get("run_id"))))
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(MlflowClient, name, counting)
+    result = cli("run", "--model", tiny_gpt2, "--runs", "3", "--epochs", "4", "--dim", "3")
+    assert result.exit_code == 0, result.output
+    (parent,) = _parents(store)
+    for child in children_of(store, parent.info.run_id):
+        mine = [name for name, run in calls if run == child.info.run_id]
+        assert mine == ["log_batch"], mine  # params, tags, 4-epoch histories, scalars: one call
+        assert child.data.params["seed"] and child.data.metrics["act/final"] is not None
+        assert child.data.tags["amrepro.pid"] == str(os.getpid()) and child.data.tags["amrepro.host"]
+    assert sum(1 for name, run in calls if name == "create_run" and run == parent.info.run_id) == 3
+    assert not list(Path("amrepro-outcomes").glob("*.npz"))  # logged: the outcome file is gone
+
+
+# --- items 2 and 5: signals at every phase ----------------------------------------------------------------
+
+@pytest.mark.parametrize("signum,code,word", [(signal.SIGINT, 130, "interrupted"),
+                                              (signal.SIGTERM, 143, "terminated (SIGTERM)")])
+def test_signal_during_optimization_ends_runs_killed(tiny_gpt2, store, tmp_path, signum, code, word):
+    proc = _optimizing(store, tiny_gpt2, tmp_path)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert f"{word}: 0 finished run(s) kept, 1 unfinished run(s) marked KILLED" in err.replace("\n", " ")
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 3
+    (parent,) = all_runs(store)
+    assert parent.info.status == "KILLED"
+    # item 8: decode/reproduce say it was interrupted, not "not logged by amrepro"
+    result = cli("decode", parent.info.run_id)
+    assert result.exit_code == 2 and "interrupted" in result.output and "nothing to decode" in result.output
+
+
+def test_one_ctrl_c_while_logging_only_says_so(tiny_gpt2, store, tmp_path):
+    proc = _logging(store, tiny_gpt2, tmp_path, runs=60)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "logging is in progress:" in err and "of 60 runs logged" in err and "amrepro-outcomes" in err
+    runs = all_runs(store)
+    assert len(runs) == 61 and all(r.info.status == "FINISHED" for r in runs)
+    assert not list((tmp_path / "amrepro-outcomes").glob("*.npz"))
+
+
+@pytest.mark.parametrize("signals_sent", [[signal.SIGINT, signal.SIGINT], [signal.SIGTERM]],
+                         ids=["two-ctrl-c", "sigterm"])
+def test_stopped_while_logging_keeps_the_results_for_amrepro_log(tiny_gpt2, store, tmp_path, signals_sent):
+    proc = _logging(store, tiny_gpt2, tmp_path, runs=60)
+    for signum in signals_sent:
+        proc.send_signal(signum)
+        time.sleep(0.3)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == (143 if signals_sent == [signal.SIGTERM] else 130), err
+    (path,) = (tmp_path / "amrepro-outcomes").glob("*.npz")
+    flat = err.replace("\n", " ")
+    assert f"amrepro-outcomes/{path.name}: `amrepro log amrepro-outcomes/{path.name}` logs it" in flat
+    assert "Traceback" not in err
+    runs = all_runs(store)
+    assert not any(r.info.status == "RUNNING" for r in runs)
+    (parent,) = _parents(store)
+    assert parent.info.status == "KILLED" and path.stem == parent.info.run_id
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    assert 1 <= len(finished) < 60
+
+    # item 8: decode says how much of the interrupted run was logged, and decodes that
+    result = cli("decode", parent.info.run_id)
+    assert result.exit_code == 0, result.output
+    out = result.output.replace("\n", " ")
+    assert f"{len(finished)} of its 60 runs are used here, {60 - len(finished)} were not logged" in out
+    assert f"`amrepro log amrepro-outcomes/{path.name}`" in out
+
+    # amrepro log FILE: the rest goes into the same parent, which ends FINISHED; the file is removed
+    os.chdir(tmp_path)
+    result = cli("log", f"amrepro-outcomes/{path.name}")
+    assert result.exit_code == 0, result.output
+    assert not path.exists()
+    runs = [r for r in all_runs(store)]
+    (parent,) = _parents(store)
+    children = children_of(store, parent.info.run_id)
+    assert parent.info.status == "FINISHED" and "error" not in parent.data.tags
+    assert sorted(int(c.data.params["run_index"]) for c in children) == list(range(60))
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert "verdict" in parent.data.tags and "stats/positional_agreement" in parent.data.metrics
+
+
+# --- item 5: SIGKILL leftovers ----------------------------------------------------------------------------
+
+def _foreign_running_runs(store):
+    """A live run of another process on this host (this test process), and one of another host."""
+    from amrepro.tracking import process_tags
+
+    client = MlflowClient(store)
+    live = client.create_run("0", run_name="live", tags=process_tags()).info.run_id
+    other = client.create_run("0", run_name="other-host", tags={"amrepro.host": "elsewhere.example",
+                                                                "amrepro.pid": "1", "amrepro.pid_start": "b:1"})
+    return live, other.info.run_id
+
+
+def test_sigkill_leftovers_are_ended_by_doctor(tiny_gpt2, store, tmp_path):
+    proc = _optimizing(store, tiny_gpt2, tmp_path)
+    try:  # item 8: decode of a run that is still running says so
+        (parent,) = all_runs(store)
+        result = cli("decode", parent.info.run_id)
+        assert result.exit_code == 2 and f"still running (pid {proc.pid}" in result.output.replace("\n", " ")
+    finally:
+        proc.kill()
+        proc.communicate()
+    (killed,) = all_runs(store)
+    assert killed.info.status == "RUNNING" and killed.data.tags["amrepro.pid"] == str(proc.pid)
+    result = cli("reproduce", killed.info.run_id)  # its process is gone: says so, and names the cure
+    assert result.exit_code == 2 and "is gone" in result.output and "amrepro doctor" in result.output
+    live, other = _foreign_running_runs(store)
+
+    result = cli("doctor")
+    assert result.exit_code == 0, result.output
+    out = result.output.replace("\n", " ")
+    assert f"KILLED    {killed.info.run_id}" in out and f"pid {proc.pid}" in out
+    assert f"running   {live}" in out and f"unchecked {other}" in out
+    assert "1 run(s) ended KILLED, 1 still running, 1 left alone unchecked" in out
+    client = MlflowClient(store)
+    ended = client.get_run(killed.info.run_id)
+    assert ended.info.status == "KILLED" and "is gone" in ended.data.tags["error"]
+    assert client.get_run(live).info.status == "RUNNING" and client.get_run(other).info.status == "RUNNING"
+
+    result = cli("doctor", "--all")
+    assert "1 run(s) ended KILLED, 1 still running, 0 left alone" in result.output.replace("\n", " ")
+    assert client.get_run(other).info.status == "KILLED" and client.get_run(live).info.status == "RUNNING"
+
+
+def test_the_next_run_ends_sigkill_leftovers_of_this_host(tiny_gpt2, store, tmp_path):
+    from amrepro.tracking import HOST
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    client = MlflowClient(store)  # what a SIGKILLed `amrepro run` leaves: a RUNNING run whose process is gone
+    killed = client.create_run("0", run_name="killed", tags={"amrepro.host": HOST, "amrepro.pid": dead.stdout.strip(),
+                                                             "amrepro.pid_start": "x:1"}).info.run_id
+    live, other = _foreign_running_runs(store)
+    result = cli("run", "--model", tiny_gpt2, "--runs", "1", "--epochs", "2", "--dim", "3")
+    assert result.exit_code == 0, result.output
+    out = result.output.replace("\n", " ")
+    assert f"note: ended 1 run(s) KILLED that amrepro process(es) {dead.stdout.strip()} on {HOST}" in out
+    assert client.get_run(killed).info.status == "KILLED"
+    assert client.get_run(live).info.status == "RUNNING" and client.get_run(other).info.status == "RUNNING"
+
+
+# --- item 3: stores that cannot be written ----------------------------------------------------------------
+
+def _existing_store(tmp_path) -> Path:
+    db = tmp_path / "ro" / "mlflow.db"
+    db.parent.mkdir()
+    # tables created by another process: this one must open the file fresh, as a user's next command would
+    subprocess.run([sys.executable, "-c", f"from mlflow import MlflowClient; MlflowClient('sqlite:///{db}')"
+                    ".search_experiments()"], check=True, capture_output=True)
+    return db
+
+
+def _bad_store_run(tiny_gpt2, uri, cwd, monkeypatch):
+    """`amrepro run` against uri, in-process (the store check needs no subprocess): (result, seconds)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(cwd)
+    start = time.time()
+    result = cli("run", "--model", tiny_gpt2, "--epochs", "2", "--dim", "3")
+    return result, time.time() - start
+
+
+def test_read_only_sqlite_store_is_one_sentence_and_no_run(tiny_gpt2, tmp_path, monkeypatch):
+    db = _existing_store(tmp_path)
+    # Tests run as root, where chmod stops nothing: SQLite's own read-only mode fails like a read-only file.
+    result, _ = _bad_store_run(tiny_gpt2, f"sqlite:///file:{db}?mode=ro&uri=true", tmp_path, monkeypatch)
+    assert result.exit_code == 2, result.output
+    assert "is read-only, so amrepro cannot log to it (attempt to write a readonly database)" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) <= 3
+    assert all_runs(f"sqlite:///{db}") == []  # no half-written run
+
+
+def test_immutable_sqlite_file_is_read_only_too(tiny_gpt2, tmp_path, monkeypatch):
+    db = _existing_store(tmp_path)
+    if subprocess.run(["chattr", "+i", str(db)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not permitted here")
+    try:
+        result, _ = _bad_store_run(tiny_gpt2, f"sqlite:///{db}", tmp_path, monkeypatch)
+    finally:
+        subprocess.run(["chattr", "-i", str(db)])
+    assert result.exit_code == 2 and "is read-only" in result.output and "Traceback" not in result.output
+    assert all_runs(f"sqlite:///{db}") == []
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("uri,message", [
+    ("sqlite:////no/such/dir/mlflow.db", "cannot use the MLflow tracking store at sqlite:////no/such/dir"),
+    ("http://127.0.0.1:PORT", "cannot use the MLflow tracking store at http://127.0.0.1:"),
+    ("foo://bar", "cannot use the MLflow tracking store at foo://bar"),
+], ids=["missing-folder", "no-server", "garbage-scheme"])
+def test_unusable_stores_fail_fast_with_one_sentence(tiny_gpt2, tmp_path, monkeypatch, uri, message):
+    result, seconds = _bad_store_run(tiny_gpt2, uri.replace("PORT", str(_free_port())), tmp_path, monkeypatch)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) <= 3
+    assert seconds < 10  # MLflow's own retries take minutes
+    assert not Path("/no/such/dir").exists()  # MLflow would have created the folder of a mistyped path
+
+
+def test_store_error_while_logging_keeps_the_results(tiny_gpt2, store, monkeypatch):
+    original, seen = MlflowClient.log_batch, []
+
+    def failing(self, run_id, *args, **kwargs):
+        seen.append(run_id)
+        if len(seen) == 4:  # parent params, child 0, child 1, then child 2 fails
+            raise RuntimeError("(sqlite3.OperationalError) disk I/O error")
+        return original(self, run_id, *args, **kwargs)
+    monkeypatch.setattr(MlflowClient, "log_batch", failing)
+    result = cli("run", "--model", tiny_gpt2, "--runs", "3", "--epochs", "3", "--dim", "3")
+    assert result.exit_code == 3, result.output
+    (path,) = Path("amrepro-outcomes").glob("*.npz")
+    out = result.output.replace("\n", " ")
+    assert "failed: (sqlite3.OperationalError) disk I/O error" in out and f"amrepro log amrepro-outcomes/{path.name}" in out
+    assert not any(r.info.status == "RUNNING" for r in all_runs(store))
+    monkeypatch.setattr(MlflowClient, "log_batch", original)
+    result = cli("log", str(path))
+    assert result.exit_code == 0, result.output
+    (parent,) = _parents(store)
+    assert parent.info.status == "FINISHED"
+    assert [c.info.status for c in children_of(store, parent.info.run_id)] == ["FINISHED"] * 3
+
+
+def test_log_refuses_what_is_not_an_outcome_file(store, tmp_path):
+    (tmp_path / "x.npz").write_bytes(b"not a zip")
+    for path in (tmp_path / "x.npz", tmp_path / "missing.npz"):
+        result = cli("log", str(path))
+        assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+# --- item 8 of issue 11: a bad run id answers in the time of `import mlflow` ------------------------------
+
+def test_bad_run_id_does_not_load_torch(store):
+    MlflowClient(store).search_experiments()
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom amrepro.cli import app\n"
+            "for command in ('decode', 'reproduce'):\n"
+            "    result = CliRunner().invoke(app, [command, '0123456789abcdef0123456789abcdef'])\n"
+            "    assert result.exit_code == 2 and 'no run with id' in result.output, result.output\n"
+            "assert 'torch' not in sys.modules and 'matplotlib' not in sys.modules, 'a bad id loaded torch'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, env=_env(store))
