@@ -21,6 +21,12 @@ if TYPE_CHECKING:
     from .experiment import Outcome
 
 
+def run_name(config: Config) -> str:
+    """'{model} {target} x{runs}': what a parent is, readable in the MLflow runs table."""
+    model = Path(config.model.rstrip("/")).name.removesuffix(".gguf") if os.sep in config.model else config.model
+    return f"{model} {config.target_name} x{config.runs}"
+
+
 def child_params(config: Config, r: int) -> dict[str, str]:
     """Every hyperparameter, with this run's own seed; run_index and batch_seed locate it in its batch."""
     params = config.to_params()
@@ -44,8 +50,9 @@ def run(config: Config, experiment: str | None = None):
         if busy:
             report.note(busy)
         env = {**environment(prep.lm.device), **prep.lm.fingerprint()}
-        parent = tracker.start_parent(config.to_params(), env, run_name=f"{prep.target.name} x{config.runs}")
+        parent = tracker.start_parent(config.to_params(), env, run_name=run_name(config))
         experiment_id = tracker.write(tracker.client.get_run, parent).info.experiment_id
+        tracker.mark_experiment(experiment_id)
         with report.epoch_progress(config.epochs, config.runs) as on_epoch:
             outcome = execute(prep, on_epoch)
         # The science is done: from here on it is never lost. Saved before the first store call (a Ctrl-C here
@@ -121,7 +128,7 @@ def log_file(path: str) -> None:
             experiment_id = saved.experiment_id if tracker.experiment_exists(saved.experiment_id) else None
             config = saved.outcome.config
             parent = tracker.start_parent(saved.params, {**saved.tags, "amrepro.logged_from": saved.parent_id},
-                                          run_name=f"{config.target_name} x{config.runs}", experiment_id=experiment_id)
+                                          run_name=run_name(config), experiment_id=experiment_id)
             experiment_id = tracker.client.get_run(parent).info.experiment_id
         log_outcome(tracker, parent, experiment_id, saved.outcome, saved.pip_freeze, resume=parent == saved.parent_id)
     report.console.print(f"logged {saved.outcome.config.runs} runs into parent run {parent} in {tracker.uri}; "
@@ -226,7 +233,18 @@ def log_child(tracker: Tracker, run_id: str, outcome: Outcome, r: int) -> None:
                                  **metrics.child_metrics(outcome.summary["statistics"], int(outcome.ok[:r].sum()))},
                         history={"loss/total": result.loss[:, r].numpy(), "act/target": result.activation[:, r].numpy()})
     files["tokens.json"] = json_bytes({"ids": [int(i) for i in outcome.ids[r]], "tokens": outcome.tokens[r]})
+    # the tokens as a column of the MLflow runs table, and the seed's colour of the figures in the UI's charts
+    tracker.log_tags(run_id, {"tokens": " | ".join(repr(t) for t in outcome.tokens[r]),
+                              "mlflow.runColor": _seed_color(r, len(result.seeds))})
     tracker.log_artifacts(run_id, files)
+
+
+def _seed_color(r: int, runs: int) -> str:
+    from matplotlib.colors import to_hex
+
+    from .figures import seed_colors
+
+    return to_hex(seed_colors(runs)[r])
 
 
 def log_parent(tracker: Tracker, run_id: str, outcome: Outcome, frozen: bytes | None = None) -> None:
@@ -242,9 +260,11 @@ def log_parent(tracker: Tracker, run_id: str, outcome: Outcome, frozen: bytes | 
         tracker.log_metrics(run_id, counts)
         tracker.log_tags(run_id, {"verdict": f"no result: all {len(outcome.diverged)} runs diverged"})
         return
-    tracker.log_metrics(run_id, {"n_unique_tokens": s["n_unique_tokens"], "n_tokens_total": s["n_tokens_total"],
-                                 "unique_fraction": s["unique_fraction"], **counts, **s["statistics"]["metrics"]})
-    tracker.log_tags(run_id, {"verdict": s["statistics"]["verdict"][:5000]})
+    tracker.log_metrics(run_id, {**counts, **s["statistics"]["metrics"]})  # stats/n_unique_tokens etc.: once each
+    tracker.log_tags(run_id, {"verdict": s["statistics"]["verdict"][:5000],
+                              # the run page's description: the verdict, statistics and tokens, never cut off
+                              "mlflow.note.content": report.markdown_summary(outcome)})
+    tracker.log_table(run_id, report.token_columns(outcome), "token_grid.json")
     if outcome.specificity is not None:  # --controls
         tracker.log_metrics(run_id, outcome.specificity["metrics"])
         tracker.log_tags(run_id, {"specificity": specificity_words(outcome.specificity)[:5000]})
@@ -317,7 +337,9 @@ def reproduce(run_id: str, device: str | None = None, tolerance: float = 1e-4) -
         env_now = {**environment(prep.lm.device), **prep.lm.fingerprint()}
         weights = (parent.data.tags.get("model.weights_sha256"), env_now["model.weights_sha256"])
         differences = {k: (logged_env.get(k, "?"), env_now[k]) for k in _NUMERIC_ENV if logged_env.get(k) != env_now[k]}
-        new_run = tracker.start_parent(config.to_params(), {**env_now, "amrepro.reproduces": run_id},
+        new_run = tracker.start_parent(config.to_params(), {**env_now, "amrepro.reproduces": run_id,
+                                                            # nested under the parent it re-ran, in the UI
+                                                            "mlflow.parentRunId": parent.info.run_id},
                                        run_name=f"reproduce {run_id[:8]}", experiment_id=parent.info.experiment_id)
         with report.epoch_progress(config.epochs, config.runs) as on_epoch:
             outcome = execute(prep, on_epoch)

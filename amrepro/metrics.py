@@ -22,7 +22,10 @@ def unique_summary(ids: np.ndarray, tokens: list[list[str]]) -> dict:
         "n_tokens_total": int(ids.size),
         "unique_fraction": float(unique.size / ids.size),
         "repeated": [{"id": i, "token": text[i], "count": c} for c, i in repeated],
-        "unique": [{"id": int(i), "token": text[int(i)], "count": int(c)} for i, c in zip(unique, counts)],
+        # tokens that occur exactly once (the reference's "unique" counts distinct tokens; this list does not
+        # pretend a repeated token is unique), and every distinct token with its count
+        "unique": [{"id": int(i), "token": text[int(i)], "count": 1} for i, c in zip(unique, counts) if c == 1],
+        "counts": [{"id": int(i), "token": text[int(i)], "count": int(c)} for i, c in zip(unique, counts)],
     }
 
 
@@ -190,6 +193,7 @@ def _flat_metrics(out: dict) -> dict[str, float]:
     b, i, nulls, kept = out["bootstrap"], out["baselines"]["initial_tokens"], out["nulls"], out["start_token_kept"]
     flat = {
         "stats/n_unique_tokens": out["n_unique_tokens"], "stats/unique_fraction": out["unique_fraction"],
+        "stats/n_tokens_total": out["n_tokens_total"],
         "stats/positional_agreement": out["positional_agreement"], "stats/jaccard_mean": out["jaccard_mean"],
         "stats/matched_cosine_mean": out["matched_cosine_mean"],
         "stats/positional_cosine_mean": out["positional_cosine_mean"],

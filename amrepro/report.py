@@ -77,7 +77,7 @@ def token_table(outcome):
         table.add_column(f"pos {p}", no_wrap=True, min_width=min(widest, 40))
     table.add_column("act (final)", justify="right")
     table.add_column("act (tokens)", justify="right")
-    counts = {row["id"]: row["count"] for row in outcome.summary.get("unique", [])}
+    counts = {row["id"]: row["count"] for row in outcome.summary.get("counts", [])}
     for r, seed in enumerate(outcome.result.seeds):
         if r in outcome.diverged:
             table.add_row(str(seed), *(["[red]diverged[/]"] + [""] * (n_pos - 1)), "n/a", "n/a")
@@ -93,7 +93,7 @@ def token_table(outcome):
 
 def _token_lines(outcome) -> Group:
     """One entry per seed, wrapped by us only between tokens (rich would break inside "' The'")."""
-    counts = {row["id"]: row["count"] for row in outcome.summary.get("unique", [])}
+    counts = {row["id"]: row["count"] for row in outcome.summary.get("counts", [])}
     lines = [Text(f"Decoded tokens ({outcome.target.name}), repeated tokens in yellow", style="bold")]
     for r, seed in enumerate(outcome.result.seeds):
         if r in outcome.diverged:
@@ -235,3 +235,52 @@ def print_reproduction(run_id: str, rows: list[dict], differences: dict, verdict
         console.print(f"  {key}: logged {logged}, now {now}")
     colour = "green" if verdict.startswith("reproduced") else "red"
     console.print(f"[bold {colour}]{_escape(verdict)}[/]  (logged as run {new_run})")
+
+
+# --- the same results for the MLflow UI (plain data and markdown: nothing here talks to MLflow) ------------
+
+def token_columns(outcome) -> dict[str, list]:
+    """The decoded-token grid as table columns (seed, pos 0..n-1, activations) for mlflow's log_table."""
+    n_pos = len(outcome.tokens[0])
+    columns: dict[str, list] = {"seed": list(outcome.result.seeds)}
+    for p in range(n_pos):
+        columns[f"pos {p}"] = ["(diverged)" if r in outcome.diverged else repr(row[p])
+                               for r, row in enumerate(outcome.tokens)]
+    columns["act (final)"] = [None if r in outcome.diverged else round(float(a), 4)
+                              for r, a in enumerate(outcome.result.final_activation)]
+    columns["act (tokens)"] = [None if r in outcome.diverged else round(float(a), 4)
+                               for r, a in enumerate(outcome.decoded_activation)]
+    return columns
+
+
+def markdown_summary(outcome) -> str:
+    """The parent run's description (tag mlflow.note.content, rendered as markdown on its page)."""
+    s, stats = outcome.summary, outcome.summary["statistics"]
+    lines = [f"**{outcome.config.model}**, `{outcome.target.name}`, {len(outcome.result.seeds)} seeds x "
+             f"{outcome.config.epochs} epochs", "", f"**Verdict.** {stats['verdict']}", "",
+             "| statistic | observed | chance: decoded starts | p | chance: uniform | p |", "|---|---|---|---|---|---|"]
+    nulls = stats.get("nulls", {})
+    for key, label in (("n_unique", "unique tokens"), ("positional_agreement", "positional agreement"),
+                       ("jaccard_mean", "Jaccard")):
+        observed = {"n_unique": f"{stats['n_unique_tokens']}/{stats['n_tokens_total']}",
+                    "positional_agreement": _num(stats["positional_agreement"]),
+                    "jaccard_mean": _num(stats["jaccard_mean"])}[key]
+        cells = []
+        for null in ("decoded_starts", "uniform"):
+            d = nulls.get(null, {}).get(key) or {}
+            cells += [f"{_num(d.get('mean'))} [{_num(d.get('low'))}, {_num(d.get('high'))}]", _num(d.get("pvalue"))]
+        lines.append(f"| {label} | {observed} | " + " | ".join(cells) + " |")
+    lines += ["", "| seed | " + " | ".join(f"pos {p}" for p in range(len(outcome.tokens[0]))) + " | act (final) |",
+              "|---" * (len(outcome.tokens[0]) + 2) + "|"]
+    for r, seed in enumerate(outcome.result.seeds):
+        cells = ["(diverged)"] * len(outcome.tokens[r]) if r in outcome.diverged else \
+            [f"`{t!r}`".replace("|", "\\|") for t in outcome.tokens[r]]
+        act = "n/a" if r in outcome.diverged else f"{float(outcome.result.final_activation[r]):.3f}"
+        lines.append(f"| {seed} | " + " | ".join(cells) + f" | {act} |")
+    return "\n".join(lines)[:5000]
+
+
+def _num(x) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:.3g}" if isinstance(x, float) else str(x)

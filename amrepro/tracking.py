@@ -197,6 +197,10 @@ def connect(uri: str | None = None):
     return _Shielded(client), uri
 
 
+DEFAULT_EXPERIMENT = "amrepro"  # every model and target in one runs table; the run names tell them apart
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+
+
 class Tracker:
     """Creates, fills and ends runs. As a context manager it guarantees no run is left RUNNING:
     on an exception every open run ends FAILED (KILLED on Ctrl-C) with the error as a tag."""
@@ -214,12 +218,27 @@ class Tracker:
 
     # --- connection -------------------------------------------------------------------------------------
     def _experiment_id(self) -> str:
+        """--experiment, else MLflow's own variables (MLFLOW_EXPERIMENT_NAME / _ID), else DEFAULT_EXPERIMENT:
+        never MLflow's catch-all 'Default'."""
         from mlflow.tracking.fluent import _get_experiment_id
 
-        if self.experiment:
-            found = self.client.get_experiment_by_name(self.experiment)
-            return found.experiment_id if found else self.client.create_experiment(self.experiment)
-        return _get_experiment_id() or "0"
+        if not self.experiment and (os.environ.get("MLFLOW_EXPERIMENT_NAME") or os.environ.get("MLFLOW_EXPERIMENT_ID")):
+            return _get_experiment_id() or "0"
+        name = self.experiment or DEFAULT_EXPERIMENT
+        found = self.client.get_experiment_by_name(name)
+        if found:
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(name, tags={EXPERIMENT_KIND: MODEL_TRAINING})
+        except Exception:  # noqa: BLE001 - another process created it a moment ago
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def mark_experiment(self, experiment_id: str) -> None:
+        """Tag the experiment as model training, so MLflow 3 (where it reads the tag) lists runs, not traces."""
+        self.write(self.client.set_experiment_tag, experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
 
     # --- lifecycle --------------------------------------------------------------------------------------
     def __enter__(self) -> "Tracker":
@@ -278,9 +297,12 @@ class Tracker:
         """The attached `mlflow run` run, or a new one; log params and tags on it."""
         run_id = self.attached
         if run_id:
-            # mlflow run already logged the MLproject parameters (MLflow refuses to change a param).
+            # mlflow run already logged the MLproject parameters (MLflow refuses to change a param), and gave
+            # the run a random name ("painted-rook-610"): amrepro's name says what it is.
             existing = self.client.get_run(run_id).data.params
             params = {k: v for k, v in params.items() if k not in existing}
+            if run_name:
+                tags = {**tags, "mlflow.runName": run_name}
         else:
             with signals.shielded():  # a run that exists is in open_runs, whenever a Ctrl-C comes
                 run_id = self.write(lambda: self.client.create_run(experiment_id or self._experiment_id(),
@@ -401,6 +423,10 @@ class Tracker:
     def log_tags(self, run_id: str, tags: dict[str, str]) -> None:
         self._log(run_id, tags=tags)
 
+    def log_table(self, run_id: str, columns: dict[str, list], path: str) -> None:
+        """A table the MLflow UI shows as a table (Artifacts tab): columns name -> values, as a .json artifact."""
+        self.client.log_table(run_id, data=columns, artifact_file=path)
+
     def log_figure(self, run_id: str, figure, path: str) -> None:
         import warnings
 
@@ -462,6 +488,10 @@ class RunReader:
         asked for, by run_index. A parent that was interrupted or is still running gives its finished children
         and says so in self.note; one with none says what happened instead of "not made by amrepro"."""
         run = self.run(run_id)
+        original = run.data.tags.get("amrepro.reproduces")
+        if original:  # nested under the run it re-ran, but it is a comparison, not a seed run
+            raise AmreproError(f"run {run_id} is a reproduction of run {original} (see its reproduction.json); "
+                               f"decode or reproduce {original} itself.")
         parent_id = run.data.tags.get("mlflow.parentRunId")
         parent = self.run(parent_id) if parent_id else run
         if "target_name" not in parent.data.params:

@@ -19,5 +19,6 @@ def all_runs(uri: str):
 
 
 def children_of(uri: str, parent_id: str):
-    return sorted((r for r in all_runs(uri) if r.data.tags.get("mlflow.parentRunId") == parent_id),
+    return sorted((r for r in all_runs(uri) if r.data.tags.get("mlflow.parentRunId") == parent_id
+                   and "run_index" in r.data.params),  # seed runs; a nested reproduction is none
                   key=lambda r: int(r.data.params["run_index"]))

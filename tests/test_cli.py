@@ -39,14 +39,14 @@ def test_run_logs_parent_and_one_child_per_seed(tiny_gpt2, store):
     p = parent.data
     assert p.params["runs"] == "2" and p.params["epochs"] == "500" and p.params["lr"] == "0.001"
     assert p.params["target_name"] == "blocks.8.hook_resid_pre[3]" and p.params["model"] == tiny_gpt2
-    assert p.metrics["n_tokens_total"] == 10 and 1 <= p.metrics["n_unique_tokens"] <= 10
+    assert p.metrics["stats/n_tokens_total"] == 10 and 1 <= p.metrics["stats/n_unique_tokens"] <= 10
     for key in ("env.torch", "env.transformers", "env.mlflow", "env.device", "env.git_commit", "env.threads"):
         assert p.tags[key]
     summary = json.loads(Path(client.download_artifacts(parent.info.run_id, "summary.json")).read_text())
-    assert summary["n_unique_tokens"] == p.metrics["n_unique_tokens"] and len(summary["tokens"]) == 2
+    assert summary["n_unique_tokens"] == p.metrics["stats/n_unique_tokens"] and len(summary["tokens"]) == 2
     # issue 5: statistics with baselines in summary.json, as parent metrics, in the terminal; figures in the UI
     stats = summary["statistics"]
-    assert stats["n_unique_tokens"] == p.metrics["n_unique_tokens"]
+    assert stats["n_unique_tokens"] == p.metrics["stats/n_unique_tokens"]
     assert p.metrics["stats/positional_agreement"] == pytest.approx(stats["positional_agreement"])
     assert "null/decoded_starts/unique_mean" in p.metrics and p.tags["verdict"] == stats["verdict"]
     assert "pvalue/unique_decoded_starts" in p.metrics and len(stats["nulls"]["decoded_starts"]["hub_tokens"]) == 20
@@ -73,7 +73,7 @@ def test_run_logs_parent_and_one_child_per_seed(tiny_gpt2, store):
         tokens = json.loads((folder / "tokens.json").read_text())
         assert len(tokens["ids"]) == len(tokens["tokens"]) == 5
         all_ids += tokens["ids"]
-    assert len(set(all_ids)) == p.metrics["n_unique_tokens"]
+    assert len(set(all_ids)) == p.metrics["stats/n_unique_tokens"]
 
 
 BAD_INPUTS = [

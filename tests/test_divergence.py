@@ -75,7 +75,7 @@ def test_planted_divergence_ends_that_run_failed_with_epoch_and_reason(tiny_gpt2
     assert children[1].data.metrics["diverged/epoch"] == 3 and "act/final" not in children[1].data.metrics
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics["runs/diverged"] == 1 and parent.data.metrics["runs/ok"] == 2
-    assert parent.data.metrics["n_tokens_total"] == 10
+    assert parent.data.metrics["stats/n_tokens_total"] == 10
     assert "1 of 3 runs diverged" in parent.data.tags["verdict"]
 
 

@@ -60,7 +60,8 @@ def test_mlflow_run_local_env_end_to_end(tiny_gpt2, tmp_path, monkeypatch):
     assert "/10 tokens are unique." in proc.stdout
     (parent,) = [r for r in client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
                  if "mlflow.parentRunId" not in r.data.tags]
-    assert parent.info.status == "FINISHED" and parent.data.metrics["n_tokens_total"] == 10
+    assert parent.info.status == "FINISHED" and parent.data.metrics["stats/n_tokens_total"] == 10
+    assert parent.info.run_name == "tiny-gpt2 blocks.8.hook_resid_pre[3] x2"  # not mlflow run's random name
     children = children_of(uri, parent.info.run_id)
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
     # mlflow run logs string parameters shell-quoted (the empty target as "''"): reproduce still reads them

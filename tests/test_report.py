@@ -33,7 +33,7 @@ class _Outcome:
         self.result = SimpleNamespace(seeds=list(range(runs)), final_activation=torch.ones(runs))
         self.decoded_activation = np.zeros(runs)
         unique, counts = np.unique(self.ids, return_counts=True)
-        self.summary = {"unique": [{"id": int(i), "count": int(c)} for i, c in zip(unique, counts)]}
+        self.summary = {"counts": [{"id": int(i), "count": int(c)} for i, c in zip(unique, counts)]}
 
 
 def _render(outcome, width: int) -> str:

@@ -1,0 +1,66 @@
+"""What a user sees in the MLflow UI: tokens as a column, a readable parent page, a token table, run names,
+the model-training experiment, reproductions nested under what they reproduce."""
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from helpers import all_runs, children_of, cli
+
+
+@pytest.fixture
+def logged(tiny_gpt2, store):
+    result = cli("run", "--model", tiny_gpt2, "--runs", "3", "--epochs", "8", "--dim", "3", "--lr", "0.01")
+    assert result.exit_code == 0, result.output
+    (parent,) = [r for r in all_runs(store) if "mlflow.parentRunId" not in r.data.tags]
+    return store, parent, children_of(store, parent.info.run_id)
+
+
+def test_runs_go_to_a_model_training_experiment_with_a_meaningful_name(logged):
+    uri, parent, _ = logged
+    experiment = MlflowClient(uri).get_experiment(parent.info.experiment_id)
+    assert experiment.name == "amrepro"
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert parent.info.run_name == "tiny-gpt2 blocks.8.hook_resid_pre[3] x3"
+
+
+def test_each_seed_shows_its_tokens_and_colour_in_the_runs_table(logged):
+    uri, _, children = logged
+    client = MlflowClient(uri)
+    colours = set()
+    for child in children:
+        tokens = json.loads(Path(client.download_artifacts(child.info.run_id, "tokens.json")).read_text())["tokens"]
+        assert child.data.tags["tokens"] == " | ".join(repr(t) for t in tokens)
+        colours.add(child.data.tags["mlflow.runColor"])
+    assert len(colours) == 3 and all(c.startswith("#") and len(c) == 7 for c in colours)
+
+
+def test_parent_page_has_description_token_table_and_no_duplicate_metrics(logged):
+    uri, parent, children = logged
+    client = MlflowClient(uri)
+    note = parent.data.tags["mlflow.note.content"]
+    assert parent.data.tags["verdict"][:200] in note and "| statistic | observed |" in note
+    assert children[0].data.tags["tokens"].split(" | ")[0].replace("|", "\\|") in note
+    table = json.loads(Path(client.download_artifacts(parent.info.run_id, "token_grid.json")).read_text())
+    assert table["columns"][:2] == ["seed", "pos 0"] and len(table["data"]) == 3
+    assert [row[0] for row in table["data"]] == [0, 1, 2]
+    assert "n_unique_tokens" not in parent.data.metrics and "unique_fraction" not in parent.data.metrics
+    assert {"stats/n_unique_tokens", "stats/n_tokens_total", "stats/unique_fraction"} <= set(parent.data.metrics)
+    summary = json.loads(Path(client.download_artifacts(parent.info.run_id, "summary.json")).read_text())
+    repeated = {row["id"] for row in summary["repeated"]}
+    assert not repeated & {row["id"] for row in summary["unique"]}  # "unique" lists no repeated token
+    assert sum(row["count"] for row in summary["counts"]) == 15
+
+
+def test_reproduction_is_nested_under_the_run_it_reproduces(logged):
+    uri, parent, _ = logged
+    result = cli("reproduce", parent.info.run_id)
+    assert result.exit_code == 0, result.output
+    (rerun,) = [r for r in all_runs(uri) if r.data.tags.get("amrepro.reproduces") == parent.info.run_id]
+    assert rerun.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert len(children_of(uri, parent.info.run_id)) == 3  # the seeds alone: the re-run is no seed
+    for command in ("decode", "reproduce"):
+        result = cli(command, rerun.info.run_id)
+        assert result.exit_code == 2 and "is a reproduction of run" in result.output, result.output
