@@ -80,8 +80,9 @@ def run(
     device: str = typer.Option(_D.device, help=help_for("device")),
     threads: int = typer.Option(_D.threads, help=help_for("threads")),
     controls: int = typer.Option(_D.controls, help=help_for("controls")),
-    experiment: str = typer.Option("", help="MLflow experiment name (default: MLflow's own, "
-                                            "or MLFLOW_EXPERIMENT_NAME / MLFLOW_EXPERIMENT_ID)."),
+    experiment: str = typer.Option("", help="MLflow experiment name (default: MLFLOW_EXPERIMENT_NAME / "
+                                            "MLFLOW_EXPERIMENT_ID if set, else 'amrepro'; under `mlflow run`, "
+                                            "its --experiment-name)."),
 ):
     """Run the experiment: RUNS seeds batched, one MLflow parent run with a child run per seed."""
     config = Config(model=model, layer=layer, dim=dim, target=target, runs=runs, epochs=epochs,

@@ -81,7 +81,7 @@ def busy_cores_note() -> str | None:
         load = os.getloadavg()[0]  # runnable processes, averaged over the last minute
     except OSError:
         return None
-    if threads > 1 and load >= cores - 0.5:
+    if threads > 1 and load >= cores:
         return (f"the machine is busy (load {load:.1f} on {cores} cores) and torch uses {threads} threads, which "
                 "spin against the other processes; when several runs share the cores, --threads 1 is much faster.")
     return None
