@@ -23,7 +23,12 @@ if TYPE_CHECKING:
 
 def run_name(config: Config) -> str:
     """'{model} {target} x{runs}': what a parent is, readable in the MLflow runs table."""
-    model = Path(config.model.rstrip("/")).name.removesuffix(".gguf") if os.sep in config.model else config.model
+    model = config.model
+    if os.path.exists(os.path.expanduser(model)):  # a local folder or file: its name (and its folder's if generic)
+        path = Path(model.rstrip("/"))
+        model = path.name.removesuffix(".gguf")
+        if model.lower() in ("model", "models", "checkpoint", "snapshot", "final", "hf"):
+            model = f"{path.parent.name}/{model}"
     return f"{model} {config.target_name} x{config.runs}"
 
 
