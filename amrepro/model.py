@@ -133,8 +133,11 @@ def _from_pretrained(name: str, path: str, hub: str = "offline"):
             why = "the Hugging Face Hub is unreachable and the model is not in the local cache"
         else:
             why = f"the Hugging Face Hub has no such model or refused it ({_first_line(error)})"
-        raise AmreproError(f"could not load model '{name}': {why}; pass a local folder with --model PATH "
-                           "(HF_HUB_OFFLINE=1 skips the Hub).") from None
+        # under `mlflow run` the user types -P model=PATH, not --model PATH
+        option = "-P model=PATH" if os.environ.get("MLFLOW_RUN_ID") else "--model PATH"
+        hint = "" if hub == "offline" else " (HF_HUB_OFFLINE=1 skips the Hub)"
+        raise AmreproError(f"could not load model '{name}': {why}; pass a local folder or .gguf file with "
+                           f"{option}{hint}.") from None
     return model, tokenizer
 
 

@@ -135,3 +135,15 @@ def test_store_that_is_down_fails_fast_with_one_sentence(tiny_gpt2, tmp_path):
     assert proc.returncode == 2
     assert "cannot use the MLflow tracking store at http://127.0.0.1:9" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_offline_error_names_the_option_the_user_typed(store, monkeypatch):
+    result = cli("run", "--model", "surely-not-a-model-xyz")
+    assert "--model PATH" in result.output and result.output.count("HF_HUB_OFFLINE") == 1  # named once
+    from mlflow import MlflowClient
+
+    run = MlflowClient(store).create_run("0")  # what `mlflow run` does before calling the entry point
+    monkeypatch.setenv("MLFLOW_RUN_ID", run.info.run_id)
+    result = cli("run", "--model", "surely-not-a-model-xyz")
+    assert result.exit_code == 2 and "-P model=PATH" in result.output and "--model PATH" not in result.output
+    assert MlflowClient(store).get_run(run.info.run_id).info.status == "FAILED"
