@@ -121,7 +121,7 @@ def test_one_ctrl_c_while_logging_only_says_so(tiny_gpt2, store, tmp_path):
 @pytest.mark.parametrize("signals_sent", [[signal.SIGINT, signal.SIGINT], [signal.SIGTERM]],
                          ids=["two-ctrl-c", "sigterm"])
 def test_stopped_while_logging_keeps_the_results_for_amrepro_log(tiny_gpt2, store, tmp_path, signals_sent):
-    proc = _logging(store, tiny_gpt2, tmp_path, runs=60)
+    proc = _logging(store, tiny_gpt2, tmp_path, runs=30)
     for signum in signals_sent:
         proc.send_signal(signum)
         time.sleep(0.3)
@@ -136,13 +136,13 @@ def test_stopped_while_logging_keeps_the_results_for_amrepro_log(tiny_gpt2, stor
     (parent,) = _parents(store)
     assert parent.info.status == "KILLED" and path.stem == parent.info.run_id
     finished = [r for r in runs if r.info.status == "FINISHED"]
-    assert 1 <= len(finished) < 60
+    assert 1 <= len(finished) < 30
 
     # item 8: decode says how much of the interrupted run was logged, and decodes that
     result = cli("decode", parent.info.run_id)
     assert result.exit_code == 0, result.output
     out = result.output.replace("\n", " ")
-    assert f"{len(finished)} of its 60 runs are used here, {60 - len(finished)} were not logged" in out
+    assert f"{len(finished)} of its 30 runs are used here, {30 - len(finished)} were not logged" in out
     assert f"`amrepro log amrepro-outcomes/{path.name}`" in out
 
     # amrepro log FILE: the rest goes into the same parent, which ends FINISHED; the file is removed
@@ -154,7 +154,7 @@ def test_stopped_while_logging_keeps_the_results_for_amrepro_log(tiny_gpt2, stor
     (parent,) = _parents(store)
     children = children_of(store, parent.info.run_id)
     assert parent.info.status == "FINISHED" and "error" not in parent.data.tags
-    assert sorted(int(c.data.params["run_index"]) for c in children) == list(range(60))
+    assert sorted(int(c.data.params["run_index"]) for c in children) == list(range(30))
     assert all(c.info.status == "FINISHED" for c in children)
     assert "verdict" in parent.data.tags and "stats/positional_agreement" in parent.data.metrics
 
