@@ -51,7 +51,8 @@ def _optimizing(store, tiny_gpt2, cwd, runs=2):
 def _logging(store, tiny_gpt2, cwd, runs=60):
     """A subprocess `amrepro run` whose science is done and that is logging its seed runs."""
     proc = _start(store, cwd, "run", "--model", tiny_gpt2, "--runs", str(runs), "--epochs", "1", "--dim", "3")
-    _wait_for(lambda: len(all_runs(store)) >= 2, what="the first logged child")
+    # a child that is FINISHED (not merely created): the logging is under way and has kept something
+    _wait_for(lambda: any(r.info.status == "FINISHED" for r in all_runs(store)), what="the first logged child")
     return proc
 
 
