@@ -83,6 +83,37 @@ def sample_uniform(vocab_size: int, runs: int, pos: int, n_draws: int, rng: np.r
     return rng.integers(0, vocab_size, size=(n_draws, runs, pos))
 
 
+SPARSE_ABOVE = 100_000  # runs^2 * pos^2 per draw above which draws are counted token by token (_sparse_stats)
+
+
+def _sparse_stats(x: np.ndarray) -> tuple[int, int, int, float]:
+    """(n_unique, agreeing run-pair positions, shared tokens over run pairs, sum of pairwise Jaccard) of one
+    [runs, pos] matrix by counting tokens: agreement is sum_p sum_t C(count_pt, 2), shared tokens
+    sum_t C(runs holding t, 2), and Jaccard is non-zero only for the (few) pairs that share a token. Linear in
+    runs x pos instead of the all-pairs comparison, so thousands of runs stay fast; the same numbers."""
+    runs, pos = x.shape
+    n_unique = int(np.unique(x).size)
+    agreeing = 0
+    for p in range(pos):
+        c = np.unique(x[:, p], return_counts=True)[1]
+        agreeing += int((c * (c - 1) // 2).sum())
+    held = np.unique(np.stack([np.repeat(np.arange(runs), pos), x.reshape(-1)], axis=1), axis=0)  # (run, token)
+    size = np.bincount(held[:, 0], minlength=runs)  # [runs] distinct tokens per run
+    order = np.argsort(held[:, 1], kind="stable")
+    token, run = held[order, 1], held[order, 0]
+    starts = np.flatnonzero(np.r_[True, token[1:] != token[:-1]])
+    counts = np.diff(np.r_[starts, token.size])
+    shared = int((counts * (counts - 1) // 2).sum())
+    inter: dict[tuple[int, int], int] = {}
+    for start, c in zip(starts[counts > 1], counts[counts > 1]):
+        holders = run[start:start + c]
+        for i, j in zip(*np.triu_indices(c, k=1)):
+            key = (int(holders[i]), int(holders[j]))
+            inter[key] = inter.get(key, 0) + 1
+    jaccard = sum(n / (size[a] + size[b] - n) for (a, b), n in inter.items())
+    return n_unique, agreeing, shared, float(jaccard)
+
+
 def draw_stats(draws: np.ndarray, max_cells: int = 20_000_000) -> dict[str, np.ndarray]:
     """The token statistics of many [runs, pos] matrices at once: draws [D, runs, pos] -> {name: [D]}.
 
@@ -96,6 +127,13 @@ def draw_stats(draws: np.ndarray, max_cells: int = 20_000_000) -> dict[str, np.n
                            "shared_tokens")}
     upper = np.triu(np.ones((runs, runs), dtype=bool), k=1)  # [runs, runs]: each pair of different runs once
     n_pairs = runs * (runs - 1) // 2
+    if runs * runs * pos * pos > SPARSE_ABOVE:  # many runs: count tokens instead of comparing all pairs
+        stats = np.array([_sparse_stats(x) for x in draws], dtype=float).reshape(D, 4)  # [D, 4]
+        n_unique, agreeing, shared = (stats[:, k].astype(int) for k in range(3))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return {"n_unique": n_unique, "positional_agreement": agreeing / (n_pairs * pos),
+                    "jaccard_mean": stats[:, 3] / n_pairs, "repeats": runs * pos - n_unique,
+                    "agreeing_positions": agreeing, "shared_tokens": shared}
     for start in range(0, D, step):
         x = draws[start:start + step]  # [d, runs, pos]
         flat = np.sort(x.reshape(x.shape[0], -1), axis=1)  # [d, runs * pos]

@@ -141,3 +141,19 @@ def test_null_models_are_seeded_and_uniform_matches_the_analytic_mean():
     assert abs(a["uniform"]["positional_agreement"]["mean"] - 1 / V) < 0.01  # two uniform tokens agree w.p. 1/V
     assert a["decoded_starts"]["pool_size"] == 4096 and "hub_tokens" in a["decoded_starts"]
     assert "decoded_starts" not in nulls.null_models(ids, 7, None, seed=1, n_draws=10)
+
+
+def test_token_counting_path_equals_all_pairs_comparison(monkeypatch):
+    """Thousands of runs use _sparse_stats (linear in runs x pos); it must give the very same statistics."""
+    rng = np.random.default_rng(3)
+    for runs, pos, vocab in [(10, 5, 40), (30, 5, 50), (7, 3, 5), (2, 1, 3), (25, 8, 100)]:
+        draws = rng.integers(0, vocab, size=(50, runs, pos))  # small vocabularies: many shared tokens
+        monkeypatch.setattr(nulls, "SPARSE_ABOVE", 10**12)
+        dense = nulls.draw_stats(draws)
+        monkeypatch.setattr(nulls, "SPARSE_ABOVE", -1)
+        sparse = nulls.draw_stats(draws)
+        for key in dense:
+            if key in ("n_unique", "repeats", "agreeing_positions", "shared_tokens"):
+                assert np.array_equal(dense[key], sparse[key]), key
+            else:
+                np.testing.assert_allclose(sparse[key], dense[key], rtol=1e-12, atol=1e-12)
