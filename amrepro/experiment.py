@@ -143,10 +143,8 @@ def execute(prep: Prepared, on_epoch: Callable[[int], None] | None = None) -> Ou
         # NaN rows would poison every pairwise similarity: specificity needs every row finite
         all_finite = bool((result.diverged_at < 0).all())
         spec = _specificity(prep, ids, result) if all_finite else None
-        n, r = c.runs, result  # from here on: the target's own rows only
-        result = Result(r.seeds[:n], r.initial[:n], r.final[:n], r.loss[:, :n], r.activation[:, :n],
-                        r.final_activation[:n], r.diverged_at[:n])
-        ids, cosine, decoded = ids[:n], cosine[:n], decoded[:n]
+        n = c.runs  # from here on: the target's own rows only
+        result, ids, cosine, decoded = result.rows(slice(n)), ids[:n], cosine[:n], decoded[:n]
     initial_ids, _ = nearest_tokens(result.initial, lm.embedding)  # [runs, pos]: the un-optimized baseline
     tokens = [lm.token_strings(row) for row in ids.tolist()]
     # A diverged run (NaN/inf) "decodes" to whatever argmax makes of NaN: it is left out of every statistic.
@@ -159,8 +157,7 @@ def execute(prep: Prepared, on_epoch: Callable[[int], None] | None = None) -> Ou
     summary.update(target=prep.target.name, model=c.model, seeds=c.seeds, token_ids=ids.tolist(), tokens=tokens,
                    initial_token_ids=initial_ids.tolist(), n_runs_ok=int(ok.sum()),
                    diverged=[{"seed": c.seeds[r], "run_index": r, "reason": why} for r, why in diverged.items()])
-    summary["statistics"] = stats = _statistics(prep, ids[ok], result, decoded[ok], cosine[ok], initial_ids[ok], ok) \
-        if ok.any() else None
+    summary["statistics"] = stats = _statistics(prep, ids, result, decoded, cosine, initial_ids, ok) if ok.any() else None
     if diverged and stats is not None:  # the verdict never hides runs it left out
         stats["verdict"] = (f"{len(diverged)} of {c.runs} runs diverged and are left out; statistics "
                             f"of the other {int(ok.sum())}. " + stats["verdict"])
@@ -176,14 +173,14 @@ def execute(prep: Prepared, on_epoch: Callable[[int], None] | None = None) -> Ou
 
 
 def _statistics(prep: Prepared, ids, result: Result, decoded, cosine, initial_ids, ok: np.ndarray) -> dict:
-    """metrics.reproducibility_stats of the finite runs (ids [ok runs, pos]), against the primary null: the
-    method's own start distribution, decoded like the results (nulls.py)."""
+    """metrics.reproducibility_stats of the finite runs (ok [runs]), against the primary null: the method's own
+    start distribution, decoded like the results (nulls.py)."""
     c, lm = prep.config, prep.lm
     pool = nulls.decoded_start_pool(lm.embedding, lm.embedding_std(), nulls.pool_size(c.runs, c.n_tokens), c.seed)
     stats = metrics.reproducibility_stats(
-        ids.numpy(), result.final.numpy()[ok], result.final_activation.numpy()[ok], decoded.numpy(), cosine.numpy(),
-        initial_ids.numpy(), vocab_size=lm.embedding.shape[0], seed=c.seed, start_pool=pool,
-        activation=result.activation.numpy()[:, ok])
+        ids.numpy()[ok], result.final.numpy()[ok], result.final_activation.numpy()[ok], decoded.numpy()[ok],
+        cosine.numpy()[ok], initial_ids.numpy()[ok], vocab_size=lm.embedding.shape[0], seed=c.seed,
+        start_pool=pool, activation=result.activation.numpy()[:, ok])
     for hub in stats["nulls"]["decoded_starts"]["hub_tokens"]:
         hub["token"] = lm.token_strings([hub["id"]])[0]
     return stats

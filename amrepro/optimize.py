@@ -36,11 +36,14 @@ class Result:
         value = float(self.loss[epoch, r])
         return f"the loss became non-finite ({value}) at epoch {epoch}"
 
+    def rows(self, pick: slice) -> "Result":
+        """The result of the runs in pick alone (the rows of a batch are independent)."""
+        return Result(self.seeds[pick], self.initial[pick], self.final[pick], self.loss[:, pick],
+                      self.activation[:, pick], self.final_activation[pick], self.diverged_at[pick])
+
     def run(self, r: int) -> "Result":
         """The result of run r alone, as if it had run in a batch of one."""
-        pick = slice(r, r + 1)
-        return Result([self.seeds[r]], self.initial[pick], self.final[pick], self.loss[:, pick],
-                      self.activation[:, pick], self.final_activation[pick], self.diverged_at[pick])
+        return self.rows(slice(r, r + 1))
 
 
 def optimize(reader: Callable[[torch.Tensor], torch.Tensor], initial: torch.Tensor, objective: Objective,

@@ -12,16 +12,14 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from helpers import all_runs, children_of, cli
+from helpers import all_runs, children_of, cli, logged_run
 
 
 @pytest.fixture
 def logged(tiny_gpt2, store):
     """A finished 2-seed run: (store uri, parent id, [child ids])."""
-    result = cli("run", "--model", tiny_gpt2, "--runs", "2", "--epochs", "30", "--dim", "3", "--lr", "0.01")
-    assert result.exit_code == 0, result.output
-    (parent,) = [r for r in all_runs(store) if "mlflow.parentRunId" not in r.data.tags]
-    return store, parent.info.run_id, [c.info.run_id for c in children_of(store, parent.info.run_id)]
+    parent, children = logged_run(store, tiny_gpt2, runs=2, epochs=30)
+    return store, parent.info.run_id, [c.info.run_id for c in children]
 
 
 def artifact_file(uri, run_id, path) -> Path:

@@ -9,16 +9,14 @@ import pytest
 import torch
 
 from amrepro.config import Config
-from helpers import all_runs, children_of, cli
+from helpers import all_runs, cli, logged_run
 
 
 @pytest.fixture
 def logged(tiny_gpt2, store):
     """A finished 2-seed run: (store uri, parent id, [child ids])."""
-    result = cli("run", "--model", tiny_gpt2, "--runs", "2", "--epochs", "10", "--dim", "3", "--lr", "0.01")
-    assert result.exit_code == 0, result.output
-    (parent,) = [r for r in all_runs(store) if "mlflow.parentRunId" not in r.data.tags]
-    return store, parent.info.run_id, [c.info.run_id for c in children_of(store, parent.info.run_id)]
+    parent, children = logged_run(store, tiny_gpt2, runs=2, epochs=10)
+    return store, parent.info.run_id, [c.info.run_id for c in children]
 
 
 def _edit_param(uri: str, run_id: str, key: str, value: str) -> None:

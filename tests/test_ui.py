@@ -7,15 +7,13 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from helpers import all_runs, children_of, cli
+from helpers import all_runs, children_of, cli, logged_run
 
 
 @pytest.fixture
 def logged(tiny_gpt2, store):
-    result = cli("run", "--model", tiny_gpt2, "--runs", "3", "--epochs", "8", "--dim", "3", "--lr", "0.01")
-    assert result.exit_code == 0, result.output
-    (parent,) = [r for r in all_runs(store) if "mlflow.parentRunId" not in r.data.tags]
-    return store, parent, children_of(store, parent.info.run_id)
+    parent, children = logged_run(store, tiny_gpt2, runs=3, epochs=8)
+    return store, parent, children
 
 
 def test_runs_go_to_a_model_training_experiment_with_a_meaningful_name(logged):
