@@ -10,12 +10,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the networ
 # machine run several times faster without thread spin. Tests about threads set their own count.
 os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["MKL_NUM_THREADS"] = "1"
+os.environ.setdefault("DO_NOT_TRACK", "true")  # no MLflow telemetry threads (kept by subprocesses' env filters)
 
 import torch  # noqa: E402
 
+from helpers import copy_store  # noqa: E402
 from tiny import write_tiny_gpt2  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+# Files whose tests wait on other processes (servers, subprocesses) or on one long conversion run first, so that
+# the other worker fills the suite's tail with short tests instead of one worker finishing alone.
+EARLY = ("test_server.py", "test_llama.py", "test_faults.py", "test_reproduce.py", "test_mlproject.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(EARLY)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(EARLY)))  # stable: each file keeps its order
 
 
 @pytest.fixture(autouse=True)
@@ -31,10 +43,23 @@ def tiny_gpt2(tmp_path_factory) -> str:
     return str(write_tiny_gpt2(tmp_path_factory.mktemp("models") / "tiny-gpt2"))
 
 
+@pytest.fixture(scope="session")
+def empty_store_db(tmp_path_factory) -> Path:
+    """An sqlite file with MLflow's tables, made once per worker. Creating the tables costs ~1 s (~3 s in a new
+    process) per store, and a test that polls a store that a subprocess is still creating races it: MLflow
+    corrupts a store whose tables two processes create at once (the subprocess then exits 2, "cannot use the
+    MLflow tracking store ... No such index"; that was the 120 s timeout of test_faults in CI)."""
+    from mlflow import MlflowClient
+
+    db = tmp_path_factory.mktemp("store-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
 @pytest.fixture
-def store(tmp_path, monkeypatch) -> str:
-    """A fresh sqlite tracking store (and artifact folder) for one test."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def store(tmp_path, monkeypatch, empty_store_db) -> str:
+    """A fresh sqlite tracking store (and artifact folder) for one test: tables made, no run yet."""
+    uri = copy_store(empty_store_db, tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)  # ./mlruns artifacts land in the temp folder
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):

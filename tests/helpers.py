@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sqlite3
+from pathlib import Path
+
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
@@ -30,3 +33,38 @@ def logged_run(uri: str, model: str, runs: int, epochs: int):
     assert result.exit_code == 0, result.output
     (parent,) = [r for r in all_runs(uri) if "mlflow.parentRunId" not in r.data.tags]
     return parent, children_of(uri, parent.info.run_id)
+
+
+def wait_for(predicate, proc=None, timeout=120, what="condition"):
+    """Poll predicate() until it is truthy and return its value. A subprocess `proc` that has exited meanwhile
+    fails the wait at once, with its exit code and stderr (it would never make the condition true)."""
+    import time
+
+    deadline = time.time() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            _, err = proc.communicate()
+            raise AssertionError(f"the subprocess exited with {proc.returncode} before {what}; its stderr:\n"
+                                 f"{(err or '')[-4000:]}")
+        if time.time() > deadline:
+            state = "" if proc is None else f" (the subprocess, pid {proc.pid}, is still running)"
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}{state}")
+        time.sleep(0.1)
+
+
+def copy_store(template: Path, db: Path, artifacts: str | None = None) -> str:
+    """A copy of the empty store at db (its Default experiment's artifacts in ./mlruns/0 next to it, where MLflow
+    puts them when it creates the store from that folder, or at `artifacts`); returns its URI."""
+    source, target = sqlite3.connect(template), sqlite3.connect(db)
+    try:
+        source.backup(target)  # a consistent copy, whatever connection MLflow still holds on the template
+        target.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                       (artifacts or str(db.parent / "mlruns" / "0"),))
+        target.commit()
+    finally:
+        source.close()
+        target.close()
+    return f"sqlite:///{db}"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from helpers import all_runs, children_of, cli
+from helpers import all_runs, children_of, cli, copy_store, wait_for
 
 
 def _env(uri, **extra):
@@ -26,16 +26,6 @@ def _start(store, cwd, *args):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for(predicate, timeout=120, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _parents(store):
     return [r for r in all_runs(store) if "mlflow.parentRunId" not in r.data.tags]
 
@@ -43,7 +33,7 @@ def _parents(store):
 def _optimizing(store, tiny_gpt2, cwd, runs=2):
     """A subprocess `amrepro run` that is optimizing (its parent exists) for a long time."""
     proc = _start(store, cwd, "run", "--model", tiny_gpt2, "--runs", str(runs), "--epochs", "10000000", "--dim", "3")
-    _wait_for(lambda: _parents(store), what="the parent run")
+    wait_for(lambda: _parents(store), proc, what="the parent run")
     time.sleep(1.0)  # past the parent's tags, into the loop
     return proc
 
@@ -52,7 +42,7 @@ def _logging(store, tiny_gpt2, cwd, runs=60):
     """A subprocess `amrepro run` whose science is done and that is logging its seed runs."""
     proc = _start(store, cwd, "run", "--model", tiny_gpt2, "--runs", str(runs), "--epochs", "1", "--dim", "3")
     # a child that is FINISHED (not merely created): the logging is under way and has kept something
-    _wait_for(lambda: any(r.info.status == "FINISHED" for r in all_runs(store)), what="the first logged child")
+    wait_for(lambda: any(r.info.status == "FINISHED" for r in all_runs(store)), proc, what="the first logged child")
     return proc
 
 
@@ -222,12 +212,12 @@ def test_the_next_run_ends_sigkill_leftovers_of_this_host(tiny_gpt2, store, tmp_
 
 # --- item 3: stores that cannot be written ----------------------------------------------------------------
 
-def _existing_store(tmp_path) -> Path:
+def _existing_store(tmp_path, template) -> Path:
     db = tmp_path / "ro" / "mlflow.db"
     db.parent.mkdir()
-    # tables created by another process: this one must open the file fresh, as a user's next command would
-    subprocess.run([sys.executable, "-c", f"from mlflow import MlflowClient; MlflowClient('sqlite:///{db}')"
-                    ".search_experiments()"], check=True, capture_output=True)
+    # tables made elsewhere (a copy of an empty store): this process opens the file fresh, as a user's next
+    # command would, with no MLflow store cached for its URI
+    copy_store(template, db)
     return db
 
 
@@ -240,8 +230,8 @@ def _bad_store_run(tiny_gpt2, uri, cwd, monkeypatch):
     return result, time.time() - start
 
 
-def test_read_only_sqlite_store_is_one_sentence_and_no_run(tiny_gpt2, tmp_path, monkeypatch):
-    db = _existing_store(tmp_path)
+def test_read_only_sqlite_store_is_one_sentence_and_no_run(tiny_gpt2, tmp_path, monkeypatch, empty_store_db):
+    db = _existing_store(tmp_path, empty_store_db)
     # Tests run as root, where chmod stops nothing: SQLite's own read-only mode fails like a read-only file.
     result, _ = _bad_store_run(tiny_gpt2, f"sqlite:///file:{db}?mode=ro&uri=true", tmp_path, monkeypatch)
     assert result.exit_code == 2, result.output
@@ -250,8 +240,8 @@ def test_read_only_sqlite_store_is_one_sentence_and_no_run(tiny_gpt2, tmp_path, 
     assert all_runs(f"sqlite:///{db}") == []  # no half-written run
 
 
-def test_immutable_sqlite_file_is_read_only_too(tiny_gpt2, tmp_path, monkeypatch):
-    db = _existing_store(tmp_path)
+def test_immutable_sqlite_file_is_read_only_too(tiny_gpt2, tmp_path, monkeypatch, empty_store_db):
+    db = _existing_store(tmp_path, empty_store_db)
     if subprocess.run(["chattr", "+i", str(db)], capture_output=True).returncode != 0:
         pytest.skip("chattr +i is not permitted here")
     try:

@@ -127,6 +127,9 @@ def smollm2_gguf() -> str:
     return str(path)
 
 
+SMOL = pytest.mark.xdist_group("smollm2")  # one worker runs these: the conversion happens once in the suite
+
+
 @pytest.fixture(scope="session")
 def smol(tmp_path_factory):
     """The first load of the GGUF, into a fresh cache (AMREPRO_CACHE stays set for the session, so every later
@@ -139,6 +142,7 @@ def smol(tmp_path_factory):
         yield lm, notes, root
 
 
+@SMOL
 def test_gguf_converts_once_then_loads_bit_identically_from_the_cache(smol):
     first, first_notes, root = smol
     digest = hashlib.sha256(Path(smollm2_gguf()).read_bytes()).hexdigest()
@@ -162,6 +166,7 @@ def test_gguf_converts_once_then_loads_bit_identically_from_the_cache(smol):
     assert tags["model.file_sha256"] == digest and tags["model.revision"] == ""
 
 
+@SMOL
 def test_smollm2_is_a_trained_lm_that_knows_paris(smol):
     lm = smol[0]
     assert (lm.model_type, lm.n_layers, lm.d_model, lm.embedding.shape[0]) == ("llama", 30, 576, 49152)
@@ -180,6 +185,7 @@ def test_smollm2_is_a_trained_lm_that_knows_paris(smol):
     assert lm.token_strings([int(logits.argmax())]) == [" Paris"]
 
 
+@SMOL
 def test_amrepro_run_on_the_gguf_end_to_end(smol, store):
     result = cli("run", "--model", smollm2_gguf(), "--runs", "2", "--epochs", "3", "--layer", "2", "--dim", "5",
                  "--device", "cpu")

@@ -12,7 +12,7 @@ import yaml
 from mlflow import MlflowClient
 
 from amrepro.config import Config
-from helpers import children_of, cli
+from helpers import children_of, cli, copy_store
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,8 +45,8 @@ def test_python_env_pins_the_cpu_torch_wheel_and_all_runtime_dependencies():
     assert "torch==2.13.0" in env["dependencies"]
 
 
-def test_mlflow_run_local_env_end_to_end(tiny_gpt2, tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_mlflow_run_local_env_end_to_end(tiny_gpt2, tmp_path, monkeypatch, empty_store_db):
+    uri = copy_store(empty_store_db, tmp_path / "mlflow.db")
     client = MlflowClient(uri)
     client.create_experiment("e2e", artifact_location=str(tmp_path / "artifacts"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}

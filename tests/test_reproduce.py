@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from helpers import all_runs, children_of, cli, logged_run
+from helpers import all_runs, children_of, cli, logged_run, wait_for
 
 
 @pytest.fixture
@@ -118,9 +118,7 @@ def test_ctrl_c_marks_parent_and_unfinished_children_killed(tiny_gpt2, store, tm
     proc = subprocess.Popen([sys.executable, "-m", "amrepro", "run", "--model", tiny_gpt2, "--runs", "2",
                              "--epochs", "1000000", "--dim", "3"], env=_env(store), cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not all_runs(store) and time.time() < deadline:  # the parent exists: it is optimizing
-        time.sleep(0.5)
+    wait_for(lambda: all_runs(store), proc, what="the parent run")  # the parent exists: it is optimizing
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
@@ -131,8 +129,9 @@ def test_ctrl_c_marks_parent_and_unfinished_children_killed(tiny_gpt2, store, tm
     assert len(runs) == 1 and all(r.info.status == "KILLED" for r in runs)
 
 
-def test_four_concurrent_workers_lose_no_run_and_no_metric(tiny_gpt2, store, tmp_path):
+def test_four_concurrent_workers_lose_no_run_and_no_metric(tiny_gpt2, tmp_path):
     # The sqlite store does not exist yet: MLflow alone corrupts a fresh db when 4 processes create it at once.
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert not (tmp_path / "mlflow.db").exists()
     env = {**_env(store), "OMP_NUM_THREADS": "1"}  # 4 workers on 2 cores: no thread oversubscription
     procs = [subprocess.Popen([sys.executable, "-m", "amrepro", "run", "--model", tiny_gpt2, "--runs", "2",
