@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from forked import Amrepro
 from helpers import all_runs, children_of, cli, copy_store, wait_for
 
 
@@ -22,8 +23,7 @@ def _env(uri, **extra):
 
 
 def _start(store, cwd, *args):
-    return subprocess.Popen([sys.executable, "-m", "amrepro", *args], env=_env(store), cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return Amrepro(args, _env(store), cwd)  # a separate process (tests/forked.py)
 
 
 def _parents(store):

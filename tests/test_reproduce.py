@@ -3,8 +3,6 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -12,6 +10,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
+from forked import Amrepro
 from helpers import all_runs, children_of, cli, logged_run, wait_for
 
 
@@ -115,9 +114,8 @@ def _env(uri):
 
 
 def test_ctrl_c_marks_parent_and_unfinished_children_killed(tiny_gpt2, store, tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "amrepro", "run", "--model", tiny_gpt2, "--runs", "2",
-                             "--epochs", "1000000", "--dim", "3"], env=_env(store), cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = Amrepro(["run", "--model", tiny_gpt2, "--runs", "2", "--epochs", "1000000", "--dim", "3"], _env(store),
+                   tmp_path)  # a separate process (tests/forked.py)
     wait_for(lambda: all_runs(store), proc, what="the parent run")  # the parent exists: it is optimizing
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
@@ -134,9 +132,8 @@ def test_four_concurrent_workers_lose_no_run_and_no_metric(tiny_gpt2, tmp_path):
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert not (tmp_path / "mlflow.db").exists()
     env = {**_env(store), "OMP_NUM_THREADS": "1"}  # 4 workers on 2 cores: no thread oversubscription
-    procs = [subprocess.Popen([sys.executable, "-m", "amrepro", "run", "--model", tiny_gpt2, "--runs", "2",
-                               "--epochs", "50", "--dim", "3", "--seed", str(10 * w)], env=env, cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for w in range(4)]
+    procs = [Amrepro(["run", "--model", tiny_gpt2, "--runs", "2", "--epochs", "50", "--dim", "3", "--seed", str(10 * w)],
+                     env, tmp_path) for w in range(4)]  # separate processes (tests/forked.py)
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from forked import Amrepro
 from helpers import all_runs, children_of, cli, copy_store, wait_for
 
 
@@ -78,8 +79,7 @@ def server(tmp_path, empty_store_db):
 def _amrepro(server, cwd, *args, **env):
     full = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     full.update(MLFLOW_TRACKING_URI=server.uri, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **env)
-    return subprocess.Popen([sys.executable, "-m", "amrepro", *args], env=full, cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return Amrepro(args, full, cwd)  # a separate process (tests/forked.py)
 
 
 def test_server_killed_mid_run_back_or_gone(server, tiny_gpt2, tmp_path, monkeypatch):

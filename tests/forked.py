@@ -1,0 +1,85 @@
+"""`python -m amrepro ARGS` as a separate process that does not import torch, transformers and MLflow again.
+
+A new interpreter spends ~10 s of CPU importing them before amrepro does anything; the suite starts many such
+processes (signals, SIGKILL leftovers, concurrent writers, a server that goes away). Here each one is forked
+from a multiprocessing fork server that imported those libraries once per test worker. The child is still its
+own process (own pid, signals, stdio, environment and working directory); what it skips is the interpreter's
+start-up. amrepro itself is imported fresh in the child, after its environment is set, as in a real start
+(amrepro.tracking reads the environment at import). Tests about start-up itself (`--help` and a bad run id
+not importing torch, `mlflow run`, a store that is down) keep using real subprocesses.
+
+This module imports only the standard library: the child unpickles its target from here before it has its
+environment.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import subprocess
+import sys
+import tempfile
+
+PRELOAD = ["torch", "transformers", "mlflow", "matplotlib.pyplot", "numpy", "typer", "rich"]
+_context = None
+
+
+def _fork_server():
+    global _context
+    if _context is None:
+        _context = multiprocessing.get_context("forkserver")
+        _context.set_forkserver_preload(PRELOAD)
+    return _context
+
+
+def _amrepro_main(args: list[str], env: dict[str, str], cwd: str, out_path: str, err_path: str) -> None:
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    for fd, path in ((1, out_path), (2, err_path)):
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(target, fd)
+        os.close(target)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    sys.argv = ["amrepro", *args]
+    from amrepro.cli import main
+
+    main()  # exits through SystemExit: multiprocessing makes its code the process's exit status
+
+
+class Amrepro:
+    """The parts of subprocess.Popen the tests use, for `amrepro ARGS` in a forked process."""
+
+    def __init__(self, args, env: dict[str, str], cwd):
+        folder = tempfile.mkdtemp(prefix="amrepro-forked-")
+        self._out, self._err = os.path.join(folder, "stdout"), os.path.join(folder, "stderr")
+        self._process = _fork_server().Process(target=_amrepro_main,
+                                               args=(list(args), dict(env), str(cwd), self._out, self._err))
+        self._process.start()
+        self.pid = self._process.pid
+        self.args = list(args)
+
+    @property
+    def returncode(self):
+        return self._process.exitcode  # -N for a process that signal N ended, as subprocess reports it
+
+    def poll(self):
+        return self._process.exitcode
+
+    def send_signal(self, signum: int) -> None:
+        if self._process.exitcode is None:
+            try:
+                os.kill(self.pid, signum)
+            except ProcessLookupError:  # it ended meanwhile
+                pass
+
+    def kill(self) -> None:
+        self._process.kill()
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        self._process.join(timeout)
+        if self._process.exitcode is None:
+            raise subprocess.TimeoutExpired(["amrepro", *self.args], timeout)
+        with open(self._out, errors="replace") as out, open(self._err, errors="replace") as err:
+            return out.read(), err.read()
