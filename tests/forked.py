@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -48,12 +49,21 @@ def _amrepro_main(args: list[str], env: dict[str, str], cwd: str, out_path: str,
     main()  # exits through SystemExit: multiprocessing makes its code the process's exit status
 
 
+def _read(path: str) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except FileNotFoundError:  # the child ended before it had its output files
+        return ""
+
+
 class Amrepro:
     """The parts of subprocess.Popen the tests use, for `amrepro ARGS` in a forked process."""
 
     def __init__(self, args, env: dict[str, str], cwd):
-        folder = tempfile.mkdtemp(prefix="amrepro-forked-")
-        self._out, self._err = os.path.join(folder, "stdout"), os.path.join(folder, "stderr")
+        self._folder = tempfile.mkdtemp(prefix="amrepro-forked-")
+        self._out, self._err = os.path.join(self._folder, "stdout"), os.path.join(self._folder, "stderr")
+        self._output = None
         self._process = _fork_server().Process(target=_amrepro_main,
                                                args=(list(args), dict(env), str(cwd), self._out, self._err))
         self._process.start()
@@ -81,5 +91,7 @@ class Amrepro:
         self._process.join(timeout)
         if self._process.exitcode is None:
             raise subprocess.TimeoutExpired(["amrepro", *self.args], timeout)
-        with open(self._out, errors="replace") as out, open(self._err, errors="replace") as err:
-            return out.read(), err.read()
+        if self._output is None:
+            self._output = tuple(_read(path) for path in (self._out, self._err))
+            shutil.rmtree(self._folder, ignore_errors=True)
+        return self._output
