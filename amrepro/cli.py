@@ -80,6 +80,12 @@ def run(
     device: str = typer.Option(_D.device, help=help_for("device")),
     threads: int = typer.Option(_D.threads, help=help_for("threads")),
     controls: int = typer.Option(_D.controls, help=help_for("controls")),
+    method: str = typer.Option(_D.method, help=help_for("method")),
+    steps: int = typer.Option(_D.steps, help=help_for("steps")),
+    topk: int = typer.Option(_D.topk, help=help_for("topk")),
+    candidates: int = typer.Option(_D.candidates, help=help_for("candidates")),
+    population: int = typer.Option(_D.population, help=help_for("population")),
+    pez_lr: float = typer.Option(_D.pez_lr, help=help_for("pez_lr")),
     experiment: str = typer.Option("", help="MLflow experiment name (default: MLFLOW_EXPERIMENT_NAME / "
                                             "MLFLOW_EXPERIMENT_ID if set, else 'amrepro'; under `mlflow run`, "
                                             "its --experiment-name)."),
@@ -87,7 +93,8 @@ def run(
     """Run the experiment: RUNS seeds batched, one MLflow parent run with a child run per seed."""
     config = Config(model=model, layer=layer, dim=dim, target=target, runs=runs, epochs=epochs,
                     n_tokens=n_tokens, lr=lr, l2=l2, seed=seed, device=device, threads=threads,
-                    controls=controls)
+                    controls=controls, method=method, steps=steps, topk=topk, candidates=candidates,
+                    population=population, pez_lr=pez_lr)
 
     def go():
         from . import commands
