@@ -53,8 +53,10 @@ class Config:
                              "pez (continuous vectors, forward on their nearest tokens), gcg (token swaps ranked by "
                              "the one-hot gradient) or epo (gcg with a population trading activation against "
                              "fluency). pez, gcg and epo end in real tokens.")
-    steps: int = _f(40, "Steps per run of pez, gcg and epo (adam uses --epochs); each gcg/epo step evaluates "
-                        "--candidates token swaps per run.")
+    steps: int = _f(60, "Steps per run of pez and gcg (adam uses --epochs, epo --epo-steps); each gcg step "
+                        "scores --candidates token swaps per run.")
+    epo_steps: int = _f(12, "Steps per run of epo: each runs the whole model (its LM head reads the last block) "
+                            "on --candidates sequences, ~15x the cost of a gcg step on SmolLM2.")
     topk: int = _f(256, "gcg/epo: replacement tokens per position, ranked by the one-hot gradient (nanoGCG: 256).")
     candidates: int = _f(128, "gcg/epo: candidate sequences (one token swap each) evaluated per run per step; epo "
                               "splits them across its population.")
@@ -69,8 +71,8 @@ class Config:
 
     @property
     def n_steps(self) -> int:
-        """Steps of the chosen method: --epochs for adam, --steps for pez, gcg and epo."""
-        return self.epochs if self.method == "adam" else self.steps
+        """Steps of the chosen method: --epochs for adam, --epo-steps for epo, --steps for pez and gcg."""
+        return {"adam": self.epochs, "epo": self.epo_steps}.get(self.method, self.steps)
 
     @property
     def seeds(self) -> list[int]:
@@ -101,7 +103,7 @@ class Config:
             raise AmreproError(f"--threads must be 0 (one per core) or more, got {self.threads}.")
         if self.method not in METHODS:
             raise AmreproError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}.")
-        for name in ("steps", "topk", "candidates", "population"):
+        for name in ("steps", "epo_steps", "topk", "candidates", "population"):
             if getattr(self, name) < 1:
                 raise AmreproError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
         if not (math.isfinite(self.pez_lr) and 0 < self.pez_lr < LR_MAX):
@@ -135,7 +137,7 @@ class Config:
 
 
 # Fields added after the first release: runs logged before them are read with the field's default.
-_ADDED_LATER = frozenset({"threads", "controls", "method", "steps", "topk", "candidates", "population", "pez_lr"})
+_ADDED_LATER = frozenset({"threads", "controls", "method", "steps", "epo_steps", "topk", "candidates", "population", "pez_lr"})
 
 
 def _unquote(value: str) -> str:

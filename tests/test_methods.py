@@ -19,7 +19,7 @@ from amrepro.targets import Target
 from helpers import all_runs, cli
 
 CPU = torch.device("cpu")
-SMALL = dict(runs=3, dim=3, steps=12, topk=32, candidates=32, population=4, device="cpu")
+SMALL = dict(runs=3, dim=3, steps=12, epo_steps=12, topk=32, candidates=32, population=4, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_each_method_raises_the_activation_of_its_real_tokens(lm, tiny_gpt2, met
     # the score IS the activation of the real tokens: nothing is lost to decoding
     assert torch.allclose(torch.from_numpy(outcome.decoded_activation), result.final_activation, atol=1e-6)
     hist = result.history["act/tokens"]  # [steps, runs]
-    assert hist.shape == (config.steps, config.runs)
+    assert hist.shape == (config.n_steps, config.runs)
     if method != "epo":  # the best so far never falls (epo's best member may trade activation for fluency)
         assert (hist[1:] >= hist[:-1]).all()
     if method == "epo":
@@ -105,7 +105,7 @@ def test_candidates_match_hooked_reader_and_per_row_targets(lm):
 
 @pytest.mark.parametrize("method", ["epo"])  # the richest method; gcg and pez reruns are pinned in-process above
 def test_run_and_reproduce_a_discrete_method(tiny_gpt2, store, method):
-    result = cli("run", "--model", tiny_gpt2, "--method", method, "--runs", "2", "--steps", "4", "--topk", "16",
+    result = cli("run", "--model", tiny_gpt2, "--method", method, "--runs", "2", "--steps", "4", "--epo-steps", "4", "--topk", "16",
                  "--candidates", "16", "--population", "2", "--dim", "3")
     assert result.exit_code == 0, result.output
     (parent,) = [r for r in all_runs(store) if "mlflow.parentRunId" not in r.data.tags]

@@ -49,13 +49,13 @@ def run(problem: Problem, on_step: OnStep = None) -> Result:
     target = problem.reader.target
     start = uniform_tokens(generators, P, E.shape[0])  # [R, pos]
     ids = start[:, None, :].repeat(1, M, 1)  # [R, M, pos]: every member starts from the run's start
-    hist = {"act/tokens": torch.empty(c.steps, R), "xent/tokens": torch.empty(c.steps, R)}
-    acts = torch.empty(c.steps, R)  # [steps, R]: the best member's activation before the step
+    hist = {"act/tokens": torch.empty(c.epo_steps, R), "xent/tokens": torch.empty(c.epo_steps, R)}
+    acts = torch.empty(c.epo_steps, R)  # [steps, R]: the best member's activation before the step
     with LMReader(lm, target) as read:
         def index_for(n: int, lo: int = 0, hi: int = R):  # per-row target index repeated n times per row
             return None if row_index is None else row_index[lo:hi].repeat_interleave(n)
 
-        for step in range(c.steps):
+        for step in range(c.epo_steps):
             flat = ids.view(R * M, P)
             x = E[flat.to(E.device)].detach().requires_grad_(True)  # [R*M, pos, d_model]
             site_act, xent = read(x, flat, index_for(M))  # [R*M, pos], [R*M]
