@@ -59,6 +59,7 @@ def compare(config: Config, methods_text: str, corpus_path: str = "", experiment
 
     import torch
 
+    began = time.monotonic()
     names = parse_methods(methods_text)
     config.validate()
     text = corpus.read(corpus_path) if corpus_path else None
@@ -85,7 +86,9 @@ def compare(config: Config, methods_text: str, corpus_path: str = "", experiment
         yard = None
         if windows is not None:
             report.note(f"scoring {windows.shape[0]} corpus windows of {config.n_tokens} tokens")
+            started = time.monotonic()
             yard = corpus.yardstick(lm, target, text, config.n_tokens)
+            yard["seconds"] = time.monotonic() - started
         frozen = pip_freeze()
         for m in names:
             c = preps[m].config
@@ -121,6 +124,7 @@ def compare(config: Config, methods_text: str, corpus_path: str = "", experiment
         tracker.log_metrics(top, {f"compare/{r['method']}/{k}": float(r[k]) for r in table for k in COLUMNS[1:]
                                   if isinstance(r.get(k), (int, float))})
         tracker.log_figure(top, figures.activation_vs_agreement(table, yard), "activation_vs_agreement.png")
+        tracker.log_metrics(top, {"time/total_s": time.monotonic() - began})
         tracker.end(top)
     report.print_compare(table, top, tracker.uri)
     return table

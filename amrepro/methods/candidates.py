@@ -61,7 +61,8 @@ class Candidates:
         x = E[ids.to(E.device)].detach().requires_grad_(True)  # [rows, pos, d_model]
         act = self.reader(x).mean(dim=1)  # [rows]
         (grad,) = torch.autograd.grad(act.sum(), x)  # rows never mix: each gets its own gradient
-        return (grad @ E.T).cpu(), act.detach().cpu()  # [rows, pos, vocab], [rows]
+        onehot_grad = torch.mm(grad.reshape(-1, grad.shape[-1]), E.t()).view(*ids.shape, -1)  # [rows, pos, vocab]
+        return onehot_grad.cpu(), act.detach().cpu()  # [rows, pos, vocab], [rows]
 
 
 def one_swap(ids: torch.Tensor, top: torch.Tensor, n: int, generators: list[torch.Generator]) -> torch.Tensor:

@@ -61,7 +61,8 @@ def run(problem: Problem, on_step: OnStep = None) -> Result:
             site_act, xent = read(x, flat, index_for(M))  # [R*M, pos], [R*M]
             act = site_act.mean(dim=1)  # [R*M]
             (grad,) = torch.autograd.grad((act - lam.to(act.device).repeat(R) * xent).sum(), x)
-            top = (grad @ E.T).topk(k, dim=-1).indices.cpu()  # [R*M, pos, k]
+            onehot_grad = torch.mm(grad.reshape(-1, grad.shape[-1]), E.t()).view(R * M, P, -1)  # [R*M, pos, vocab]
+            top = onehot_grad.topk(k, dim=-1).indices.cpu()  # [R*M, pos, k]
             cand = one_swap(flat, top, C, member_gens).view(R, M * C, P)  # [R, M*C, pos]
             cand_act, cand_xent = _score(read, E, cand, index_for, R)  # [R, M*C] each
             pool = torch.cat([ids, cand], dim=1)  # [R, M + M*C, pos]

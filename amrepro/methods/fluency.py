@@ -41,8 +41,9 @@ def _xent(hidden: torch.Tensor, ids: torch.Tensor, E: torch.Tensor) -> torch.Ten
     N, P = ids.shape
     if P < 2:
         return hidden.new_zeros(N)
-    logits = hidden[:, :-1] @ E.T  # [N, pos-1, vocab]
-    return F.cross_entropy(logits.reshape(-1, E.shape[0]), ids[:, 1:].reshape(-1), reduction="none").view(N, P - 1).mean(1)
+    # one 2-D GEMM on a contiguous copy: a strided 3-D `hidden[:, :-1] @ E.T` is ~6x slower on the CPU
+    logits = torch.mm(hidden[:, :-1].reshape(-1, hidden.shape[-1]), E.t())  # [N*(pos-1), vocab]
+    return F.cross_entropy(logits, ids[:, 1:].reshape(-1), reduction="none").view(N, P - 1).mean(1)  # [N]
 
 
 @torch.no_grad()
