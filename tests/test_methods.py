@@ -135,3 +135,14 @@ def test_epo_refuses_an_encoder_in_one_sentence(store):
 def test_bad_method_is_one_sentence(store):
     result = cli("run", "--method", "sgd")
     assert result.exit_code == 2 and "--method must be one of adam, pez, gcg, epo" in result.output
+
+
+@pytest.mark.parametrize("method", ["gcg", "epo"])
+def test_controls_rows_read_their_own_targets(lm, tiny_gpt2, method):
+    """With --controls the batch grows by the control targets' rows (per-row index through the candidate
+    scorer too): the target's own runs find the same tokens as without them."""
+    config = Config(model=tiny_gpt2, method=method, **{**SMALL, "steps": 4, "epo_steps": 3})
+    alone = execute(prepare(config, lm=lm))
+    with_controls = execute(prepare(dataclasses.replace(config, controls=2), lm=lm))
+    assert with_controls.ids.tolist() == alone.ids.tolist()
+    assert len(with_controls.summary["specificity"]["control_token_ids"]) == 2
