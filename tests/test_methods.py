@@ -146,3 +146,17 @@ def test_controls_rows_read_their_own_targets(lm, tiny_gpt2, method):
     with_controls = execute(prepare(dataclasses.replace(config, controls=2), lm=lm))
     assert with_controls.ids.tolist() == alone.ids.tolist()
     assert len(with_controls.summary["specificity"]["control_token_ids"]) == 2
+
+
+def test_outcome_file_keeps_tokens_histories_and_frontier(lm, tiny_gpt2, tmp_path, monkeypatch):
+    """`amrepro log FILE` logs what the file kept: a discrete method's ids, per-step metrics and epo frontier."""
+    from amrepro import outcome_file
+
+    monkeypatch.setenv("AMREPRO_OUTCOMES", str(tmp_path))
+    config = Config(model=tiny_gpt2, method="epo", **{**SMALL, "epo_steps": 2})
+    outcome = execute(prepare(config, lm=lm))
+    path = outcome_file.save(outcome, "p" * 32, "0", "sqlite:///x.db", config.to_params(), {}, b"")
+    back = outcome_file.load(path).outcome.result
+    assert torch.equal(back.ids, outcome.result.ids) and back.frontier == outcome.result.frontier
+    assert set(back.history) == {"act/tokens", "xent/tokens"}
+    assert torch.equal(back.history["xent/tokens"], outcome.result.history["xent/tokens"])
