@@ -56,7 +56,7 @@ class Config:
     steps: int = _f(60, "Steps per run of pez and gcg (adam uses --epochs, epo --epo-steps); each gcg step "
                         "scores --candidates token swaps per run.")
     epo_steps: int = _f(12, "Steps per run of epo: each runs the whole model (its LM head reads the last block) "
-                            "on --candidates sequences, ~15x the cost of a gcg step on SmolLM2.")
+                            "on --candidates sequences, ~5x the cost of a gcg step on SmolLM2.")
     topk: int = _f(256, "gcg/epo: replacement tokens per position, ranked by the one-hot gradient (nanoGCG: 256).")
     candidates: int = _f(128, "gcg/epo: candidate sequences (one token swap each) evaluated per run per step; epo "
                               "splits them across its population.")
