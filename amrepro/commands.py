@@ -58,7 +58,7 @@ def run(config: Config, experiment: str | None = None):
         parent = tracker.start_parent(config.to_params(), env, run_name=run_name(config))
         experiment_id = tracker.write(tracker.client.get_run, parent).info.experiment_id
         tracker.mark_experiment(experiment_id)
-        with report.epoch_progress(config.epochs, config.runs) as on_epoch:
+        with report.epoch_progress(config.n_steps, config.runs) as on_epoch:
             outcome = execute(prep, on_epoch)
         # The science is done: from here on it is never lost. Saved before the first store call (a Ctrl-C here
         # waits for the file), removed after the last.
@@ -236,7 +236,8 @@ def log_child(tracker: Tracker, run_id: str, outcome: Outcome, r: int) -> None:
                                  "loss/final": float(result.loss[-1, r]),
                                  # statistics hold the finite runs only: run r is their entry number ok[:r].sum()
                                  **metrics.child_metrics(outcome.summary["statistics"], int(outcome.ok[:r].sum()))},
-                        history={"loss/total": result.loss[:, r].numpy(), "act/target": result.activation[:, r].numpy()})
+                        history={"loss/total": result.loss[:, r].numpy(), "act/target": result.activation[:, r].numpy(),
+                                 **{key: values[:, r].numpy() for key, values in result.history.items()}})
     files["tokens.json"] = json_bytes({"ids": [int(i) for i in outcome.ids[r]], "tokens": outcome.tokens[r]})
     # the tokens as a column of the MLflow runs table, and the seed's colour of the figures in the UI's charts
     tracker.log_tags(run_id, {"tokens": " | ".join(repr(t) for t in outcome.tokens[r]),
@@ -346,7 +347,7 @@ def reproduce(run_id: str, device: str | None = None, tolerance: float = 1e-4) -
                                                             # nested under the parent it re-ran, in the UI
                                                             "mlflow.parentRunId": parent.info.run_id},
                                        run_name=f"reproduce {run_id[:8]}", experiment_id=parent.info.experiment_id)
-        with report.epoch_progress(config.epochs, config.runs) as on_epoch:
+        with report.epoch_progress(config.n_steps, config.runs) as on_epoch:
             outcome = execute(prep, on_epoch)
         rows = []
         for child, initial, final, ids in logged:

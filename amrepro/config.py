@@ -23,6 +23,9 @@ LR_MAX = 1e37  # float32 max is 3.4e38; Adam divides lr by 1 - beta1 = 0.1 on it
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed and MLflow's integer params stay exact below this
 
 
+METHODS = ("adam", "pez", "gcg", "epo")  # amrepro/methods/<name>.py each
+
+
 def _f(default, help: str):
     return field(default=default, metadata={"help": help})
 
@@ -46,11 +49,30 @@ class Config:
                          "for the same thread count; use 1 when several runs share the cores.")
     controls: int = _f(0, "K other targets of the same site, chosen reproducibly from the seed, optimized in the "
                           "same batch to test target specificity (0: none).")
+    method: str = _f("adam", "Optimizer: adam (the reference: continuous vectors, decoded to nearest tokens afterwards), "
+                             "pez (continuous vectors, forward on their nearest tokens), gcg (token swaps ranked by "
+                             "the one-hot gradient) or epo (gcg with a population trading activation against "
+                             "fluency). pez, gcg and epo end in real tokens.")
+    steps: int = _f(60, "Steps per run of pez and gcg (adam uses --epochs, epo --epo-steps); each gcg step "
+                        "scores --candidates token swaps per run.")
+    epo_steps: int = _f(12, "Steps per run of epo: each runs the whole model (its LM head reads the last block) "
+                            "on --candidates sequences, ~5x the cost of a gcg step on SmolLM2.")
+    topk: int = _f(256, "gcg/epo: replacement tokens per position, ranked by the one-hot gradient (nanoGCG: 256).")
+    candidates: int = _f(128, "gcg/epo: candidate sequences (one token swap each) evaluated per run per step; epo "
+                              "splits them across its population.")
+    population: int = _f(8, "epo: population members per run, with fluency penalties log-spaced from 0.1 to 10 "
+                            "(dreamy's defaults).")
+    pez_lr: float = _f(0.1, "pez: Adam learning rate of the continuous vectors (Wen et al. 2023: 0.1).")
 
     @property
     def target_name(self) -> str:
         """The target as a TransformerLens-style name; --layer/--dim is shorthand for resid_pre."""
         return self.target or f"blocks.{self.layer}.hook_resid_pre[{self.dim}]"
+
+    @property
+    def n_steps(self) -> int:
+        """Steps of the chosen method: --epochs for adam, --epo-steps for epo, --steps for pez and gcg."""
+        return {"adam": self.epochs, "epo": self.epo_steps}.get(self.method, self.steps)
 
     @property
     def seeds(self) -> list[int]:
@@ -79,6 +101,13 @@ class Config:
                                f"SEED + RUNS - 1 <= 2**63 - 1), got {self.seed}.")
         if self.threads < 0:
             raise AmreproError(f"--threads must be 0 (one per core) or more, got {self.threads}.")
+        if self.method not in METHODS:
+            raise AmreproError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}.")
+        for name in ("steps", "epo_steps", "topk", "candidates", "population"):
+            if getattr(self, name) < 1:
+                raise AmreproError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+        if not (math.isfinite(self.pez_lr) and 0 < self.pez_lr < LR_MAX):
+            raise AmreproError(f"--pez-lr must be a positive finite number below {LR_MAX:g}, got {self.pez_lr}.")
         if self.controls < 0:  # the upper bound (the site's width) is checked once the model is loaded
             raise AmreproError(f"--controls must be non-negative, got {self.controls}.")
         return self
@@ -108,7 +137,7 @@ class Config:
 
 
 # Fields added after the first release: runs logged before them are read with the field's default.
-_ADDED_LATER = frozenset({"threads", "controls"})
+_ADDED_LATER = frozenset({"threads", "controls", "method", "steps", "epo_steps", "topk", "candidates", "population", "pez_lr"})
 
 
 def _unquote(value: str) -> str:

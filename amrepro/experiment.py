@@ -15,14 +15,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import metrics, nulls
+from . import methods, metrics, nulls
 from .config import AmreproError, Config
 from .decode import nearest_tokens, token_activation
 from .model import LoadedModel, load_model, resolve_device
-from .objectives import reference_loss
-from .optimize import Result, optimize
+from .optimize import Result
 from .readers import check_positions, site_reader, site_width
-from .seeding import configure_determinism, initial_embeddings
+from .seeding import configure_determinism
 from .specificity import choose_controls, specificity, specificity_words
 from .targets import Target, check_target
 
@@ -65,6 +64,7 @@ def prepare(config: Config, lm: LoadedModel | None = None, note: Callable[[str],
         torch.set_num_threads(config.threads)
     lm = lm or load_model(config.model, device, note=note)
     check_positions(lm, config.n_tokens)
+    methods.check(config, lm)  # e.g. epo refuses an encoder
     controls = _controls(config, lm, target)
     check_memory(lm, target, config, rows=config.runs * (1 + len(controls)))
     # row t * runs + r reads target t (0: the user's) from seed r
@@ -133,10 +133,12 @@ def check_memory(lm: LoadedModel, target: Target, config: Config, rows: int | No
 def execute(prep: Prepared, on_epoch: Callable[[int], None] | None = None) -> Outcome:
     c, lm = prep.config, prep.lm
     seeds = c.seeds * (1 + len(prep.controls))  # every target from the same seeds, hence the same starts
-    start = initial_embeddings(seeds, c.n_tokens, lm.embedding_std(), lm.d_model)  # [rows, pos, d_model]
     with prep.reader as reader:
-        result = optimize(reader, start, reference_loss(c.l2), seeds, c.epochs, c.lr, lm.device, on_epoch)
-        ids, cosine = nearest_tokens(result.final, lm.embedding)  # [rows, pos] each
+        result = methods.get(c.method)(methods.Problem(lm, reader, seeds, c), on_epoch)
+        if result.ids is None:  # adam: continuous vectors, decoded to their nearest tokens
+            ids, cosine = nearest_tokens(result.final, lm.embedding)  # [rows, pos] each
+        else:  # pez, gcg, epo: real tokens already; final holds exactly their embedding rows
+            ids, cosine = result.ids, torch.ones(result.ids.shape)  # [rows, pos] each
         decoded = token_activation(reader, ids, lm.embedding)  # [rows]
     spec = None
     if prep.controls:
@@ -157,6 +159,9 @@ def execute(prep: Prepared, on_epoch: Callable[[int], None] | None = None) -> Ou
     summary.update(target=prep.target.name, model=c.model, seeds=c.seeds, token_ids=ids.tolist(), tokens=tokens,
                    initial_token_ids=initial_ids.tolist(), n_runs_ok=int(ok.sum()),
                    diverged=[{"seed": c.seeds[r], "run_index": r, "reason": why} for r, why in diverged.items()])
+    summary["method"] = c.method
+    if result.frontier is not None:  # epo: each run's final population, activation against fluency
+        summary["frontier"] = result.frontier
     summary["statistics"] = stats = _statistics(prep, ids, result, decoded, cosine, initial_ids, ok) if ok.any() else None
     if diverged and stats is not None:  # the verdict never hides runs it left out
         stats["verdict"] = (f"{len(diverged)} of {c.runs} runs diverged and are left out; statistics "
@@ -176,11 +181,12 @@ def _statistics(prep: Prepared, ids, result: Result, decoded, cosine, initial_id
     """metrics.reproducibility_stats of the finite runs (ok [runs]), against the primary null: the method's own
     start distribution, decoded like the results (nulls.py)."""
     c, lm = prep.config, prep.lm
-    pool = nulls.decoded_start_pool(lm.embedding, lm.embedding_std(), nulls.pool_size(c.runs, c.n_tokens), c.seed)
+    pool, described = methods.start_pool(c, lm, nulls.pool_size(c.runs, c.n_tokens))
     stats = metrics.reproducibility_stats(
         ids.numpy()[ok], result.final.numpy()[ok], result.final_activation.numpy()[ok], decoded.numpy()[ok],
         cosine.numpy()[ok], initial_ids.numpy()[ok], vocab_size=lm.embedding.shape[0], seed=c.seed,
         start_pool=pool, activation=result.activation.numpy()[:, ok])
+    stats["nulls"]["decoded_starts"]["description"] = described + "; each draw distinct pool entries"
     for hub in stats["nulls"]["decoded_starts"]["hub_tokens"]:
         hub["token"] = lm.token_strings([hub["id"]])[0]
     return stats

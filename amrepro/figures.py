@@ -161,3 +161,26 @@ def all_figures(loss, activation, seeds, tokens, ids, final_activation, decoded_
         out["figures/hub_tokens.png"] = hub_tokens(hubs["hub_tokens"], hubs["pool_size"], hubs["vocab_size"],
                                                    hubs["pool_distinct"])
     return out
+
+
+def activation_vs_agreement(rows: list[dict], corpus: dict | None = None):
+    """`amrepro compare`: one point per method, the mean activation of its real tokens (bar: worst to best run)
+    against its positional agreement; the corpus maximum and 99th percentile as horizontal lines."""
+    fig = _figure(6.5, 4.5)
+    ax = fig.subplots()
+    for r in rows:
+        if r.get("agreement") is None or r.get("act_mean") is None:
+            continue
+        ax.scatter([r["agreement"]], [r["act_mean"]], s=40, zorder=3)
+        ax.annotate(r["method"], (r["agreement"], r["act_mean"]), textcoords="offset points", xytext=(6, 4),
+                    parse_math=False)
+        if r.get("act_best") is not None:
+            ax.vlines(r["agreement"], r["act_mean"], r["act_best"], lw=1, color="grey")
+    if corpus is not None:
+        ax.axhline(corpus["max"], ls="--", lw=1, color="black", label=f"corpus max ({corpus['n_windows']} windows)")
+        ax.axhline(corpus["p99"], ls=":", lw=1, color="black", label="corpus 99th percentile")
+        ax.legend(fontsize="small")
+    ax.set(xlabel="positional agreement between runs (0: no run pair shares a token at a position)",
+           ylabel="target activation of the real tokens (mean; line to best run)",
+           title="reproducibility vs activation, per method")
+    return fig

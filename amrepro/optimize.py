@@ -6,7 +6,7 @@ Adam is elementwise and the runs never interact in the forward pass, so optimizi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -25,6 +25,12 @@ class Result:
     # [runs] int64: the first epoch whose loss was non-finite (the run diverged), `epochs` when only the final
     # embeddings are, -1 when the run stayed finite. Runs never mix, so one diverged run leaves the others intact.
     diverged_at: torch.Tensor
+    # Methods that end in real tokens (pez, gcg, epo) give their token ids [runs, pos] here (final = their
+    # embedding rows); None for adam, whose tokens are decoded from `final` afterwards.
+    ids: torch.Tensor | None = None
+    # each method's own per-step metrics: metric key -> [steps, runs] (e.g. "act/tokens", "xent/tokens")
+    history: dict[str, torch.Tensor] = field(default_factory=dict)
+    frontier: list | None = None  # epo: per run, its final population [{penalty, token_ids, activation, xent}]
 
     def divergence(self, r: int) -> str | None:
         """Why run r is not a result (one phrase), or None when it stayed finite."""
@@ -39,7 +45,9 @@ class Result:
     def rows(self, pick: slice) -> "Result":
         """The result of the runs in pick alone (the rows of a batch are independent)."""
         return Result(self.seeds[pick], self.initial[pick], self.final[pick], self.loss[:, pick],
-                      self.activation[:, pick], self.final_activation[pick], self.diverged_at[pick])
+                      self.activation[:, pick], self.final_activation[pick], self.diverged_at[pick],
+                      None if self.ids is None else self.ids[pick], {k: v[:, pick] for k, v in self.history.items()},
+                      None if self.frontier is None else self.frontier[pick])
 
     def run(self, r: int) -> "Result":
         """The result of run r alone, as if it had run in a batch of one."""

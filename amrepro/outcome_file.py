@@ -44,11 +44,14 @@ def save(outcome, parent_id: str, experiment_id: str, tracking_uri: str, params:
          pip_freeze: bytes) -> Path:
     result = outcome.result
     arrays = {f"result.{f.name}": getattr(result, f.name).numpy() for f in dataclasses.fields(result)
-              if f.name != "seeds"}
+              if f.name not in ("seeds", "ids", "history", "frontier")}
+    if result.ids is not None:  # pez, gcg, epo: their real tokens
+        arrays["result.ids"] = result.ids.numpy()
+    arrays.update({f"history.{key}": values.numpy() for key, values in result.history.items()})
     arrays.update(ids=np.asarray(outcome.ids), cosine=np.asarray(outcome.cosine),
                   decoded_activation=np.asarray(outcome.decoded_activation))
     meta = {"format": FORMAT, "parent_id": parent_id, "experiment_id": experiment_id, "tracking_uri": tracking_uri,
-            "config": outcome.config.to_params(), "target": outcome.target.name, "seeds": list(result.seeds),
+            "config": outcome.config.to_params(), "target": outcome.target.name, "seeds": list(result.seeds), "frontier": result.frontier,
             "tokens": outcome.tokens, "summary": outcome.summary,
             "diverged": {str(r): why for r, why in outcome.diverged.items()},
             "params": params, "tags": tags, "pip_freeze": pip_freeze.decode(errors="replace")}
@@ -82,7 +85,8 @@ def load(path: str | Path) -> Saved:
     if meta.get("format") != FORMAT:
         raise AmreproError(f"{path} has outcome format {meta.get('format')}, this amrepro reads {FORMAT}.")
     tensors = {k.removeprefix("result."): torch.from_numpy(v) for k, v in arrays.items() if k.startswith("result.")}
-    result = Result(seeds=meta["seeds"], **tensors)
+    history = {k.removeprefix("history."): torch.from_numpy(v) for k, v in arrays.items() if k.startswith("history.")}
+    result = Result(seeds=meta["seeds"], **tensors, history=history, frontier=meta.get("frontier"))
     config = Config.from_params(meta["config"])
     outcome = Outcome(config, Target.parse(meta["target"]), result, arrays["ids"], meta["tokens"], arrays["cosine"],
                       arrays["decoded_activation"], meta["summary"],

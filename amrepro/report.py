@@ -284,3 +284,23 @@ def _num(x) -> str:
     if x is None:
         return "n/a"
     return f"{x:.3g}" if isinstance(x, float) else str(x)
+
+
+def print_compare(rows: list[dict], top_run: str, uri: str) -> None:
+    """`amrepro compare`: one row per method (and the corpus), p-values under each method's own start null."""
+    table = Table(title="methods compared (p: under each method's own start distribution; p unif: uniform tokens)")
+    for name in ("method", "act mean", "act best", "p99", "unique", "p", "p unif", "agreement", "p", "Jaccard",
+                 "p", "xent", "wall s"):
+        table.add_column(name, justify="left" if name == "method" else "right")
+
+    def f(x, digits=3):
+        return "-" if x is None else (f"{x:.{digits}g}" if isinstance(x, float) else str(x))
+
+    for r in rows:
+        unique = "-" if r.get("n_unique") is None else f"{r['n_unique']}/{r['n_tokens']}"
+        table.add_row(r["method"], f(r.get("act_mean")), f(r.get("act_best")), f(r.get("act_p99")), unique,
+                      f(r.get("p_unique"), 2), f(r.get("p_unique_uniform"), 2), f(r.get("agreement")),
+                      f(r.get("p_agreement"), 2), f(r.get("jaccard")), f(r.get("p_jaccard"), 2),
+                      f(r.get("xent_mean")), f(r.get("wall_s"), 3))
+    console.print(table)
+    console.print(f"compare run {top_run} in {uri}", soft_wrap=True, markup=False)

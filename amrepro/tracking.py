@@ -492,7 +492,11 @@ class RunReader:
         if original:  # nested under the run it re-ran, but it is a comparison, not a seed run
             raise AmreproError(f"run {run_id} is a reproduction of run {original} (see its reproduction.json); "
                                f"decode or reproduce {original} itself.")
-        parent_id = run.data.tags.get("mlflow.parentRunId")
+        if "amrepro.compare" in run.data.tags:  # its children are method runs, each a parent of seed runs
+            raise AmreproError(f"run {run_id} is an `amrepro compare` run of {run.data.tags['amrepro.compare']}; "
+                               "decode or reproduce one of its method runs.")
+        # a seed run has a run_index; a method run of a compare is nested too, but is itself a parent
+        parent_id = run.data.tags.get("mlflow.parentRunId") if "run_index" in run.data.params else None
         parent = self.run(parent_id) if parent_id else run
         if "target_name" not in parent.data.params:
             raise AmreproError(f"run {run_id} was not made by `amrepro run` (no amrepro params or child runs).")

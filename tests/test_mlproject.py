@@ -70,3 +70,16 @@ def test_mlflow_run_local_env_end_to_end(tiny_gpt2, tmp_path, monkeypatch, empty
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     result = cli("reproduce", parent.info.run_id)
     assert result.exit_code == 0 and "reproduced: bit-identical" in result.output, result.output
+
+
+def test_compare_entry_point_takes_every_shared_config_field():
+    compare = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["compare"]
+    declared = set(compare["parameters"])
+    assert declared == set(re.findall(r"\{(\w+)\}", compare["command"]))
+    for name in declared:
+        assert f"--{name.replace('_', '-')} {{{name}}}" in compare["command"]
+    for field in dataclasses.fields(Config):
+        if field.name == "method":  # compare runs every method of `methods`
+            continue
+        assert str(compare["parameters"][field.name]["default"]) == str(field.default), field.name
+    assert compare["parameters"]["methods"]["default"] == "adam,pez,gcg,epo"

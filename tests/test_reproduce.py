@@ -97,7 +97,7 @@ def test_exception_mid_run_marks_every_run_failed(tiny_gpt2, store, monkeypatch)
     def exploding_reader(*args, **kwargs):
         raise RuntimeError("simulated failure in the middle of the optimization")
 
-    monkeypatch.setattr("amrepro.experiment.optimize", exploding_reader)
+    monkeypatch.setattr("amrepro.methods.adam.optimize", exploding_reader)  # the loop behind --method adam
     result = cli("run", "--model", tiny_gpt2, "--runs", "2", "--epochs", "5", "--dim", "3")
     assert result.exit_code == 1 and "simulated failure" in result.output
     runs = all_runs(store)

@@ -1,0 +1,130 @@
+"""`amrepro compare`: one target, one set of seeds, several methods, side by side in MLflow.
+
+Layout: a top run (tag amrepro.compare = the methods, params = the shared hyperparameters and `methods`), one
+nested run per method (param `method`; exactly the parent run `amrepro run --method M` would make, with its
+seed children under it, so decode and reproduce work on it), and on the top run: compare.json and the table
+compare_table.json (one row per method, plus one for the corpus), the figure activation_vs_agreement.png,
+metrics compare/<method>/<column>, and with --corpus the top windows as corpus_top_windows.json.
+
+Every check (each method's, the corpus file) is done before the first MLflow run exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from . import report
+from .config import AmreproError, Config, METHODS
+from .tracking import Tracker, json_bytes
+
+COLUMNS = ("method", "act_mean", "act_best", "act_p99", "n_unique", "n_tokens", "p_unique", "p_unique_uniform",
+           "agreement", "p_agreement", "jaccard", "p_jaccard", "xent_mean", "wall_s")
+
+
+def parse_methods(text: str) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in names if m not in METHODS]
+    if not names or bad:
+        raise AmreproError(f"--methods takes a comma-separated list of {', '.join(METHODS)}; got {text!r}.")
+    if len(set(names)) != len(names):
+        raise AmreproError(f"--methods names a method twice: {text!r}.")
+    return names
+
+
+def row(method: str, outcome, xent, wall: float) -> dict:
+    """One table row from a method's outcome: the statistics of its real tokens and their p-values under the
+    method's own start distribution (nulls 'decoded_starts') and under uniform tokens."""
+    s = outcome.summary["statistics"]
+    if s is None:
+        return {"method": method, "wall_s": wall}
+    ds, un = s["nulls"]["decoded_starts"], s["nulls"]["uniform"]
+    acts = s["decoded_activation"]
+    return {"method": method, "act_mean": acts["mean"], "act_best": acts["max"], "act_p99": None,
+            "n_unique": s["n_unique_tokens"], "n_tokens": s["n_tokens_total"],
+            "p_unique": ds["n_unique"]["pvalue"], "p_unique_uniform": un["n_unique"]["pvalue"],
+            "agreement": s["positional_agreement"], "p_agreement": ds["positional_agreement"]["pvalue"],
+            "jaccard": s["jaccard_mean"], "p_jaccard": ds["jaccard_mean"]["pvalue"],
+            "xent_mean": None if xent is None else float(xent.mean()), "wall_s": wall}
+
+
+def compare(config: Config, methods_text: str, corpus_path: str = "", experiment: str | None = None) -> list[dict]:
+    from . import corpus, figures
+    from .commands import end_leftovers, log_outcome, run_name, _saying_what_was_saved
+    from .experiment import execute, prepare
+    from .methods.fluency import is_causal, prompt_xent
+    from .model import load_model, resolve_device
+    from .provenance import busy_cores_note, environment, pip_freeze
+    from .targets import Target
+
+    import torch
+
+    began = time.monotonic()
+    names = parse_methods(methods_text)
+    config.validate()
+    text = corpus.read(corpus_path) if corpus_path else None
+    tracker = Tracker(experiment)
+    end_leftovers(tracker)
+    rows: list[dict] = []
+    with _saying_what_was_saved(tracker), tracker:
+        tracker.attach_mlflow_run()
+        lm = load_model(config.model, resolve_device(config.device), note=report.note)
+        preps = {m: prepare(dataclasses.replace(config, method=m), lm=lm, note=report.note) for m in names}
+        target = preps[names[0]].target
+        windows = corpus.windows(lm, text, config.n_tokens) if text is not None else None  # fails before runs
+        busy = busy_cores_note()
+        if busy:
+            report.note(busy)
+        env = {**environment(lm.device), **lm.fingerprint()}
+        params = {k: v for k, v in config.to_params().items() if k != "method"}
+        top = tracker.start_parent({**params, "methods": ",".join(names), "corpus": corpus_path},
+                                   {**env, "amrepro.compare": ",".join(names)},
+                                   run_name=f"compare {','.join(names)}: {run_name(config)}")
+        experiment_id = tracker.write(tracker.client.get_run, top).info.experiment_id
+        tracker.mark_experiment(experiment_id)
+        causal = is_causal(lm)
+        yard = None
+        if windows is not None:
+            report.note(f"scoring {windows.shape[0]} corpus windows of {config.n_tokens} tokens")
+            started = time.monotonic()
+            yard = corpus.yardstick(lm, target, text, config.n_tokens)
+            yard["seconds"] = time.monotonic() - started
+        frozen = pip_freeze()
+        for m in names:
+            c = preps[m].config
+            method_run = tracker.start_child(top, f"{m}: {run_name(c)}", c.to_params(), experiment_id)
+            tracker.log_tags(method_run, env)
+            started = time.monotonic()
+            with report.epoch_progress(c.n_steps, c.runs) as on_step:
+                outcome = execute(preps[m], on_step)
+            wall = time.monotonic() - started
+            xent = prompt_xent(lm, torch.from_numpy(outcome.ids)) if causal else None
+            rows.append(row(m, outcome, xent, wall))
+            scalars = {"time/wall_s": wall}
+            if xent is not None:
+                scalars["xent/final_mean"] = float(xent.mean())
+            tracker.log_metrics(method_run, scalars)
+            report.console.print(f"[bold]{m}[/]: " + report.summary_lines(outcome.summary)[0]
+                                 if outcome.summary.get("statistics") else f"{m}: no result", soft_wrap=True)
+            log_outcome(tracker, method_run, experiment_id, outcome, frozen)
+        if yard is not None:
+            rows.append({"method": "corpus", "act_mean": yard["mean"], "act_best": yard["max"], "act_p99": yard["p99"],
+                         "n_tokens": yard["n_windows"] * config.n_tokens})
+        table = [{k: r.get(k) for k in COLUMNS} for r in rows]
+        files = {"compare.json": json_bytes({"target": target.name, "model": config.model, "seeds": config.seeds,
+                                             "rows": table, "corpus": yard,
+                                             "null": "p_unique, p_agreement, p_jaccard: under each method's own "
+                                                     "start distribution decoded as its results (adam: N(0, "
+                                                     "std(E)) vectors -> nearest tokens; pez, gcg, epo: uniform "
+                                                     "random tokens); p_unique_uniform: uniform tokens"})}
+        if yard is not None:
+            files["corpus_top_windows.json"] = json_bytes(yard["top"])
+        tracker.log_artifacts(top, files)
+        tracker.log_table(top, {k: [r[k] for r in table] for k in COLUMNS}, "compare_table.json")
+        tracker.log_metrics(top, {f"compare/{r['method']}/{k}": float(r[k]) for r in table for k in COLUMNS[1:]
+                                  if isinstance(r.get(k), (int, float))})
+        tracker.log_figure(top, figures.activation_vs_agreement(table, yard), "activation_vs_agreement.png")
+        tracker.log_metrics(top, {"time/total_s": time.monotonic() - began})
+        tracker.end(top)
+    report.print_compare(table, top, tracker.uri)
+    return table

@@ -1,0 +1,57 @@
+"""GCG (Zou et al. 2023; nanoGCG), maximizing the target's mean activation over real tokens.
+
+Each step, for every run at once: the gradient of mean(act) with respect to the one-hot tokens ranks the top-k
+replacement tokens per position; `candidates` sequences, each the current one with ONE position swapped to one
+of its top-k tokens (position and token drawn from the run's own generator), are scored in one forward pass
+through the stop-at-block reader; the best candidate becomes the current sequence (as GCG does, even when it
+is worse), and the best sequence ever seen is the run's result. Its activation is the score: no decoding step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..optimize import Result
+from . import OnStep, Problem, uniform_tokens
+from .candidates import Candidates, one_swap
+
+
+def run(problem: Problem, on_step: OnStep = None) -> Result:
+    c, E = problem.config, problem.lm.embedding
+    generators = problem.generators()
+    ids = uniform_tokens(generators, c.n_tokens, E.shape[0])  # [rows, pos]
+    start = ids.clone()
+    k = min(c.topk, E.shape[0])
+    acts = torch.empty(c.steps, problem.rows)  # [steps, rows]: activation of the current tokens
+    best_hist = torch.empty(c.steps, problem.rows)  # [steps, rows]: activation of the best tokens so far
+    with Candidates(problem) as score:
+        best_ids, best_act = ids.clone(), score.activation(ids[:, None])[:, 0]  # [rows, pos], [rows]
+        for step in range(c.steps):
+            grad, act = score.token_gradient(ids)  # [rows, pos, vocab], [rows]
+            acts[step] = act
+            top = grad.topk(k, dim=-1).indices  # [rows, pos, k]: swaps that raise the activation most, to first order
+            cand = one_swap(ids, top, c.candidates, generators)  # [rows, C, pos]
+            cand_act = score.activation(cand)  # [rows, C]
+            pick = cand_act.argmax(dim=1)  # [rows]
+            ids = cand[torch.arange(problem.rows), pick]  # [rows, pos]
+            new = cand_act[torch.arange(problem.rows), pick]  # [rows]
+            better = new > best_act
+            best_ids[better], best_act[better] = ids[better], new[better]
+            best_hist[step] = best_act
+            if on_step is not None:
+                on_step(step)
+    return token_result(problem, start, best_ids, acts, {"act/tokens": best_hist})
+
+
+def token_result(problem: Problem, start: torch.Tensor, ids: torch.Tensor, acts: torch.Tensor,
+                 history: dict[str, torch.Tensor], **extra) -> Result:
+    """A Result of real tokens: initial/final are the embedding rows of the start and result tokens, the loss
+    is -activation, and final_activation is the activation of the result tokens read back alone."""
+    E = problem.lm.embedding
+    with torch.no_grad():
+        final = E[ids.to(E.device)]  # [rows, pos, d_model]
+        final_act = problem.reader(final).mean(dim=1).cpu()  # [rows]
+    return Result(seeds=list(problem.seeds), initial=E[start.to(E.device)].detach().cpu().clone(),
+                  final=final.detach().cpu().clone(), loss=-acts, activation=acts, final_activation=final_act,
+                  diverged_at=torch.full((problem.rows,), -1, dtype=torch.long), ids=ids.clone(), history=history,
+                  **extra)

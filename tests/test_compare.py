@@ -1,0 +1,97 @@
+"""`amrepro compare` and `--corpus`: the layout reads back from MLflow (top run -> method runs -> seed runs), a
+method run reproduces bit-identically, the corpus yardstick is every window scored, bad input is one sentence
+before any run exists, and a short end-to-end compare of all four methods runs on SmolLM2."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from amrepro import corpus
+from amrepro.model import load_model
+from amrepro.readers import HookedReader
+from amrepro.targets import Target
+from helpers import all_runs, children_of, cli
+
+CORPUS = str(Path(__file__).parent / "data" / "corpus.txt")
+TINY = ("--runs", "2", "--dim", "3", "--epochs", "10", "--lr", "0.01", "--steps", "4", "--epo-steps", "2",
+        "--topk", "16", "--candidates", "16", "--population", "2")
+
+
+def _layout(store):
+    (top,) = [r for r in all_runs(store) if "mlflow.parentRunId" not in r.data.tags]
+    method_runs = {r.data.params["method"]: r for r in all_runs(store)
+                   if r.data.tags.get("mlflow.parentRunId") == top.info.run_id}
+    return top, method_runs
+
+
+def test_compare_layout_reads_back_from_mlflow(tiny_gpt2, store):
+    result = cli("compare", "--model", tiny_gpt2, "--methods", "adam,gcg,epo", "--corpus", CORPUS, *TINY)
+    assert result.exit_code == 0, result.output
+    top, method_runs = _layout(store)
+    assert top.data.tags["amrepro.compare"] == "adam,gcg,epo" and top.info.status == "FINISHED"
+    assert set(method_runs) == {"adam", "gcg", "epo"}
+    for name, run in method_runs.items():
+        assert run.info.status == "FINISHED" and run.data.params["method"] == name
+        seeds = children_of(store, run.info.run_id)
+        assert [c.data.params["seed"] for c in seeds] == ["0", "1"]
+        assert all(c.info.status == "FINISHED" for c in seeds)
+    client = MlflowClient(store)
+    table = json.loads(Path(client.download_artifacts(top.info.run_id, "compare.json")).read_text())
+    rows = {r["method"]: r for r in table["rows"]}
+    assert list(rows) == ["adam", "gcg", "epo", "corpus"]
+    # each method row is its method run's statistics, read back
+    gcg_summary = json.loads(Path(client.download_artifacts(method_runs["gcg"].info.run_id, "summary.json")).read_text())
+    assert rows["gcg"]["n_unique"] == gcg_summary["n_unique_tokens"]
+    assert rows["gcg"]["xent_mean"] > 0 and rows["epo"]["wall_s"] > 0
+    assert rows["corpus"]["act_best"] >= rows["corpus"]["act_p99"]
+    artifacts = {a.path for a in client.list_artifacts(top.info.run_id)}
+    assert {"compare_table.json", "activation_vs_agreement.png", "corpus_top_windows.json"} <= artifacts
+    assert top.data.metrics["compare/gcg/act_mean"] == pytest.approx(rows["gcg"]["act_mean"])
+    # a method run is an ordinary amrepro parent: reproduce re-runs it bit for bit
+    again = cli("reproduce", method_runs["gcg"].info.run_id)
+    assert again.exit_code == 0 and "reproduced: bit-identical" in again.output, again.output
+    refused = cli("reproduce", top.info.run_id)
+    assert refused.exit_code == 2 and "is an `amrepro compare` run" in refused.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--methods", "adam,sgd"), "--methods takes a comma-separated list"),
+    (("--corpus", "/nonexistent/text.txt"), "no such file"),
+])
+def test_bad_input_is_one_sentence_before_any_run(tiny_gpt2, store, args, message):
+    result = cli("compare", "--model", tiny_gpt2, *TINY, *args)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not Path(store.removeprefix("sqlite:///")).exists()  # refused before the store was even opened
+
+
+def test_corpus_scores_every_window(tiny_gpt2):
+    lm = load_model(tiny_gpt2, torch.device("cpu"))
+    target = Target.parse("blocks.3.hook_resid_pre[3]")
+    text = Path(CORPUS).read_text()
+    yard = corpus.yardstick(lm, target, text, 4, top=5)
+    ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert yard["n_windows"] == len(ids) - 3
+    with HookedReader(lm, target) as reader, torch.no_grad():  # brute force, one window at a time
+        acts = [float(reader(lm.embedding[torch.tensor([ids[w:w + 4]])]).mean()) for w in range(len(ids) - 3)]
+    assert yard["max"] == pytest.approx(max(acts), abs=1e-5)
+    best = max(range(len(acts)), key=acts.__getitem__)
+    assert yard["top"][0]["start"] == best and yard["top"][0]["text"] == lm.tokenizer.decode(ids[best:best + 4])
+    assert [t["activation"] for t in yard["top"]] == sorted((t["activation"] for t in yard["top"]), reverse=True)
+    assert sorted(acts)[int(0.9 * len(acts))] <= yard["p99"] <= yard["max"]
+
+
+def test_short_compare_of_all_four_methods_on_smollm2(store):
+    from test_llama import smollm2_gguf
+
+    result = cli("compare", "--model", smollm2_gguf(), "--methods", "adam,pez,gcg,epo", "--corpus", CORPUS,
+                 "--runs", "2", "--layer", "2", "--dim", "5", "--epochs", "5", "--steps", "2", "--epo-steps", "1",
+                 "--topk", "16", "--candidates", "8", "--population", "2", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    top, method_runs = _layout(store)
+    assert set(method_runs) == {"adam", "pez", "gcg", "epo"} and top.info.status == "FINISHED"
+    rows = {k.split("/")[1] for k in top.data.metrics if k.startswith("compare/")}
+    assert rows == {"adam", "pez", "gcg", "epo", "corpus"}
+    assert all(top.data.metrics[f"compare/{m}/xent_mean"] > 0 for m in ("adam", "pez", "gcg", "epo"))
