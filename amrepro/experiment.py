@@ -185,7 +185,7 @@ def _statistics(prep: Prepared, ids, result: Result, decoded, cosine, initial_id
     stats = metrics.reproducibility_stats(
         ids.numpy()[ok], result.final.numpy()[ok], result.final_activation.numpy()[ok], decoded.numpy()[ok],
         cosine.numpy()[ok], initial_ids.numpy()[ok], vocab_size=lm.embedding.shape[0], seed=c.seed,
-        start_pool=pool, activation=result.activation.numpy()[:, ok])
+        start_pool=pool, activation=result.activation.numpy()[:, ok], start_name=methods.start_name(c.method))
     stats["nulls"]["decoded_starts"]["description"] = described + "; each draw distinct pool entries"
     for hub in stats["nulls"]["decoded_starts"]["hub_tokens"]:
         hub["token"] = lm.token_strings([hub["id"]])[0]

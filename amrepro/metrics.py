@@ -241,14 +241,15 @@ def child_metrics(stats: dict, r: int) -> dict[str, float]:
 
 def reproducibility_stats(ids, final, final_activation, decoded_activation, cosine, initial_ids, vocab_size: int,
                           seed: int = 0, n_boot: int = 1000, start_pool=None, activation=None,
-                          n_null: int = nulls.N_DRAWS) -> dict:
+                          n_null: int = nulls.N_DRAWS, start_name: str = "decoded random starts") -> dict:
     """How similar are the runs, and how does that compare with chance? A JSON-serialisable dict.
 
     ids [runs, pos] decoded token ids; final [runs, pos, d_model] final embeddings; final_activation [runs] and
     decoded_activation [runs] the mean target activation of the embeddings and of their decoded tokens;
     cosine [runs, pos] each final vector's cosine to its decoded token; initial_ids [runs, pos] the decoded
     initial embeddings. start_pool [K]: decoded i.i.d. start vectors (nulls.decoded_start_pool), the primary
-    null; without it only the uniform null exists and the verdict claims nothing. activation [epochs, runs]:
+    null (start_name: what the verdict calls it); without it only the uniform null exists and the verdict
+    claims nothing. activation [epochs, runs]:
     the per-epoch mean activation, for the convergence diagnostic. n_boot bootstrap resamples, n_null Monte
     Carlo draws per null; seed seeds all of them (numpy default_rng), so the same inputs give the same dict.
     """
@@ -271,7 +272,7 @@ def reproducibility_stats(ids, final, final_activation, decoded_activation, cosi
     observed = _none_if_nan(observed)
     gap = final_act - decoded_act  # [runs]
     cosine_per_run = cosine.mean(axis=1)  # [runs]
-    null = nulls.null_models(ids, vocab_size, start_pool, seed, n_null)
+    null = nulls.null_models(ids, vocab_size, start_pool, seed, n_null, start_name)
     initial = _none_if_nan(token_stats(initial_ids))
     kept = start_token_kept(ids, initial_ids)  # [runs]
     n_kept = int((ids == initial_ids).sum())

@@ -228,8 +228,9 @@ def null_model(draws: np.ndarray, observed: dict) -> dict:
 
 
 def null_models(ids: np.ndarray, vocab_size: int, start_pool: np.ndarray | None, seed: int,
-                n_draws: int = N_DRAWS) -> dict:
+                n_draws: int = N_DRAWS, start_name: str = "decoded random starts") -> dict:
     """Both nulls for the observed ids [runs, pos]; decoded starts only when a pool of decoded starts is given.
+    start_name: what the verdict calls the primary null (the method's own starts, decoded as its results are).
     Deterministic: every draw comes from numpy generators seeded by (seed, null)."""
     ids = np.asarray(ids)
     runs, pos = ids.shape
@@ -242,7 +243,7 @@ def null_models(ids: np.ndarray, vocab_size: int, start_pool: np.ndarray | None,
         start_pool = np.asarray(start_pool)
         starts = sample_pool(start_pool, runs, pos, n_draws, np.random.default_rng([seed, 3]))
         out["decoded_starts"] = {
-            "description": (f"the method's start vectors (N(0, std(E)) i.i.d.) decoded to their max-cosine tokens: "
+            "name": start_name, "description": (f"the method's start vectors (N(0, std(E)) i.i.d.) decoded to their max-cosine tokens: "
                             f"a pool of {start_pool.size} decoded once, each draw {runs * pos} distinct pool entries"),
             **null_model(starts, observed), "pool_size": int(start_pool.size), "vocab_size": int(vocab_size),
             "pool_distinct": int(np.unique(start_pool).size),

@@ -63,18 +63,19 @@ def verdict(stats: dict) -> str:
         words += (f"; uniform tokens give {_chance(un['n_unique'], 2, count=True)}, p = {_p(un['n_unique']['pvalue'])}. No "
                   "decoded-starts null was computed, so nothing is claimed about chance.")
         return words
-    words += (f"; decoded random starts give {_chance(ds['n_unique'], 2, count=True)}, p = {_p(ds['n_unique']['pvalue'])}"
+    name = ds.get("name", "decoded random starts")  # the method's own starts: vectors decoded, or tokens
+    words += (f"; {name} give {_chance(ds['n_unique'], 2, count=True)}, p = {_p(ds['n_unique']['pvalue'])}"
               f" (this few unique or fewer); uniform tokens {_chance(un['n_unique'], 2, count=True)}, "
               f"p = {_p(un['n_unique']['pvalue'])}; decoded initial embeddings of these runs {iu}/{n}. ")
     if d["unique_below_chance"]:
-        words += f"Below chance under decoded random starts ({events['repeats']} repeats)."
+        words += f"Below chance under {name} ({events['repeats']} repeats)."
         if iu <= u:
             words += (" But the un-optimized initial embeddings repeat as much or more, so the repetition is "
                       "explained by decoding to nearest tokens, not by the optimization.")
     elif events["repeats"] == 1 and ds["n_unique"]["pvalue"] < ALPHA:
         words += "One repeated token: a single coincidence, not evidence of a preferred token set."
     elif un["n_unique"]["pvalue"] is not None and un["n_unique"]["pvalue"] < ALPHA:
-        words += ("Within chance under decoded random starts: nearest-token decoding of random vectors repeats "
+        words += (f"Within chance under {name}: nearest-token decoding of random vectors repeats "
                   "hub tokens this often; only the uniform null, which ignores hubs, finds fewer unique than chance.")
     else:
         words += "Within chance: no evidence of a preferred token set."
@@ -82,12 +83,12 @@ def verdict(stats: dict) -> str:
         words += " A single run has no run-to-run agreement to measure."
     else:
         words += _pairwise("Positional agreement", stats["positional_agreement"], ds["positional_agreement"],
-                           un["positional_agreement"], events["agreeing_positions"],
+                           un["positional_agreement"], events["agreeing_positions"], name,
                            ("run pair decodes the same token at the same position",
                             "run-pair positions with the same token"), d["agreement_above_chance"],
                            "runs decode to the same token at the same position more often than chance")
         words += _pairwise("Jaccard of token sets", stats["jaccard_mean"], ds["jaccard_mean"], un["jaccard_mean"],
-                           events["shared_tokens"], ("token shared by a pair of runs",
+                           events["shared_tokens"], name, ("token shared by a pair of runs",
                                                      "tokens shared, summed over pairs of runs"),
                            d["jaccard_above_chance"],
                            "runs share tokens more than chance, evidence that AM converges to preferred tokens")
@@ -96,11 +97,11 @@ def verdict(stats: dict) -> str:
     return words
 
 
-def _pairwise(label, value, ds, un, n_events, event, claim, meaning) -> str:
-    words = (f" {label} {value:.3f} ({n_events} {event[0] if n_events == 1 else event[1]}); decoded random starts "
+def _pairwise(label, value, ds, un, n_events, name, event, claim, meaning) -> str:
+    words = (f" {label} {value:.3f} ({n_events} {event[0] if n_events == 1 else event[1]}); {name} "
              f"{_chance(ds, 3)}, p = {_p(ds['pvalue'])}; uniform p = {_p(un['pvalue'])}: ")
     if claim:
-        return words + f"above chance under decoded random starts, {meaning}."
+        return words + f"above chance under {name}, {meaning}."
     if n_events == 1:
         return words + "a single coincidence, not evidence."
     return words + "within chance."

@@ -70,6 +70,11 @@ def check(config: Config, lm: LoadedModel) -> None:
         check_causal(lm, "--method epo")
 
 
+def start_name(method: str) -> str:
+    """What the verdict calls the method's primary null: its own starts, decoded as its results are."""
+    return "decoded random starts" if method == "adam" else "random start tokens"
+
+
 def start_pool(config: Config, lm: LoadedModel, size: int) -> tuple[np.ndarray, str]:
     """(token ids [size], description): i.i.d. draws of the method's own start distribution, decoded as its
     results are, for the primary null (nulls.null_models' start_pool)."""
