@@ -30,7 +30,8 @@ def stats_for(ids, final=None, vocab_size=50257, initial_ids=None, n_boot=200, s
         ids, final, kw.get("final_activation", np.arange(runs) + 10.0),
         kw.get("decoded_activation", np.arange(runs) * 0.5),
         kw.get("cosine", np.full((runs, pos), 0.5)), ids if initial_ids is None else initial_ids, vocab_size,
-        seed=seed, n_boot=n_boot, start_pool=start_pool, activation=kw.get("activation"))
+        seed=seed, n_boot=n_boot, start_pool=start_pool, activation=kw.get("activation"),
+        start_name=kw.get("start_name", "decoded random starts"))
 
 
 def test_identical_runs_agree_completely():
@@ -153,6 +154,15 @@ def test_48_of_50_is_below_uniform_chance_but_within_a_hubby_decoded_starts_null
     assert "Within chance under decoded random starts" in s["verdict"] and "only the uniform null" in s["verdict"]
     assert "Below chance" not in s["verdict"] and s["metrics"]["verdict/unique_below_chance"] == 0.0
     assert s["metrics"]["null/decoded_starts/unique_mean"] < s["metrics"]["null/uniform/unique_mean"]
+
+
+def test_verdict_names_the_methods_own_starts():
+    """gcg/pez/epo start from random tokens, not decoded vectors: the verdict names the null they were tested on."""
+    ids = np.tile([11, 12, 13, 14, 15], (10, 1))
+    s = stats_for(ids, start_name="random start tokens")
+    assert "random start tokens give" in s["verdict"] and "Below chance under random start tokens" in s["verdict"]
+    assert "decoded random starts" not in s["verdict"]
+    assert s["nulls"]["decoded_starts"]["name"] == "random start tokens"
 
 
 def test_verdict_below_chance_and_decoding_caveat():
