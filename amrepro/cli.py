@@ -3,18 +3,20 @@ commands, so `amrepro --help` is instant."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import os
 import sys
 
 import typer
 
-from .config import AmreproError, Config, NoResult, help_for
+from .config import AmreproError, Config, NoResult
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Is activation maximization reproducible? Optimize one neuron's input from many seeds, "
                        "decode, compare, and track every run in MLflow (store: MLFLOW_TRACKING_URI).")
 
-_D = Config()
 
 
 @app.callback()
@@ -65,37 +67,37 @@ def _guard(fn, *args, **kwargs):
             signal.signal(signal.SIGTERM, saved[1])
 
 
+def with_config(*, exclude: tuple[str, ...] = ()):
+    """Give a command one Typer option per Config field (default and help from the field, so the CLI cannot
+    drift from Config), collected into one Config passed as its `config` argument."""
+    fields = [f for f in dataclasses.fields(Config) if f.name not in exclude]
+    types = {"str": str, "int": int, "float": float}
+
+    def decorate(command):
+        own = [p for p in inspect.signature(command).parameters.values() if p.name != "config"]
+        options = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=types[str(f.type)],
+                                     default=typer.Option(f.default, help=f.metadata["help"])) for f in fields]
+
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            config = Config(**{f.name: kwargs.pop(f.name) for f in fields})
+            return command(config=config, **kwargs)
+
+        wrapper.__signature__ = inspect.Signature(own + options)
+        wrapper.__annotations__ = {p.name: p.annotation for p in own + options}
+        return wrapper
+
+    return decorate
+
+
+_EXPERIMENT_HELP = ("MLflow experiment name (default: MLFLOW_EXPERIMENT_NAME / MLFLOW_EXPERIMENT_ID if set, else "
+                    "'amrepro'; under `mlflow run`, its --experiment-name).")
+
+
 @app.command()
-def run(
-    runs: int = typer.Option(_D.runs, help=help_for("runs")),
-    epochs: int = typer.Option(_D.epochs, help=help_for("epochs")),
-    n_tokens: int = typer.Option(_D.n_tokens, help=help_for("n_tokens")),
-    layer: int = typer.Option(_D.layer, help=help_for("layer")),
-    dim: int = typer.Option(_D.dim, help=help_for("dim")),
-    target: str = typer.Option(_D.target, help=help_for("target")),
-    lr: float = typer.Option(_D.lr, help=help_for("lr")),
-    l2: float = typer.Option(_D.l2, help=help_for("l2")),
-    seed: int = typer.Option(_D.seed, help=help_for("seed")),
-    model: str = typer.Option(_D.model, help=help_for("model")),
-    device: str = typer.Option(_D.device, help=help_for("device")),
-    threads: int = typer.Option(_D.threads, help=help_for("threads")),
-    controls: int = typer.Option(_D.controls, help=help_for("controls")),
-    method: str = typer.Option(_D.method, help=help_for("method")),
-    steps: int = typer.Option(_D.steps, help=help_for("steps")),
-    epo_steps: int = typer.Option(_D.epo_steps, help=help_for("epo_steps")),
-    topk: int = typer.Option(_D.topk, help=help_for("topk")),
-    candidates: int = typer.Option(_D.candidates, help=help_for("candidates")),
-    population: int = typer.Option(_D.population, help=help_for("population")),
-    pez_lr: float = typer.Option(_D.pez_lr, help=help_for("pez_lr")),
-    experiment: str = typer.Option("", help="MLflow experiment name (default: MLFLOW_EXPERIMENT_NAME / "
-                                            "MLFLOW_EXPERIMENT_ID if set, else 'amrepro'; under `mlflow run`, "
-                                            "its --experiment-name)."),
-):
+@with_config()
+def run(config: Config, experiment: str = typer.Option("", help=_EXPERIMENT_HELP)):
     """Run the experiment: RUNS seeds batched, one MLflow parent run with a child run per seed."""
-    config = Config(model=model, layer=layer, dim=dim, target=target, runs=runs, epochs=epochs,
-                    n_tokens=n_tokens, lr=lr, l2=l2, seed=seed, device=device, threads=threads,
-                    controls=controls, method=method, steps=steps, epo_steps=epo_steps, topk=topk, candidates=candidates,
-                    population=population, pez_lr=pez_lr)
 
     def go():
         from . import commands
@@ -106,37 +108,16 @@ def run(
 
 
 @app.command()
+@with_config(exclude=("method",))
 def compare(
+    config: Config,
     methods: str = typer.Option("adam,pez,gcg,epo", help="Comma-separated methods to compare (adam, pez, gcg, epo)."),
     corpus: str = typer.Option("", help="A UTF-8 text file: the target's activation over every n_tokens window "
                                         "(its max and 99th percentile join the table, its top windows an artifact)."),
-    runs: int = typer.Option(_D.runs, help=help_for("runs")),
-    epochs: int = typer.Option(_D.epochs, help=help_for("epochs")),
-    n_tokens: int = typer.Option(_D.n_tokens, help=help_for("n_tokens")),
-    layer: int = typer.Option(_D.layer, help=help_for("layer")),
-    dim: int = typer.Option(_D.dim, help=help_for("dim")),
-    target: str = typer.Option(_D.target, help=help_for("target")),
-    lr: float = typer.Option(_D.lr, help=help_for("lr")),
-    l2: float = typer.Option(_D.l2, help=help_for("l2")),
-    seed: int = typer.Option(_D.seed, help=help_for("seed")),
-    model: str = typer.Option(_D.model, help=help_for("model")),
-    device: str = typer.Option(_D.device, help=help_for("device")),
-    threads: int = typer.Option(_D.threads, help=help_for("threads")),
-    controls: int = typer.Option(_D.controls, help=help_for("controls")),
-    steps: int = typer.Option(_D.steps, help=help_for("steps")),
-    epo_steps: int = typer.Option(_D.epo_steps, help=help_for("epo_steps")),
-    topk: int = typer.Option(_D.topk, help=help_for("topk")),
-    candidates: int = typer.Option(_D.candidates, help=help_for("candidates")),
-    population: int = typer.Option(_D.population, help=help_for("population")),
-    pez_lr: float = typer.Option(_D.pez_lr, help=help_for("pez_lr")),
-    experiment: str = typer.Option("", help="MLflow experiment name (as for `amrepro run`)."),
+    experiment: str = typer.Option("", help=_EXPERIMENT_HELP),
 ):
     """Compare methods on one target and one set of seeds: a top MLflow run, one nested run per method (each
     with its seed runs), a table and a figure of activation against agreement."""
-    config = Config(model=model, layer=layer, dim=dim, target=target, runs=runs, epochs=epochs,
-                    n_tokens=n_tokens, lr=lr, l2=l2, seed=seed, device=device, threads=threads,
-                    controls=controls, steps=steps, epo_steps=epo_steps, topk=topk, candidates=candidates,
-                    population=population, pez_lr=pez_lr)
 
     def go():
         from . import compare as compare_module
