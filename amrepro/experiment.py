@@ -138,6 +138,14 @@ def execute(prep: Prepared, on_epoch: Callable[[int], None] | None = None) -> Ou
         result = optimize(reader, start, reference_loss(c.l2), seeds, c.epochs, c.lr, lm.device, on_epoch)
         ids, cosine = nearest_tokens(result.final, lm.embedding)  # [rows, pos] each
         decoded = token_activation(reader, ids, lm.embedding)  # [rows]
+    return outcome_of(prep, result, ids, cosine, decoded)
+
+
+def outcome_of(prep: Prepared, result: Result, ids: torch.Tensor, cosine: torch.Tensor,
+               decoded: torch.Tensor) -> Outcome:
+    """Tokens, statistics and verdict of prep's rows ((1 + K) x runs), once optimized and decoded; also used by
+    batch.py for each target's share of a many-target batch."""
+    c, lm = prep.config, prep.lm
     spec = None
     if prep.controls:
         # NaN rows would poison every pairwise similarity: specificity needs every row finite
