@@ -187,8 +187,7 @@ def sweep_map(columns: dict[str, list]):
     ax = fig.subplots()
     from matplotlib import colormaps
 
-    cmap = colormaps["viridis"].copy()
-    cmap.set_bad("lightgrey")
+    cmap = colormaps["viridis"].with_extremes(bad="lightgrey")
     image = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, vmin=0, vmax=1, aspect="auto", interpolation="nearest")
     for row, key in ((0, "agreement_above_chance"), (1, "jaccard_above_chance"), (4, "unique_below_chance")):
         hits = [t for t, v in enumerate(columns[key]) if v == 1.0]
