@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .config import AmreproError, Config
+from .config import AmreproError, Config, _unquote
 from .targets import ALL_SITES, Target, check_target
 
 MAX_RETRIES = 3  # Ray restarts of a dead worker, and retries of the chunk it held
@@ -337,5 +337,5 @@ def config_from_sweep(params: dict[str, str]) -> tuple[Config, str]:
         raise AmreproError("the run has no 'targets' param: it is not a sweep run made by amrepro sweep.")
     default = Config()
     config = Config.from_params({**params, "target": "", "layer": str(default.layer), "dim": str(default.dim)})
-    return config, params["targets"]
+    return config, _unquote(params["targets"])  # `mlflow run -e sweep` logs it shell-quoted
 

@@ -117,3 +117,19 @@ def test_resume_skips_finished_targets(tiny_gpt2, store, monkeypatch):
         assert len(children_of(store, parent.info.run_id)) == 2 and parent.data.params["epochs"] == "8"
     assert sweep.data.metrics["sweep/n_finished"] == 2
     assert cli("sweep", "--resume", sweep.info.run_id).exit_code == 2  # a finished sweep has nothing to resume
+
+
+def test_mlproject_sweep_entry_point():
+    import dataclasses
+    import re
+
+    import yaml
+
+    entry = yaml.safe_load((Path(__file__).resolve().parent.parent / "MLproject").read_text())["entry_points"]["sweep"]
+    params, command = entry["parameters"], entry["command"]
+    assert set(params) == set(re.findall(r"\{(\w+)\}", command))
+    for name in params:
+        assert f"--{name.replace('_', '-')} {{{name}}}" in command
+    for field in dataclasses.fields(Config):  # every science option, but the one target a sweep replaces
+        if field.name not in ("target", "layer", "dim"):
+            assert str(params[field.name]["default"]) == str(field.default), field.name
