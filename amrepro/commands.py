@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -141,13 +142,26 @@ def sweep(config: Config, spec: str, workers: int = 0, ray_address: str | None =
             count["done"] += len(names)
             report.console.print(f"  {count['done']}/{len(targets)} targets logged", soft_wrap=True, markup=False)
 
+        started = time.perf_counter()
         try:
-            failures = sw.run_chunks(work, config, tracker.uri, experiment_id, sweep_id, frozen, workers,
-                                     lm=lm if not workers else None, on_chunk=on_chunk)
+            failures, seconds = sw.run_chunks(work, config, tracker.uri, experiment_id, sweep_id, frozen, workers,
+                                              lm=lm if not workers else None, on_chunk=on_chunk)
         finally:
             if ray is not None:
                 ray.shutdown()
+        wall = time.perf_counter() - started
         metrics = log_sweep(tracker, sweep_id, experiment_id, targets)
+        # where the time of this invocation went: the workers' science and tracking, and the rest (Ray: starting
+        # workers, loading models, scheduling; idle workers) as a share of the workers' wall time
+        slots = max(workers, 1) * wall
+        timing = {"time/wall_seconds": wall, "time/science_seconds": seconds["science"],
+                  "time/tracking_seconds": seconds["tracking"],
+                  "time/share_science": seconds["science"] / slots if slots else 0.0}
+        tracker.log_metrics(sweep_id, timing)
+        report.console.print(f"{len(todo)} targets in {wall:.0f} s ({3600 * len(todo) / wall:.0f} targets/hour); of the "
+                             f"workers' time {seconds['science'] / slots:.0%} science, "
+                             f"{seconds['tracking'] / slots:.0%} tracking, the rest Ray and model loading.",
+                             soft_wrap=True, markup=False)
         if failures:
             tracker.log_tags(sweep_id, {"error": "; ".join(failures)[:5000]})
         tracker.end(sweep_id, "FAILED" if failures else "FINISHED")

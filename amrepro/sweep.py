@@ -125,13 +125,15 @@ class Worker:
         self.tracker = Tracker(uri=uri)
         self.env = {**environment(self.lm.device), **self.lm.fingerprint()}
 
-    def run_chunk(self, names: list[str]) -> list[str]:
-        """Optimize and log the targets of a chunk that have no FINISHED parent yet; the names it logged."""
+    def run_chunk(self, names: list[str]) -> dict:
+        """Optimize and log the targets of a chunk that have no FINISHED parent yet: {"logged": names,
+        "seconds": {"science": optimize + decode + statistics, "tracking": lookups, run creation, logging}}."""
+        import time
         from .batch import execute_many, prepare_many
         from .commands import run_name
         from .tracking import SWEEP_TAG, TARGET_TAG
 
-        tracker = self.tracker
+        tracker, started = self.tracker, time.perf_counter()
         found: dict[str, list] = {}
         for run in tracker.sweep_parents(self.sweep_id, self.experiment_id):
             found.setdefault(run.data.tags.get(TARGET_TAG), []).append(run)
@@ -150,9 +152,14 @@ class Worker:
                 **self.env, SWEEP_TAG: self.sweep_id, TARGET_TAG: p.target.name,
                 "mlflow.parentRunId": self.sweep_id}, run_name=run_name(p.config), experiment_id=self.experiment_id)
                 for p in preps]
-            for parent, outcome in zip(parents, execute_many(preps)):
+            before = time.perf_counter()
+            outcomes = execute_many(preps)
+            science = time.perf_counter() - before
+            for parent, outcome in zip(parents, outcomes):
                 self._log(parent, outcome)
-        return [p.target.name for p in preps]
+        return {"logged": [p.target.name for p in preps],
+                "seconds": {"science": science if preps else 0.0, "tracking": time.perf_counter() - started - (
+                    science if preps else 0.0)}}
 
     def _log(self, parent: str, outcome) -> None:
         """What `amrepro run` logs (commands.log_outcome), straight from memory: a dead worker's chunk is
@@ -205,16 +212,25 @@ def start_ray(address: str | None, workers: int, threads: int):
 
 def run_chunks(work: list[list[Target]], config: Config, uri: str, experiment_id: str, sweep_id: str,
                frozen: bytes, workers: int, lm=None, on_chunk: Callable[[list[str]], None] | None = None
-               ) -> list[str]:
+               ) -> tuple[list[str], dict[str, float]]:
     """Every chunk, in this process (workers 0) or on `workers` Ray actors (Ray already started). Returns one
-    sentence per chunk that failed for good (its targets stay for --resume); on_chunk(names) after each."""
+    sentence per chunk that failed for good (its targets stay for --resume), and the workers' seconds of science
+    and of tracking, summed over chunks; on_chunk(names) after each chunk."""
     names = [[t.name for t in chunk] for chunk in work]
     failures: list[str] = []
+    seconds = {"science": 0.0, "tracking": 0.0}
+
+    def done(out: dict) -> None:
+        for key in seconds:
+            seconds[key] += out["seconds"][key]
+        if on_chunk:
+            on_chunk(out["logged"])
+
     if workers == 0:
         worker = Worker(config, uri, experiment_id, sweep_id, frozen, lm=lm)
         for chunk in names:
-            on_chunk and on_chunk(worker.run_chunk(chunk))
-        return failures
+            done(worker.run_chunk(chunk))
+        return failures, seconds
     import ray
 
     gpus = 1 if config.device == "cuda" else 0
@@ -230,21 +246,18 @@ def run_chunks(work: list[list[Target]], config: Config, uri: str, experiment_id
         (ref,), _ = ray.wait(list(pending), num_returns=1)
         actor, chunk = pending.pop(ref)
         try:
-            logged = ray.get(ref)
+            done(ray.get(ref))
         except ray.exceptions.RayActorError as error:  # dead more than MAX_RETRIES times: give its chunk up
             failures.append(f"a worker died {MAX_RETRIES + 1} times on {chunk[0]}..{chunk[-1]}: {_first_line(error)}")
             continue  # the actor is gone for good; the others take the rest of the queue
         except ray.exceptions.RayTaskError as error:
             failures.append(f"{chunk[0]}..{chunk[-1]} failed: {_first_line(error.cause if error.cause else error)}")
-            logged = []
-        if on_chunk:
-            on_chunk(logged)
         if queue:
             next_chunk = queue.pop(0)
             pending[actor.run_chunk.remote(next_chunk)] = (actor, next_chunk)
     if queue:  # every worker died for good
         failures.append(f"{sum(len(c) for c in queue)} targets were not started: no worker was left")
-    return failures
+    return failures, seconds
 
 
 def _first_line(error: BaseException) -> str:
