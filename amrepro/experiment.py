@@ -34,6 +34,7 @@ class Prepared:
     target: Target
     reader: object  # a site reader: x [runs, pos, d_model] -> act [runs, pos]
     controls: tuple[Target, ...] = ()  # --controls: the other targets of the site, read by rows runs.. of the batch
+    start_pool: np.ndarray | None = None  # the decoded-starts null's pool, when already drawn (batch.py: once per batch)
 
 
 @dataclass
@@ -184,7 +185,8 @@ def _statistics(prep: Prepared, ids, result: Result, decoded, cosine, initial_id
     """metrics.reproducibility_stats of the finite runs (ok [runs]), against the primary null: the method's own
     start distribution, decoded like the results (nulls.py)."""
     c, lm = prep.config, prep.lm
-    pool = nulls.decoded_start_pool(lm.embedding, lm.embedding_std(), nulls.pool_size(c.runs, c.n_tokens), c.seed)
+    pool = prep.start_pool if prep.start_pool is not None else nulls.decoded_start_pool(
+        lm.embedding, lm.embedding_std(), nulls.pool_size(c.runs, c.n_tokens), c.seed)
     stats = metrics.reproducibility_stats(
         ids.numpy()[ok], result.final.numpy()[ok], result.final_activation.numpy()[ok], decoded.numpy()[ok],
         cosine.numpy()[ok], initial_ids.numpy()[ok], vocab_size=lm.embedding.shape[0], seed=c.seed,
