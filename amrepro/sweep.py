@@ -233,7 +233,10 @@ def run_chunks(work: list[list[Target]], config: Config, uri: str, experiment_id
         return failures, seconds
     import ray
 
-    gpus = 1 if config.device == "cuda" else 0
+    # on GPUs, workers share them out (4 workers on 1 GPU: 0.25 each), so one worker's logging overlaps another's
+    # optimization; "auto" uses a GPU when the cluster has one, as the worker's own resolve_device would
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    gpus = min(1.0, cluster_gpus / workers) if config.device != "cpu" and cluster_gpus else 0
     remote = ray.remote(Worker).options(num_cpus=max(config.threads, 1), num_gpus=gpus, max_restarts=MAX_RETRIES,
                                         max_task_retries=MAX_RETRIES)
     actors = [remote.remote(config, uri, experiment_id, sweep_id, frozen) for _ in range(min(workers, len(names)))]
