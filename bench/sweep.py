@@ -1,15 +1,15 @@
 """Benchmark of `amrepro sweep`: the cost of many targets in one batch, and a whole sweep on Ray workers.
 
     python bench/sweep.py                                   # 64 targets x 10 seeds x 100 epochs at layer 8
-    python bench/sweep.py --layer 2 --ratio-epochs 6        # what bench/results/sweep.json holds (see README)
     python bench/sweep.py --targets 8 --epochs 5 --skip-ratio   # smoke run
 
 The model is GPT-2 small's shape with random weights (bench.write_model), the targets blocks.LAYER.hook_resid_pre
 [random:TARGETS]. Figures (printed, and written to bench/results/sweep.json):
 
-- ratio: seconds per target-seed-epoch of one TARGETS-target batch (TARGETS x RUNS rows) over that of a
-  single-target run (RUNS rows), both through batch.execute_many on the same loaded model with the process's
-  torch threads; per-epoch time from the on_epoch timestamps (first epoch left out: warm-up), median.
+- ratio: seconds per target-seed-epoch of one TARGETS-target batch (TARGETS x RUNS rows, batch.execute_many) over
+  that of a single-target `amrepro run` batch (RUNS rows, experiment.execute), on the same loaded model with the
+  process's torch threads; per-epoch time from the on_epoch timestamps (first epoch left out: warm-up),
+  interleaved REPEATS times, median of the ratios.
 - sweep: `amrepro sweep` end to end (commands.sweep) with WORKERS local Ray workers of cores/WORKERS threads each
   on a fresh sqlite store: wall seconds, targets per hour, and the workers' time split into science (optimize,
   decode, statistics), tracking (run lookups, creation, logging incl. figures) and the rest (Ray start, model
@@ -19,6 +19,7 @@ The model is GPT-2 small's shape with random weights (bench.write_model), the ta
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -32,18 +33,21 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def epoch_seconds(preps, execute_many) -> float:
+def epoch_seconds(run) -> float:
+    """Median seconds between consecutive epochs of run(on_epoch) (the first epoch, with its set-up, left out)."""
     stamps = []
-    execute_many(preps, on_epoch=lambda epoch: stamps.append(time.perf_counter()))
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    return statistics.median(gaps)
+    run(lambda epoch: stamps.append(time.perf_counter()))
+    return statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
 
 
-def ratio(model: str, layer: int, targets: int, runs: int, epochs: int) -> dict:
+def ratio(model: str, layer: int, targets: int, runs: int, epochs: int, repeats: int) -> dict:
+    """A single-target `amrepro run` batch (experiment.execute) and a TARGETS-target batch (batch.execute_many),
+    interleaved REPEATS times so that both see the same background load; the ratio of each pair, median."""
     import torch
 
     from amrepro.batch import execute_many, prepare_many
     from amrepro.config import Config
+    from amrepro.experiment import execute, prepare
     from amrepro.model import load_model
     from amrepro.sweep import parse_targets
 
@@ -51,12 +55,16 @@ def ratio(model: str, layer: int, targets: int, runs: int, epochs: int) -> dict:
     config = Config(model=model, runs=runs, epochs=epochs)
     chosen = parse_targets(f"blocks.{layer}.hook_resid_pre[random:{targets}]", lambda b, s: lm.d_model,
                            lm.n_layers, seed=0)
-    one = epoch_seconds(prepare_many(config, chosen[:1], lm), execute_many)
-    many = epoch_seconds(prepare_many(config, chosen, lm), execute_many)
-    per_one, per_many = one / runs, many / (targets * runs)
-    return {"threads": torch.get_num_threads(), "epochs": epochs, "epoch_seconds_1_target": one,
-            f"epoch_seconds_{targets}_targets": many, "seconds_per_target_seed_epoch_1": per_one,
-            f"seconds_per_target_seed_epoch_{targets}": per_many, "ratio": per_many / per_one}
+    single = prepare(dataclasses.replace(config, target=chosen[0].name), lm=lm)
+    many = prepare_many(config, chosen, lm)
+    ones, manys = [], []
+    for _ in range(repeats):
+        ones.append(epoch_seconds(lambda on_epoch: execute(single, on_epoch)) / runs)
+        manys.append(epoch_seconds(lambda on_epoch: execute_many(many, on_epoch)) / (targets * runs))
+    ratios = [m / o for m, o in zip(manys, ones)]
+    return {"threads": torch.get_num_threads(), "epochs": epochs, "repeats": repeats,
+            "seconds_per_target_seed_epoch_1": ones, f"seconds_per_target_seed_epoch_{targets}": manys,
+            "ratios": ratios, "ratio": statistics.median(ratios)}
 
 
 def sweep(model: str, layer: int, targets: int, runs: int, epochs: int, workers: int) -> dict:
@@ -91,7 +99,8 @@ def main() -> None:
     parser.add_argument("--targets", type=int, default=64)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=100)
-    parser.add_argument("--ratio-epochs", type=int, default=6)
+    parser.add_argument("--ratio-epochs", type=int, default=4)
+    parser.add_argument("--ratio-repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--skip-ratio", action="store_true")
     parser.add_argument("--skip-sweep", action="store_true")
@@ -103,12 +112,18 @@ def main() -> None:
     write_model(folder)
     out = {"args": vars(args), "cpus": os.cpu_count(), "load_average_start": busy_cpus()}
     if not args.skip_ratio:
-        out["ratio"] = ratio(str(folder), args.layer, args.targets, args.runs, args.ratio_epochs)
+        out["ratio"] = ratio(str(folder), args.layer, args.targets, args.runs, args.ratio_epochs, args.ratio_repeats)
         print(json.dumps(out["ratio"], indent=2), flush=True)
     if not args.skip_sweep:
         out["sweep"] = sweep(str(folder), args.layer, args.targets, args.runs, args.epochs, args.workers)
         print(json.dumps(out["sweep"], indent=2), flush=True)
     out["load_average_end"] = busy_cpus()
+    previous = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+    if args.skip_ratio or args.skip_sweep:  # a part run alone keeps the other part's last figures
+        out = {**previous, **{k: v for k, v in out.items() if k not in ("args", "load_average_start",
+                                                                        "load_average_end")},
+               f"{'sweep' if args.skip_ratio else 'ratio'}_conditions": {
+                   k: out[k] for k in ("args", "load_average_start", "load_average_end")}}
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(f"written to {args.out}")
 
