@@ -41,14 +41,19 @@ def epoch_seconds(run) -> float:
 
 
 def ratio(model: str, layer: int, targets: int, runs: int, epochs: int, repeats: int) -> dict:
-    """A single-target `amrepro run` batch (experiment.execute) and a TARGETS-target batch (batch.execute_many),
-    interleaved REPEATS times so that both see the same background load; the ratio of each pair, median."""
+    """The optimization of a single-target `amrepro run` batch (RUNS rows, the reader experiment.prepare builds)
+    and of a TARGETS-target batch (TARGETS x RUNS rows, the per-row-index reader batch.execute_many builds),
+    interleaved REPEATS times so that both see the same background load; the ratio of each pair, median.
+    Decoding and statistics are left out: they are per target and do not depend on the batch."""
     import torch
 
-    from amrepro.batch import execute_many, prepare_many
     from amrepro.config import Config
-    from amrepro.experiment import execute, prepare
+    from amrepro.experiment import prepare
     from amrepro.model import load_model
+    from amrepro.objectives import reference_loss
+    from amrepro.optimize import optimize
+    from amrepro.readers import site_reader
+    from amrepro.seeding import initial_embeddings
     from amrepro.sweep import parse_targets
 
     lm = load_model(model, torch.device("cpu"))
@@ -56,11 +61,20 @@ def ratio(model: str, layer: int, targets: int, runs: int, epochs: int, repeats:
     chosen = parse_targets(f"blocks.{layer}.hook_resid_pre[random:{targets}]", lambda b, s: lm.d_model,
                            lm.n_layers, seed=0)
     single = prepare(dataclasses.replace(config, target=chosen[0].name), lm=lm)
-    many = prepare_many(config, chosen, lm)
+    start = initial_embeddings(config.seeds, config.n_tokens, lm.embedding_std(), lm.d_model)  # [runs, pos, d]
+
+    def run(reader, rows: int):
+        def go(on_epoch):
+            with reader as r:
+                optimize(r, start.repeat(rows // runs, 1, 1), reference_loss(config.l2), config.seeds * (rows // runs),
+                         epochs, config.lr, lm.device, on_epoch)
+        return epoch_seconds(go)
+
+    many = site_reader(lm, chosen[0], index=[t.index for t in chosen for _ in range(runs)])
     ones, manys = [], []
     for _ in range(repeats):
-        ones.append(epoch_seconds(lambda on_epoch: execute(single, on_epoch)) / runs)
-        manys.append(epoch_seconds(lambda on_epoch: execute_many(many, on_epoch)) / (targets * runs))
+        ones.append(run(single.reader, runs) / runs)
+        manys.append(run(many, targets * runs) / (targets * runs))
     ratios = [m / o for m, o in zip(manys, ones)]
     return {"threads": torch.get_num_threads(), "epochs": epochs, "repeats": repeats,
             "seconds_per_target_seed_epoch_1": ones, f"seconds_per_target_seed_epoch_{targets}": manys,
