@@ -128,6 +128,40 @@ def compare(
 
 
 @app.command()
+@with_config(exclude=("layer", "dim", "target"))
+def sweep(
+    config: Config,
+    targets: str = typer.Option("", help="Targets: comma-separated blocks.B.SITE[SEL], SEL an index i, a range a:b "
+                                         "(b excluded) or random:K (K indices drawn from --seed), e.g. "
+                                         "'blocks.8.hook_resid_pre[0:768]' or 'blocks.6.mlp.hook_post[random:64]'."),
+    workers: int = typer.Option(0, help="Ray workers (each loads the model once); 0 = no Ray, in this process. "
+                                        "Local Ray unless --ray-address / RAY_ADDRESS. With workers, --threads 0 "
+                                        "means the cores shared out among them."),
+    ray_address: str = typer.Option("", help="Join this Ray cluster (e.g. ray://head:10001 or auto) instead of "
+                                             "starting a local one; default RAY_ADDRESS."),
+    chunk: int = typer.Option(0, help="Targets per batch (one forward serves chunk x runs rows); 0 = enough "
+                                      "batches for every worker, at most 64 targets each."),
+    resume: str = typer.Option("", help="SWEEP_RUN_ID: run the targets of that sweep that have no FINISHED parent, "
+                                        "with its own params (the other science options are ignored)."),
+    experiment: str = typer.Option("", help=_EXPERIMENT_HELP),
+):
+    """Run many targets: a sweep run, one parent per target (as `amrepro run`) with a child per seed; a table,
+    sweep/* metrics and a map on the sweep run."""
+    if not targets and not resume:
+        from .report import errors
+
+        errors.print("error: --targets is required (or --resume SWEEP_RUN_ID).", soft_wrap=True, markup=False)
+        raise typer.Exit(2)
+
+    def go():
+        from . import commands
+
+        commands.sweep(config, targets, workers, ray_address or None, chunk, resume or None, experiment or None)
+
+    _guard(go)
+
+
+@app.command()
 def decode(run_id: str = typer.Argument(..., help="A child run id, or a parent run id for all its children.")):
     """Re-derive tokens from a run's logged final embeddings (no optimization); exit 1 if they differ
     from the logged tokens.json."""

@@ -6,7 +6,9 @@ of a bad run id answer in about the time of `import mlflow`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -69,6 +71,134 @@ def run(config: Config, experiment: str | None = None):
         report.print_outcome(outcome, parent, tracker.uri)
         log_outcome(tracker, parent, experiment_id, outcome, frozen)
     return outcome
+
+
+def sweep(config: Config, spec: str, workers: int = 0, ray_address: str | None = None, chunk: int = 0,
+          resume: str | None = None, experiment: str | None = None) -> dict[str, float]:
+    """`amrepro sweep`: a sweep run, one parent per target (what `amrepro run --target T` logs), seed runs; the
+    targets run in batches of one site on Ray workers (workers 0: in this process). --resume SWEEP_RUN_ID
+    redoes the targets without a FINISHED parent, with the sweep's own params. Returns the sweep/* metrics."""
+    from . import sweep as sw
+    from .model import load_model, resolve_device
+    from .provenance import environment, pip_freeze
+    from .readers import site_width
+    from .targets import Target
+
+    tracker = Tracker(experiment)
+    if resume:
+        config, spec = sw.config_from_sweep(_params_of(tracker, resume))
+    config.validate()
+    if workers < 0:
+        raise AmreproError(f"--workers must be 0 (in this process) or more, got {workers}.")
+    if chunk < 0:
+        raise AmreproError(f"--chunk must be 0 (automatic) or more, got {chunk}.")
+    end_leftovers(tracker)
+    ray = None
+    with _saying_what_was_saved(tracker), tracker:
+        if not resume:
+            tracker.attach_mlflow_run()
+        if workers and not resume and not config.threads:  # the cores shared out; logged, so --resume keeps it
+            if ray_address or os.environ.get("RAY_ADDRESS"):
+                ray = sw.start_ray(ray_address, workers, 1)
+                cpus = ray.cluster_resources().get("CPU", workers)
+            else:
+                cpus = os.cpu_count() or 1
+            config = dataclasses.replace(config, threads=sw.default_threads(workers, cpus))
+        if workers and ray is None:
+            ray = sw.start_ray(ray_address, workers, max(config.threads, 1))
+        lm = load_model(config.model, resolve_device(config.device), note=report.note)
+        widths: dict[tuple, int] = {}
+
+        def width(block: int, site: str) -> int:
+            if (block, site) not in widths:
+                widths[block, site] = site_width(lm, Target(block, site, 0))
+            return widths[block, site]
+
+        targets = sw.parse_targets(spec, width, lm.n_layers, config.seed)
+        frozen = pip_freeze()
+        if resume:
+            sweep_id, experiment_id = tracker.reopen(resume)
+            if sweep_id is None:
+                raise AmreproError(f"sweep run {resume} is FINISHED (or deleted): every target was done.")
+        else:
+            sweep_id = tracker.start_parent(sw.sweep_params(config, spec),
+                                            {**environment(lm.device), **lm.fingerprint(), "amrepro.kind": "sweep"},
+                                            run_name=f"sweep {run_name(config).rsplit(' ', 2)[0]} {spec} x{config.runs}")
+            experiment_id = tracker.write(tracker.client.get_run, sweep_id).info.experiment_id
+            tracker.mark_experiment(experiment_id)
+        tracker.log_tags(sweep_id, {"amrepro.workers": str(workers), "amrepro.ray_address": ray_address or
+                                    os.environ.get("RAY_ADDRESS", "local" if workers else "none")})
+        done = {r.data.tags.get("amrepro.target") for r in tracker.sweep_parents(sweep_id, experiment_id)
+                if r.info.status == "FINISHED"}
+        todo = [t for t in targets if t.name not in done]
+        work = sw.chunks(todo, sw.chunk_size(len(todo), workers, chunk))
+        report.console.print(f"sweep run {sweep_id}: {len(targets)} targets x {config.runs} seeds, {len(done)} already "
+                             f"done, {len(todo)} to run in {len(work)} batches on "
+                             f"{f'{workers} Ray workers ({config.threads} threads each)' if workers else 'this process'}.",
+                             soft_wrap=True, markup=False)
+        count = {"done": len(done)}
+
+        def on_chunk(names: list[str]) -> None:
+            count["done"] += len(names)
+            report.console.print(f"  {count['done']}/{len(targets)} targets logged", soft_wrap=True, markup=False)
+
+        started = time.perf_counter()
+        try:
+            failures, seconds = sw.run_chunks(work, config, tracker.uri, experiment_id, sweep_id, frozen, workers,
+                                              lm=lm if not workers else None, on_chunk=on_chunk)
+        finally:
+            if ray is not None:
+                ray.shutdown()
+        wall = time.perf_counter() - started
+        metrics = log_sweep(tracker, sweep_id, experiment_id, targets)
+        # where the time of this invocation went: the workers' science and tracking, and the rest (Ray: starting
+        # workers, loading models, scheduling; idle workers) as a share of the workers' wall time
+        slots = max(workers, 1) * wall
+        timing = {"time/wall_seconds": wall, "time/science_seconds": seconds["science"],
+                  "time/tracking_seconds": seconds["tracking"],
+                  "time/share_science": seconds["science"] / slots if slots else 0.0}
+        tracker.log_metrics(sweep_id, timing)
+        report.console.print(f"{len(todo)} targets in {wall:.0f} s ({3600 * len(todo) / wall:.0f} targets/hour); of the "
+                             f"workers' time {seconds['science'] / slots:.0%} science, "
+                             f"{seconds['tracking'] / slots:.0%} tracking, the rest Ray and model loading.",
+                             soft_wrap=True, markup=False)
+        if failures:
+            tracker.log_tags(sweep_id, {"error": "; ".join(failures)[:5000]})
+        tracker.end(sweep_id, "FAILED" if failures else "FINISHED")
+    if failures:
+        raise AmreproError(f"{len(failures)} batch(es) of sweep run {sweep_id} failed ({failures[0]}); "
+                           f"`amrepro sweep --resume {sweep_id}` runs the targets that are not done.")
+    return metrics
+
+
+def _params_of(tracker: Tracker, run_id: str) -> dict[str, str]:
+    """The params of the run to resume, or one sentence if there is no such run."""
+    try:
+        return tracker.client.get_run(run_id).data.params
+    except Exception:  # noqa: BLE001 - MLflow's RESOURCE_DOES_NOT_EXIST
+        raise AmreproError(f"no run with id {run_id} in the tracking store {tracker.uri}.") from None
+
+
+def log_sweep(tracker: Tracker, sweep_id: str, experiment_id: str, targets) -> dict[str, float]:
+    """The sweep run's table (one row per target, read back from the store, so a resumed sweep has every
+    target), its sweep/* metrics, the verdict over targets and the map."""
+    from . import figures
+    from . import sweep as sw
+
+    parents = {}
+    for run in tracker.sweep_parents(sweep_id, experiment_id):
+        name = run.data.tags.get("amrepro.target")
+        if name not in parents or run.info.status == "FINISHED":
+            parents[name] = run
+    columns = sw.table(targets, parents)
+    metrics, words = sw.summary(columns)
+    tracker.log_table(sweep_id, columns, "sweep_table.json")
+    with tracker.batched(sweep_id):  # a --resume logs them again: the UI shows the latest
+        tracker.log_metrics(sweep_id, metrics)
+        tracker.log_tags(sweep_id, {"verdict": words[:5000], "mlflow.note.content": words})
+    tracker.log_figure(sweep_id, figures.sweep_map(columns), "sweep_map.png")
+    report.console.print(words, soft_wrap=True, markup=False)
+    return metrics
 
 
 def log_outcome(tracker: Tracker, parent: str, experiment_id: str, outcome, frozen: bytes,

@@ -33,6 +33,8 @@ class Prepared:
     target: Target
     reader: object  # a site reader: x [runs, pos, d_model] -> act [runs, pos]
     controls: tuple[Target, ...] = ()  # --controls: the other targets of the site, read by rows runs.. of the batch
+    # the primary null's pool and its description (methods.start_pool), when already drawn (batch.py: once per batch)
+    start_pool: tuple[np.ndarray, str] | None = None
 
 
 @dataclass
@@ -131,15 +133,31 @@ def check_memory(lm: LoadedModel, target: Target, config: Config, rows: int | No
 
 
 def execute(prep: Prepared, on_epoch: Callable[[int], None] | None = None) -> Outcome:
-    c, lm = prep.config, prep.lm
+    c = prep.config
     seeds = c.seeds * (1 + len(prep.controls))  # every target from the same seeds, hence the same starts
     with prep.reader as reader:
-        result = methods.get(c.method)(methods.Problem(lm, reader, seeds, c), on_epoch)
-        if result.ids is None:  # adam: continuous vectors, decoded to their nearest tokens
-            ids, cosine = nearest_tokens(result.final, lm.embedding)  # [rows, pos] each
-        else:  # pez, gcg, epo: real tokens already; final holds exactly their embedding rows
-            ids, cosine = result.ids, torch.ones(result.ids.shape)  # [rows, pos] each
-        decoded = token_activation(reader, ids, lm.embedding)  # [rows]
+        result, ids, cosine, decoded = optimize_rows(prep.lm, reader, seeds, c, on_epoch)
+    return outcome_of(prep, result, ids, cosine, decoded)
+
+
+def optimize_rows(lm: LoadedModel, reader, seeds: list[int], config: Config,
+                  on_epoch: Callable[[int], None] | None = None):
+    """(result, ids [rows, pos], cosine [rows, pos], decoded activation [rows]) of config.method on one batch,
+    one row per seed, through the entered reader (which may read one target per row: batch.py, --controls)."""
+    result = methods.get(config.method)(methods.Problem(lm, reader, seeds, config), on_epoch)
+    if result.ids is None:  # adam: continuous vectors, decoded to their nearest tokens
+        ids, cosine = nearest_tokens(result.final, lm.embedding)  # [rows, pos] each
+    else:  # pez, gcg, epo: real tokens already; final holds exactly their embedding rows
+        ids, cosine = result.ids, torch.ones(result.ids.shape)  # [rows, pos] each
+    decoded = token_activation(reader, ids, lm.embedding)  # [rows]
+    return result, ids, cosine, decoded
+
+
+def outcome_of(prep: Prepared, result: Result, ids: torch.Tensor, cosine: torch.Tensor,
+               decoded: torch.Tensor) -> Outcome:
+    """Tokens, statistics and verdict of prep's rows ((1 + K) x runs), once optimized and decoded; also used by
+    batch.py for each target's share of a many-target batch."""
+    c, lm = prep.config, prep.lm
     spec = None
     if prep.controls:
         # NaN rows would poison every pairwise similarity: specificity needs every row finite
@@ -181,7 +199,10 @@ def _statistics(prep: Prepared, ids, result: Result, decoded, cosine, initial_id
     """metrics.reproducibility_stats of the finite runs (ok [runs]), against the primary null: the method's own
     start distribution, decoded like the results (nulls.py)."""
     c, lm = prep.config, prep.lm
-    pool, described = methods.start_pool(c, lm, nulls.pool_size(c.runs, c.n_tokens))
+    if prep.start_pool is not None:  # a many-target batch draws the pool once for all its targets
+        pool, described = prep.start_pool
+    else:
+        pool, described = methods.start_pool(c, lm, nulls.pool_size(c.runs, c.n_tokens))
     stats = metrics.reproducibility_stats(
         ids.numpy()[ok], result.final.numpy()[ok], result.final_activation.numpy()[ok], decoded.numpy()[ok],
         cosine.numpy()[ok], initial_ids.numpy()[ok], vocab_size=lm.embedding.shape[0], seed=c.seed,

@@ -184,3 +184,45 @@ def activation_vs_agreement(rows: list[dict], corpus: dict | None = None):
            ylabel="target activation of the real tokens (mean; line to best run)",
            title="reproducibility vs activation, per method")
     return fig
+
+
+SWEEP_MAP_ROWS = (  # (table column, label, how it is shown): statistics as they are, p-values as -log10
+    ("agreement", "positional agreement", None), ("jaccard", "Jaccard of token sets", None),
+    ("p_agreement", "-log10 p (agreement)", "log"), ("p_jaccard", "-log10 p (Jaccard)", "log"),
+    ("p_unique", "-log10 p (unique)", "log"), ("final_activation", "final activation", None),
+    ("projection_gap", "projection gap", None),
+)
+
+
+def sweep_map(columns: dict[str, list]):
+    """The sweep as a map: targets (x) by statistics (y), each row scaled to its own range across targets (the
+    colour bar is 0 = the row's smallest, 1 = its largest), a dot where the verdict claims above chance
+    (agreement or Jaccard) or fewer unique tokens than chance. Grey: no statistics (not run, or all diverged)."""
+    n = len(columns["target"])
+    matrix = np.full((len(SWEEP_MAP_ROWS), n), np.nan)  # [stats, targets]
+    for row, (key, _, how) in enumerate(SWEEP_MAP_ROWS):
+        values = np.array([np.nan if v is None else v for v in columns[key]], dtype=float)  # [targets]
+        if how == "log":
+            values = -np.log10(np.clip(values, 1e-300, 1.0))
+        low, high = np.nanmin(values) if np.isfinite(values).any() else 0.0, np.nanmax(values) if np.isfinite(values).any() else 1.0
+        matrix[row] = (values - low) / (high - low) if high > low else np.where(np.isfinite(values), 0.5, np.nan)
+    fig = _figure(min(4 + 0.18 * n, 40), 4.2)
+    ax = fig.subplots()
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis"].with_extremes(bad="lightgrey")
+    image = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+    for row, key in ((0, "agreement_above_chance"), (1, "jaccard_above_chance"), (4, "unique_below_chance")):
+        hits = [t for t, v in enumerate(columns[key]) if v == 1.0]
+        ax.scatter(hits, [row] * len(hits), marker="o", s=14, color="red", label="claimed by the verdict" if row == 0 else None)
+    ax.set_yticks(range(len(SWEEP_MAP_ROWS)), [label for _, label, _ in SWEEP_MAP_ROWS])
+    if n <= 40:
+        ax.set_xticks(range(n), columns["target"], rotation=90, fontsize="x-small", parse_math=False)
+    else:
+        ax.set_xlabel(f"target (0..{n - 1}, in the sweep's order; names in sweep_table.json)")
+    fig.colorbar(image, ax=ax, label="scaled within each row (0 = min, 1 = max)")
+    if any(v == 1.0 for key in ("agreement_above_chance", "jaccard_above_chance", "unique_below_chance")
+           for v in columns[key]):
+        ax.legend(loc="upper right", fontsize="small")
+    ax.set_title(f"{n} targets x statistics")
+    return fig

@@ -6,6 +6,9 @@ Layout (stable names, users' scripts depend on them):
 - one child run per seed (tag mlflow.parentRunId, named seed-N): params incl. its own seed and run_index,
   per-epoch metrics loss/total and act/target (step = epoch), act/final and act/decoded, artifacts
   embeddings/initial.npy, embeddings/final.npy, tokens.json, each with a sha256/<path> tag.
+- `amrepro sweep`: a sweep run (params: every hyperparameter but the target, plus `targets`; the table
+  sweep_table.json, metrics sweep/*, the figure sweep_map.png), under it one parent per target as above, tagged
+  amrepro.sweep = <sweep run id> and amrepro.target = <target name>, each with its seed runs.
 """
 
 from __future__ import annotations
@@ -197,6 +200,7 @@ def connect(uri: str | None = None):
     return _Shielded(client), uri
 
 
+SWEEP_TAG, TARGET_TAG = "amrepro.sweep", "amrepro.target"  # on target parents: the sweep run id, the target name
 DEFAULT_EXPERIMENT = "amrepro"  # every model and target in one runs table; the run names tell them apart
 EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
@@ -362,6 +366,26 @@ class Tracker:
     def children(self, parent_id: str, experiment_id: str) -> list:
         return self.client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
                                        max_results=50000)
+
+    # --- sweeps: a sweep run, one parent per target (tags amrepro.sweep, amrepro.target), seed children --------
+    def sweep_parents(self, sweep_id: str, experiment_id: str) -> list:
+        """Every live (not deleted) target parent of a sweep: how a worker finds a target before creating it."""
+        return self.client.search_runs([experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_id}'",
+                                       max_results=50000)
+
+    def discard(self, run, why: str) -> None:
+        """A target parent (and its seed runs) that a dead worker or an interrupted sweep left unfinished: ended
+        KILLED with the reason, then deleted, so the target is redone by one new parent, never counted twice.
+        (Deleted runs stay in the store's trash: `mlflow gc` removes them for good.)"""
+        run_id = run.info.run_id
+        for child in self.children(run_id, run.info.experiment_id):
+            if child.info.status == "RUNNING":
+                self.client.set_terminated(child.info.run_id, status="KILLED")
+            self.client.delete_run(child.info.run_id)
+        self.client.set_tag(run_id, "error", why[:5000])
+        if run.info.status == "RUNNING":
+            self.client.set_terminated(run_id, status="KILLED")
+        self.client.delete_run(run_id)
 
     # --- runs left RUNNING by a process that is gone (SIGKILL, OOM killer, power loss) ---------------------
     def leftovers(self) -> list[tuple[object, bool | None]]:

@@ -8,33 +8,45 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+import typer
 import yaml
 from mlflow import MlflowClient
 
+from amrepro.cli import app
 from amrepro.config import Config
 from helpers import children_of, cli, copy_store
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def entry_point():
-    return yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["main"]
+def entry_point(name="main"):
+    return yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"][name]
 
 
-def test_every_declared_parameter_appears_in_the_command():
-    main = entry_point()
-    declared = set(main["parameters"])
-    used = set(re.findall(r"\{(\w+)\}", main["command"]))
-    assert declared == used
-    for name in declared:  # each one lands on the CLI option of the same name
-        assert f"--{name.replace('_', '-')} {{{name}}}" in main["command"]
+# entry point -> (its amrepro command, the Config fields it does not take)
+ENTRY_POINTS = {"main": ("run", ()), "compare": ("compare", ("method",)), "sweep": ("sweep", ("layer", "dim", "target"))}
 
 
-def test_every_config_field_is_an_mlproject_parameter_with_the_same_default():
-    params = entry_point()["parameters"]
+@pytest.mark.parametrize("name", sorted(ENTRY_POINTS))
+def test_entry_point_parameters_are_config_fields_and_reach_the_cli(name):
+    """Every parameter lands on the CLI option of the same name, which the command has; every Config field the
+    command takes is a parameter with Config's default (nothing written twice can drift)."""
+    command, excluded = ENTRY_POINTS[name]
+    entry = entry_point(name)
+    declared = set(entry["parameters"])
+    assert declared == set(re.findall(r"\{(\w+)\}", entry["command"]))
+    assert entry["command"].startswith(f"python -m amrepro {command} ")
+    click_command = typer.main.get_command(app).commands[command]
+    options = {opt for param in click_command.params for opt in param.opts}
+    for param in declared:
+        assert f"--{param.replace('_', '-')} {{{param}}}" in entry["command"]
+        assert f"--{param.replace('_', '-')}" in options, param
     for field in dataclasses.fields(Config):
-        assert field.name in params, field.name
-        assert str(params[field.name]["default"]) == str(field.default), field.name
+        if field.name in excluded:
+            assert field.name not in declared, field.name
+            continue
+        assert str(entry["parameters"][field.name]["default"]) == str(field.default), field.name
 
 
 def test_python_env_pins_the_cpu_torch_wheel_and_all_runtime_dependencies():
@@ -70,16 +82,3 @@ def test_mlflow_run_local_env_end_to_end(tiny_gpt2, tmp_path, monkeypatch, empty
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     result = cli("reproduce", parent.info.run_id)
     assert result.exit_code == 0 and "reproduced: bit-identical" in result.output, result.output
-
-
-def test_compare_entry_point_takes_every_shared_config_field():
-    compare = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["compare"]
-    declared = set(compare["parameters"])
-    assert declared == set(re.findall(r"\{(\w+)\}", compare["command"]))
-    for name in declared:
-        assert f"--{name.replace('_', '-')} {{{name}}}" in compare["command"]
-    for field in dataclasses.fields(Config):
-        if field.name == "method":  # compare runs every method of `methods`
-            continue
-        assert str(compare["parameters"][field.name]["default"]) == str(field.default), field.name
-    assert compare["parameters"]["methods"]["default"] == "adam,pez,gcg,epo"

@@ -1,0 +1,357 @@
+"""`amrepro sweep`: many targets, in batches of one site, on Ray workers that log straight to the tracking store.
+
+    targets SPEC -> [Target] -> chunks (one site each) -> Worker.run_chunk on Ray (or in this process)
+                                                         -> one parent per target + seed runs, as `amrepro run`
+    then the sweep run gets the table of every target, the sweep/* metrics and the map.
+
+Workers and retries. A Worker loads the model once and then takes chunks. Ray restarts a worker whose process
+died and retries its chunk there (max_restarts / max_task_retries). A chunk is owned by one worker at a time, so
+a target parent that is not FINISHED when a chunk starts was left by a dead attempt (or by an interrupted sweep
+that is being resumed): it is ended KILLED, deleted (tracking.Tracker.discard) and redone; a FINISHED one is
+kept and skipped. Targets are looked up by the tags amrepro.sweep and amrepro.target, never by name or order.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import zlib
+from collections.abc import Callable
+
+import numpy as np
+
+from .config import AmreproError, Config, _unquote
+from .targets import ALL_SITES, Target, check_target
+
+MAX_RETRIES = 3  # Ray restarts of a dead worker, and retries of the chunk it held
+CHUNK_MAX = 64  # targets per batch by default: one forward for 64 x runs rows, and little rework after a death
+_RANDOM_STREAM = 0x5EE9  # numpy stream of --targets [random:K], apart from the controls' stream
+_ITEM = re.compile(r"blocks\.(\d+)\.([a-z_.]+)\[([^\]]*)\]")
+
+
+# --- --targets SPEC ---------------------------------------------------------------------------------------
+def parse_targets(spec: str, width: Callable[[int, str], int], n_layers: int, seed: int) -> list[Target]:
+    """SPEC: comma-separated items blocks.B.SITE[SEL], SEL one of i, a:b (a <= i < b), random:K (K distinct
+    indices, drawn reproducibly from the seed and the site). width(block, site) is the site's size.
+    Duplicates are dropped (first kept), so the list is the sweep's target order."""
+    items = [item.strip() for item in re.split(r",(?![^\[]*\])", spec) if item.strip()]
+    if not items:
+        raise AmreproError("--targets is empty: give e.g. 'blocks.8.hook_resid_pre[0:768]'.")
+    targets: list[Target] = []
+    for item in items:
+        match = _ITEM.fullmatch(item)
+        if not match or match.group(2) not in ALL_SITES:
+            raise AmreproError(f"cannot read '{item}' of --targets: expected blocks.B.SITE[SEL] with SITE one of "
+                               f"{', '.join(ALL_SITES)} and SEL an index i, a range a:b or random:K, e.g. "
+                               "blocks.8.hook_resid_pre[0:768] or blocks.6.mlp.hook_post[random:64].")
+        block, site, sel = int(match.group(1)), match.group(2), match.group(3).replace(" ", "")
+        check_target(Target(block, site, 0), n_layers, 1)  # the block's range, before asking for a width
+        n = width(block, site)
+        if re.fullmatch(r"\d+", sel):
+            indices = [int(sel)]
+        elif m := re.fullmatch(r"(\d+):(\d+)", sel):
+            a, b = int(m.group(1)), int(m.group(2))
+            if not 0 <= a < b <= n:
+                raise AmreproError(f"range [{sel}] of '{item}' must satisfy 0 <= a < b <= {n} (the site has {n} "
+                                   "dimensions; b is excluded).")
+            indices = list(range(a, b))
+        elif m := re.fullmatch(r"random:(\d+)", sel):
+            k = int(m.group(1))
+            if not 1 <= k <= n:
+                raise AmreproError(f"[random:{k}] of '{item}' must draw 1 to {n} of the site's {n} dimensions.")
+            rng = np.random.default_rng([seed, _RANDOM_STREAM, block, zlib.crc32(site.encode())])
+            indices = sorted(int(i) for i in rng.choice(n, k, replace=False))
+        else:
+            raise AmreproError(f"cannot read [{sel}] of '{item}': use an index i, a range a:b or random:K.")
+        for i in indices:
+            check_target(Target(block, site, i), n_layers, n)
+        targets += [Target(block, site, i) for i in indices]
+    return list(dict.fromkeys(targets))
+
+
+def chunks(targets: list[Target], size: int) -> list[list[Target]]:
+    """Consecutive targets of one site, at most size per chunk (a batch reads one site, batch.py)."""
+    out: list[list[Target]] = []
+    for target in targets:
+        if out and len(out[-1]) < size and (out[-1][0].block, out[-1][0].site) == (target.block, target.site):
+            out[-1].append(target)
+        else:
+            out.append([target])
+    return out
+
+
+def chunk_size(n_targets: int, workers: int, requested: int = 0) -> int:
+    """requested, else enough chunks to keep every worker busy, at most CHUNK_MAX targets each."""
+    if requested:
+        return requested
+    return max(1, min(CHUNK_MAX, math.ceil(n_targets / max(workers, 1))))
+
+
+# --- the worker -------------------------------------------------------------------------------------------
+def _exit_hook() -> None:
+    """Tests only: AMREPRO_TEST_EXIT_AFTER_CHILDREN=N makes the first worker that logs its N-th seed run exit
+    at once (os._exit, like a SIGKILL or OOM kill), once per AMREPRO_TEST_EXIT_MARKER file."""
+    n, marker = os.environ.get("AMREPRO_TEST_EXIT_AFTER_CHILDREN"), os.environ.get("AMREPRO_TEST_EXIT_MARKER")
+    if not (n and marker):
+        return
+    _exit_hook.count = getattr(_exit_hook, "count", 0) + 1
+    if _exit_hook.count >= int(n):
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # only one process, only once
+        except FileExistsError:
+            return
+        os.close(fd)
+        os._exit(1)
+
+
+class Worker:
+    """Loads the model once, then runs chunks of targets: one batch each, logged target by target."""
+
+    def __init__(self, config: Config, uri: str, experiment_id: str, sweep_id: str, frozen: bytes, lm=None):
+        import torch
+
+        from .model import load_model, resolve_device
+        from .provenance import environment
+        from .seeding import configure_determinism
+        from .tracking import Tracker
+
+        device = resolve_device(config.device)
+        configure_determinism(device)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.config, self.experiment_id, self.sweep_id, self.frozen = config, experiment_id, sweep_id, frozen
+        self.lm = lm or load_model(config.model, device)
+        self.tracker = Tracker(uri=uri)
+        self.env = {**environment(self.lm.device), **self.lm.fingerprint()}
+
+    def run_chunk(self, names: list[str]) -> dict:
+        """Optimize and log the targets of a chunk that have no FINISHED parent yet: {"logged": names,
+        "seconds": {"science": optimize + decode + statistics, "tracking": lookups, run creation, logging}}."""
+        import time
+        from .batch import execute_many, prepare_many
+        from .commands import run_name
+        from .tracking import SWEEP_TAG, TARGET_TAG
+
+        tracker, started = self.tracker, time.perf_counter()
+        found: dict[str, list] = {}
+        for run in tracker.sweep_parents(self.sweep_id, self.experiment_id):
+            found.setdefault(run.data.tags.get(TARGET_TAG), []).append(run)
+        todo = []
+        for name in names:
+            runs = found.get(name, [])
+            if any(r.info.status == "FINISHED" for r in runs):
+                continue  # logged by an earlier attempt of this chunk that died later
+            for run in runs:
+                tracker.discard(run, f"left {run.info.status} by a worker that died or a sweep that was interrupted "
+                                     f"(pid {run.data.tags.get('amrepro.pid')}); the target was redone")
+            todo.append(Target.parse(name))
+        preps = prepare_many(self.config, todo, self.lm)
+        with tracker:  # an exception ends this chunk's open runs FAILED (a dead process leaves them to discard())
+            parents = [tracker.start_parent(p.config.to_params(), {
+                **self.env, SWEEP_TAG: self.sweep_id, TARGET_TAG: p.target.name,
+                "mlflow.parentRunId": self.sweep_id}, run_name=run_name(p.config), experiment_id=self.experiment_id)
+                for p in preps]
+            before = time.perf_counter()
+            outcomes = execute_many(preps)
+            science = time.perf_counter() - before
+            for parent, outcome in zip(parents, outcomes):
+                self._log(parent, outcome)
+        return {"logged": [p.target.name for p in preps],
+                "seconds": {"science": science if preps else 0.0, "tracking": time.perf_counter() - started - (
+                    science if preps else 0.0)}}
+
+    def _log(self, parent: str, outcome) -> None:
+        """What `amrepro run` logs (commands.log_outcome), straight from memory: a dead worker's chunk is
+        recomputed by Ray, so no outcome file is kept."""
+        from .commands import child_params, log_child, log_parent
+
+        tracker, config = self.tracker, outcome.config
+        for r, seed in enumerate(config.seeds):
+            child = tracker.start_child(parent, f"seed-{seed}", {}, self.experiment_id)
+            why = outcome.diverged.get(r)
+            with tracker.batched(child):
+                tracker.log_params(child, child_params(config, r))
+                log_child(tracker, child, outcome, r)
+                if why:
+                    tracker.log_tags(child, {"error": f"diverged: {why}"})
+            tracker.end(child, "FAILED" if why else "FINISHED")
+            _exit_hook()
+        no_result = outcome.summary["statistics"] is None
+        with tracker.batched(parent):
+            log_parent(tracker, parent, outcome, self.frozen)
+            if no_result:
+                tracker.log_tags(parent, {"error": f"all {config.runs} runs diverged"})
+        tracker.end(parent, "FAILED" if no_result else "FINISHED")
+
+
+# --- running the chunks -----------------------------------------------------------------------------------
+def default_threads(workers: int, cpus: float) -> int:
+    """torch threads per worker: the cores shared out, at least one (more threads than cores only spin)."""
+    return max(1, int(cpus // max(workers, 1)))
+
+
+def start_ray(address: str | None, workers: int, threads: int):
+    """Join the cluster at address (or RAY_ADDRESS), else start a local Ray with workers x threads CPUs."""
+    import logging
+
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    try:
+        if address:
+            ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+        else:
+            ray.init(num_cpus=workers * threads, include_dashboard=False, logging_level=logging.ERROR,
+                     log_to_driver=False)
+    except Exception as error:  # noqa: BLE001 - ConnectionError, a bad address, ...
+        raise AmreproError(f"cannot start or join Ray{' at ' + address if address else ''}: "
+                           f"{str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__}") from None
+    return ray
+
+
+def run_chunks(work: list[list[Target]], config: Config, uri: str, experiment_id: str, sweep_id: str,
+               frozen: bytes, workers: int, lm=None, on_chunk: Callable[[list[str]], None] | None = None
+               ) -> tuple[list[str], dict[str, float]]:
+    """Every chunk, in this process (workers 0) or on `workers` Ray actors (Ray already started). Returns one
+    sentence per chunk that failed for good (its targets stay for --resume), and the workers' seconds of science
+    and of tracking, summed over chunks; on_chunk(names) after each chunk."""
+    names = [[t.name for t in chunk] for chunk in work]
+    failures: list[str] = []
+    seconds = {"science": 0.0, "tracking": 0.0}
+
+    def done(out: dict) -> None:
+        for key in seconds:
+            seconds[key] += out["seconds"][key]
+        if on_chunk:
+            on_chunk(out["logged"])
+
+    if workers == 0:
+        worker = Worker(config, uri, experiment_id, sweep_id, frozen, lm=lm)
+        for chunk in names:
+            done(worker.run_chunk(chunk))
+        return failures, seconds
+    import ray
+
+    # on GPUs, workers share them out (4 workers on 1 GPU: 0.25 each), so one worker's logging overlaps another's
+    # optimization; "auto" uses a GPU when the cluster has one, as the worker's own resolve_device would
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    gpus = min(1.0, cluster_gpus / workers) if config.device != "cpu" and cluster_gpus else 0
+    remote = ray.remote(Worker).options(num_cpus=max(config.threads, 1), num_gpus=gpus, max_restarts=MAX_RETRIES,
+                                        max_task_retries=MAX_RETRIES)
+    actors = [remote.remote(config, uri, experiment_id, sweep_id, frozen) for _ in range(min(workers, len(names)))]
+    queue, pending = list(names), {}
+    for actor in actors:
+        if queue:
+            chunk = queue.pop(0)
+            pending[actor.run_chunk.remote(chunk)] = (actor, chunk)
+    while pending:
+        (ref,), _ = ray.wait(list(pending), num_returns=1)
+        actor, chunk = pending.pop(ref)
+        try:
+            done(ray.get(ref))
+        except ray.exceptions.RayActorError as error:  # dead more than MAX_RETRIES times: give its chunk up
+            failures.append(f"a worker died {MAX_RETRIES + 1} times on {chunk[0]}..{chunk[-1]}: {_first_line(error)}")
+            continue  # the actor is gone for good; the others take the rest of the queue
+        except ray.exceptions.RayTaskError as error:
+            failures.append(f"{chunk[0]}..{chunk[-1]} failed: {_first_line(error.cause if error.cause else error)}")
+        if queue:
+            next_chunk = queue.pop(0)
+            pending[actor.run_chunk.remote(next_chunk)] = (actor, next_chunk)
+    if queue:  # every worker died for good
+        failures.append(f"{sum(len(c) for c in queue)} targets were not started: no worker was left")
+    return failures, seconds
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:300]
+
+
+# --- the sweep run's table, metrics and map ---------------------------------------------------------------
+TABLE_COLUMNS = {  # table column -> parent metric
+    "n_unique_tokens": "stats/n_unique_tokens", "n_tokens_total": "stats/n_tokens_total",
+    "p_unique": "pvalue/unique_decoded_starts", "agreement": "stats/positional_agreement",
+    "p_agreement": "pvalue/agreement_decoded_starts", "jaccard": "stats/jaccard_mean",
+    "p_jaccard": "pvalue/jaccard_decoded_starts", "final_activation": "stats/final_activation_mean",
+    "decoded_activation": "stats/decoded_activation_mean", "projection_gap": "stats/projection_gap_mean",
+    "unique_below_chance": "verdict/unique_below_chance", "agreement_above_chance": "verdict/agreement_above_chance",
+    "jaccard_above_chance": "verdict/jaccard_above_chance",
+}
+CLAIMS = ("unique_below_chance", "agreement_above_chance", "jaccard_above_chance")
+
+
+def table(targets: list[Target], parents: dict[str, object]) -> dict[str, list]:
+    """One row per target of the sweep, in its order: the parent run and its statistics (None where missing)."""
+    columns: dict[str, list] = {"target": [], "parent_run_id": [], "status": []}
+    columns.update({name: [] for name in TABLE_COLUMNS})
+    for target in targets:
+        run = parents.get(target.name)
+        columns["target"].append(target.name)
+        columns["parent_run_id"].append(run.info.run_id if run else None)
+        columns["status"].append(run.info.status if run else "NOT RUN")
+        for name, key in TABLE_COLUMNS.items():
+            value = run.data.metrics.get(key) if run else None
+            columns[name].append(None if value is None else float(value))
+    return columns
+
+
+def binomial_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p), in log space (n can be thousands)."""
+    if k <= 0:
+        return 1.0
+    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p)
+            + (n - i) * math.log1p(-p) for i in range(k, n + 1)]
+    top = max(logs)
+    return min(1.0, math.exp(top) * sum(math.exp(v - top) for v in logs))
+
+
+def summary(columns: dict[str, list]) -> tuple[dict[str, float], str]:
+    """sweep/* metrics and one sentence. Each target's claim is the verdict's (p < ALPHA under decoded random
+    starts AND at least MIN_EVENTS coincidences), so among targets with no preference at most about ALPHA of them
+    pass by chance: the fraction is compared with ALPHA by a one-sided binomial test, never read on its own."""
+    from .verdict import ALPHA
+
+    n_targets = len(columns["target"])
+    with_stats = [i for i, v in enumerate(columns["agreement_above_chance"]) if v is not None]
+    n = len(with_stats)
+    metrics = {"sweep/n_targets": n_targets, "sweep/n_finished": columns["status"].count("FINISHED"),
+               "sweep/n_with_statistics": n, "sweep/alpha_per_target": ALPHA}
+    words = []
+    for claim in CLAIMS:
+        k = sum(columns[claim][i] == 1.0 for i in with_stats)
+        metrics[f"sweep/n_{claim}"] = k
+        if n:
+            metrics[f"sweep/frac_{claim}"] = k / n
+            metrics[f"sweep/pvalue_{claim}"] = binomial_tail(k, n, ALPHA)
+    any_claim = sum(any(columns[c][i] == 1.0 for c in CLAIMS) for i in with_stats)
+    metrics["sweep/n_any_above_chance"] = any_claim
+    if n:
+        metrics["sweep/frac_any_above_chance"] = any_claim / n
+    if not n:
+        return metrics, f"no target of {n_targets} has statistics yet."
+    for claim, label in zip(CLAIMS, ("fewer unique tokens than chance", "positional agreement above chance",
+                                     "Jaccard above chance")):
+        k, p = metrics[f"sweep/n_{claim}"], metrics[f"sweep/pvalue_{claim}"]
+        verdict = ("more targets than the per-target alpha lets chance explain" if p < ALPHA else
+                   "within what chance gives at the per-target alpha")
+        words.append(f"{label}: {k}/{n} targets ({k / n:.0%}; by chance about {ALPHA:.0%}, binomial p = {p:.2g}): "
+                     f"{verdict}")
+    return metrics, f"{n} of {n_targets} targets with statistics. " + "; ".join(words) + "."
+
+
+def sweep_params(config: Config, spec: str) -> dict[str, str]:
+    """The sweep run's params: every hyperparameter but the target, and the targets' SPEC."""
+    params = {k: v for k, v in config.to_params().items() if k not in ("target", "target_name", "layer", "dim")}
+    params["targets"] = spec
+    return params
+
+
+def config_from_sweep(params: dict[str, str]) -> tuple[Config, str]:
+    """Inverse of sweep_params, for --resume."""
+    if "targets" not in params:
+        raise AmreproError("the run has no 'targets' param: it is not a sweep run made by amrepro sweep.")
+    default = Config()
+    config = Config.from_params({**params, "target": "", "layer": str(default.layer), "dim": str(default.dim)})
+    return config, _unquote(params["targets"])  # `mlflow run -e sweep` logs it shell-quoted
+

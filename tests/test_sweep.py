@@ -1,0 +1,119 @@
+"""`amrepro sweep` in this process on a sqlite store: the layout reads back, --resume skips finished targets.
+(Ray, PostgreSQL and a real mlflow server: tests/test_team.py.)"""
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from amrepro.config import AmreproError, Config
+from amrepro.sweep import binomial_tail, chunks, parse_targets
+from amrepro.targets import Target
+from helpers import all_runs, children_of, cli
+
+SPEC = "blocks.4.hook_resid_pre[0:2],blocks.5.mlp.hook_post[random:1]"
+ARGS = ["--runs", "2", "--epochs", "8", "--lr", "0.05"]
+
+
+def _width(block, site):
+    return 128 if site == "mlp.hook_post" else 32
+
+
+def test_target_spec():
+    spec = "blocks.4.hook_resid_pre[0:3],blocks.5.mlp.hook_post[random:4], blocks.4.hook_resid_pre[1]"
+    targets = parse_targets(spec, _width, 10, seed=0)
+    assert targets[:3] == [Target(4, "hook_resid_pre", i) for i in range(3)] and len(targets) == 7  # dup dropped
+    drawn = [t.index for t in targets[3:]]
+    assert drawn == [t.index for t in parse_targets(spec, _width, 10, seed=0)[3:]]  # reproducible from the seed
+    assert drawn != [t.index for t in parse_targets(spec, _width, 10, seed=1)[3:]]
+    assert [len(c) for c in chunks(targets, 2)] == [2, 1, 2, 2]  # a batch never mixes sites
+    for bad, why in (("blocks.4.hook_resid_pre[0:33]", "0 <= a < b <= 32"), ("blocks.12.hook_resid_pre[0]", "block 12"),
+                     ("blocks.4.resid[0]", "cannot read"), ("blocks.4.hook_resid_pre[random:0]", "1 to 32")):
+        with pytest.raises(AmreproError, match=why):
+            parse_targets(bad, _width, 10, seed=0)
+    assert binomial_tail(0, 10, 0.05) == 1.0 and abs(binomial_tail(10, 10, 0.05) - 0.05**10) < 1e-20
+
+
+def _sweep_runs(uri):
+    runs = all_runs(uri)
+    (sweep,) = [r for r in runs if "targets" in r.data.params]
+    parents = [r for r in runs if r.data.tags.get("amrepro.sweep") == sweep.info.run_id]
+    return sweep, parents
+
+
+def test_sweep_layout_reads_back(tiny_gpt2, store):
+    result = cli("sweep", "--model", tiny_gpt2, "--targets", SPEC, *ARGS)
+    assert result.exit_code == 0, result.output
+    sweep, parents = _sweep_runs(store)
+    assert sweep.info.status == "FINISHED" and sweep.data.params["targets"] == SPEC
+    names = [t.name for t in parse_targets(SPEC, _width, 10, seed=0)]
+    assert sorted(p.data.tags["amrepro.target"] for p in parents) == sorted(names)
+    client = MlflowClient(store)
+    for parent in parents:  # what `amrepro run --target T` logs, nested under the sweep run
+        target = parent.data.tags["amrepro.target"]
+        assert parent.info.status == "FINISHED" and parent.data.tags["mlflow.parentRunId"] == sweep.info.run_id
+        assert Config.from_params(parent.data.params) == Config(model=tiny_gpt2, target=target, runs=2, epochs=8, lr=0.05)
+        assert parent.info.run_name == f"tiny-gpt2 {target} x2"
+        assert "stats/positional_agreement" in parent.data.metrics and "sha256/summary.json" in parent.data.tags
+        kids = children_of(store, parent.info.run_id)
+        assert [c.data.params["seed"] for c in kids] == ["0", "1"] and all(c.info.status == "FINISHED" for c in kids)
+        assert len(client.get_metric_history(kids[0].info.run_id, "loss/total")) == 8
+    table = json.loads(Path(client.download_artifacts(sweep.info.run_id, "sweep_table.json")).read_text())
+    rows = {row[table["columns"].index("target")]: dict(zip(table["columns"], row)) for row in table["data"]}
+    assert list(rows) == names
+    for parent in parents:
+        row = rows[parent.data.tags["amrepro.target"]]
+        assert row["parent_run_id"] == parent.info.run_id
+        # (log_table writes JSON with 10 decimals)
+        assert row["agreement"] == pytest.approx(parent.data.metrics["stats/positional_agreement"], abs=1e-9)
+        assert row["p_jaccard"] == pytest.approx(parent.data.metrics["pvalue/jaccard_decoded_starts"], abs=1e-9)
+    claimed = sum(p.data.metrics["verdict/agreement_above_chance"] for p in parents)
+    assert sweep.data.metrics["sweep/n_targets"] == 3
+    assert sweep.data.metrics["sweep/frac_agreement_above_chance"] == claimed / 3
+    assert "targets with statistics" in sweep.data.tags["verdict"]
+    assert "sweep_map.png" in {a.path for a in client.list_artifacts(sweep.info.run_id)}
+    # a target parent is a parent for decode/reproduce, although it is nested under the sweep run
+    decoded = cli("decode", parents[0].info.run_id)
+    assert decoded.exit_code == 0, decoded.output
+
+
+def test_resume_skips_finished_targets(tiny_gpt2, store, monkeypatch):
+    # a sweep stopped (Ctrl-C) after its first target and one seed run of the second; a worker that dies outright
+    # is tests/test_team.py's
+    import amrepro.sweep
+
+    logged = []
+
+    def stop_after_three():
+        logged.append(1)
+        if len(logged) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(amrepro.sweep, "_exit_hook", stop_after_three)
+    spec = "blocks.4.hook_resid_pre[0:2]"
+    stopped = cli("sweep", "--model", tiny_gpt2, "--targets", spec, "--chunk", "1", *ARGS)
+    assert stopped.exit_code == 130, stopped.output
+    sweep, parents = _sweep_runs(store)
+    assert sweep.info.status == "KILLED"
+    (finished,) = [p for p in parents if p.info.status == "FINISHED"]
+    (half,) = [p for p in parents if p.info.status == "KILLED"]
+    assert len(children_of(store, half.info.run_id)) == 1
+    monkeypatch.setattr(amrepro.sweep, "_exit_hook", lambda: None)
+
+    result = cli("sweep", "--resume", sweep.info.run_id, "--epochs", "999")  # science options come from the sweep
+    assert result.exit_code == 0, result.output
+    assert "2 targets x 2 seeds, 1 already done, 1 to run" in result.output
+    sweep, parents = _sweep_runs(store)
+    assert sweep.info.status == "FINISHED"
+    assert sorted(p.data.tags["amrepro.target"] for p in parents) == [f"blocks.4.hook_resid_pre[{i}]" for i in range(2)]
+    assert all(p.info.status == "FINISHED" for p in parents)
+    kept = [p for p in parents if p.info.run_id == finished.info.run_id]
+    assert kept and kept[0].info.end_time == finished.info.end_time  # skipped, not redone
+    gone = MlflowClient(store).get_run(half.info.run_id)  # the half-logged parent: KILLED, in the trash
+    assert gone.info.status == "KILLED" and gone.info.lifecycle_stage == "deleted"
+    assert "redone" in gone.data.tags["error"]
+    for parent in parents:
+        assert len(children_of(store, parent.info.run_id)) == 2 and parent.data.params["epochs"] == "8"
+    assert sweep.data.metrics["sweep/n_finished"] == 2
+    assert cli("sweep", "--resume", sweep.info.run_id).exit_code == 2  # a finished sweep has nothing to resume

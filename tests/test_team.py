@@ -1,0 +1,151 @@
+"""At team scale, with the real components: a throwaway PostgreSQL 15 cluster, a real `mlflow server` on it, and
+`amrepro sweep` on 2 local Ray workers logging over HTTP, one of which dies mid-chunk (os._exit, like a SIGKILL).
+The sweep still completes: exact counts of parents, seed runs and metric points, no duplicate, nothing RUNNING."""
+
+import json
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities import ViewType
+
+PG = Path("/usr/lib/postgresql/15/bin")
+TARGETS = "blocks.4.hook_resid_pre[0:5],blocks.6.mlp.hook_post[random:3]"  # 8 targets on two sites
+RUNS, EPOCHS = 3, 10
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Postgres:
+    """initdb into a temp folder as the `postgres` user (initdb refuses root), listening on 127.0.0.1 only."""
+
+    def __init__(self):
+        self.folder = Path(tempfile.mkdtemp(prefix="amrepro-pg-"))
+        self.port = _free_port()
+        self.user = pwd.getpwnam("postgres") if os.getuid() == 0 else None
+        if self.user:
+            os.chown(self.folder, self.user.pw_uid, self.user.pw_gid)
+        self.uri = f"postgresql://postgres@127.0.0.1:{self.port}/mlflow"
+
+    def _run(self, *args):
+        def demote():
+            os.setgid(self.user.pw_gid)
+            os.setuid(self.user.pw_uid)
+
+        out = subprocess.run([str(PG / args[0]), *args[1:]], preexec_fn=demote if self.user else None, cwd=self.folder,
+                             env={"PATH": os.environ["PATH"], "LC_ALL": "C"}, capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out.stdout
+
+    def start(self):
+        data = self.folder / "data"
+        self._run("initdb", "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync")
+        self._run("pg_ctl", "-D", str(data), "-l", str(self.folder / "log"), "-w", "-o",
+                  f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.folder} -c fsync=off", "start")
+        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "mlflow")
+
+    def sql(self, query: str) -> str:
+        return self._run("psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-d", "mlflow", "-At",
+                         "-c", query).strip()
+
+    def remove(self):
+        if (self.folder / "data" / "postmaster.pid").exists():
+            self._run("pg_ctl", "-D", str(self.folder / "data"), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres():
+    if not (PG / "initdb").exists():
+        pytest.skip(f"PostgreSQL 15 binaries are absent ({PG}); Debian's postgresql-15 package provides them")
+    db = Postgres()
+    try:
+        db.start()
+        yield db
+    finally:
+        db.remove()
+
+
+@pytest.fixture
+def server(postgres, tmp_path):
+    port = _free_port()
+    mlflow = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen([str(mlflow), "server", "--backend-store-uri", postgres.uri, "--artifacts-destination",
+                             str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"),
+                            start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()[-3000:]
+                time.sleep(0.3)
+        yield uri
+    finally:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+
+
+def test_sweep_on_ray_and_postgres_survives_a_dead_worker(tiny_gpt2, postgres, server, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_"))}
+    env.update(MLFLOW_TRACKING_URI=server, HF_HUB_OFFLINE="1", AMREPRO_TEST_EXIT_AFTER_CHILDREN=str(RUNS + 1),
+               AMREPRO_TEST_EXIT_MARKER=str(tmp_path / "worker-died"))
+    proc = subprocess.run([sys.executable, "-m", "amrepro", "sweep", "--model", tiny_gpt2, "--targets", TARGETS,
+                           "--runs", str(RUNS), "--epochs", str(EPOCHS), "--lr", "0.01", "--workers", "2",
+                           "--chunk", "2"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "worker-died").exists()  # a worker did die mid-chunk (after its first target, 1 seed run in)
+    assert "on 2 Ray workers (1 threads each)" in proc.stdout
+
+    client = MlflowClient(server)
+    (experiment,) = [e.experiment_id for e in client.search_experiments() if e.name == "amrepro"]
+    runs = client.search_runs([experiment], max_results=1000)
+    (sweep,) = [r for r in runs if "targets" in r.data.params]
+    parents = [r for r in runs if r.data.tags.get("amrepro.sweep") == sweep.info.run_id]
+    children = [r for r in runs if "run_index" in r.data.params]
+    assert sweep.info.status == "FINISHED" and len(runs) == 1 + 8 + 8 * RUNS
+    names = sorted(p.data.tags["amrepro.target"] for p in parents)
+    assert len(parents) == 8 and len(set(names)) == 8  # one parent per target, none twice
+    assert all(r.info.status == "FINISHED" for r in runs)
+    by_parent = {}
+    for child in children:
+        by_parent.setdefault(child.data.tags["mlflow.parentRunId"], []).append(int(child.data.params["run_index"]))
+    assert {p.info.run_id for p in parents} == set(by_parent)
+    assert all(sorted(indices) == list(range(RUNS)) for indices in by_parent.values())
+
+    # the dead worker's unfinished parent (and its one seed run): KILLED, in the trash, redone by a new parent
+    trash = client.search_runs([experiment], run_view_type=ViewType.DELETED_ONLY, max_results=1000)
+    dead = [r for r in trash if "amrepro.sweep" in r.data.tags]
+    assert len(dead) == 1 and dead[0].info.status == "KILLED" and "redone" in dead[0].data.tags["error"]
+    assert dead[0].data.tags["amrepro.target"] in names
+    assert postgres.sql("select count(*) from runs where status = 'RUNNING'") == "0"
+
+    # every metric point once: histories of EPOCHS points, everything else one point, counted in PostgreSQL itself
+    expected = sum(len(r.data.metrics) + (2 * (EPOCHS - 1) if "run_index" in r.data.params else 0) for r in runs)
+    active = f"r.lifecycle_stage = 'active' and r.experiment_id = {int(experiment)}"
+    assert int(postgres.sql(f"select count(*) from metrics m join runs r on m.run_uuid = r.run_uuid where {active}")) \
+        == expected
+    assert postgres.sql(f"select count(*) from (select 1 from metrics m join runs r on m.run_uuid = r.run_uuid "
+                        f"where {active} group by m.run_uuid, m.key, m.step having count(*) > 1) d") == "0"
+    # the sweep table has every target, from the parents that finished
+    table = json.loads(Path(client.download_artifacts(sweep.info.run_id, "sweep_table.json")).read_text())
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert sorted(row["target"] for row in rows) == names and {row["status"] for row in rows} == {"FINISHED"}
