@@ -66,3 +66,16 @@ def execute_many(preps: list[Prepared], on_epoch: Callable[[int], None] | None =
         outcomes.append(outcome_of(prep, result.rows(share), ids[share], cosine[share], decoded[share]))
         row = share.stop
     return outcomes
+
+
+def batch_tag(preps: list[Prepared]) -> str:
+    """The targets of one batch, recorded on each of its target parents so that `amrepro reproduce` can re-run the
+    same batch (a batch of other shape rounds differently): 'blocks.B.SITE:i,j,k' (one site per batch)."""
+    first = preps[0].target
+    return f"blocks.{first.block}.{first.site}:" + ",".join(str(p.target.index) for p in preps)
+
+
+def batch_targets(tag: str) -> list[Target]:
+    """The targets of a batch_tag, in batch order."""
+    site, indices = tag.rsplit(":", 1)
+    return [Target.parse(f"{site}[{i}]") for i in indices.split(",")]

@@ -457,8 +457,9 @@ def reproduce(run_id: str, device: str | None = None, tolerance: float = 1e-4) -
     parent, selected = reader.family(run_id)  # a bad id is answered before torch is imported
     if reader.note:
         report.errors.print(f"note: {reader.note}", soft_wrap=True, markup=False)
-    from .experiment import execute, prepare
+    from .experiment import prepare
     from .provenance import environment
+    from .tracking import BATCH_TAG
 
     logged_env = {k: v for k, v in parent.data.tags.items() if k.startswith("env.")}
     config = Config.from_params(parent.data.params)
@@ -478,7 +479,7 @@ def reproduce(run_id: str, device: str | None = None, tolerance: float = 1e-4) -
                                                             "mlflow.parentRunId": parent.info.run_id},
                                        run_name=f"reproduce {run_id[:8]}", experiment_id=parent.info.experiment_id)
         with report.epoch_progress(config.n_steps, config.runs) as on_epoch:
-            outcome = execute(prep, on_epoch)
+            outcome = _rerun(prep, parent.data.tags.get(BATCH_TAG), on_epoch)
         rows = []
         for child, initial, final, ids in logged:
             r = int(child.data.params["run_index"])
@@ -500,6 +501,22 @@ def reproduce(run_id: str, device: str | None = None, tolerance: float = 1e-4) -
         tracker.end(new_run)
     report.print_reproduction(run_id, rows, differences, verdict, new_run)
     return verdict.startswith("reproduced")
+
+
+def _rerun(prep, batch: str | None, on_epoch):
+    """The outcome of prep's target, re-run in the same batch it was optimized in: alone (amrepro run), or with
+    the other targets of its sweep batch (the BATCH_TAG of a sweep's target parent)."""
+    from .batch import batch_targets, execute_many, prepare_many
+    from .experiment import execute
+
+    targets = batch_targets(batch) if batch else [prep.target]
+    if targets == [prep.target]:
+        return execute(prep, on_epoch)
+    if prep.target not in targets:
+        raise AmreproError(f"the run's batch tag names {len(targets)} targets, but not its own target "
+                           f"{prep.target.name}: the tag was edited; delete it to re-run the target alone.")
+    outcomes = execute_many(prepare_many(prep.config, targets, prep.lm), on_epoch)
+    return outcomes[targets.index(prep.target)]
 
 
 def _check_family_params(config: Config, parent, children) -> None:

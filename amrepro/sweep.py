@@ -129,9 +129,9 @@ class Worker:
         """Optimize and log the targets of a chunk that have no FINISHED parent yet: {"logged": names,
         "seconds": {"science": optimize + decode + statistics, "tracking": lookups, run creation, logging}}."""
         import time
-        from .batch import execute_many, prepare_many
+        from .batch import batch_tag, execute_many, prepare_many
         from .commands import run_name
-        from .tracking import SWEEP_TAG, TARGET_TAG
+        from .tracking import BATCH_TAG, SWEEP_TAG, TARGET_TAG
 
         tracker, started = self.tracker, time.perf_counter()
         found: dict[str, list] = {}
@@ -147,9 +147,10 @@ class Worker:
                                      f"(pid {run.data.tags.get('amrepro.pid')}); the target was redone")
             todo.append(Target.parse(name))
         preps = prepare_many(self.config, todo, self.lm)
+        batch = batch_tag(preps) if preps else ""
         with tracker:  # an exception ends this chunk's open runs FAILED (a dead process leaves them to discard())
             parents = [tracker.start_parent(p.config.to_params(), {
-                **self.env, SWEEP_TAG: self.sweep_id, TARGET_TAG: p.target.name,
+                **self.env, SWEEP_TAG: self.sweep_id, TARGET_TAG: p.target.name, BATCH_TAG: batch,
                 "mlflow.parentRunId": self.sweep_id}, run_name=run_name(p.config), experiment_id=self.experiment_id)
                 for p in preps]
             before = time.perf_counter()

@@ -201,6 +201,7 @@ def connect(uri: str | None = None):
 
 
 SWEEP_TAG, TARGET_TAG = "amrepro.sweep", "amrepro.target"  # on target parents: the sweep run id, the target name
+BATCH_TAG = "amrepro.batch"  # on target parents: the targets optimized in the same batch (batch.batch_tag)
 DEFAULT_EXPERIMENT = "amrepro"  # every model and target in one runs table; the run names tell them apart
 EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 

@@ -42,7 +42,7 @@ def _sweep_runs(uri):
     return sweep, parents
 
 
-def test_sweep_layout_reads_back(tiny_gpt2, store):
+def test_sweep_layout_reads_back(tiny_gpt2, store, monkeypatch):
     result = cli("sweep", "--model", tiny_gpt2, "--targets", SPEC, *ARGS)
     assert result.exit_code == 0, result.output
     sweep, parents = _sweep_runs(store)
@@ -76,6 +76,17 @@ def test_sweep_layout_reads_back(tiny_gpt2, store):
     # a target parent is a parent for decode/reproduce, although it is nested under the sweep run
     decoded = cli("decode", parents[0].info.run_id)
     assert decoded.exit_code == 0, decoded.output
+    # reproduce re-runs the target's whole batch (its amrepro.batch tag), since a batch of another shape may
+    # round differently (on GPT-2's shapes it does, ~1e-7): bit-identical, not merely close
+    import amrepro.batch
+
+    batched = [p for p in parents if "," in p.data.tags["amrepro.batch"]][0]
+    rerun, original = [], amrepro.batch.execute_many
+    monkeypatch.setattr(amrepro.batch, "execute_many", lambda preps, *a: rerun.append(preps) or original(preps, *a))
+    again = cli("reproduce", batched.info.run_id)
+    assert again.exit_code == 0 and "reproduced: bit-identical" in again.output, again.output
+    assert [[p.target.name for p in preps] for preps in rerun] == [["blocks.4.hook_resid_pre[0]",
+                                                                     "blocks.4.hook_resid_pre[1]"]]
 
 
 def test_resume_skips_finished_targets(tiny_gpt2, store, monkeypatch):
