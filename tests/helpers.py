@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import tempfile
 from pathlib import Path
 
 from mlflow import MlflowClient
@@ -27,10 +28,38 @@ def children_of(uri: str, parent_id: str):
                   key=lambda r: int(r.data.params["run_index"]))
 
 
+_LOGGED: dict = {}  # (model, runs, epochs) -> the folder of a store holding that finished run, made once per worker
+
+
 def logged_run(uri: str, model: str, runs: int, epochs: int):
-    """`amrepro run` a finished batch on the tiny model (dim 3, lr 0.01): (parent run, [seed runs])."""
-    result = cli("run", "--model", model, "--runs", str(runs), "--epochs", str(epochs), "--dim", "3", "--lr", "0.01")
-    assert result.exit_code == 0, result.output
+    """`amrepro run` a finished batch on the tiny model (dim 3, lr 0.01) into the store uri (the `store` fixture's,
+    in the current folder): (parent run, [seed runs]).
+
+    The run is made once per test worker and copied into each test's own store and ./mlruns (a copy the test
+    may tamper with), since every copy of the same run is what the command would have logged again: the runs
+    are bit-identical by design (test_optimize, test_reproduce)."""
+    import os
+    import shutil
+
+    key = (model, runs, epochs)
+    if key not in _LOGGED:
+        result = cli("run", "--model", model, "--runs", str(runs), "--epochs", str(epochs), "--dim", "3", "--lr", "0.01")
+        assert result.exit_code == 0, result.output
+        template = Path(tempfile.mkdtemp(prefix="amrepro-logged-"))
+        copy_store(Path(uri.removeprefix("sqlite:///")), template / "mlflow.db", keep_locations=True)
+        shutil.copytree("mlruns", template / "mlruns")
+        _LOGGED[key] = (template, os.getcwd())
+    else:
+        template, made_in = _LOGGED[key]
+        db = Path(uri.removeprefix("sqlite:///"))
+        copy_store(template / "mlflow.db", db, keep_locations=True)
+        shutil.rmtree("mlruns", ignore_errors=True)
+        shutil.copytree(template / "mlruns", "mlruns")
+        here = os.getcwd()
+        with sqlite3.connect(db) as con:  # the artifact locations are absolute: point them at this test's copy
+            con.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (made_in, here))
+            con.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)", (made_in, here))
+        con.close()
     (parent,) = [r for r in all_runs(uri) if "mlflow.parentRunId" not in r.data.tags]
     return parent, children_of(uri, parent.info.run_id)
 
@@ -55,14 +84,16 @@ def wait_for(predicate, proc=None, timeout=120, what="condition"):
         time.sleep(0.1)
 
 
-def copy_store(template: Path, db: Path, artifacts: str | None = None) -> str:
+def copy_store(template: Path, db: Path, artifacts: str | None = None, keep_locations: bool = False) -> str:
     """A copy of the empty store at db (its Default experiment's artifacts in ./mlruns/0 next to it, where MLflow
-    puts them when it creates the store from that folder, or at `artifacts`); returns its URI."""
+    puts them when it creates the store from that folder, or at `artifacts`); returns its URI.
+    keep_locations: copy every artifact location as it is (logged_run rewrites them itself)."""
     source, target = sqlite3.connect(template), sqlite3.connect(db)
     try:
         source.backup(target)  # a consistent copy, whatever connection MLflow still holds on the template
-        target.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
-                       (artifacts or str(db.parent / "mlruns" / "0"),))
+        if not keep_locations:
+            target.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                           (artifacts or str(db.parent / "mlruns" / "0"),))
         target.commit()
     finally:
         source.close()
