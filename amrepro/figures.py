@@ -221,8 +221,6 @@ def sweep_map(columns: dict[str, list]):
     else:
         ax.set_xlabel(f"target (0..{n - 1}, in the sweep's order; names in sweep_table.json)")
     fig.colorbar(image, ax=ax, label="scaled within each row (0 = min, 1 = max)")
-    if any(v == 1.0 for key in ("agreement_above_chance", "jaccard_above_chance", "unique_below_chance")
-           for v in columns[key]):
-        ax.legend(loc="upper right", fontsize="small")
-    ax.set_title(f"{n} targets x statistics")
+    # the key in the title, not a legend box: a legend inside the map would hide a row of targets
+    ax.set_title(f"{n} targets x statistics\nred dot: claimed by the verdict", fontsize="medium")
     return fig
