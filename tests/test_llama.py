@@ -5,6 +5,7 @@ a trained LM that completes "The capital of France is" with " Paris", and `amrep
 The GGUF tests share one converted cache (session fixture): the ~20 s conversion happens once in the suite."""
 
 import hashlib
+import os
 import importlib.util
 from pathlib import Path
 
@@ -118,6 +119,13 @@ def test_am_climbs_on_a_llama_mlp_neuron(tiny_llama_path):
 # --- SmolLM2-135M from its GGUF file: real weights -------------------------------------------------------------
 
 # smollm2_gguf, SMOL and the session fixture `smol` live in conftest.py (test_compare.py uses them too)
+
+
+@SMOL
+def test_smollm2_tests_share_one_worker(request):
+    """The SmolLM2 tests must run on one xdist worker, or each worker converts the GGUF again (~20 s of CPU)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") and request.config.getvalue("dist") == "loadgroup":
+        assert request.node.nodeid.endswith("@smollm2"), "xdist_group is ignored (pytest 9 with pytest-xdist 3.8)"
 
 
 @SMOL
