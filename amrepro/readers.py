@@ -26,6 +26,15 @@ class _StopForward(Exception):
     """Raised by the capture hook: everything after the site is unused compute."""
 
 
+def site_hook(module, kind: str, capture):
+    """Register capture(tensor) on a site: on the module's input ("input": its first argument or hidden_states)
+    or on its output. Returns the hook's handle; the caller removes it (readers do so in __exit__)."""
+    if kind == "input":
+        return module.register_forward_pre_hook(
+            lambda module, args, kwargs: capture(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+    return module.register_forward_hook(lambda module, args, out: capture(out))
+
+
 class HookedReader:
     def __init__(self, lm: LoadedModel, target: Target, index: torch.Tensor | Sequence[int] | None = None):
         self.lm, self.target = lm, target
@@ -51,12 +60,7 @@ class HookedReader:
     def __enter__(self) -> "HookedReader":
         if self._handle is not None:  # a second hook would replace the first's handle: that hook would leak
             raise RuntimeError("this reader is already in use: leave its `with` block before entering it again")
-        if self.kind == "input":
-            self._handle = self.module.register_forward_pre_hook(
-                lambda module, args, kwargs: self._capture(args[0] if args else kwargs["hidden_states"]),
-                with_kwargs=True)
-        else:
-            self._handle = self.module.register_forward_hook(lambda module, args, out: self._capture(out))
+        self._handle = site_hook(self.module, self.kind, self._capture)
         return self
 
     def __exit__(self, *exc) -> None:

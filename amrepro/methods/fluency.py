@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ..config import AmreproError
 from ..model import LoadedModel
+from ..readers import site_hook
 from ..targets import Target, site_location
 
 LOGIT_ELEMENTS = 2**25  # logits held at once (128 MB of float32): sequences per chunk = this / (pos * vocab)
@@ -73,12 +74,7 @@ class LMReader:
         self._site = tensor[0] if isinstance(tensor, (tuple, list)) else tensor
 
     def __enter__(self) -> "LMReader":
-        if self.kind == "input":
-            self._handle = self.module.register_forward_pre_hook(
-                lambda module, args, kwargs: self._capture(args[0] if args else kwargs["hidden_states"]),
-                with_kwargs=True)
-        else:
-            self._handle = self.module.register_forward_hook(lambda module, args, out: self._capture(out))
+        self._handle = site_hook(self.module, self.kind, self._capture)
         return self
 
     def __exit__(self, *exc) -> None:
