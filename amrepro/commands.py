@@ -132,10 +132,11 @@ def sweep(config: Config, spec: str, workers: int = 0, ray_address: str | None =
                 if r.info.status == "FINISHED"}
         todo = [t for t in targets if t.name not in done]
         work = sw.chunks(todo, sw.chunk_size(len(todo), workers, chunk))
+        where = (f"{workers} Ray workers ({config.threads} thread{'' if config.threads == 1 else 's'} each)"
+                 if workers else "this process")
         report.console.print(f"sweep run {sweep_id}: {len(targets)} targets x {config.runs} seeds, {len(done)} already "
-                             f"done, {len(todo)} to run in {len(work)} batches on "
-                             f"{f'{workers} Ray workers ({config.threads} threads each)' if workers else 'this process'}.",
-                             soft_wrap=True, markup=False)
+                             f"done, {len(todo)} to run in {len(work)} batch{'' if len(work) == 1 else 'es'} on "
+                             f"{where}.", soft_wrap=True, markup=False)
         count = {"done": len(done)}
 
         def on_chunk(names: list[str]) -> None:

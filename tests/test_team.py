@@ -117,7 +117,7 @@ def test_sweep_on_ray_and_postgres_survives_a_dead_worker(tiny_gpt2, postgres, s
     stdout, stderr = driver.communicate(timeout=400)
     assert driver.returncode == 0, stdout[-3000:] + stderr[-3000:]
     assert (tmp_path / "worker-died").exists()  # a worker did die mid-chunk (after its first target, 1 seed run in)
-    assert "on 2 Ray workers (1 threads each)" in stdout
+    assert "on 2 Ray workers (1 thread each)" in stdout
 
     client = MlflowClient(server)
     (experiment,) = [e.experiment_id for e in client.search_experiments() if e.name == "amrepro"]
