@@ -225,23 +225,13 @@ def log_outcome(tracker: Tracker, parent: str, experiment_id: str, outcome, froz
                 f"{path}. Press Ctrl-C again to stop (`amrepro log {path}` logs the rest later).")
 
     with signals.logging_phase(progress), report.logging_progress(config.runs, len(done)) as advance:
-        for r, seed in enumerate(config.seeds):
+        for r in range(config.runs):
             if r in done:
                 continue
-            child = tracker.start_child(parent, f"seed-{seed}", {}, experiment_id)
-            why = outcome.diverged.get(r)
-            with tracker.batched(child):  # params, tags and metrics: one log_batch
-                tracker.log_params(child, child_params(config, r))
-                log_child(tracker, child, outcome, r)
-                if why:  # divergence is not a result: the run says why and ends FAILED
-                    tracker.log_tags(child, {"error": f"diverged: {why}"})
-            tracker.end(child, "FAILED" if why else "FINISHED")
+            log_seed_run(tracker, parent, experiment_id, outcome, r)
             count["logged"] += 1
             advance()
-        with tracker.batched(parent):
-            log_parent(tracker, parent, outcome, frozen)
-            if outcome.summary["statistics"] is None:
-                tracker.log_tags(parent, {"error": f"all {config.runs} runs diverged"})
+        log_parent_run(tracker, parent, outcome, frozen)
         with signals.shielded():  # a parent that is ended has no outcome file left, whenever a Ctrl-C comes
             tracker.end(parent, "FAILED" if outcome.summary["statistics"] is None else "FINISHED")
             if path is not None:
@@ -250,6 +240,28 @@ def log_outcome(tracker: Tracker, parent: str, experiment_id: str, outcome, froz
     if outcome.summary["statistics"] is None:
         raise NoResult(f"all {config.runs} runs diverged ({outcome.diverged[0]}), so there is nothing to "
                        "compare; lower --lr or --l2. The runs are marked FAILED.")
+
+
+def log_seed_run(tracker: Tracker, parent: str, experiment_id: str, outcome, r: int) -> None:
+    """Run r of the outcome as a seed run under parent: one create_run, one artifact upload, one log_batch, one
+    set_terminated. A diverged run says why and ends FAILED: divergence is not a result."""
+    config = outcome.config
+    child = tracker.start_child(parent, f"seed-{config.seeds[r]}", {}, experiment_id)
+    why = outcome.diverged.get(r)
+    with tracker.batched(child):  # params, tags and metrics: one log_batch
+        tracker.log_params(child, child_params(config, r))
+        log_child(tracker, child, outcome, r)
+        if why:
+            tracker.log_tags(child, {"error": f"diverged: {why}"})
+    tracker.end(child, "FAILED" if why else "FINISHED")
+
+
+def log_parent_run(tracker: Tracker, parent: str, outcome, frozen: bytes) -> None:
+    """Everything of the parent but its end (log_parent), batched; an all-diverged outcome says so as its error."""
+    with tracker.batched(parent):
+        log_parent(tracker, parent, outcome, frozen)
+        if outcome.summary["statistics"] is None:
+            tracker.log_tags(parent, {"error": f"all {outcome.config.runs} runs diverged"})
 
 
 def log_file(path: str) -> None:

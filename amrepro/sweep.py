@@ -163,27 +163,16 @@ class Worker:
                     science if preps else 0.0)}}
 
     def _log(self, parent: str, outcome) -> None:
-        """What `amrepro run` logs (commands.log_outcome), straight from memory: a dead worker's chunk is
-        recomputed by Ray, so no outcome file is kept."""
-        from .commands import child_params, log_child, log_parent
+        """What `amrepro run` logs (commands.log_seed_run, log_parent_run), straight from memory: a dead worker's
+        chunk is recomputed by Ray, so no outcome file is kept."""
+        from .commands import log_parent_run, log_seed_run
 
-        tracker, config = self.tracker, outcome.config
-        for r, seed in enumerate(config.seeds):
-            child = tracker.start_child(parent, f"seed-{seed}", {}, self.experiment_id)
-            why = outcome.diverged.get(r)
-            with tracker.batched(child):
-                tracker.log_params(child, child_params(config, r))
-                log_child(tracker, child, outcome, r)
-                if why:
-                    tracker.log_tags(child, {"error": f"diverged: {why}"})
-            tracker.end(child, "FAILED" if why else "FINISHED")
+        for r in range(outcome.config.runs):
+            log_seed_run(self.tracker, parent, self.experiment_id, outcome, r)
             _exit_hook()
+        log_parent_run(self.tracker, parent, outcome, self.frozen)
         no_result = outcome.summary["statistics"] is None
-        with tracker.batched(parent):
-            log_parent(tracker, parent, outcome, self.frozen)
-            if no_result:
-                tracker.log_tags(parent, {"error": f"all {config.runs} runs diverged"})
-        tracker.end(parent, "FAILED" if no_result else "FINISHED")
+        self.tracker.end(parent, "FAILED" if no_result else "FINISHED")
 
 
 # --- running the chunks -----------------------------------------------------------------------------------
