@@ -55,7 +55,6 @@ def compare(config: Config, methods_text: str, corpus_path: str = "", experiment
     from .methods.fluency import is_causal, prompt_xent
     from .model import load_model, resolve_device
     from .provenance import busy_cores_note, environment, pip_freeze
-    from .targets import Target
 
     import torch
 
@@ -87,7 +86,7 @@ def compare(config: Config, methods_text: str, corpus_path: str = "", experiment
         if windows is not None:
             report.note(f"scoring {windows.shape[0]} corpus windows of {config.n_tokens} tokens")
             started = time.monotonic()
-            yard = corpus.yardstick(lm, target, text, config.n_tokens)
+            yard = corpus.yardstick(lm, target, windows)
             yard["seconds"] = time.monotonic() - started
         frozen = pip_freeze()
         for m in names:

@@ -52,9 +52,10 @@ def activations(lm: LoadedModel, target: Target, ids: torch.Tensor, batch: int =
     return torch.cat(out)
 
 
-def yardstick(lm: LoadedModel, target: Target, text: str, n_tokens: int, top: int = TOP) -> dict:
-    """{n_windows, max, p99, mean, top: [{rank, start, text, tokens, activation}]} of the corpus windows."""
-    ids = windows(lm, text, n_tokens)  # [W, pos]
+def yardstick(lm: LoadedModel, target: Target, ids: torch.Tensor, top: int = TOP) -> dict:
+    """{n_windows, max, p99, mean, top: [{rank, start, text, tokens, activation}]} of the corpus windows
+    ids [W, pos] (windows())."""
+    n_tokens = ids.shape[1]
     acts = activations(lm, target, ids).numpy().astype(np.float64)  # [W]
     order = np.argsort(-acts, kind="stable")[:top]
     return {"n_windows": int(acts.size), "n_tokens": n_tokens, "max": float(acts.max()),

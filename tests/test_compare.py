@@ -72,7 +72,7 @@ def test_corpus_scores_every_window(tiny_gpt2):
     lm = load_model(tiny_gpt2, torch.device("cpu"))
     target = Target.parse("blocks.3.hook_resid_pre[3]")
     text = Path(CORPUS).read_text()
-    yard = corpus.yardstick(lm, target, text, 4, top=5)
+    yard = corpus.yardstick(lm, target, corpus.windows(lm, text, 4), top=5)
     ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
     assert yard["n_windows"] == len(ids) - 3
     with HookedReader(lm, target) as reader, torch.no_grad():  # brute force, one window at a time
