@@ -52,6 +52,20 @@ def uniform_tokens(generators: list[torch.Generator], n_tokens: int, vocab_size:
     return torch.stack([torch.randint(vocab_size, (n_tokens,), generator=g) for g in generators])
 
 
+class BestTokens:
+    """Each run's best token sequence so far and its activation, with the best activation after every step
+    (the `act/tokens` history): what pez and gcg return, whatever their current sequence is."""
+
+    def __init__(self, ids: torch.Tensor, act: torch.Tensor, steps: int):
+        self.ids, self.act = ids.clone(), act.clone()  # [rows, pos], [rows]
+        self.history = torch.empty(steps, len(act))  # [steps, rows]
+
+    def update(self, step: int, ids: torch.Tensor, act: torch.Tensor) -> None:
+        better = act > self.act  # [rows]
+        self.ids[better], self.act[better] = ids[better], act[better]
+        self.history[step] = self.act
+
+
 def get(name: str):
     """The method function of --method NAME."""
     from . import adam, epo, gcg, pez

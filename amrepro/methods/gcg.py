@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..optimize import Result
-from . import OnStep, Problem, uniform_tokens
+from . import BestTokens, OnStep, Problem, uniform_tokens
 from .candidates import Candidates, one_swap
 
 
@@ -23,9 +23,8 @@ def run(problem: Problem, on_step: OnStep = None) -> Result:
     start = ids.clone()
     k = min(c.topk, E.shape[0])
     acts = torch.empty(c.steps, problem.rows)  # [steps, rows]: activation of the current tokens
-    best_hist = torch.empty(c.steps, problem.rows)  # [steps, rows]: activation of the best tokens so far
     with Candidates(problem) as score:
-        best_ids, best_act = ids.clone(), score.activation(ids[:, None])[:, 0]  # [rows, pos], [rows]
+        best = BestTokens(ids, score.activation(ids[:, None])[:, 0], c.steps)  # the start is the first best
         for step in range(c.steps):
             grad, act = score.token_gradient(ids)  # [rows, pos, vocab], [rows]
             acts[step] = act
@@ -34,13 +33,10 @@ def run(problem: Problem, on_step: OnStep = None) -> Result:
             cand_act = score.activation(cand)  # [rows, C]
             pick = cand_act.argmax(dim=1)  # [rows]
             ids = cand[torch.arange(problem.rows), pick]  # [rows, pos]
-            new = cand_act[torch.arange(problem.rows), pick]  # [rows]
-            better = new > best_act
-            best_ids[better], best_act[better] = ids[better], new[better]
-            best_hist[step] = best_act
+            best.update(step, ids, cand_act[torch.arange(problem.rows), pick])
             if on_step is not None:
                 on_step(step)
-    return token_result(problem, start, best_ids, acts, {"act/tokens": best_hist})
+    return token_result(problem, start, best.ids, acts, {"act/tokens": best.history})
 
 
 def token_result(problem: Problem, start: torch.Tensor, ids: torch.Tensor, acts: torch.Tensor,

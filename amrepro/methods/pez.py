@@ -12,7 +12,7 @@ import torch
 
 from ..decode import nearest_tokens
 from ..optimize import Result
-from . import OnStep, Problem, uniform_tokens
+from . import BestTokens, OnStep, Problem, uniform_tokens
 from .gcg import token_result
 
 
@@ -23,8 +23,7 @@ def run(problem: Problem, on_step: OnStep = None) -> Result:
     x = E[start.to(E.device)].detach().clone().requires_grad_(True)  # [rows, pos, d_model]
     optimizer = torch.optim.Adam([x], lr=c.pez_lr)
     acts = torch.empty(c.steps, problem.rows)  # [steps, rows]: activation of the projected tokens
-    best_hist = torch.empty(c.steps, problem.rows)  # [steps, rows]
-    best_ids, best_act = start.clone(), torch.full((problem.rows,), -torch.inf)
+    best = BestTokens(start, torch.full((problem.rows,), -torch.inf), c.steps)  # the first projection replaces it
     for step in range(c.steps):
         ids, _ = nearest_tokens(x.detach(), E)  # [rows, pos]
         p = E[ids.to(E.device)].detach().requires_grad_(True)  # [rows, pos, d_model]: real tokens
@@ -35,9 +34,7 @@ def run(problem: Problem, on_step: OnStep = None) -> Result:
         optimizer.step()
         act = act.detach().cpu()
         acts[step] = act
-        better = act > best_act
-        best_ids[better], best_act[better] = ids[better], act[better]
-        best_hist[step] = best_act
+        best.update(step, ids, act)
         if on_step is not None:
             on_step(step)
-    return token_result(problem, start, best_ids, acts, {"act/tokens": best_hist})
+    return token_result(problem, start, best.ids, acts, {"act/tokens": best.history})
