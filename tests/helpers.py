@@ -99,3 +99,43 @@ def copy_store(template: Path, db: Path, artifacts: str | None = None, keep_loca
         source.close()
         target.close()
     return f"sqlite:///{db}"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_mlflow_server(backend_uri: str, folder: Path, port: int, timeout: float = 180):
+    """A real `mlflow server` on 127.0.0.1:port over backend_uri, artifacts proxied into folder/artifacts, its log
+    appended to folder/server.log; returns the process once /health answers (its own process group: kill it
+    with os.killpg, workers included). Fails at once, with the log, if the server exits first."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    mlflow = Path(sys.executable).with_name("mlflow")
+    # no job-execution runner: a third process importing MLflow at every start, for jobs these tests never run
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with open(folder / "server.log", "a") as log:
+        proc = subprocess.Popen([str(mlflow), "server", "--backend-store-uri", backend_uri, "--artifacts-destination",
+                                 str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+                                 "--workers", "1"], cwd=folder, env=env, stdout=log, stderr=log,
+                                start_new_session=True)
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return proc
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            raise AssertionError(f"mlflow server did not start (exit code {proc.poll()}); its log:\n"
+                                 + (folder / "server.log").read_text()[-4000:])
+        time.sleep(0.2)

@@ -3,7 +3,6 @@ phase, SIGKILL leftovers and `amrepro doctor`, stores that cannot be written, ou
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 from forked import Amrepro
-from helpers import all_runs, children_of, cli, copy_store, wait_for
+from helpers import all_runs, children_of, cli, copy_store, free_port, wait_for
 
 
 def _env(uri, **extra):
@@ -252,19 +251,13 @@ def test_immutable_sqlite_file_is_read_only_too(tiny_gpt2, tmp_path, monkeypatch
     assert all_runs(f"sqlite:///{db}") == []
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("uri,message", [
     ("sqlite:////no/such/dir/mlflow.db", "cannot use the MLflow tracking store at sqlite:////no/such/dir"),
     ("http://127.0.0.1:PORT", "cannot use the MLflow tracking store at http://127.0.0.1:"),
     ("foo://bar", "cannot use the MLflow tracking store at foo://bar"),
 ], ids=["missing-folder", "no-server", "garbage-scheme"])
 def test_unusable_stores_fail_fast_with_one_sentence(tiny_gpt2, tmp_path, monkeypatch, uri, message):
-    result, seconds = _bad_store_run(tiny_gpt2, uri.replace("PORT", str(_free_port())), tmp_path, monkeypatch)
+    result, seconds = _bad_store_run(tiny_gpt2, uri.replace("PORT", str(free_port())), tmp_path, monkeypatch)
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) <= 3

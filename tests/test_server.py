@@ -4,31 +4,21 @@ and `amrepro log FILE` logs them once the server is back."""
 
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
 from forked import Amrepro
-from helpers import all_runs, children_of, cli, copy_store, wait_for
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import all_runs, children_of, cli, copy_store, free_port, start_mlflow_server, wait_for
 
 
 class Server:
     """`mlflow server` on 127.0.0.1 over a sqlite store that survives restarts."""
 
     def __init__(self, folder: Path, template: Path):
-        self.folder, self.port = folder, _free_port()
+        self.folder, self.port = folder, free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc = None
         # the tables made already (each start of a server that makes them costs seconds); artifacts go through
@@ -36,27 +26,7 @@ class Server:
         copy_store(template, folder / "mlflow.db", artifacts="mlflow-artifacts:/0")
 
     def start(self):
-        mlflow = Path(sys.executable).with_name("mlflow")
-        # no job-execution runner: a third process importing MLflow at every start, for jobs these tests never run
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        with open(self.folder / "server.log", "a") as log:
-            self.proc = subprocess.Popen([str(mlflow), "server", "--backend-store-uri",
-                                          f"sqlite:///{self.folder}/mlflow.db", "--artifacts-destination",
-                                          str(self.folder / "artifacts"), "--host", "127.0.0.1",
-                                          "--port", str(self.port), "--workers", "1"],
-                                         cwd=self.folder, env=env, stdout=log, stderr=log,
-                                         start_new_session=True)  # its own process group: killed with its workers
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.uri}/health", timeout=2)
-                return
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.time() > deadline:
-                raise AssertionError(f"mlflow server did not start (exit code {self.proc.poll()}); its log:\n"
-                                     + (self.folder / "server.log").read_text()[-4000:])
-            time.sleep(0.2)
+        self.proc = start_mlflow_server(f"sqlite:///{self.folder}/mlflow.db", self.folder, self.port, timeout=120)
 
     def kill(self):
         os.killpg(self.proc.pid, signal.SIGKILL)

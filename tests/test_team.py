@@ -6,12 +6,8 @@ import json
 import os
 import pwd
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -19,16 +15,11 @@ from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
 from forked import Amrepro
+from helpers import free_port, start_mlflow_server
 
 PG = Path("/usr/lib/postgresql/15/bin")
 TARGETS = "blocks.4.hook_resid_pre[0:5],blocks.6.mlp.hook_post[random:3]"  # 8 targets on two sites
 RUNS, EPOCHS = 3, 10
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Postgres:
@@ -36,7 +27,7 @@ class Postgres:
 
     def __init__(self):
         self.folder = Path(tempfile.mkdtemp(prefix="amrepro-pg-"))
-        self.port = _free_port()
+        self.port = free_port()
         self.user = pwd.getpwnam("postgres") if os.getuid() == 0 else None
         if self.user:
             os.chown(self.folder, self.user.pw_uid, self.user.pw_gid)
@@ -84,23 +75,10 @@ def postgres():
 
 @pytest.fixture
 def server(postgres, tmp_path):
-    port = _free_port()
-    mlflow = Path(sys.executable).with_name("mlflow")
-    proc = subprocess.Popen([str(mlflow), "server", "--backend-store-uri", postgres.uri, "--artifacts-destination",
-                             str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"),
-                            start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
+    port = free_port()
+    proc = start_mlflow_server(postgres.uri, tmp_path, port)
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()[-3000:]
-                time.sleep(0.3)
-        yield uri
+        yield f"http://127.0.0.1:{port}"
     finally:
         os.killpg(proc.pid, 9)
         proc.wait()
