@@ -57,9 +57,7 @@ def run(config: Config, experiment: str | None = None):
         if busy:
             report.note(busy)
         env = {**environment(prep.lm.device), **prep.lm.fingerprint()}
-        parent = tracker.start_parent(config.to_params(), env, run_name=run_name(config))
-        experiment_id = tracker.write(tracker.client.get_run, parent).info.experiment_id
-        tracker.mark_experiment(experiment_id)
+        parent, experiment_id = tracker.start_top(config.to_params(), env, run_name=run_name(config))
         with report.epoch_progress(config.n_steps, config.runs) as on_epoch:
             outcome = execute(prep, on_epoch)
         # The science is done: from here on it is never lost. Saved before the first store call (a Ctrl-C here
@@ -121,11 +119,9 @@ def sweep(config: Config, spec: str, workers: int = 0, ray_address: str | None =
             if sweep_id is None:
                 raise AmreproError(f"sweep run {resume} is FINISHED (or deleted): every target was done.")
         else:
-            sweep_id = tracker.start_parent(sw.sweep_params(config, spec),
-                                            {**environment(lm.device), **lm.fingerprint(), "amrepro.kind": "sweep"},
-                                            run_name=f"sweep {run_name(config).rsplit(' ', 2)[0]} {spec} x{config.runs}")
-            experiment_id = tracker.write(tracker.client.get_run, sweep_id).info.experiment_id
-            tracker.mark_experiment(experiment_id)
+            sweep_id, experiment_id = tracker.start_top(
+                sw.sweep_params(config, spec), {**environment(lm.device), **lm.fingerprint(), "amrepro.kind": "sweep"},
+                run_name=f"sweep {run_name(config).rsplit(' ', 2)[0]} {spec} x{config.runs}")
         tracker.log_tags(sweep_id, {"amrepro.workers": str(workers), "amrepro.ray_address": ray_address or
                                     os.environ.get("RAY_ADDRESS", "local" if workers else "none")})
         done = {r.data.tags.get("amrepro.target") for r in tracker.sweep_parents(sweep_id, experiment_id)

@@ -76,11 +76,9 @@ def compare(config: Config, methods_text: str, corpus_path: str = "", experiment
             report.note(busy)
         env = {**environment(lm.device), **lm.fingerprint()}
         params = {k: v for k, v in config.to_params().items() if k != "method"}
-        top = tracker.start_parent({**params, "methods": ",".join(names), "corpus": corpus_path},
-                                   {**env, "amrepro.compare": ",".join(names)},
-                                   run_name=f"compare {','.join(names)}: {run_name(config)}")
-        experiment_id = tracker.write(tracker.client.get_run, top).info.experiment_id
-        tracker.mark_experiment(experiment_id)
+        top, experiment_id = tracker.start_top({**params, "methods": ",".join(names), "corpus": corpus_path},
+                                               {**env, "amrepro.compare": ",".join(names)},
+                                               run_name=f"compare {','.join(names)}: {run_name(config)}")
         causal = is_causal(lm)
         yard = None
         if windows is not None:

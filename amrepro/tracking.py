@@ -316,6 +316,14 @@ class Tracker:
         self.write(self._log, run_id, params=params, tags={**tags, **process_tags()})
         return run_id
 
+    def start_top(self, params: dict[str, str], tags: dict[str, str], run_name: str | None = None) -> tuple[str, str]:
+        """start_parent for a command's top run (run, sweep, compare): (run id, its experiment id), with the
+        experiment tagged as model training (mark_experiment)."""
+        run_id = self.start_parent(params, tags, run_name)
+        experiment_id = self.write(self.client.get_run, run_id).info.experiment_id
+        self.mark_experiment(experiment_id)
+        return run_id, experiment_id
+
     def start_child(self, parent_id: str, name: str, params: dict[str, str], experiment_id: str | None = None) -> str:
         """A child run with its params; inside batched(run) the params wait for the run's one log_batch."""
         experiment_id = experiment_id or self.client.get_run(parent_id).info.experiment_id
