@@ -255,11 +255,12 @@ def token_columns(outcome) -> dict[str, list]:
 
 def markdown_summary(outcome) -> str:
     """The parent run's description (tag mlflow.note.content, rendered as markdown on its page)."""
-    s, stats = outcome.summary, outcome.summary["statistics"]
-    lines = [f"**{outcome.config.model}**, `{outcome.target.name}`, {len(outcome.result.seeds)} seeds x "
-             f"{outcome.config.epochs} epochs", "", f"**Verdict.** {stats['verdict']}", "",
-             "| statistic | observed | chance: decoded starts | p | chance: uniform | p |", "|---|---|---|---|---|---|"]
+    c, stats = outcome.config, outcome.summary["statistics"]
     nulls = stats.get("nulls", {})
+    primary = nulls.get("decoded_starts", {}).get("name", "decoded random starts")  # the method's own starts
+    lines = [f"**{c.model}**, `{outcome.target.name}`, {len(outcome.result.seeds)} seeds x {c.n_steps} "
+             f"{'epochs' if c.method == 'adam' else c.method + ' steps'}", "", f"**Verdict.** {stats['verdict']}", "",
+             f"| statistic | observed | chance: {primary} | p | chance: uniform | p |", "|---|---|---|---|---|---|"]
     for key, label in (("n_unique", "unique tokens"), ("positional_agreement", "positional agreement"),
                        ("jaccard_mean", "Jaccard")):
         observed = {"n_unique": f"{stats['n_unique_tokens']}/{stats['n_tokens_total']}",

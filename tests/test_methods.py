@@ -110,6 +110,8 @@ def test_run_and_reproduce_a_discrete_method(tiny_gpt2, store, method):
     assert result.exit_code == 0, result.output
     (parent,) = [r for r in all_runs(store) if "mlflow.parentRunId" not in r.data.tags]
     assert parent.data.params["method"] == method
+    page = parent.data.tags["mlflow.note.content"]  # the parent's description names the method's budget and null
+    assert "2 seeds x 4 epo steps" in page and "chance: random start tokens" in page
     child = next(r for r in all_runs(store) if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id)
     from mlflow import MlflowClient
 
