@@ -18,7 +18,14 @@ def configure_determinism(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
-    torch.use_deterministic_algorithms(True)
+    # torch.use_deterministic_algorithms(True) also sets the flag of the inductor compiler, which it imports
+    # for that: ~1.5 s of every start, for a compiler amrepro never uses. The flag that eager kernels read is
+    # this one; the public call stays the fallback should a torch release drop it.
+    set_flag = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if set_flag is not None:
+        set_flag(True, warn_only=False)
+    else:
+        torch.use_deterministic_algorithms(True)
     # Deterministic mode also fills every fresh torch.empty with NaN, a debugging aid that costs ~10% of a
     # GPT-2 step here (thousands of extra fill kernels). No kernel of ours reads memory it did not write, so
     # results do not change (the bit-identity tests hold with it off).

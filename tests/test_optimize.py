@@ -54,11 +54,13 @@ def test_same_seed_twice_is_bit_identical(tiny_gpt2):
 
 
 def test_same_seed_in_separate_processes_is_bit_identical(tiny_gpt2, tmp_path):
-    """A fresh interpreter and this one (which has run other tests before) get the same bytes."""
+    """A fresh interpreter and this one (which has run other tests before) get the same bytes; the fresh one
+    runs in torch's deterministic mode, errors (not warnings) for nondeterministic kernels."""
     script = (
-        "import sys, numpy as np\n"
+        "import sys, numpy as np, torch\n"
         "from amrepro.config import Config\nfrom amrepro.experiment import execute, prepare\n"
         f"out = execute(prepare(Config(model={tiny_gpt2!r}, dim=3, device='cpu', runs=2, epochs=30, seed=7)))\n"
+        "assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()\n"
         "np.save(sys.argv[1], out.result.final.numpy())\n")
     path = tmp_path / "final.npy"
     subprocess.run([sys.executable, "-c", script, str(path)], check=True)
