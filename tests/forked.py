@@ -21,7 +21,12 @@ import subprocess
 import sys
 import tempfile
 
-PRELOAD = ["torch", "transformers", "mlflow", "matplotlib.pyplot", "numpy", "typer", "rich"]
+PRELOAD = ["torch", "transformers", "mlflow", "matplotlib.pyplot", "numpy", "typer", "rich",
+           # what `amrepro run` imports late, inside functions (`python -X importtime`): ~3 s of each child
+           "transformers.modeling_layers", "transformers.activations", "transformers.masking_utils",
+           "transformers.models.auto.auto_factory", "transformers.models.gpt2.modeling_gpt2",
+           "transformers.tokenization_utils_base", "transformers.tokenization_utils_tokenizers",
+           "mlflow.store.tracking.sqlalchemy_store", "sqlalchemy.dialects.sqlite", "alembic.command", "alembic.config"]
 _context = None
 
 
