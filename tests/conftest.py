@@ -13,12 +13,8 @@ os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["MKL_NUM_THREADS"] = "1"
 os.environ.setdefault("DO_NOT_TRACK", "true")  # no MLflow telemetry threads (kept by subprocesses' env filters)
 
-import torch  # noqa: E402
-
-from helpers import copy_store  # noqa: E402
-from tiny import write_tiny_gpt2  # noqa: E402
-
-torch.set_num_threads(1)
+# Nothing heavy at import: with xdist, the controller process imports this file only for its hooks, and torch
+# or MLflow here would delay every worker's start by their import time (~4 s). Fixtures import what they use.
 
 
 # Files whose tests wait on other processes (servers, subprocesses) or on one long conversion run first, so that
@@ -34,6 +30,8 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Every test starts with one torch thread, whatever an earlier test set."""
+    import torch
+
     torch.set_num_threads(1)
     yield
 
@@ -41,6 +39,8 @@ def _one_thread():
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory) -> str:
     """A 10-layer, d_model 32 random GPT-2 with a 300-token byte-level BPE tokenizer, saved to disk."""
+    from tiny import write_tiny_gpt2
+
     return str(write_tiny_gpt2(tmp_path_factory.mktemp("models") / "tiny-gpt2"))
 
 
@@ -60,6 +60,8 @@ def empty_store_db(tmp_path_factory) -> Path:
 @pytest.fixture
 def store(tmp_path, monkeypatch, empty_store_db) -> str:
     """A fresh sqlite tracking store (and artifact folder) for one test: tables made, no run yet."""
+    from helpers import copy_store
+
     uri = copy_store(empty_store_db, tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)  # ./mlruns artifacts land in the temp folder
@@ -92,6 +94,8 @@ def smol(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AMREPRO_CACHE", str(root))
         notes = []
+        import torch
+
         from amrepro.model import load_model
 
         lm = load_model(smollm2_gguf(), torch.device("cpu"), note=notes.append)
