@@ -53,44 +53,45 @@ def _amrepro(server, cwd, *args, **env):
 
 
 def test_server_killed_mid_run_back_or_gone(server, tiny_gpt2, tmp_path, monkeypatch):
-    args = ("run", "--model", tiny_gpt2, "--runs", "2", "--epochs", "600", "--dim", "3")
-
-    # (a) killed during the optimization and back at once: within the retry window, nothing is lost (the
-    # optimization may end before the server is back: logging then waits in MLflow's retries)
-    proc = _amrepro(server, tmp_path, *args[:-3], "150", "--dim", "3", MLFLOW_HTTP_REQUEST_MAX_RETRIES="5",
-                    MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")  # window 0+2+4+8+16 s
-    first = wait_for(lambda: [r for r in all_runs(server.uri) if "mlflow.parentRunId" not in r.data.tags], proc,
-                     what="the parent run")[0]
+    """One kill of the server, two runs that see it: `back` retries long enough to see it come back, `gone`
+    gives up first (the server is restarted only once `gone` has ended), so each server start serves both."""
+    args = ("run", "--model", tiny_gpt2, "--runs", "2", "--dim", "3")
+    # back: within its retry window (0+2+4+...+32 s) nothing is lost (its optimization may end while the server
+    # is down: logging then waits in MLflow's retries)
+    back = _amrepro(server, tmp_path, *args, "--epochs", "150", MLFLOW_HTTP_REQUEST_MAX_RETRIES="6",
+                    MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")
+    # gone: killed during its 600 epochs and left down for it: bounded (0+2 s window), one sentence naming the
+    # outcome file, and `amrepro log` logs the file once the server is back
+    gone = _amrepro(server, tmp_path, *args, "--epochs", "600", MLFLOW_HTTP_REQUEST_MAX_RETRIES="2",
+                    MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
+    parents = wait_for(lambda: [r for r in all_runs(server.uri) if "mlflow.parentRunId" not in r.data.tags][1:] and
+                       {r.data.params.get("epochs"): r for r in all_runs(server.uri)
+                        if "mlflow.parentRunId" not in r.data.tags}, gone, what="both parent runs")
+    time.sleep(1.0)  # past the parents' tags, into the optimization
     server.kill()
+    killed_at = time.time()
+    _, err = gone.communicate(timeout=300)
+    assert gone.returncode == 3, err
+    assert time.time() - killed_at < 90  # the 600 epochs, then a 0+2 s retry window: not MLflow's minutes
+    second = parents["600"]
+    path = tmp_path / "amrepro-outcomes" / f"{second.info.run_id}.npz"
+    flat = err.replace("\n", " ")
+    assert f"the MLflow tracking server at {server.uri} did not answer for" in flat
+    assert f"`amrepro log amrepro-outcomes/{path.name}`" in flat and "Traceback" not in err
+    assert path.is_file()
+
     server.start()
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err
+    _, err = back.communicate(timeout=300)
+    assert back.returncode == 0, err
     client = MlflowClient(server.uri)
+    first = parents["150"]
     children = children_of(server.uri, first.info.run_id)
     assert client.get_run(first.info.run_id).info.status == "FINISHED"
     assert [c.info.status for c in children] == ["FINISHED", "FINISHED"]
     assert len(client.get_metric_history(children[0].info.run_id, "loss/total")) == 150
-    assert not list((tmp_path / "amrepro-outcomes").glob("*.npz"))
+    assert not (tmp_path / "amrepro-outcomes" / f"{first.info.run_id}.npz").exists()  # logged: no outcome file
 
-    # (b) killed and left down: bounded, one sentence naming the outcome file; `amrepro log` once it is back
-    proc = _amrepro(server, tmp_path, *args, MLFLOW_HTTP_REQUEST_MAX_RETRIES="2",
-                    MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
-    wait_for(lambda: len(all_runs(server.uri)) >= 4, proc, what="the second parent run")
-    second = [r for r in all_runs(server.uri) if r.info.run_id != first.info.run_id
-              and "mlflow.parentRunId" not in r.data.tags][0]
-    time.sleep(1.0)  # past the parent's tags, into the optimization
-    server.kill()
-    killed_at = time.time()
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 3, err
-    assert time.time() - killed_at < 90  # the 600 epochs, then a 0+2 s retry window: not MLflow's minutes
-    (path,) = (tmp_path / "amrepro-outcomes").glob("*.npz")
-    flat = err.replace("\n", " ")
-    assert f"the MLflow tracking server at {server.uri} did not answer for" in flat
-    assert f"`amrepro log amrepro-outcomes/{path.name}`" in flat and "Traceback" not in err
-    assert path.stem == second.info.run_id
-
-    server.start()  # `amrepro log` in this process: what is tested here is the file, not a separate process
+    # `amrepro log` in this process: what is tested here is the file, not a separate process
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
     monkeypatch.chdir(tmp_path)
     result = cli("log", f"amrepro-outcomes/{path.name}")
@@ -98,5 +99,5 @@ def test_server_killed_mid_run_back_or_gone(server, tiny_gpt2, tmp_path, monkeyp
     assert not path.exists()
     runs = all_runs(server.uri)
     assert not any(r.info.status == "RUNNING" for r in runs)
-    assert MlflowClient(server.uri).get_run(second.info.run_id).info.status == "FINISHED"
+    assert client.get_run(second.info.run_id).info.status == "FINISHED"
     assert [c.info.status for c in children_of(server.uri, second.info.run_id)] == ["FINISHED", "FINISHED"]
