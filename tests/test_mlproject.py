@@ -80,5 +80,7 @@ def test_mlflow_run_local_env_end_to_end(tiny_gpt2, tmp_path, monkeypatch, empty
     assert parent.data.params["target"] == "''"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    # the run was made by a fresh interpreter (mlflow run's subprocess), the reproduction by this one, which has
+    # run other tests before: still the same bytes
     result = cli("reproduce", parent.info.run_id)
     assert result.exit_code == 0 and "reproduced: bit-identical" in result.output, result.output
