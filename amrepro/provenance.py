@@ -15,9 +15,9 @@ import torch
 _ROOT = Path(__file__).resolve().parent.parent
 
 
-def _git(*args: str) -> str:
+def _git(*args: str, cwd: Path | str = _ROOT) -> str:
     try:
-        out = subprocess.run(["git", *args], cwd=_ROOT, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
         return out.stdout.strip() if out.returncode == 0 else ""
     except (OSError, subprocess.SubprocessError):
         return ""
@@ -67,7 +67,7 @@ def environment(device: torch.device) -> dict[str, str]:
 def pip_freeze() -> bytes:
     """The lines `pip freeze` writes for this interpreter's packages, read from their metadata in this process
     (a `pip freeze` subprocess cost ~0.5 s of CPU in every run): `name==version`, sorted by name; an editable
-    install as `-e PATH` under a comment with its version; one installed from a URL or file as `name @ URL`.
+    install as its git remote and commit (or its folder); one installed from a URL or file as `name @ URL`.
     Like pip freeze, pip itself is left out, and setuptools, wheel and distribute below Python 3.12."""
     import json
     from urllib.parse import unquote, urlparse
@@ -89,8 +89,7 @@ def pip_freeze() -> bytes:
             direct = {}
         url = direct.get("url", "")
         if direct.get("dir_info", {}).get("editable"):
-            path = unquote(urlparse(url).path) if url.startswith("file:") else url
-            line = f"# Editable install ({name}=={dist.version})\n-e {path}"
+            line = _editable_line(name, dist.version, unquote(urlparse(url).path) if url.startswith("file:") else url)
         elif "vcs_info" in direct:
             vcs = direct["vcs_info"]
             line = f"{name} @ {vcs.get('vcs', 'git')}+{url}@{vcs.get('commit_id', '')}"
@@ -98,6 +97,31 @@ def pip_freeze() -> bytes:
             line = f"{name} @ {url}"
         lines[key] = (name, line)
     return "".join(f"{line}\n" for name, line in sorted(lines.values(), key=lambda n: n[0].lower())).encode()
+
+
+def _editable_line(name: str, version: str, path: str) -> str:
+    """pip freeze's line for an editable install: `-e git+REMOTE@COMMIT#egg=NAME` in a git checkout with a
+    remote (installable elsewhere), else the folder under a comment that says why."""
+    commit = _git("rev-parse", "HEAD", cwd=path) if os.path.isdir(path) else ""
+    if not commit:
+        return f"# Editable install with no version control ({name}=={version})\n-e {path}"
+    remotes = dict(line.split(" ", 1) for line in _git("config", "--get-regexp", r"remote\..*\.url", cwd=path)
+                   .splitlines() if " " in line)
+    remote = remotes.get("remote.origin.url") or next(iter(remotes.values()), "")
+    if not remote:
+        return f"# Editable Git install with no remote ({name}=={version})\n-e {path}"
+    scp = re.match(r"^(\w+@)?([^/:]+):(\w[^:]*)$", remote)  # git@host:owner/repo, as pip rewrites it
+    if re.match(r"^\w+://", remote):
+        url = remote
+    elif os.path.exists(remote):
+        url = Path(remote).absolute().as_uri()
+    elif scp:
+        url = f"ssh://{scp.group(1) or ''}{scp.group(2)}/{scp.group(3)}"
+    else:
+        return f"# Editable Git install with an invalid remote {remote!r} ({name}=={version})\n-e {path}"
+    top = _git("rev-parse", "--show-toplevel", cwd=path)
+    sub = os.path.relpath(path, top) if top else "."
+    return f"-e git+{url}@{commit}#egg={name.replace('-', '_')}" + (f"&subdirectory={sub}" if sub != "." else "")
 
 
 def busy_cores_note() -> str | None:
