@@ -9,8 +9,10 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 _ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,6 +46,8 @@ def cpu_name() -> str:
 
 def environment(device: torch.device) -> dict[str, str]:
     """Tags `env.*` for the parent run."""
+    import torch  # here, not at the top: pip_freeze and cpu_name need no torch
+
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     commit = _git("rev-parse", "HEAD")
     return {
@@ -127,7 +131,7 @@ def _editable_line(name: str, version: str, path: str) -> str:
 def busy_cores_note() -> str | None:
     """A warning when other processes already keep the cores busy: torch's threads then spin against them
     (measured in the README: 8 concurrent runs on 2 cores took 16x longer with default threads than with one)."""
-    import os
+    import torch
 
     cores = os.cpu_count() or 1
     threads = torch.get_num_threads()

@@ -6,7 +6,7 @@ from a multiprocessing fork server that imported those libraries once per test w
 own process (own pid, signals, stdio, environment and working directory); what it skips is the interpreter's
 start-up. amrepro itself is imported fresh in the child, after its environment is set, as in a real start
 (amrepro.tracking reads the environment at import). Tests about start-up itself (`--help` and a bad run id
-not importing torch, `mlflow run`, a store that is down) keep using real subprocesses.
+not importing torch, `mlflow run`) keep using real subprocesses.
 
 This module imports only the standard library: the child unpickles its target from here before it has its
 environment.

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
+from forked import Amrepro
 from helpers import all_runs, children_of, cli
 
 
@@ -130,11 +131,11 @@ def test_bad_input_under_mlflow_run_marks_its_run_failed(tiny_gpt2, store, monke
 
 def test_store_that_is_down_fails_fast_with_one_sentence(tiny_gpt2, tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "amrepro", "run", "--model", tiny_gpt2, "--epochs", "2"],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    proc = Amrepro(["run", "--model", tiny_gpt2, "--epochs", "2"], env, tmp_path)  # its own process (forked.py)
+    out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2
-    assert "cannot use the MLflow tracking store at http://127.0.0.1:9" in proc.stderr
-    assert "Traceback" not in proc.stderr + proc.stdout
+    assert "cannot use the MLflow tracking store at http://127.0.0.1:9" in err
+    assert "Traceback" not in err + out
 
 
 def test_offline_error_names_the_option_the_user_typed(store, monkeypatch):
