@@ -17,9 +17,11 @@ os.environ.setdefault("DO_NOT_TRACK", "true")  # no MLflow telemetry threads (ke
 # or MLflow here would delay every worker's start by their import time (~4 s). Fixtures import what they use.
 
 
-# Files whose tests wait on other processes (servers, subprocesses) or on one long conversion run first, so that
-# the other worker fills the suite's tail with short tests instead of one worker finishing alone.
-EARLY = ("test_team.py", "test_server.py", "test_llama.py", "test_compare.py", "test_faults.py", "test_reproduce.py", "test_mlproject.py")
+# Files whose tests wait on other processes (servers, subprocesses), run one long conversion or long end-to-end
+# sweeps run first, so that the other worker fills the suite's tail with short tests instead of one worker
+# finishing alone.
+EARLY = ("test_team.py", "test_server.py", "test_llama.py", "test_compare.py", "test_faults.py", "test_reproduce.py",
+         "test_mlproject.py", "test_sweep.py")
 
 
 def pytest_collection_modifyitems(items):
