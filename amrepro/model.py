@@ -232,16 +232,16 @@ def _gguf_parsed_once():
 
     import gguf
 
-    originals = {name: getattr(gguf, name, None) for name in ("GGUFReader", "get_tensor_name_map")}
+    # transformers imports both by name from gguf inside its functions, so replacing the module's attributes is
+    # enough; a gguf release without one of them keeps the rest
+    originals = {name: getattr(gguf, name) for name in ("GGUFReader", "get_tensor_name_map") if hasattr(gguf, name)}
     try:
         for name, original in originals.items():
-            if original is not None:  # transformers imports both by name from gguf inside its functions
-                setattr(gguf, name, functools.lru_cache(maxsize=None)(original))
+            setattr(gguf, name, functools.lru_cache(maxsize=None)(original))
         yield
     finally:
         for name, original in originals.items():
-            if original is not None:
-                setattr(gguf, name, original)
+            setattr(gguf, name, original)
 
 
 def write_atomically(folder: Path, write: Callable[[Path], object]) -> None:

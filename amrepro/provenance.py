@@ -79,7 +79,8 @@ def pip_freeze() -> bytes:
     skip = {"pip"} | ({"setuptools", "wheel", "distribute"} if sys.version_info < (3, 12) else set())
     # the installed packages, in sys.path order (the first of a name is the one imported), without the current
     # folder that `python -c`/`-m` put first: a source checkout there has an .egg-info, not an installation
-    paths = [p for p in sys.path if p and os.path.abspath(p) != os.getcwd()]
+    here = os.getcwd()
+    paths = [p for p in sys.path if p and os.path.abspath(p) != here]
     lines: dict[str, tuple[str, str]] = {}  # canonical name -> (name, line)
     for dist in importlib.metadata.distributions(path=paths):
         name = dist.metadata["Name"] or ""

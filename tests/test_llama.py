@@ -6,7 +6,6 @@ The GGUF tests share one converted cache (session fixture): the ~15 s conversion
 
 import hashlib
 import os
-import importlib.util
 from pathlib import Path
 
 import pytest
