@@ -65,9 +65,9 @@ def test_server_killed_mid_run_back_or_gone(server, tiny_gpt2, tmp_path, monkeyp
     gone = _amrepro(server, tmp_path, *args, "--epochs", "600", MLFLOW_HTTP_REQUEST_MAX_RETRIES="2",
                     MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
 
-    def parents_by_epochs():  # {"150": back's parent, "600": gone's parent} once both exist (one query per poll)
+    def parents_by_epochs():  # {"150": back's parent, "600": gone's parent} once both have their params
         found = {r.data.params.get("epochs"): r for r in all_runs(server.uri) if "mlflow.parentRunId" not in r.data.tags}
-        return found if len(found) == 2 else None
+        return found if {"150", "600"} <= found.keys() else None  # a parent just created has no params yet
 
     parents = wait_for(parents_by_epochs, gone, what="both parent runs")
     time.sleep(1.0)  # past the parents' tags, into the optimization
