@@ -1,5 +1,5 @@
-"""Knowledge written once: the CLI, MLproject and the README are checked against Config and the code, so they
-cannot drift apart silently."""
+"""Knowledge written once: the CLI, MLproject and the documentation (README.md and the docs/ pages it links) are
+checked against Config and the code, so they cannot drift apart silently; every relative link resolves."""
 
 import dataclasses
 import re
@@ -11,7 +11,8 @@ from amrepro.cli import app
 from amrepro.config import Config, help_for
 
 ROOT = Path(__file__).resolve().parent.parent
-README = (ROOT / "README.md").read_text()
+PARAMETERS = (ROOT / "docs" / "parameters.md").read_text()  # the parameter table's page
+MLFLOW_PAGE = (ROOT / "docs" / "mlflow.md").read_text()  # the MLflow layout's page
 
 
 def _run_options() -> dict:
@@ -31,26 +32,85 @@ def test_every_config_field_is_a_run_option_with_its_default_and_help():
     assert extra <= {"experiment"}, f"options that bypass Config: {extra}"
 
 
-def _table_after(heading: str) -> str:
-    section = README.split(heading, 1)[1]
+def _table_after(page: str, heading: str) -> str:
+    section = page.split(heading, 1)[1]
     return "\n".join(line for line in section.split("\n\n", 2)[1].splitlines() if line.startswith("|"))
 
 
-def test_readme_parameter_table_lists_every_config_field_and_nothing_else():
-    table = _table_after("### Parameters")
+def test_parameter_table_lists_every_config_field_and_nothing_else():
+    table = _table_after(PARAMETERS, "## Parameters")
     names = set()
     for line in table.splitlines()[2:]:
         names |= set(re.findall(r"`([a-z_0-9]+)`", line.split("|")[1]))
     assert names == {f.name for f in dataclasses.fields(Config)}
     for field in dataclasses.fields(Config):  # the CLI spelling is shown where it differs
         if "_" in field.name:
-            assert f"--{field.name.replace('_', '-')}" in README
+            assert f"--{field.name.replace('_', '-')}" in PARAMETERS
 
 
-def test_readme_lists_every_env_tag_the_code_records():
+def test_mlflow_page_lists_every_env_tag_the_code_records():
     import torch
 
     from amrepro.provenance import environment
 
-    documented = set(re.findall(r"`(env\.[a-z_]+)`", README))
+    documented = set(re.findall(r"`(env\.[a-z_]+)`", MLFLOW_PAGE))
     assert documented == set(environment(torch.device("cpu")))
+
+
+# --- links: every relative link of the README and the docs/ pages resolves ----------------------------------
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")  # [text](target) and ![alt](target)
+
+
+def _outside_fences(text: str) -> str:
+    """The text without fenced code blocks: a `# comment` in a bash block is not a heading."""
+    return re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+
+
+def _links(text: str) -> list[str]:
+    return LINK.findall(re.sub(r"`[^`\n]*`", "", _outside_fences(text)))  # inline code holds no links
+
+
+def _anchors(text: str) -> set[str]:
+    """GitHub's heading anchors: lowercase, punctuation dropped, spaces to '-', repeats numbered -1, -2, ..."""
+    anchors, count = set(), {}
+    for line in _outside_fences(text).splitlines():
+        heading = re.match(r"#{1,6} +(.+?) *$", line)
+        if heading:
+            slug = re.sub(r"[^\w\- ]", "", heading.group(1).lower()).replace(" ", "-")
+            anchors.add(f"{slug}-{count[slug]}" if slug in count else slug)
+            count[slug] = count.get(slug, 0) + 1
+    return anchors
+
+
+def broken_links(page: Path) -> list[str]:
+    broken = []
+    for link in _links(page.read_text()):
+        if re.match(r"[a-z]+:", link):  # http(s), mailto: not checked here (no network in the suite)
+            continue
+        path, _, anchor = link.partition("#")
+        target = (page.parent / path).resolve() if path else page
+        if not target.is_file():
+            broken.append(f"{link}: no file {target}")
+        elif anchor and target.suffix == ".md" and anchor not in _anchors(target.read_text()):
+            broken.append(f"{link}: no heading with anchor #{anchor} in {target.name}")
+    return broken
+
+
+def test_every_relative_link_and_image_resolves():
+    assert len(PAGES) > 1 and sum(len(_links(p.read_text())) for p in PAGES) > 20  # the pages and their links exist
+    broken = {p.name: b for p in PAGES if (b := broken_links(p))}
+    assert not broken, broken
+
+
+def test_the_link_check_catches_a_broken_file_and_a_broken_anchor(tmp_path):
+    (tmp_path / "b.md").write_text("# Chance levels and the reference's 48/50\n\n## `--threads`: one\n\n## Tests\n\n## Tests\n")
+    page = tmp_path / "a.md"
+    page.write_text("[ok](b.md#chance-levels-and-the-references-4850) [ok](b.md#--threads-one) [ok](b.md#tests-1) ![ok](b.md)\n"
+                    "`[code](nowhere.md)`\n```\n[code](nowhere.md)\n```\n[bad](c.md) [bad](b.md#no-such) ![bad](x.png)\n")
+    assert [b.split(":")[0] for b in broken_links(page)] == ["c.md", "b.md#no-such", "x.png"]
+
+
+def test_every_docs_page_is_one_link_away_from_the_readme():
+    linked = {(ROOT / link.partition("#")[0]).resolve() for link in _links((ROOT / "README.md").read_text())}
+    assert {p.resolve() for p in PAGES[1:]} <= linked, "docs/ pages the README does not link"
