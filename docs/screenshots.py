@@ -1,5 +1,6 @@
-"""Regenerate the README's screenshots of the MLflow UI: docs/ui_runs.png, ui_parent.png, ui_charts.png, ui_table.png
-(`amrepro run`), docs/ui_sweep_*.png (`--command sweep`) and docs/ui_compare_*.png (`--command compare`).
+"""Regenerate the screenshots of the MLflow UI in README.md and docs/: docs/ui_runs.png, ui_parent.png, ui_charts.png,
+ui_table.png (`amrepro run`; README), docs/ui_sweep_*.png (`--command sweep`; docs/sweeps.md) and docs/ui_compare_*.png
+(`--command compare`; docs/methods.md).
 
 It runs `amrepro run` (or `sweep`, `compare`) into a fresh temporary MLflow store, serves that store with
 `mlflow server` on 127.0.0.1 (a free port), and photographs these views with headless Chromium driven by selenium:

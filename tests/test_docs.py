@@ -104,10 +104,13 @@ def test_every_relative_link_and_image_resolves():
 
 
 def test_the_link_check_catches_a_broken_file_and_a_broken_anchor(tmp_path):
-    (tmp_path / "b.md").write_text("# Chance levels and the reference's 48/50\n\n## `--threads`: one\n\n## Tests\n\n## Tests\n")
+    (tmp_path / "b.md").write_text("# Chance levels and the reference's 48/50\n\n## `--threads`: one\n\n"
+                                   "## Tests\n\n## Tests\n")
     page = tmp_path / "a.md"
-    page.write_text("[ok](b.md#chance-levels-and-the-references-4850) [ok](b.md#--threads-one) [ok](b.md#tests-1) ![ok](b.md)\n"
-                    "`[code](nowhere.md)`\n```\n[code](nowhere.md)\n```\n[bad](c.md) [bad](b.md#no-such) ![bad](x.png)\n")
+    page.write_text("[ok](b.md#chance-levels-and-the-references-4850) [ok](b.md#--threads-one)\n"
+                    "[ok](b.md#tests-1) ![ok](b.md)\n"  # a repeated heading's anchor is numbered
+                    "`[code](nowhere.md)`\n```\n[code](nowhere.md)\n```\n"  # code is not checked
+                    "[bad](c.md) [bad](b.md#no-such) ![bad](x.png)\n")
     assert [b.split(":")[0] for b in broken_links(page)] == ["c.md", "b.md#no-such", "x.png"]
 
 
