@@ -117,3 +117,28 @@ def test_the_link_check_catches_a_broken_file_and_a_broken_anchor(tmp_path):
 def test_every_docs_page_is_one_link_away_from_the_readme():
     linked = {(ROOT / link.partition("#")[0]).resolve() for link in _links((ROOT / "README.md").read_text())}
     assert {p.resolve() for p in PAGES[1:]} <= linked, "docs/ pages the README does not link"
+
+
+def _expand_braces(name: str) -> set[str]:
+    """`stats/{final,decoded}_activation_{mean,max}` -> the four names it stands for."""
+    match = re.search(r"\{([^{}]+)\}", name)
+    if not match:
+        return {name}
+    return {n for part in match.group(1).split(",")
+            for n in _expand_braces(name[:match.start()] + part + name[match.end():])}
+
+
+def test_mlflow_page_lists_every_stats_metric_a_parent_logs():
+    import numpy as np
+
+    from amrepro.metrics import reproducibility_stats
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 50, size=(3, 2))  # [runs, pos]
+    stats = reproducibility_stats(ids, rng.normal(size=(3, 2, 4)), [3.0, 2.0, 1.0], [1.0, 1.0, 0.5],
+                                  np.full((3, 2), 0.5), ids, 50, n_boot=5, start_pool=rng.integers(0, 50, 64),
+                                  activation=rng.normal(size=(20, 3)).cumsum(axis=0), n_null=5)
+    logged = {k for k in stats["metrics"] if k.startswith("stats/")}
+    documented = set().union(*(_expand_braces(n) for n in re.findall(r"`(stats/[^`]+)`", MLFLOW_PAGE)))
+    assert logged - documented == set(), "stats/ metrics missing from docs/mlflow.md"
+    assert documented - logged - {"stats/*"} == set(), "docs/mlflow.md names stats/ metrics that are not logged"
