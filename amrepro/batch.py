@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from . import methods, nulls
+from . import features, methods, nulls
 from .config import AmreproError, Config
 from .experiment import Outcome, Prepared, _controls, check_memory, optimize_rows, outcome_of
 from .model import LoadedModel
@@ -29,16 +29,18 @@ def prepare_many(config: Config, targets: list[Target], lm: LoadedModel) -> list
     config.validate()
     if not targets:
         return []
-    sites = {(t.block, t.site) for t in targets}
+    sites = {t.batch_key for t in targets}  # one site (and one SAE or direction file)
     if len(sites) > 1:
         raise AmreproError(f"one batch reads one site, got {len(sites)}: "
-                           f"{', '.join(f'blocks.{b}.{s}' for b, s in sorted(sites))}.")
+                           f"{', '.join(sorted({t.prefix for t in targets}))}.")
     check_positions(lm, config.n_tokens)
     methods.check(config, lm)  # e.g. epo refuses an encoder
     width = site_width(lm, targets[0])
     preps = []
     for target in targets:
         check_target(target, lm.n_layers, width)
+        if target.source:  # its file (a direction, an SAE and its latent) against the site, before anything runs
+            features.readout([target], width)
         one = dataclasses.replace(config, target=target.name)
         preps.append(Prepared(one, lm, target, reader=None, controls=_controls(one, lm, target)))
     rows = sum(config.runs * (1 + len(p.controls)) for p in preps)
@@ -56,7 +58,7 @@ def execute_many(preps: list[Prepared], on_epoch: Callable[[int], None] | None =
     c, lm = preps[0].config, preps[0].lm
     # row block of target t: its own runs, then each of its controls' runs (experiment.prepare's order)
     blocks = [(p.target, *p.controls) for p in preps]
-    index = [t.index for block in blocks for t in block for _ in range(c.runs)]  # [rows]
+    index = [t for block in blocks for t in block for _ in range(c.runs)]  # [rows] targets
     seeds = c.seeds * (len(index) // c.runs)  # every target (and control) from the same seeds
     with site_reader(lm, preps[0].target, index=index) as reader:
         result, ids, cosine, decoded = optimize_rows(lm, reader, seeds, c, on_epoch)
@@ -71,11 +73,10 @@ def execute_many(preps: list[Prepared], on_epoch: Callable[[int], None] | None =
 def batch_tag(preps: list[Prepared]) -> str:
     """The targets of one batch, recorded on each of its target parents so that `amrepro reproduce` can re-run the
     same batch (a batch of other shape rounds differently): 'blocks.B.SITE:i,j,k' (one site per batch)."""
-    first = preps[0].target
-    return f"blocks.{first.block}.{first.site}:" + ",".join(str(p.target.index) for p in preps)
+    return f"{preps[0].target.prefix}:" + ",".join(str(p.target.index) for p in preps)
 
 
 def batch_targets(tag: str) -> list[Target]:
     """The targets of a batch_tag, in batch order."""
     site, indices = tag.rsplit(":", 1)
-    return [Target.parse(f"{site}[{i}]") for i in indices.split(",")]
+    return [Target.from_prefix(site, int(i)) for i in indices.split(",")]

@@ -393,14 +393,16 @@ def _seed_color(r: int, runs: int) -> str:
 
 
 def log_parent(tracker: Tracker, run_id: str, outcome: Outcome, frozen: bytes | None = None) -> None:
-    from . import figures
+    from . import features, figures
     from .provenance import pip_freeze
     from .specificity import specificity_words
 
     s = outcome.summary
     counts = {"runs/diverged": len(outcome.diverged), "runs/ok": s["n_runs_ok"]}
     tracker.log_artifacts(run_id, {"summary.json": json_bytes(s),
-                                   "environment/pip-freeze.txt": frozen if frozen is not None else pip_freeze()})
+                                   "environment/pip-freeze.txt": frozen if frozen is not None else pip_freeze(),
+                                   **features.file_artifacts(outcome.target)})  # a direction's .npy, a small SAE
+    tracker.log_tags(run_id, features.file_tags(outcome.target))  # the target file's sha256 and path, if any
     if s["statistics"] is None:  # every run diverged: no statistic exists, and none is logged
         tracker.log_metrics(run_id, counts)
         tracker.log_tags(run_id, {"verdict": f"no result: all {len(outcome.diverged)} runs diverged"})
@@ -466,6 +468,7 @@ def reproduce(run_id: str, device: str | None = None, tolerance: float = 1e-4) -
     parent, selected = reader.family(run_id)  # a bad id is answered before torch is imported
     if reader.note:
         report.errors.print(f"note: {reader.note}", soft_wrap=True, markup=False)
+    from . import features
     from .experiment import prepare
     from .provenance import environment
     from .tracking import BATCH_TAG
@@ -480,6 +483,7 @@ def reproduce(run_id: str, device: str | None = None, tolerance: float = 1e-4) -
     tracker = Tracker()
     with _saying_what_was_saved(tracker), tracker:
         prep = prepare(config, note=report.note)
+        features.check_unchanged(prep.target, parent.data.tags)  # the same direction or SAE file, or no rerun
         env_now = {**environment(prep.lm.device), **prep.lm.fingerprint()}
         weights = (parent.data.tags.get("model.weights_sha256"), env_now["model.weights_sha256"])
         differences = {k: (logged_env.get(k, "?"), env_now[k]) for k in _NUMERIC_ENV if logged_env.get(k) != env_now[k]}

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import methods, metrics, nulls
+from . import features, methods, metrics, nulls
 from .config import AmreproError, Config
 from .decode import nearest_tokens, token_activation
 from .model import LoadedModel, load_model, resolve_device
@@ -70,7 +70,7 @@ def prepare(config: Config, lm: LoadedModel | None = None, note: Callable[[str],
     controls = _controls(config, lm, target)
     check_memory(lm, target, config, rows=config.runs * (1 + len(controls)))
     # row t * runs + r reads target t (0: the user's) from seed r
-    index = [t.index for t in (target, *controls) for _ in range(config.runs)] if controls else None
+    index = [t for t in (target, *controls) for _ in range(config.runs)] if controls else None
     return Prepared(config, lm, target, site_reader(lm, target, index=index), controls)
 
 
@@ -80,6 +80,8 @@ def _controls(config: Config, lm: LoadedModel, target: Target) -> tuple[Target, 
         return ()
     width = site_width(lm, target)
     check_target(target, lm.n_layers, width)
+    if target.source:  # other latents of the SAE, or random unit directions (features.py)
+        return features.controls(target, config.controls, config.seed, width)
     picked = choose_controls(target.index, width, config.controls, config.seed, f"blocks.{target.block}.{target.site}")
     return tuple(Target(target.block, target.site, i) for i in picked)
 

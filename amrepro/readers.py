@@ -9,6 +9,10 @@ blocks the target needs. Used as context managers, so no hook outlives a run.
 Both take an optional per-row `index` (a LongTensor [rows]): row r then reads index[r] of the target's site and
 block, so one batch optimizes several targets of a site (--controls; tests/test_controls.py pins each row to a
 reader of that index alone). Without it every row reads target.index, exactly as before.
+
+FeatureReader reads a feature of the site (a direction, an SAE latent: features.py) through HookedReader's whole
+site; its per-row targets are given as Targets (one SAE, or directions), and its `index` is then each row's row
+of its Readout, so that methods can select rows for their candidates (FeatureReader.select).
 """
 
 from __future__ import annotations
@@ -92,6 +96,24 @@ class HookedReader:
         return site.gather(-1, self.index.view(-1, 1, 1).expand(*site.shape[:2], 1)).squeeze(-1)  # [runs, pos]
 
 
+class FeatureReader(HookedReader):
+    """x [runs, pos, d_model] -> the feature's activation [runs, pos] (features.Readout of the site's vector)."""
+
+    def __init__(self, lm: LoadedModel, target: Target, readout, per_row: bool):
+        super().__init__(lm, target)
+        self.readout = readout.to(lm.device)
+        # per-row: row r reads readout row r (the methods repeat or slice these for their candidates)
+        self.index = torch.arange(readout.W.shape[0], device=lm.device) if per_row else None  # [rows] or None
+
+    def select(self, rows: torch.Tensor) -> "FeatureReader":
+        """A reader whose row j reads this reader's row rows[j] (rows [n])."""
+        return FeatureReader(self.lm, self.target, self.readout.select(rows), per_row=True)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        site = self.read_site(x)  # [runs, pos, width]
+        return self.readout(site, self.index)  # [runs, pos]
+
+
 def site_width(lm: LoadedModel, target: Target) -> int:
     """How many dimensions the target's site has (d_model, d_mlp, ...): one tiny forward, any architecture."""
     with HookedReader(lm, target) as probe:
@@ -101,9 +123,16 @@ def site_width(lm: LoadedModel, target: Target) -> int:
 def site_reader(lm: LoadedModel, target: Target, fast: bool = True,
                 index: torch.Tensor | Sequence[int] | None = None):
     """The fastest reader that supports this model and target (validated against the model). index: optional
-    per-row indices [rows] of the same site and block (see the module docstring)."""
+    per-row indices [rows] of the same site and block (see the module docstring), or per-row Targets."""
     width = site_width(lm, target)
     check_target(target, lm.n_layers, width)
+    rows = list(index) if index is not None and len(index) and isinstance(index[0], Target) else None
+    if target.source or (rows and any(t.source for t in rows)):
+        from .features import readout
+
+        return FeatureReader(lm, target, readout(rows or [target], width), per_row=rows is not None)
+    if rows is not None:
+        index = [t.index for t in rows]
     if index is not None:
         index = torch.as_tensor(index, dtype=torch.long)
         for i in index.unique().tolist():

@@ -21,33 +21,44 @@ from collections.abc import Callable
 
 import numpy as np
 
+from . import features
 from .config import AmreproError, Config, _unquote
 from .targets import ALL_SITES, Target, check_target
 
 MAX_RETRIES = 3  # Ray restarts of a dead worker, and retries of the chunk it held
 CHUNK_MAX = 64  # targets per batch by default: one forward for 64 x runs rows, and little rework after a death
 _RANDOM_STREAM = 0x5EE9  # numpy stream of --targets [random:K], apart from the controls' stream
-_ITEM = re.compile(r"blocks\.(\d+)\.([a-z_.]+)\[([^\]]*)\]")
+_ITEM = re.compile(r"blocks\.(\d+)\.([a-z_.]+)(@sae:.+)?\[([^\]]*)\]")  # the site's dims, or an SAE's latents
 
 
 # --- --targets SPEC ---------------------------------------------------------------------------------------
 def parse_targets(spec: str, width: Callable[[int, str], int], n_layers: int, seed: int) -> list[Target]:
-    """SPEC: comma-separated items blocks.B.SITE[SEL], SEL one of i, a:b (a <= i < b), random:K (K distinct
-    indices, drawn reproducibly from the seed and the site). width(block, site) is the site's size.
+    """SPEC: comma-separated items blocks.B.SITE[SEL] or blocks.B.SITE@sae:PATH[SEL] (latents of an SAE), SEL
+    one of i, a:b (a <= i < b), random:K (K distinct indices, drawn reproducibly from the seed and the site, and
+    the SAE's path); or a direction blocks.B.SITE@FILE.npy. width(block, site) is the site's size.
     Duplicates are dropped (first kept), so the list is the sweep's target order."""
     items = [item.strip() for item in re.split(r",(?![^\[]*\])", spec) if item.strip()]
     if not items:
         raise AmreproError("--targets is empty: give e.g. 'blocks.8.hook_resid_pre[0:768]'.")
     targets: list[Target] = []
     for item in items:
+        if item.endswith(".npy"):  # a direction: one target, its file checked against the site
+            direction = Target.parse(item)
+            check_target(direction, n_layers, 1)
+            features.readout([direction], width(direction.block, direction.site))
+            targets.append(direction)
+            continue
         match = _ITEM.fullmatch(item)
         if not match or match.group(2) not in ALL_SITES:
             raise AmreproError(f"cannot read '{item}' of --targets: expected blocks.B.SITE[SEL] with SITE one of "
                                f"{', '.join(ALL_SITES)} and SEL an index i, a range a:b or random:K, e.g. "
                                "blocks.8.hook_resid_pre[0:768] or blocks.6.mlp.hook_post[random:64].")
-        block, site, sel = int(match.group(1)), match.group(2), match.group(3).replace(" ", "")
+        block, site, sel = int(match.group(1)), match.group(2), match.group(4).replace(" ", "")
+        source = (match.group(3) or "@")[1:]  # "" (the site's dimensions) or "sae:PATH"
         check_target(Target(block, site, 0), n_layers, 1)  # the block's range, before asking for a width
         n = width(block, site)
+        if source:  # an SAE's latents: the SAE must read this site; SEL picks among its d_sae latents
+            n = features.sae_of(Target(block, site, 0, source), n).d_sae
         if re.fullmatch(r"\d+", sel):
             indices = [int(sel)]
         elif m := re.fullmatch(r"(\d+):(\d+)", sel):
@@ -60,13 +71,14 @@ def parse_targets(spec: str, width: Callable[[int, str], int], n_layers: int, se
             k = int(m.group(1))
             if not 1 <= k <= n:
                 raise AmreproError(f"[random:{k}] of '{item}' must draw 1 to {n} of the site's {n} dimensions.")
-            rng = np.random.default_rng([seed, _RANDOM_STREAM, block, zlib.crc32(site.encode())])
+            key = [seed, _RANDOM_STREAM, block, zlib.crc32(site.encode())]
+            rng = np.random.default_rng(key + ([zlib.crc32(source.encode())] if source else []))
             indices = sorted(int(i) for i in rng.choice(n, k, replace=False))
         else:
             raise AmreproError(f"cannot read [{sel}] of '{item}': use an index i, a range a:b or random:K.")
         for i in indices:
             check_target(Target(block, site, i), n_layers, n)
-        targets += [Target(block, site, i) for i in indices]
+        targets += [Target(block, site, i, source) for i in indices]
     return list(dict.fromkeys(targets))
 
 
@@ -74,7 +86,7 @@ def chunks(targets: list[Target], size: int) -> list[list[Target]]:
     """Consecutive targets of one site, at most size per chunk (a batch reads one site, batch.py)."""
     out: list[list[Target]] = []
     for target in targets:
-        if out and len(out[-1]) < size and (out[-1][0].block, out[-1][0].site) == (target.block, target.site):
+        if out and len(out[-1]) < size and out[-1][0].batch_key == target.batch_key:
             out[-1].append(target)
         else:
             out.append([target])

@@ -1,5 +1,11 @@
 """Targets by TransformerLens-style name: 'blocks.8.hook_resid_pre[91]' -> Target(block=8, site, index=91).
 
+Besides a site's own dimensions (neurons), a target can read a *feature* of the site's vector (features.py):
+- `blocks.L.SITE@FILE.npy`: the dot product with a direction from a .npy file of the site's width, normalized;
+- `blocks.L.SITE@sae:PATH[i]`: latent i of a sparse autoencoder saved in SAELens's format (a folder);
+- `blocks.L.SITE@random:S[k]`: the k-th random unit direction of seed S (the controls of a direction target).
+The part after '@' is the target's `source` ("" for a neuron); paths may not contain ',' (sweep lists).
+
 `--layer L --dim D` is the reference's shorthand for blocks.L.hook_resid_pre[D] = HF hidden_states[L][..., D]
 (the residual stream after L blocks = blocks.{L-1}.hook_resid_post).
 
@@ -38,26 +44,58 @@ SITES_BY_MODEL_TYPE = {
 _SEQUENTIAL_NEOX_SITES = {"hook_resid_mid": ("post_attention_layernorm", "input")}
 ALL_SITES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "mlp.hook_post")
 _NAME = re.compile(r"blocks\.(\d+)\.([a-z_.]+)\[(\d+)\]")
+# a feature: blocks.L.SITE@SOURCE with SOURCE 'sae:PATH[i]', 'random:S[k]' or 'FILE.npy' (no index)
+_FEATURE = re.compile(r"blocks\.(\d+)\.([a-z_.]+)@(sae:.+|random:\d+)\[(\d+)\]|blocks\.(\d+)\.([a-z_.]+)@(.+\.npy)")
+_EXPECTED = (f"expected blocks.L.SITE[i], blocks.L.SITE@FILE.npy or blocks.L.SITE@sae:PATH[i] with SITE one of "
+             f"{', '.join(ALL_SITES)}, e.g. blocks.8.hook_resid_pre[91] or blocks.6.mlp.hook_post[1234]")
 
 
 @dataclass(frozen=True)
 class Target:
     block: int
     site: str
-    index: int
+    index: int  # the site's dimension (neuron), the SAE latent, the random direction's number; 0 for a .npy
+    source: str = ""  # "" (neuron), "sae:PATH", "random:S" or "PATH.npy": see the module docstring
+
+    @property
+    def kind(self) -> str:
+        """'neuron', 'sae', 'random' (a random direction) or 'direction' (a .npy file)."""
+        if not self.source:
+            return "neuron"
+        return self.source.split(":", 1)[0] if self.source.startswith(("sae:", "random:")) else "direction"
+
+    @property
+    def prefix(self) -> str:
+        """The name without its index: 'blocks.8.hook_resid_pre' or 'blocks.8.hook_resid_pre@sae:PATH'."""
+        return f"blocks.{self.block}.{self.site}" + (f"@{self.source}" if self.source else "")
 
     @property
     def name(self) -> str:
-        return f"blocks.{self.block}.{self.site}[{self.index}]"
+        return self.prefix if self.kind == "direction" else f"{self.prefix}[{self.index}]"
+
+    @property
+    def batch_key(self) -> tuple:
+        """Targets with the same key can share one batch: one site, and one SAE (or one direction file)."""
+        return (self.block, self.site, self.source)
 
     @classmethod
     def parse(cls, text: str) -> "Target":
-        match = _NAME.fullmatch(text.strip())
-        if not match or match.group(2) not in ALL_SITES:
-            raise AmreproError(
-                f"unknown target '{text}': expected blocks.L.SITE[i] with SITE one of {', '.join(ALL_SITES)}, "
-                "e.g. blocks.8.hook_resid_pre[91] or blocks.6.mlp.hook_post[1234].")
-        return cls(block=int(match.group(1)), site=match.group(2), index=int(match.group(3)))
+        text = text.strip()
+        if match := _NAME.fullmatch(text):
+            block, site, index, source = match.group(1), match.group(2), match.group(3), ""
+        elif match := _FEATURE.fullmatch(text):
+            block, site, source, index = (match.group(1), match.group(2), match.group(3), match.group(4)) \
+                if match.group(1) is not None else (match.group(5), match.group(6), match.group(7), "0")
+        else:
+            block = site = None
+        if site not in ALL_SITES:
+            raise AmreproError(f"unknown target '{text}': {_EXPECTED}.")
+        return cls(block=int(block), site=site, index=int(index), source=source)
+
+    @classmethod
+    def from_prefix(cls, prefix: str, index: int) -> "Target":
+        """The target `prefix[index]` (batch.batch_targets); a direction file has no index."""
+        return cls.parse(prefix if prefix.endswith(".npy") else f"{prefix}[{index}]")
 
     @property
     def is_residual(self) -> bool:
@@ -79,10 +117,13 @@ def site_location(model_type: str, site: str, config=None) -> tuple[str, str]:
 
 
 def check_target(target: Target, n_layers: int, width: int) -> None:
-    """Range checks with the valid range in the message; width is the site's size (d_model or d_mlp)."""
+    """Range checks with the valid range in the message; width is the site's size (d_model or d_mlp). A feature's
+    index is checked against its SAE's size, and its file against the width, where it is read (features.py)."""
     if not 0 <= target.block < n_layers:
         raise AmreproError(f"block {target.block} is out of range: the model has {n_layers} blocks "
                            f"(valid: 0..{n_layers - 1}; --layer L reads the residual stream before block L).")
+    if target.source:
+        return
     if not 0 <= target.index < width:
         raise AmreproError(f"index {target.index} is out of range for {target.site}, which has {width} "
                            f"dimensions (valid: 0..{width - 1}).")

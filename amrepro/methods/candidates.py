@@ -36,7 +36,8 @@ class Candidates:
         key = (lo, hi, per_row)
         if key not in self._readers:
             index = self.index[lo:hi].repeat_interleave(per_row)  # [(hi - lo) * per_row]
-            reader = site_reader(self.lm, self.reader.target, index=index.cpu())
+            reader = (self.reader.select(index) if hasattr(self.reader, "select")  # a feature: readout rows
+                      else site_reader(self.lm, self.reader.target, index=index.cpu()))
             self._readers[key] = self._stack.enter_context(reader)
         return self._readers[key]
 

@@ -51,7 +51,7 @@ def run(problem: Problem, on_step: OnStep = None) -> Result:
     ids = start[:, None, :].repeat(1, M, 1)  # [R, M, pos]: every member starts from the run's start
     hist = {"act/tokens": torch.empty(c.epo_steps, R), "xent/tokens": torch.empty(c.epo_steps, R)}
     acts = torch.empty(c.epo_steps, R)  # [steps, R]: the best member's activation before the step
-    with LMReader(lm, target) as read:
+    with LMReader(lm, target, getattr(problem.reader, "readout", None)) as read:
         def index_for(n: int, lo: int = 0, hi: int = R):  # per-row target index repeated n times per row
             return None if row_index is None else row_index[lo:hi].repeat_interleave(n)
 

@@ -63,8 +63,9 @@ class LMReader:
     """The whole forward: (target activation [N, pos], cross-entropy [N]) of ids [N, pos]. index: per-row target
     indices [N] of the target's site and block, or None for target.index. A context manager (one hook)."""
 
-    def __init__(self, lm: LoadedModel, target: Target):
-        self.lm, self.target = lm, target
+    def __init__(self, lm: LoadedModel, target: Target, readout=None):
+        """readout: a feature target's features.Readout (then index selects its rows), or None for a neuron."""
+        self.lm, self.target, self.readout = lm, target, readout
         path, self.kind = site_location(lm.model_type, target.site, lm.model.config)
         block = lm.blocks[target.block]
         self.module = block.get_submodule(path) if path else block
@@ -85,7 +86,9 @@ class LMReader:
         """x [N, pos, d_model] (E[ids], may require grad), ids [N, pos] -> (act [N, pos], xent [N])."""
         hidden = self.lm.model(inputs_embeds=x).last_hidden_state  # [N, pos, d_model]
         site, self._site = self._site, None  # [N, pos, width]
-        if index is None:
+        if self.readout is not None:
+            act = self.readout(site, index)
+        elif index is None:
             act = site[..., self.target.index]
         else:
             act = site.gather(-1, index.to(site.device).view(-1, 1, 1).expand(*site.shape[:2], 1)).squeeze(-1)

@@ -1,0 +1,288 @@
+"""Features of a site's vector as targets: directions from .npy files, random directions, and SAE latents.
+
+A feature target reads the site's vector s [..., width] through a `Readout`, one row of parameters per batch row:
+
+    direction (a .npy file, or random:S[k]):  act = s . d / |d|              (normalized: unit direction)
+    SAE latent i (SAELens's on-disk format):  pre = (s - b_dec) . W_enc[:, i] + b_enc[i]
+                                              standard: relu(pre)    jumprelu: relu(pre) * (pre > threshold[i])
+                                              topk: relu(pre), the value latent i takes whenever it is among the
+                                              top k (a single latent's rank needs all d_sae pre-activations)
+
+Only W_enc[:, i], b_enc[i], b_dec and threshold[i] are read, never the [rows, pos, d_sae] activations. b_dec is
+subtracted only when the SAE's cfg.json says apply_b_dec_to_input (SAELens's process_sae_in). The files are read
+with json + safetensors, without importing SAELens.
+
+Directions are unit vectors so that activations are comparable across directions (and with the random unit
+directions that are their controls); the file's own norm is logged with the run (features.file_tags).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zlib
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from .config import AmreproError
+from .targets import Target
+
+ARCHITECTURES = ("standard", "jumprelu", "topk")
+_RANDOM_STREAM = 0xD1EC  # numpy stream of the random directions, apart from the controls' and sweeps' streams
+_ARTIFACT_MAX_BYTES = 10 * 2**20  # a target file up to this size is logged as an artifact; larger: sha256 + path
+CFG, WEIGHTS = "cfg.json", "sae_weights.safetensors"
+
+
+# --- files ------------------------------------------------------------------------------------------------
+def load_direction(path: str, width: int) -> np.ndarray:
+    """The unit direction [width] (float64) of a .npy file, checked against the site's width."""
+    if not os.path.isfile(path):
+        raise AmreproError(f"direction file {path} does not exist.")
+    try:
+        d = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as error:
+        raise AmreproError(f"direction file {path} is not a readable .npy array ({error}).") from None
+    if d.dtype.kind not in "fiu" or d.shape != (width,):
+        raise AmreproError(f"direction file {path} holds a {d.dtype} array of shape {d.shape}, but the site needs "
+                           f"a float vector of shape ({width},).")
+    d = d.astype(np.float64)
+    norm = float(np.linalg.norm(d))
+    if not np.isfinite(d).all() or norm == 0:
+        raise AmreproError(f"direction file {path} has non-finite values or is all zeros: it gives no direction.")
+    return d / norm
+
+
+def random_direction(seed: int, block: int, site: str, k: int, width: int) -> np.ndarray:
+    """The k-th random unit direction [width] of seed S at a site: Gaussian, normalized, reproducible."""
+    rng = np.random.default_rng([seed, _RANDOM_STREAM, block, zlib.crc32(site.encode()), k])
+    d = rng.standard_normal(width)
+    return d / np.linalg.norm(d)
+
+
+@dataclass(frozen=True)
+class SAE:
+    path: str
+    architecture: str
+    d_in: int
+    d_sae: int
+    apply_b_dec_to_input: bool
+    hook_name: str | None
+
+    def read(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """W [n, d_in] (= W_enc[:, indices].T), b [n], threshold [n] (jumprelu), b_dec [d_in], float32: only
+        the columns asked for are read from the file."""
+        from safetensors import safe_open
+
+        with safe_open(os.path.join(self.path, WEIGHTS), framework="pt") as f:
+            w_enc = f.get_slice("W_enc")  # [d_in, d_sae], read lazily
+            out = {"W": torch.stack([w_enc[:, i:i + 1][:, 0] for i in indices]).float(),  # [n, d_in]
+                   "b": f.get_tensor("b_enc")[indices].float(),  # [n]
+                   "b_dec": f.get_tensor("b_dec").float()}  # [d_in]
+            if self.architecture == "jumprelu":
+                out["threshold"] = f.get_tensor("threshold")[indices].float()  # [n]
+        if not all(torch.isfinite(v).all() for v in out.values()):
+            raise AmreproError(f"the SAE in {self.path} has non-finite weights for latents {indices[:5]}.")
+        return out
+
+
+@lru_cache(maxsize=16)
+def _load_sae(path: str, stamp: tuple) -> SAE:
+    cfg_path, weights_path = os.path.join(path, CFG), os.path.join(path, WEIGHTS)
+    if not (os.path.isfile(cfg_path) and os.path.isfile(weights_path)):
+        raise AmreproError(f"SAE folder {path} needs {CFG} and {WEIGHTS} (SAELens's save format); "
+                           f"{'it does not exist' if not os.path.isdir(path) else 'one of them is missing'}.")
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+        d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise AmreproError(f"{cfg_path} is not an SAELens cfg.json with integer d_in and d_sae ({error!r}).") from None
+    arch = cfg.get("architecture", "standard")
+    if arch not in ARCHITECTURES:
+        raise AmreproError(f"the SAE in {path} has architecture '{arch}'; amrepro reads {', '.join(ARCHITECTURES)}.")
+    for key, plain in (("normalize_activations", "none"), ("reshape_activations", "none")):
+        if cfg.get(key, plain) not in (plain, None):
+            raise AmreproError(f"the SAE in {path} has {key}='{cfg[key]}'; amrepro reads only SAEs with "
+                               f"{key}='{plain}' (fold the scaling into the weights first).")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(weights_path, framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error types for a damaged file
+        raise AmreproError(f"{weights_path} is not a readable safetensors file ({error}).") from None
+    need = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "b_dec": (d_in,)}
+    if arch == "jumprelu":
+        need["threshold"] = (d_sae,)
+    for key, shape in need.items():
+        if shapes.get(key) != shape:
+            raise AmreproError(f"{weights_path} has {key} of shape {shapes.get(key, 'missing')}, but its cfg.json "
+                               f"(d_in {d_in}, d_sae {d_sae}, {arch}) needs {shape}.")
+    hook = cfg.get("hook_name") or (cfg.get("meta") or {}).get("hook_name") or cfg.get("hook_point")
+    return SAE(path, arch, d_in, d_sae, bool(cfg.get("apply_b_dec_to_input", True)), hook)
+
+
+def load_sae(path: str) -> SAE:
+    """The SAE's config, checked against its weights' shapes (cached while the files are unchanged)."""
+    try:
+        stamp = tuple((os.stat(os.path.join(path, f)).st_mtime_ns, os.stat(os.path.join(path, f)).st_size)
+                      for f in (CFG, WEIGHTS))
+    except OSError:
+        stamp = ()
+    return _load_sae(path, stamp)
+
+
+def sae_of(target: Target, width: int) -> SAE:
+    """target's SAE, checked against the site (its width, and the SAE's hook where cfg.json names one) and the
+    latent index against d_sae."""
+    sae = load_sae(target.source[len("sae:"):])
+    if sae.d_in != width:
+        raise AmreproError(f"the SAE in {sae.path} reads vectors of width {sae.d_in}, but {target.prefix.split('@')[0]} "
+                           f"has {width} dimensions.")
+    site = f"blocks.{target.block}.{target.site}"
+    if sae.hook_name and sae.hook_name != site:
+        raise AmreproError(f"the SAE in {sae.path} was trained on {sae.hook_name}, not on {site}: name that site.")
+    if not 0 <= target.index < sae.d_sae:
+        raise AmreproError(f"latent {target.index} is out of range for the SAE in {sae.path}, which has {sae.d_sae} "
+                           f"latents (valid: 0..{sae.d_sae - 1}).")
+    return sae
+
+
+# --- the readout --------------------------------------------------------------------------------------------
+@dataclass
+class Readout:
+    """Per-row parameters of a linear feature and its activation: act = f((s - b_dec) . W[r] + b[r])."""
+    W: torch.Tensor  # [n, width]
+    b: torch.Tensor  # [n]
+    activation: str  # "linear", "standard", "jumprelu" or "topk"
+    b_dec: torch.Tensor | None = None  # [width], subtracted from s first
+    threshold: torch.Tensor | None = None  # [n], jumprelu
+
+    def to(self, device: torch.device) -> "Readout":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Readout(move(self.W), move(self.b), self.activation, move(self.b_dec), move(self.threshold))
+
+    def select(self, rows: torch.Tensor) -> "Readout":
+        """The readout whose row j is row rows[j] of this one."""
+        pick = lambda t: None if t is None else t[rows.to(t.device)]  # noqa: E731
+        return Readout(self.W[rows.to(self.W.device)], pick(self.b), self.activation, self.b_dec, pick(self.threshold))
+
+    def __call__(self, site: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """site [R, pos, width] -> act [R, pos]. rows: None (one parameter row, shared by every row) or the
+        parameter row of each site row [R]."""
+        ro = self if rows is None else self.select(rows)
+        s = site if ro.b_dec is None else site - ro.b_dec  # [R, pos, width]
+        if rows is None and ro.W.shape[0] == 1:
+            pre = s @ ro.W[0] + ro.b[0]  # [R, pos]
+            threshold = None if ro.threshold is None else ro.threshold[0]
+        else:
+            if ro.W.shape[0] != s.shape[0]:
+                raise ValueError(f"this readout has {ro.W.shape[0]} rows, got {s.shape[0]}")
+            pre = torch.einsum("rpw,rw->rp", s, ro.W) + ro.b[:, None]  # [R, pos]
+            threshold = None if ro.threshold is None else ro.threshold[:, None]
+        if ro.activation == "linear":
+            return pre
+        act = torch.relu(pre)
+        if ro.activation == "jumprelu":  # SAELens: relu(pre) * (pre > threshold); no gradient below it
+            act = act * (pre > threshold).to(act.dtype)
+        return act
+
+
+def readout(targets: list[Target], width: int) -> Readout:
+    """The readout of one row per target (all of one SAE, or all directions), validated against the width."""
+    kinds = {t.kind for t in targets}
+    if kinds <= {"direction", "random"}:
+        rows = [load_direction(t.source, width) if t.kind == "direction" else
+                random_direction(int(t.source.split(":")[1]), t.block, t.site, t.index, width) for t in targets]
+        W = torch.from_numpy(np.stack(rows)).float()  # [n, width]
+        return Readout(W, torch.zeros(len(rows)), "linear")
+    if kinds == {"sae"} and len({t.source for t in targets}) == 1:
+        sae = sae_of(targets[0], width)
+        for t in targets:
+            sae_of(t, width)
+        unique = sorted({t.index for t in targets})
+        read = sae.read(unique)
+        at = torch.tensor([unique.index(t.index) for t in targets])  # [n]
+        return Readout(read["W"][at], read["b"][at], sae.architecture,
+                       read["b_dec"] if sae.apply_b_dec_to_input else None,
+                       read["threshold"][at] if "threshold" in read else None)
+    raise AmreproError(f"one batch reads one SAE or directions only, got {', '.join(sorted({t.source for t in targets}))}.")
+
+
+# --- controls -----------------------------------------------------------------------------------------------
+def controls(target: Target, k: int, seed: int, width: int) -> tuple[Target, ...]:
+    """--controls K of a feature target: K other latents of the same SAE (drawn like a neuron's controls), or K
+    random unit directions of the seed (random:SEED[0..K-1]) for a direction."""
+    from .specificity import choose_controls
+
+    if target.kind == "sae":
+        sae = sae_of(target, width)
+        picked = choose_controls(target.index, sae.d_sae, k, seed, target.prefix)
+        return tuple(Target(target.block, target.site, i, target.source) for i in picked)
+    return tuple(Target(target.block, target.site, j, f"random:{seed}") for j in range(k))
+
+
+# --- the target's file is part of the result -------------------------------------------------------------------
+def _files(target: Target) -> list[str]:
+    if target.kind == "direction":
+        return [target.source]
+    if target.kind == "sae":
+        folder = target.source[len("sae:"):]
+        return [os.path.join(folder, CFG), os.path.join(folder, WEIGHTS)]
+    return []
+
+
+@lru_cache(maxsize=64)
+def _sha256(files: tuple[str, ...], stamp: tuple) -> str:
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(os.path.basename(path).encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(2**20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(target: Target) -> str | None:
+    """sha256 of the target's file (an SAE: of cfg.json and the weights, names included); None for a neuron."""
+    files = tuple(_files(target))
+    if not files:
+        return None
+    return _sha256(files, tuple((os.stat(p).st_mtime_ns, os.stat(p).st_size) for p in files))
+
+
+def file_tags(target: Target) -> dict[str, str]:
+    """Tags that pin the target's file: its sha256 and absolute path (nothing for a neuron or random direction)."""
+    sha = file_sha256(target)
+    if sha is None:
+        return {}
+    path = target.source[len("sae:"):] if target.kind == "sae" else target.source
+    return {"target.file_sha256": sha, "target.file_path": os.path.abspath(path)}
+
+
+def file_artifacts(target: Target) -> dict[str, bytes]:
+    """The target's file(s) as artifacts under target_file/, when at most 10 MiB together; else nothing (the
+    tags keep its sha256 and path)."""
+    files = _files(target)
+    if not files or sum(os.path.getsize(p) for p in files) > _ARTIFACT_MAX_BYTES:
+        return {}
+    out = {}
+    for path in files:
+        with open(path, "rb") as f:
+            out[f"target_file/{os.path.basename(path)}"] = f.read()
+    return out
+
+
+def check_unchanged(target: Target, tags: dict[str, str]) -> None:
+    """Refuse to reproduce a run whose target file is not the one it ran with."""
+    logged = tags.get("target.file_sha256")
+    if logged is None:
+        return
+    now = file_sha256(target)
+    if now != logged:
+        raise AmreproError(f"the target's file {tags.get('target.file_path', target.source)} changed since the run "
+                           f"(sha256 {logged[:12]}... then, {now[:12]}... now): restore it to reproduce the run.")

@@ -1,0 +1,45 @@
+"""Writes tests/data/sae/{standard,jumprelu,topk}: tiny random SAEs in SAELens's on-disk format (SAELens 6's
+SAE.save_model: cfg.json = SAEConfig.to_dict(), sae_weights.safetensors = the state dict W_enc [d_in, d_sae],
+W_dec [d_sae, d_in], b_enc [d_sae], b_dec [d_in], and threshold [d_sae] for JumpReLU), for blocks.8.hook_resid_pre
+of the tiny GPT-2 (d_model 32). Written with safetensors + json only; re-run to regenerate:
+
+    python tests/make_sae_fixture.py
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+D_IN, D_SAE, HOOK = 32, 16, "blocks.8.hook_resid_pre"
+ROOT = Path(__file__).parent / "data" / "sae"
+
+
+def write(arch: str, seed: int) -> Path:
+    g = torch.Generator().manual_seed(seed)
+    W_dec = torch.randn(D_SAE, D_IN, generator=g)
+    W_dec /= W_dec.norm(dim=1, keepdim=True)  # unit decoder rows, as SAELens initializes and folds them
+    weights = {"W_enc": W_dec.T.contiguous() * 0.5, "W_dec": W_dec,
+               "b_enc": 0.1 * torch.randn(D_SAE, generator=g), "b_dec": 0.1 * torch.randn(D_IN, generator=g)}
+    cfg = {"d_in": D_IN, "d_sae": D_SAE, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
+           "normalize_activations": "none", "reshape_activations": "none", "architecture": arch,
+           "meta": {"model_name": "tiny-gpt2", "hook_name": HOOK, "hook_head_index": None, "context_size": 5,
+                    "prepend_bos": False, "dataset_path": None, "sae_lens_version": "6.12.1",
+                    "sae_lens_training_version": "6.12.1"}}
+    if arch == "jumprelu":
+        weights["threshold"] = 0.05 + 0.05 * torch.rand(D_SAE, generator=g)
+    if arch == "topk":
+        cfg["k"] = 4
+    if arch == "standard":
+        cfg["apply_b_dec_to_input"] = False  # both settings are exercised
+    folder = ROOT / arch
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in weights.items()}, folder / "sae_weights.safetensors")
+    (folder / "cfg.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return folder
+
+
+if __name__ == "__main__":
+    for seed, arch in enumerate(("standard", "jumprelu", "topk")):
+        print(write(arch, seed))
