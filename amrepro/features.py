@@ -6,7 +6,8 @@ A feature target reads the site's vector s [..., width] through a `Readout`, one
     SAE latent i (SAELens's on-disk format):  pre = (s - b_dec) . W_enc[:, i] + b_enc[i]
                                               standard: relu(pre)    jumprelu: relu(pre) * (pre > threshold[i])
                                               topk: relu(pre), the value latent i takes whenever it is among the
-                                              top k (a single latent's rank needs all d_sae pre-activations)
+                                              top k (a single latent's rank needs all d_sae pre-activations);
+                                              with rescale_acts_by_decoder_norm, pre is scaled by |W_dec[i]|
 
 Only W_enc[:, i], b_enc[i], b_dec and threshold[i] are read, never the [rows, pos, d_sae] activations. b_dec is
 subtracted only when the SAE's cfg.json says apply_b_dec_to_input (SAELens's process_sae_in). The files are read
@@ -71,6 +72,7 @@ class SAE:
     d_sae: int
     apply_b_dec_to_input: bool
     hook_name: str | None
+    rescale_by_decoder_norm: bool = False  # TopK's rescale_acts_by_decoder_norm: pre *= |W_dec[i]|
 
     def read(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """W [n, d_in] (= W_enc[:, indices].T), b [n], threshold [n] (jumprelu), b_dec [d_in], float32: only
@@ -84,6 +86,10 @@ class SAE:
                    "b_dec": f.get_tensor("b_dec").float()}  # [d_in]
             if self.architecture == "jumprelu":
                 out["threshold"] = f.get_tensor("threshold")[indices].float()  # [n]
+            if self.rescale_by_decoder_norm:  # SAELens: hidden_pre * |W_dec[i]|, i.e. W_enc[:, i] and b_enc[i] scaled
+                w_dec = f.get_slice("W_dec")  # [d_sae, d_in]
+                norm = torch.stack([w_dec[i:i + 1][0].float().norm() for i in indices])  # [n]
+                out["W"], out["b"] = out["W"] * norm[:, None], out["b"] * norm
         if not all(torch.isfinite(v).all() for v in out.values()):
             raise AmreproError(f"the SAE in {self.path} has non-finite weights for latents {indices[:5]}.")
         return out
@@ -115,15 +121,18 @@ def _load_sae(path: str, stamp: tuple) -> SAE:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as error:  # noqa: BLE001 - safetensors raises its own error types for a damaged file
         raise AmreproError(f"{weights_path} is not a readable safetensors file ({error}).") from None
-    need = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "b_dec": (d_in,)}
+    need = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,)}
     if arch == "jumprelu":
         need["threshold"] = (d_sae,)
     for key, shape in need.items():
         if shapes.get(key) != shape:
             raise AmreproError(f"{weights_path} has {key} of shape {shapes.get(key, 'missing')}, but its cfg.json "
                                f"(d_in {d_in}, d_sae {d_sae}, {arch}) needs {shape}.")
-    hook = cfg.get("hook_name") or (cfg.get("meta") or {}).get("hook_name") or cfg.get("hook_point")
-    return SAE(path, arch, d_in, d_sae, bool(cfg.get("apply_b_dec_to_input", True)), hook)
+    # SAELens 6 keeps the hook in "metadata" (6.0-6.12: "meta"); SAELens 3-5 at the top level
+    meta = cfg.get("metadata") or cfg.get("meta") or {}
+    hook = cfg.get("hook_name") or meta.get("hook_name") or cfg.get("hook_point")
+    return SAE(path, arch, d_in, d_sae, bool(cfg.get("apply_b_dec_to_input", True)), hook,
+               arch == "topk" and bool(cfg.get("rescale_acts_by_decoder_norm", False)))
 
 
 def load_sae(path: str) -> SAE:

@@ -59,6 +59,8 @@ def _numpy_encode(folder: Path, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     cfg = json.loads((folder / "cfg.json").read_text())
     w = {k: v.astype(np.float64) for k, v in load_file(folder / "sae_weights.safetensors").items()}
     pre = (s - w["b_dec"] * cfg["apply_b_dec_to_input"]) @ w["W_enc"] + w["b_enc"]
+    if cfg.get("rescale_acts_by_decoder_norm"):  # TopK
+        pre = pre * np.linalg.norm(w["W_dec"], axis=-1)
     if cfg["architecture"] == "standard":
         post = np.maximum(pre, 0)
     elif cfg["architecture"] == "jumprelu":
@@ -89,6 +91,23 @@ def test_latent_activation_equals_the_encoder(lm, arch):
             np.testing.assert_allclose(act, post[..., i], atol=1e-5)
     # the fixture is not degenerate: latents fire on some inputs and not on others
     assert (post > 0).any() and (post == 0).any()
+
+
+def test_latent_activation_equals_saelens_own_encode():
+    """SAELens 6.54.12's SAE.load_from_disk(...).encode(x) of the fixtures (make_sae_fixture.py --saelens)."""
+    saved = np.load(SAES / "saelens_encode.npz")
+    x = torch.from_numpy(saved["x"])  # [3, 4, 32] read as a site's vectors
+    for arch in ARCHS:
+        want = saved[arch]  # [3, 4, 16]
+        act = features.readout([Target.parse(sae_target(arch, i)) for i in range(16)], 32)(x.repeat(16, 1, 1),
+              torch.arange(16).repeat_interleave(3)).view(16, 3, 4).permute(1, 2, 0).numpy()  # [3, 4, 16]
+        fires = want > 0
+        np.testing.assert_allclose(act[fires], want[fires], rtol=1e-5, atol=1e-6)
+        if arch == "topk":  # silent where SAELens's top k left latent i out, though relu(pre) may be > 0
+            assert (act >= 0).all() and (act > 0).sum() > fires.sum()
+        else:
+            assert (act[~fires] == 0).all()
+        assert fires.any() and (~fires).any()
 
 
 def test_per_row_latents_and_their_gradient(lm):
