@@ -235,7 +235,7 @@ def _bad_files(tmp: Path) -> list[tuple[str, str]]:
     np.save(tmp / "nan.npy", np.full(32, np.nan, np.float32))
     np.save(tmp / "text.npy", np.array(["a"] * 32))
     for name, edit in (("gated", {"architecture": "gated"}), ("scaled", {"normalize_activations": "layer_norm"}),
-                       ("elsewhere", {"meta": {"hook_name": "blocks.3.hook_resid_pre"}})):
+                       ("elsewhere", {"metadata": {"hook_name": "blocks.3.hook_resid_pre"}})):
         shutil.copytree(SAES / "standard", tmp / name)
         cfg = json.loads((tmp / name / "cfg.json").read_text())
         (tmp / name / "cfg.json").write_text(json.dumps({**cfg, **edit}))
