@@ -402,7 +402,7 @@ def log_parent(tracker: Tracker, run_id: str, outcome: Outcome, frozen: bytes | 
     tracker.log_artifacts(run_id, {"summary.json": json_bytes(s),
                                    "environment/pip-freeze.txt": frozen if frozen is not None else pip_freeze(),
                                    **features.file_artifacts(outcome.target)})  # a direction's .npy, a small SAE
-    tracker.log_tags(run_id, features.file_tags(outcome.target))  # the target file's sha256 and path, if any
+    tracker.log_tags(run_id, features.target_tags(outcome.target))  # a feature: what it reads, its file's sha256
     if s["statistics"] is None:  # every run diverged: no statistic exists, and none is logged
         tracker.log_metrics(run_id, counts)
         tracker.log_tags(run_id, {"verdict": f"no result: all {len(outcome.diverged)} runs diverged"})

@@ -14,7 +14,7 @@ subtracted only when the SAE's cfg.json says apply_b_dec_to_input (SAELens's pro
 with json + safetensors, without importing SAELens.
 
 Directions are unit vectors so that activations are comparable across directions (and with the random unit
-directions that are their controls); the file's own norm is logged with the run (features.file_tags).
+directions that are their controls); the file's own norm is logged with the run (target_tags).
 """
 
 from __future__ import annotations
@@ -264,13 +264,37 @@ def file_sha256(target: Target) -> str | None:
     return _sha256(files, tuple((os.stat(p).st_mtime_ns, os.stat(p).st_size) for p in files))
 
 
-def file_tags(target: Target) -> dict[str, str]:
-    """Tags that pin the target's file: its sha256 and absolute path (nothing for a neuron or random direction)."""
-    sha = file_sha256(target)
-    if sha is None:
+def describe(target: Target) -> str:
+    """One line that says what a feature target's activation is (its normalization, its SAE's activation)."""
+    site = f"blocks.{target.block}.{target.site}"
+    if target.kind == "direction":
+        norm = float(np.linalg.norm(np.load(target.source, allow_pickle=False).astype(np.float64)))
+        return f"{site} . d/|d| with d from {target.source} (|d| = {norm:.4g} in the file; normalized to 1)"
+    if target.kind == "random":
+        return f"{site} . d with d the random unit direction {target.index} of seed {target.source.split(':')[1]}"
+    if target.kind == "sae":
+        sae = load_sae(target.source[len("sae:"):])
+        pre = f"(x - b_dec) . W_enc[:, {target.index}] + b_enc[{target.index}]" if sae.apply_b_dec_to_input \
+            else f"x . W_enc[:, {target.index}] + b_enc[{target.index}]"
+        act = {"standard": "relu(pre)", "jumprelu": f"relu(pre) * (pre > threshold[{target.index}])",
+               "topk": "relu(pre), whether or not the latent is among the top k"
+                       + (" (pre scaled by |W_dec[i]|)" if sae.rescale_by_decoder_norm else "")}[sae.architecture]
+        return (f"latent {target.index} of the {sae.architecture} SAE in {sae.path} (d_sae {sae.d_sae}) on {site}: "
+                f"{act} with pre = {pre}")
+    return f"{target.name}: dimension {target.index} of {site}"
+
+
+def target_tags(target: Target) -> dict[str, str]:
+    """Tags of a feature target: what its activation is, and what pins its file (sha256 and absolute path; an
+    SAE: of cfg.json and the weights). Nothing for a neuron."""
+    if target.kind == "neuron":
         return {}
-    path = target.source[len("sae:"):] if target.kind == "sae" else target.source
-    return {"target.file_sha256": sha, "target.file_path": os.path.abspath(path)}
+    tags = {"target.description": describe(target)}
+    sha = file_sha256(target)
+    if sha is not None:
+        path = target.source[len("sae:"):] if target.kind == "sae" else target.source
+        tags.update({"target.file_sha256": sha, "target.file_path": os.path.abspath(path)})
+    return tags
 
 
 def file_artifacts(target: Target) -> dict[str, bytes]:

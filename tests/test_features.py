@@ -156,6 +156,17 @@ def test_every_method_runs_on_a_direction_and_each_sae(lm, tiny_gpt2, direction,
             assert outcome.specificity is not None and len(outcome.specificity["controls"]) == 1
 
 
+def test_corpus_yardstick_reads_the_feature(lm, direction):
+    """--corpus windows are scored through the same reader: a latent's corpus activations are its own."""
+    from amrepro import corpus
+
+    ids = corpus.windows(lm, corpus.read(str(Path(__file__).parent / "data" / "corpus.txt")), 3)[:40]  # [40, 3]
+    target = Target.parse(sae_target("standard", 1))
+    got = corpus.activations(lm, target, ids)  # [40]
+    _, post = _numpy_encode(SAES / "standard", _site(lm, lm.embedding[ids]))
+    np.testing.assert_allclose(got.double().numpy(), post[..., 1].mean(axis=1), atol=1e-5)
+
+
 def test_controls_are_other_latents_or_random_directions(lm, tiny_gpt2, direction):
     sae = prepare(Config(model=tiny_gpt2, target=sae_target("topk", 5), controls=3, **TINY), lm=lm).controls
     assert len({t.index for t in sae}) == 3 and all(t.source.startswith("sae:") and t.index != 5 for t in sae)
@@ -182,6 +193,7 @@ def test_run_and_reproduce_a_latent_with_its_file_pinned(tiny_gpt2, store, tmp_p
     tags = parent.data.tags
     assert tags["target.file_sha256"] == features.file_sha256(Target.parse(sae_target("jumprelu", 4, folder)))
     assert tags["target.file_path"] == str(folder / "jumprelu")
+    assert tags["target.description"].startswith("latent 4 of the jumprelu SAE") and "threshold[4]" in tags["target.description"]
     files = {f.path for f in MlflowClient(store).list_artifacts(parent.info.run_id, "target_file")}
     assert files == {"target_file/cfg.json", "target_file/sae_weights.safetensors"}  # small: logged whole
     again = cli("reproduce", parent.info.run_id)
@@ -201,6 +213,8 @@ def test_run_and_reproduce_a_direction(tiny_gpt2, store, direction):
     parent = _parent(store)
     assert parent.data.params["target_name"] == f"{SITE}@{direction}"
     assert len(children_of(store, parent.info.run_id)) == 2 and "target.file_sha256" in parent.data.tags
+    norm = np.linalg.norm(np.load(direction).astype(np.float64))
+    assert f"|d| = {norm:.4g} in the file; normalized to 1" in parent.data.tags["target.description"]
     again = cli("reproduce", parent.info.run_id)
     assert again.exit_code == 0 and "reproduced: bit-identical" in again.output, again.output
     assert cli("decode", parent.info.run_id).exit_code == 0
