@@ -133,7 +133,9 @@ def sweep(
     config: Config,
     targets: str = typer.Option("", help="Targets: comma-separated blocks.B.SITE[SEL], SEL an index i, a range a:b "
                                          "(b excluded) or random:K (K indices drawn from --seed), e.g. "
-                                         "'blocks.8.hook_resid_pre[0:768]' or 'blocks.6.mlp.hook_post[random:64]'."),
+                                         "'blocks.8.hook_resid_pre[0:768]' or 'blocks.6.mlp.hook_post[random:64]'; "
+                                         "an SAE's latents: 'blocks.8.hook_resid_pre@sae:FOLDER[random:64]'; a "
+                                         "direction: 'blocks.8.hook_resid_pre@probe.npy'."),
     workers: int = typer.Option(0, help="Ray workers (each loads the model once); 0 = no Ray, in this process. "
                                         "Local Ray unless --ray-address / RAY_ADDRESS. With workers, --threads 0 "
                                         "means the cores shared out among them."),

@@ -36,8 +36,9 @@ class Config:
     layer: int = _f(8, "Residual stream after LAYER blocks, i.e. HF hidden_states[LAYER] "
                        "(= blocks.LAYER.hook_resid_pre = output of block LAYER-1); 0 <= LAYER < n_layers.")
     dim: int = _f(91, "Index of the neuron (residual-stream dimension) to maximize.")
-    target: str = _f("", "TransformerLens-style target, e.g. 'blocks.6.mlp.hook_post[1234]'; "
-                         "overrides --layer/--dim when given.")
+    target: str = _f("", "TransformerLens-style target, e.g. 'blocks.6.mlp.hook_post[1234]'; a direction "
+                         "'blocks.8.hook_resid_pre@probe.npy' (normalized), or latent i of an SAE saved by SAELens "
+                         "'blocks.8.hook_resid_pre@sae:FOLDER[i]'; overrides --layer/--dim when given.")
     runs: int = _f(10, "Number of independent runs (seeds SEED, SEED+1, ...), optimized as one batch.")
     epochs: int = _f(500, "Adam steps per run (the reference notebook used 300).")
     n_tokens: int = _f(5, "Number of input vectors (sequence length) optimized per run.")
@@ -47,8 +48,9 @@ class Config:
     device: str = _f("auto", "auto (cuda if available), cpu or cuda.")
     threads: int = _f(0, "torch CPU threads; 0 = one per core (torch's default). Results are bit-identical only "
                          "for the same thread count; use 1 when several runs share the cores.")
-    controls: int = _f(0, "K other targets of the same site, chosen reproducibly from the seed, optimized in the "
-                          "same batch to test target specificity (0: none).")
+    controls: int = _f(0, "K other targets of the same site (an SAE latent: of the same SAE; a direction: random "
+                          "unit directions), chosen reproducibly from the seed, optimized in the same batch to test "
+                          "target specificity (0: none).")
     method: str = _f("adam", "Optimizer: adam (the reference: continuous vectors, decoded to nearest tokens afterwards), "
                              "pez (continuous vectors, forward on their nearest tokens), gcg (token swaps ranked by "
                              "the one-hot gradient) or epo (gcg with a population trading activation against "

@@ -233,11 +233,18 @@ def test_sweep_over_latents_and_reproduce_one(tiny_gpt2, store):
     assert again.exit_code == 0 and "reproduced: bit-identical" in again.output, again.output
 
 
-def test_sweep_spec_of_latents():
-    spec = f"{SITE}@sae:{SAES / 'topk'}[0:3],{SITE}@sae:{SAES / 'topk'}[random:4],{SITE}[1]"
+def test_sweep_spec_of_latents(direction):
+    from amrepro.batch import batch_targets
+    from amrepro.sweep import chunks
+
+    spec = f"{SITE}@sae:{SAES / 'topk'}[0:3],{SITE}@sae:{SAES / 'topk'}[random:4],{SITE}[1],{SITE}@{direction}"
     targets = parse_targets(spec, lambda b, s: 32, 10, seed=0)
     assert targets[:3] == [Target(8, "hook_resid_pre", i, f"sae:{SAES / 'topk'}") for i in range(3)]
-    assert targets[-1] == Target(8, "hook_resid_pre", 1) and all(t.index < 16 for t in targets)
+    assert targets[-2:] == [Target(8, "hook_resid_pre", 1), Target(8, "hook_resid_pre", 0, direction)]
+    assert all(t.index < 16 for t in targets)
+    assert [len(c) for c in chunks(targets, 64)] == [len(targets) - 2, 1, 1]  # a batch reads one SAE, or one file
+    for chunk in chunks(targets, 64):  # the batch tag reproduce reads back names the same targets
+        assert batch_targets(f"{chunk[0].prefix}:" + ",".join(str(t.index) for t in chunk)) == chunk
     with pytest.raises(AmreproError, match="1 to 16"):
         parse_targets(f"{SITE}@sae:{SAES / 'topk'}[random:17]", lambda b, s: 32, 10, seed=0)
 
