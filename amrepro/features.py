@@ -34,7 +34,9 @@ from .targets import Target
 
 ARCHITECTURES = ("standard", "jumprelu", "topk")
 _RANDOM_STREAM = 0xD1EC  # numpy stream of the random directions, apart from the controls' and sweeps' streams
-_ARTIFACT_MAX_BYTES = 10 * 2**20  # a target file up to this size is logged as an artifact; larger: sha256 + path
+# a target file up to this size is logged as an artifact with each target parent (a sweep of 64 latents logs 64
+# copies); larger: its sha256 and path only. A direction is a few KiB; a real SAE is tens of MiB or more.
+_ARTIFACT_MAX_BYTES = 2**20
 CFG, WEIGHTS = "cfg.json", "sae_weights.safetensors"
 
 
@@ -289,8 +291,11 @@ def target_tags(target: Target) -> dict[str, str]:
     SAE: of cfg.json and the weights). Nothing for a neuron."""
     if target.kind == "neuron":
         return {}
-    tags = {"target.description": describe(target)}
-    sha = file_sha256(target)
+    try:  # `amrepro log` may log a saved outcome after the file moved: the run's tags then say so
+        tags = {"target.description": describe(target)}
+        sha = file_sha256(target)
+    except OSError as error:
+        return {"target.description": f"{target.name} (its file could not be read when logged: {error.strerror})"}
     if sha is not None:
         path = target.source[len("sae:"):] if target.kind == "sae" else target.source
         tags.update({"target.file_sha256": sha, "target.file_path": os.path.abspath(path)})
@@ -298,10 +303,11 @@ def target_tags(target: Target) -> dict[str, str]:
 
 
 def file_artifacts(target: Target) -> dict[str, bytes]:
-    """The target's file(s) as artifacts under target_file/, when at most 10 MiB together; else nothing (the
+    """The target's file(s) as artifacts under target_file/, when at most 1 MiB together; else nothing (the
     tags keep its sha256 and path)."""
     files = _files(target)
-    if not files or sum(os.path.getsize(p) for p in files) > _ARTIFACT_MAX_BYTES:
+    if not files or not all(os.path.isfile(p) for p in files) \
+            or sum(os.path.getsize(p) for p in files) > _ARTIFACT_MAX_BYTES:
         return {}
     out = {}
     for path in files:

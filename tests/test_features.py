@@ -137,6 +137,19 @@ def test_direction_is_the_normalized_dot_product(lm, direction):
     assert not np.array_equal(a, features.random_direction(1, 8, "hook_resid_pre", 1, 32))
 
 
+def test_file_tags_and_artifacts(direction, tmp_path):
+    target = Target.parse(f"{SITE}@{direction}")
+    tags = features.target_tags(target)
+    assert tags["target.file_sha256"] == features.file_sha256(target) and tags["target.file_path"] == direction
+    assert list(features.file_artifacts(target)) == ["target_file/probe.npy"]
+    big = tmp_path / "big.npy"
+    np.save(big, np.ones(300_000, np.float32))  # 1.2 MB: pinned by sha256 and path only
+    assert features.file_artifacts(Target.parse(f"{SITE}@{big}")) == {}
+    Path(direction).unlink()  # `amrepro log` after the file moved: tags say so instead of failing
+    assert "could not be read" in features.target_tags(target)["target.description"]
+    assert features.target_tags(Target.parse(f"{SITE}[3]")) == {}
+
+
 # --- every method, in process --------------------------------------------------------------------------------
 
 TINY = dict(runs=2, n_tokens=3, epochs=4, steps=2, epo_steps=2, topk=8, candidates=8, population=2, device="cpu")
