@@ -150,11 +150,10 @@ def load_sae(path: str) -> SAE:
 def sae_of(target: Target, width: int) -> SAE:
     """target's SAE, checked against the site (its width, and the SAE's hook where cfg.json names one) and the
     latent index against d_sae."""
-    sae = load_sae(target.source[len("sae:"):])
+    sae, site = load_sae(target.source[len("sae:"):]), f"blocks.{target.block}.{target.site}"
     if sae.d_in != width:
-        raise AmreproError(f"the SAE in {sae.path} reads vectors of width {sae.d_in}, but {target.prefix.split('@')[0]} "
-                           f"has {width} dimensions.")
-    site = f"blocks.{target.block}.{target.site}"
+        raise AmreproError(f"the SAE in {sae.path} reads vectors of width {sae.d_in}, but {site} has {width} "
+                           "dimensions.")
     if sae.hook_name and sae.hook_name != site:
         raise AmreproError(f"the SAE in {sae.path} was trained on {sae.hook_name}, not on {site}: name that site.")
     if not 0 <= target.index < sae.d_sae:
@@ -221,7 +220,8 @@ def readout(targets: list[Target], width: int) -> Readout:
         return Readout(read["W"][at], read["b"][at], sae.architecture,
                        read["b_dec"] if sae.apply_b_dec_to_input else None,
                        read["threshold"][at] if "threshold" in read else None)
-    raise AmreproError(f"one batch reads one SAE or directions only, got {', '.join(sorted({t.source for t in targets}))}.")
+    sources = ", ".join(sorted({t.source or t.name for t in targets}))
+    raise AmreproError(f"one batch reads one SAE or directions only, got {sources}.")
 
 
 # --- controls -----------------------------------------------------------------------------------------------

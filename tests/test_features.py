@@ -132,7 +132,7 @@ def test_direction_is_the_normalized_dot_product(lm, direction):
     with site_reader(lm, Target.parse(f"{SITE}@{direction}")) as reader:
         act = reader(x).double().numpy()
     np.testing.assert_allclose(act, _site(lm, x) @ (d / np.linalg.norm(d)), atol=1e-5)
-    a, b = features.random_direction(0, 8, "hook_resid_pre", 1, 32), features.random_direction(0, 8, "hook_resid_pre", 1, 32)
+    a, b = (features.random_direction(0, 8, "hook_resid_pre", 1, 32) for _ in range(2))
     assert np.array_equal(a, b) and abs(np.linalg.norm(a) - 1) < 1e-12  # reproducible unit directions
     assert not np.array_equal(a, features.random_direction(1, 8, "hook_resid_pre", 1, 32))
 
@@ -206,7 +206,8 @@ def test_run_and_reproduce_a_latent_with_its_file_pinned(tiny_gpt2, store, tmp_p
     tags = parent.data.tags
     assert tags["target.file_sha256"] == features.file_sha256(Target.parse(sae_target("jumprelu", 4, folder)))
     assert tags["target.file_path"] == str(folder / "jumprelu")
-    assert tags["target.description"].startswith("latent 4 of the jumprelu SAE") and "threshold[4]" in tags["target.description"]
+    described = tags["target.description"]
+    assert described.startswith("latent 4 of the jumprelu SAE") and "threshold[4]" in described
     files = {f.path for f in MlflowClient(store).list_artifacts(parent.info.run_id, "target_file")}
     assert files == {"target_file/cfg.json", "target_file/sae_weights.safetensors"}  # small: logged whole
     again = cli("reproduce", parent.info.run_id)
