@@ -100,6 +100,8 @@ def test_vectorized_statistics_equal_token_stats():
     assert by_hand["repeats"][0] == 9 - 4  # tokens 1, 2, 3, 4
     assert by_hand["agreeing_positions"][0] == 2  # runs 0 and 1 agree at positions 0 and 2
     assert by_hand["shared_tokens"][0] == 2  # {1,2} & {1,2,3}: 2; nothing shared with {4}
+    # the 5 repeats split: 1 and 2 are each held by a second run (2 across), 1 and 4 repeat inside runs (3 within)
+    assert by_hand["cross_run_repeats"][0] == 2 and by_hand["within_run_repeats"][0] == 3
     assert np.isnan(nulls.draw_stats(np.array([[[1, 2]]]))["positional_agreement"][0])  # one run: no pairs
 
 
