@@ -260,3 +260,23 @@ def test_shapes_are_checked():
     with pytest.raises(ValueError, match="runs, pos"):
         reproducibility_stats(np.zeros((2, 3), int), np.zeros((2, 4, 5)), [1, 2], [1, 2], np.zeros((2, 3)),
                               np.zeros((2, 3), int), 10)
+
+
+def test_every_name_the_tables_read_is_logged():
+    """The registry is the one place a statistic's names are written: the sweep table's metrics, the compare
+    table's columns and the flat metrics must agree, or a misspelt name would give a column of None."""
+    from types import SimpleNamespace
+
+    from amrepro import compare, nulls, stats, sweep
+
+    s = stats_for(np.random.default_rng(0).integers(0, 100, size=(4, 3)), vocab_size=100)
+    missing = [key for key in sweep.TABLE_COLUMNS.values() if key not in s["metrics"]]
+    assert not missing, missing
+    drawn = nulls.draw_stats(np.zeros((1, 2, 3), int))
+    assert all(stat.key in drawn and stat.events in drawn for stat in stats.REGISTRY)
+    row = compare.row("adam", SimpleNamespace(summary={"statistics": s}), None, 1.0)
+    assert set(row) == set(compare.COLUMNS)
+    for stat in stats.REGISTRY:
+        assert row[stat.column] == pytest.approx(s["metrics"][stat.metric])
+        assert row[stat.p_column] == pytest.approx(s["metrics"][stat.pvalue_metric(stats.PRIMARY)])
+    assert {f"verdict/{stat.claim}" for stat in stats.CLAIMS} <= set(s["metrics"])

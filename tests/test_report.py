@@ -51,3 +51,19 @@ def test_tokens_are_never_cut_at_80_columns(monkeypatch):
     assert "…" not in text
     short = [["a", "b", "c", "d", "e"] for _ in range(3)]
     assert "┃" in _render(_Outcome(short), 80)  # short tokens keep the table
+
+
+def test_the_null_is_named_after_the_methods_starts():
+    """pez/gcg/epo start from random tokens: the table's chance column and its caption say so, as the verdict does
+    (issue 19), not "decoded starts" / "random start vectors decoded to their nearest tokens"."""
+    from test_metrics import stats_for
+
+    ids = np.arange(20).reshape(4, 5)
+    s = stats_for(ids, initial_ids=ids + 100, start_name="random start tokens")
+    out = Console(width=250, record=True, file=open("/dev/null", "w"))
+    out.print(report.stats_table(s))
+    text = out.export_text()
+    assert "chance: random start tokens" in text and "draws of random start tokens" in text
+    assert "decoded starts" not in text and "nearest tokens" not in text
+    for stat in ("unique tokens", "repeats across runs", "repeats within runs", "positional agreement"):
+        assert stat in text
