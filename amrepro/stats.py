@@ -57,10 +57,6 @@ class Statistic:
     def p_column(self) -> str:
         return f"p_{self.short}"
 
-    @property
-    def extreme(self) -> str:
-        return "as large or larger" if self.larger else "as few or fewer"
-
 
 REGISTRY = (
     # the reference's statistic (numpy.unique over runs x n_tokens): reported with its chance levels, but its
@@ -95,6 +91,5 @@ REGISTRY = (
               says="above chance under {null}, runs share tokens more than chance, evidence that AM converges to "
                    "preferred tokens"),
 )
-BY_KEY = {s.key: s for s in REGISTRY}
 CLAIMS = tuple(s for s in REGISTRY if s.claim)  # the statistics that decide a verdict/* flag
 REPRODUCIBILITY = tuple(s for s in CLAIMS if s.supports == "reproducibility")
