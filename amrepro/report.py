@@ -257,17 +257,20 @@ def markdown_summary(outcome) -> str:
     """The parent run's description (tag mlflow.note.content, rendered as markdown on its page)."""
     c, stats = outcome.config, outcome.summary["statistics"]
     nulls, primary = stats.get("nulls", {}), primary_name(stats)
+    # an outcome file saved before the registry (`amrepro log FILE` after an upgrade) has only the older keys
+    observed = stats.get("observed") or {"n_unique": stats["n_unique_tokens"], "jaccard_mean": stats["jaccard_mean"],
+                                         "positional_agreement": stats["positional_agreement"]}
     lines = [f"**{c.model}**, `{outcome.target.name}`, {len(outcome.result.seeds)} seeds x {c.n_steps} "
              f"{'epochs' if c.method == 'adam' else c.method + ' steps'}", "", f"**Verdict.** {stats['verdict']}", "",
              f"| statistic | observed | chance: {primary} | p | chance: uniform | p |", "|---|---|---|---|---|---|"]
-    for stat in REGISTRY:
-        value = stats["observed"][stat.key]
-        observed = f"{value}/{stats['n_tokens_total']}" if stat.key == "n_unique" else _num(value)
+    for stat in (s for s in REGISTRY if s.key in observed):
+        value = observed[stat.key]
+        shown = f"{value}/{stats['n_tokens_total']}" if stat.key == "n_unique" else _num(value)
         cells = []
         for null in NULLS:
             d = nulls.get(null, {}).get(stat.key) or {}
             cells += [f"{_num(d.get('mean'))} [{_num(d.get('low'))}, {_num(d.get('high'))}]", _num(d.get("pvalue"))]
-        lines.append(f"| {stat.label} | {observed} | " + " | ".join(cells) + " |")
+        lines.append(f"| {stat.label} | {shown} | " + " | ".join(cells) + " |")
     lines += ["", "| seed | " + " | ".join(f"pos {p}" for p in range(len(outcome.tokens[0]))) + " | act (final) |",
               "|---" * (len(outcome.tokens[0]) + 2) + "|"]
     for r, seed in enumerate(outcome.result.seeds):

@@ -69,9 +69,10 @@ def verdict(stats: dict) -> str:
               f" (this few unique or fewer); uniform tokens {_chance(un['n_unique'], 2, count=True)}, "
               f"p = {_p(un['n_unique']['pvalue'])}; decoded initial embeddings of these runs {iu}/{n}.")
     if events["repeats"]:
-        words += (f" Of the {events['repeats']} repeats, {events['cross_run_repeats']} are across runs (a token in "
-                  f"two or more runs) and {events['within_run_repeats']} within a run (a run repeating its own "
-                  "token); only repeats across runs say whether seeds agree.")
+        across = events["cross_run_repeats"]
+        words += (f" Of the {events['repeats']} repeats, {across} {'is' if across == 1 else 'are'} across runs (a "
+                  f"token in two or more runs) and {events['within_run_repeats']} within a run (a run repeating its "
+                  "own token); only repeats across runs say whether seeds agree.")
     single = stats["n_runs"] < 2
     for stat in CLAIMS:
         if stat.pairwise and single:

@@ -67,3 +67,23 @@ def test_the_null_is_named_after_the_methods_starts():
     assert "decoded starts" not in text and "nearest tokens" not in text
     for stat in ("unique tokens", "repeats across runs", "repeats within runs", "positional agreement"):
         assert stat in text
+
+
+def test_run_description_names_the_null_and_reads_an_older_summary():
+    """The parent's markdown description: every registry row under the method's own null; a summary saved before
+    the registry (no "observed": `amrepro log FILE` after an upgrade) still renders its three statistics."""
+    from types import SimpleNamespace
+
+    from test_metrics import stats_for
+
+    ids = np.arange(20).reshape(4, 5)
+    s = stats_for(ids, initial_ids=ids + 100, start_name="random start tokens")
+    outcome = SimpleNamespace(config=SimpleNamespace(model="tiny", n_steps=3, method="gcg"),
+                              target=SimpleNamespace(name="blocks.1.hook_resid_pre[0]"), diverged={},
+                              result=SimpleNamespace(seeds=[0, 1, 2, 3], final_activation=torch.ones(4)),
+                              tokens=[["a"] * 5] * 4, summary={"statistics": s})
+    text = report.markdown_summary(outcome)
+    assert "| statistic | observed | chance: random start tokens |" in text and "| repeats across runs | 0 |" in text
+    outcome.summary = {"statistics": {k: v for k, v in s.items() if k != "observed"}}
+    text = report.markdown_summary(outcome)
+    assert "| unique tokens | 20/20 |" in text and "repeats across runs" not in text
