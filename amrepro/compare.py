@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from . import report
+from . import methods, report
 from .config import AmreproError, Config, METHODS
 from .stats import PRIMARY, REGISTRY
 from .tracking import Tracker, json_bytes
@@ -115,11 +115,11 @@ def compare(config: Config, methods_text: str, corpus_path: str = "", experiment
         table = [{k: r.get(k) for k in COLUMNS} for r in rows]
         files = {"compare.json": json_bytes({"target": target.name, "model": config.model, "seeds": config.seeds,
                                              "rows": table, "corpus": yard,
-                                             "null": ", ".join(s.p_column for s in REGISTRY) + ": under each "
-                                                     "method's own start distribution decoded as its results "
-                                                     "(adam: N(0, std(E)) vectors -> nearest tokens; pez, gcg, "
-                                                     "epo: uniform random tokens); p_unique_uniform: uniform "
-                                                     "tokens"})}
+                                             "null": ", ".join(s.p_column for s in REGISTRY)
+                                                     + ": under each method's own start distribution decoded as its "
+                                                     "results (" + "; ".join(f"{m}: {methods.start_name(m)}"
+                                                                             for m in names)
+                                                     + "); p_unique_uniform: uniform tokens"})}
         if yard is not None:
             files["corpus_top_windows.json"] = json_bytes(yard["top"])
         tracker.log_artifacts(top, files)
