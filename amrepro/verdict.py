@@ -100,7 +100,7 @@ def _sentence(stats: dict, stat, claimed: bool, name: str) -> str:
         words += stat.says.format(null=name) + "."
         initial = stats["baselines"]["initial_tokens"].get(stat.key)
         if initial is not None and (initial >= value if stat.larger else initial <= value):
-            words += (" But the un-optimized starts of these runs decoded show as much or more, so it is explained "
+            words += (" But the decoded un-optimized starts of these runs show as much or more, so it is explained "
                       "by decoding to nearest tokens, not by the optimization.")
         return words
     if n_events == 1 and ds["pvalue"] is not None and ds["pvalue"] < ALPHA:
