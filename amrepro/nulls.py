@@ -6,8 +6,9 @@ within runs, positional agreement, pairwise Jaccard) over `n_draws` Monte Carlo 
 (a) uniform: token ids drawn uniformly from the vocabulary.
 (b) decoded starts (the primary null): the method's own starts, decoded exactly as its results are. For adam,
     N(0, std(E)) vectors i.i.d. as seeding.initial_embeddings draws them, decoded by max cosine to the embedding
-    rows (decode.nearest_tokens' math); pez, gcg and epo start from uniform tokens (methods.start_pool). Nearest-token decoding concentrates on "hub" tokens, so random vectors
-    repeat tokens far more often than uniform tokens do; (a) ignores that and over-states significance.
+    rows (decode.nearest_tokens' math); pez, gcg and epo start from uniform tokens (methods.start_pool).
+    Nearest-token decoding concentrates on "hub" tokens, so random vectors repeat tokens far more often than
+    uniform tokens do; (a) ignores that and over-states significance.
 
 How (b) is sampled. Independent draws would decode n_draws * runs * n_tokens vectors (2000 x 50 vectors against
 a 50k x 768 vocabulary is ~8 TFLOP). Instead a POOL of K i.i.d. start vectors is decoded once (chunked matmuls),
@@ -89,9 +90,10 @@ SPARSE_ABOVE = 100_000  # runs^2 * pos^2 per draw above which draws are counted 
 
 def _sparse_stats(x: np.ndarray) -> tuple[int, int, int, float, int]:
     """(n_unique, agreeing run-pair positions, shared tokens over run pairs, sum of pairwise Jaccard, sum of the
-    runs' distinct-token counts) of one [runs, pos] matrix by counting tokens: agreement is sum_p sum_t C(count_pt, 2), shared tokens
-    sum_t C(runs holding t, 2), and Jaccard is non-zero only for the (few) pairs that share a token. Linear in
-    runs x pos instead of the all-pairs comparison, so thousands of runs stay fast; the same numbers."""
+    runs' distinct-token counts) of one [runs, pos] matrix by counting tokens: agreement is
+    sum_p sum_t C(count_pt, 2), shared tokens sum_t C(runs holding t, 2), and Jaccard is non-zero only for the
+    (few) pairs that share a token. Linear in runs x pos instead of the all-pairs comparison, so thousands of runs
+    stay fast; the same numbers."""
     runs, pos = x.shape
     n_unique = int(np.unique(x).size)
     agreeing = 0

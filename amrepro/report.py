@@ -163,11 +163,10 @@ def stats_table(stats: dict) -> Table:
         shown = num(value, 0 if stat.count else stat.digits)
         if stat.key == "n_unique":  # the reference's format
             shown = f"{value}/{stats['n_tokens_total']}"
-        ends = 0 if stat.count else stat.digits
+        ends, digits, own = (0 if stat.count else stat.digits), (2 if stat.count else 4), ds[stat.key] if ds else None
         table.add_row(stat.label, shown, interval(boot.get(stat.key), 2) if stat.key in boot else "",
-                      chance(ds[stat.key] if ds else None, 2 if stat.count else 4, ends), p(ds[stat.key] if ds else None),
-                      chance(un[stat.key], 2 if stat.count else 4, ends), p(un[stat.key]),
-                      num(first, 0 if stat.count else stat.digits))
+                      chance(own, digits, ends), p(own), chance(un[stat.key], digits, ends), p(un[stat.key]),
+                      num(first, ends))
     table.add_row("unique fraction", num(stats["unique_fraction"]), interval(boot.get("unique_fraction"), 2),
                   "", "", "", "", num(initial.get("unique_fraction")))
     kept = stats["start_token_kept"]

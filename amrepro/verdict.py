@@ -68,11 +68,14 @@ def verdict(stats: dict) -> str:
     words += (f"; {name} give {_chance(ds['n_unique'], 2, count=True)}, p = {_p(ds['n_unique']['pvalue'])}"
               f" (this few unique or fewer); uniform tokens {_chance(un['n_unique'], 2, count=True)}, "
               f"p = {_p(un['n_unique']['pvalue'])}; decoded initial embeddings of these runs {iu}/{n}.")
-    if events["repeats"]:
-        across = events["cross_run_repeats"]
-        words += (f" Of the {events['repeats']} repeats, {across} {'is' if across == 1 else 'are'} across runs (a "
-                  f"token in two or more runs) and {events['within_run_repeats']} within a run (a run repeating its "
-                  "own token); only repeats across runs say whether seeds agree.")
+    across, within = events["cross_run_repeats"], events["within_run_repeats"]
+    where = ("across runs (a token in two or more runs)", "within a run (a run repeating its own token)")
+    if events["repeats"] == 1:
+        words += (f" The one repeat is {where[0] if across else where[1]}; only "
+                  "repeats across runs say whether seeds agree.")
+    elif events["repeats"]:
+        words += (f" Of the {events['repeats']} repeats, {across} {'is' if across == 1 else 'are'} {where[0]} and "
+                  f"{within} {where[1]}; only repeats across runs say whether seeds agree.")
     single = stats["n_runs"] < 2
     for stat in CLAIMS:
         if stat.pairwise and single:

@@ -26,6 +26,7 @@ def test_one_coincidence_is_never_above_chance():
     assert "above chance" not in s["verdict"] and "below chance" not in s["verdict"].lower()
     assert s["verdict"].count("a single coincidence, not evidence") == 3  # across runs, agreement, Jaccard
     assert "Repeats across runs 1; decoded random starts 0.00 [0, 0]" in s["verdict"]
+    assert "The one repeat is across runs (a token in two or more runs)" in s["verdict"]
     for key in ("agreement_above_chance", "jaccard_above_chance", "unique_below_chance"):
         assert s["metrics"][f"verdict/{key}"] == 0.0
 
