@@ -14,12 +14,16 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from . import report
+from . import methods, report
 from .config import AmreproError, Config, METHODS
+from .stats import PRIMARY, REGISTRY
 from .tracking import Tracker, json_bytes
 
-COLUMNS = ("method", "act_mean", "act_best", "act_p99", "n_unique", "n_tokens", "p_unique", "p_unique_uniform",
-           "agreement", "p_agreement", "jaccard", "p_jaccard", "xent_mean", "wall_s")
+# the statistics' columns: each registry statistic, its p-value under the method's own starts, and for the unique
+# count also under uniform tokens
+_STAT_COLUMNS = tuple(c for s in REGISTRY for c in (s.column, s.p_column, *([f"{s.p_column}_uniform"]
+                                                                             if s.uniform_column else [])))
+COLUMNS = ("method", "act_mean", "act_best", "act_p99", "n_tokens", *_STAT_COLUMNS, "xent_mean", "wall_s")
 
 
 def parse_methods(text: str) -> list[str]:
@@ -38,14 +42,15 @@ def row(method: str, outcome, xent, wall: float) -> dict:
     s = outcome.summary["statistics"]
     if s is None:
         return {"method": method, "wall_s": wall}
-    ds, un = s["nulls"]["decoded_starts"], s["nulls"]["uniform"]
+    ds, un = s["nulls"][PRIMARY], s["nulls"]["uniform"]
     acts = s["decoded_activation"]
-    return {"method": method, "act_mean": acts["mean"], "act_best": acts["max"], "act_p99": None,
-            "n_unique": s["n_unique_tokens"], "n_tokens": s["n_tokens_total"],
-            "p_unique": ds["n_unique"]["pvalue"], "p_unique_uniform": un["n_unique"]["pvalue"],
-            "agreement": s["positional_agreement"], "p_agreement": ds["positional_agreement"]["pvalue"],
-            "jaccard": s["jaccard_mean"], "p_jaccard": ds["jaccard_mean"]["pvalue"],
-            "xent_mean": None if xent is None else float(xent.mean()), "wall_s": wall}
+    out = {"method": method, "act_mean": acts["mean"], "act_best": acts["max"], "act_p99": None,
+           "n_tokens": s["n_tokens_total"], "xent_mean": None if xent is None else float(xent.mean()), "wall_s": wall}
+    for stat in REGISTRY:
+        out.update({stat.column: s["observed"][stat.key], stat.p_column: ds[stat.key]["pvalue"]})
+        if stat.uniform_column:
+            out[f"{stat.p_column}_uniform"] = un[stat.key]["pvalue"]
+    return out
 
 
 def compare(config: Config, methods_text: str, corpus_path: str = "", experiment: str | None = None) -> list[dict]:
@@ -110,10 +115,11 @@ def compare(config: Config, methods_text: str, corpus_path: str = "", experiment
         table = [{k: r.get(k) for k in COLUMNS} for r in rows]
         files = {"compare.json": json_bytes({"target": target.name, "model": config.model, "seeds": config.seeds,
                                              "rows": table, "corpus": yard,
-                                             "null": "p_unique, p_agreement, p_jaccard: under each method's own "
-                                                     "start distribution decoded as its results (adam: N(0, "
-                                                     "std(E)) vectors -> nearest tokens; pez, gcg, epo: uniform "
-                                                     "random tokens); p_unique_uniform: uniform tokens"})}
+                                             "null": ", ".join(s.p_column for s in REGISTRY)
+                                                     + ": under each method's own start distribution decoded as its "
+                                                     "results (" + "; ".join(f"{m}: {methods.start_name(m)}"
+                                                                             for m in names)
+                                                     + "); p_unique_uniform: uniform tokens"})}
         if yard is not None:
             files["corpus_top_windows.json"] = json_bytes(yard["top"])
         tracker.log_artifacts(top, files)

@@ -8,6 +8,7 @@ import itertools
 import numpy as np
 
 from . import nulls, verdict
+from .stats import NULLS, PRIMARY, REGISTRY
 
 
 def unique_summary(ids: np.ndarray, tokens: list[list[str]]) -> dict:
@@ -35,7 +36,6 @@ def unique_summary(ids: np.ndarray, tokens: list[list[str]]) -> dict:
 # runs. The bootstrap reuses those matrices with run multiplicities as weights, so a resample never re-runs
 # the (possibly exponential) matching.
 
-INTERVAL = (2.5, 97.5)  # percentiles of the 95% intervals
 EXACT_MATCHING_MAX_POS = 8  # 8! = 40320 permutations per pair of runs; above that, greedy matching
 
 
@@ -111,23 +111,12 @@ def pair_mean(matrix: np.ndarray, counts: np.ndarray | None = None) -> float:
 
 
 def token_stats(ids: np.ndarray) -> dict[str, float]:
-    """The token-level statistics of one [runs, pos] matrix, as used for data and baselines alike."""
-    ids = np.asarray(ids)
-    n_unique = int(np.unique(ids).size)
-    return {"n_unique": n_unique, "unique_fraction": n_unique / ids.size,
-            "positional_agreement": pair_mean(pairwise_agreement(ids)),
-            "jaccard_mean": pair_mean(pairwise_jaccard(ids))}
-
-
-def _interval(values, with_mean: bool = True) -> dict:
-    """Mean and 95% percentile interval of Monte Carlo / bootstrap values (NaNs, from degenerate draws, ignored)."""
-    values = np.asarray(values, dtype=float)
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        return {"mean": None, "low": None, "high": None} if with_mean else {"low": None, "high": None}
-    low, high = np.percentile(values, INTERVAL)
-    out = {"low": float(low), "high": float(high)}
-    return {"mean": float(values.mean()), **out} if with_mean else out
+    """Every token statistic of one [runs, pos] matrix (stats.REGISTRY and the coincidence counts, by the very
+    arithmetic of the null draws, nulls.draw_stats) and the unique fraction: for data and baselines alike.
+    Pairwise statistics are NaN with a single run."""
+    ids = np.asarray(ids)  # [runs, pos]
+    values = {k: v[0].item() for k, v in nulls.draw_stats(ids[None]).items()}
+    return {**values, "unique_fraction": values["n_unique"] / ids.size}
 
 
 def _spread(values: np.ndarray) -> dict:
@@ -152,7 +141,8 @@ def _bootstrap(ids, matrices: dict[str, np.ndarray], per_run: dict[str, np.ndarr
             values[key].append(pair_mean(matrix, counts))
         for key, per in per_run.items():
             values[key].append(float((counts * per).sum() / runs))
-    return {"n_boot": n_boot, **{key: _interval(v, with_mean=False) for key, v in values.items()}}
+    return {"n_boot": n_boot, **{key: {k: v for k, v in nulls.interval(v).items() if k != "mean"}
+                                 for key, v in values.items()}}
 
 
 CONVERGENCE_WINDOW = 0.1  # the last 10% of epochs
@@ -192,28 +182,26 @@ def _flat_metrics(out: dict) -> dict[str, float]:
     null, one epoch) are left out."""
     b, i, nulls, kept = out["bootstrap"], out["baselines"]["initial_tokens"], out["nulls"], out["start_token_kept"]
     flat = {
-        "stats/n_unique_tokens": out["n_unique_tokens"], "stats/unique_fraction": out["unique_fraction"],
-        "stats/n_tokens_total": out["n_tokens_total"],
-        "stats/positional_agreement": out["positional_agreement"], "stats/jaccard_mean": out["jaccard_mean"],
+        "stats/unique_fraction": out["unique_fraction"], "stats/n_tokens_total": out["n_tokens_total"],
         "stats/matched_cosine_mean": out["matched_cosine_mean"],
         "stats/positional_cosine_mean": out["positional_cosine_mean"],
         "stats/projection_gap_mean": out["projection_gap"]["mean"],
         "stats/cosine_mean": out["cosine"]["mean"], "stats/cosine_min": out["cosine"]["min"],
         "stats/start_token_kept": kept["mean"], "pvalue/start_token_kept": kept["pvalue"],
-        **{f"stats/{k}": v for k, v in nulls["events"].items()},  # repeats, agreeing_positions, shared_tokens
+        **{f"stats/{k}": v for k, v in nulls["events"].items()},  # repeats, agreeing_positions, shared_tokens, ...
         "baseline/initial_unique": i["n_unique"], "baseline/initial_agreement": i["positional_agreement"],
         "baseline/initial_jaccard": i["jaccard_mean"],
     }
+    for stat in REGISTRY:  # observed values, null intervals and p-values, under the registry's names
+        if out["observed"][stat.key] is not None:
+            flat[stat.metric] = out["observed"][stat.key]
+        for null in (n for n in NULLS if n in nulls):
+            flat.update({stat.null_metric(null, k): nulls[null][stat.key][k] for k in ("mean", "low", "high")})
+            flat[stat.pvalue_metric(null)] = nulls[null][stat.key]["pvalue"]
     for name in ("final_activation", "decoded_activation"):
         flat.update({f"stats/{name}_{k}": out[name][k] for k in ("mean", "std", "min", "max")})
-    for null in ("decoded_starts", "uniform"):
-        if null not in nulls:
-            continue
-        for short, key in (("unique", "n_unique"), ("agreement", "positional_agreement"), ("jaccard", "jaccard_mean")):
-            flat.update({f"null/{null}/{short}_{k}": nulls[null][key][k] for k in ("mean", "low", "high")})
-            flat[f"pvalue/{short}_{null}"] = nulls[null][key]["pvalue"]
-    if "decoded_starts" in nulls:
-        ds = nulls["decoded_starts"]
+    if PRIMARY in nulls:
+        ds = nulls[PRIMARY]
         flat.update({"null/decoded_starts/start_token_kept_chance": ds["collision_probability"],
                      "null/decoded_starts/pool_size": ds["pool_size"],
                      "null/decoded_starts/pool_distinct": ds["pool_distinct"]})
@@ -268,20 +256,22 @@ def reproducibility_stats(ids, final, final_activation, decoded_activation, cosi
     matched, matching = pairwise_matched_cosine(final)
     matrices = {"positional_agreement": pairwise_agreement(ids), "jaccard_mean": pairwise_jaccard(ids),
                 "matched_cosine_mean": matched, "positional_cosine_mean": pairwise_positional_cosine(final)}
-    observed = {"n_unique": int(np.unique(ids).size), **{k: pair_mean(m) for k, m in matrices.items()}}
-    observed = _none_if_nan(observed)
+    tokens = token_stats(ids)  # every registry statistic, as the null draws compute it
+    observed = _none_if_nan({**tokens, **{k: pair_mean(m) for k, m in matrices.items()}})
     gap = final_act - decoded_act  # [runs]
     cosine_per_run = cosine.mean(axis=1)  # [runs]
     null = nulls.null_models(ids, vocab_size, start_pool, seed, n_null, start_name)
     initial = _none_if_nan(token_stats(initial_ids))
     kept = start_token_kept(ids, initial_ids)  # [runs]
     n_kept = int((ids == initial_ids).sum())
-    chance_kept = null["decoded_starts"]["collision_probability"] if "decoded_starts" in null else None
+    chance_kept = null[PRIMARY]["collision_probability"] if PRIMARY in null else None
     per_run = {"final_activation_mean": final_act, "projection_gap_mean": gap, "cosine_mean": cosine_per_run}
     # a generator of its own for the bootstrap, so its draws do not depend on the Monte Carlo's
     bootstrap = _bootstrap(ids, matrices, per_run, n_boot, np.random.default_rng([seed, 1]))
     out = {
         "n_runs": runs, "n_positions": pos, "n_tokens_total": int(ids.size), "vocab_size": int(vocab_size),
+        # the registry's statistics (a pairwise one is None with a single run), then the same under older keys
+        "observed": {s.key: None if s.pairwise and runs < 2 else observed[s.key] for s in REGISTRY},
         "n_unique_tokens": observed["n_unique"], "unique_fraction": observed["n_unique"] / ids.size,
         "positional_agreement": observed["positional_agreement"], "jaccard_mean": observed["jaccard_mean"],
         "matched_cosine_mean": observed["matched_cosine_mean"], "matching": matching,
@@ -289,7 +279,7 @@ def reproducibility_stats(ids, final, final_activation, decoded_activation, cosi
         "final_activation": _spread(final_act), "decoded_activation": _spread(decoded_act),
         "projection_gap": {"per_run": gap.tolist(), "mean": float(gap.mean())},
         "cosine": {"per_run": cosine_per_run.tolist(), "mean": float(cosine.mean()), "min": float(cosine.min())},
-        "nulls": null, "primary_null": "decoded_starts",
+        "nulls": null, "primary_null": PRIMARY,
         "baselines": {"initial_tokens": initial},
         "start_token_kept": {
             "per_run": kept.tolist(), "mean": float(kept.mean()), "n_kept": n_kept, "n_total": int(ids.size),
@@ -297,14 +287,16 @@ def reproducibility_stats(ids, final, final_activation, decoded_activation, cosi
             "pvalue": None if chance_kept is None else nulls.binomial_tail(n_kept, int(ids.size), chance_kept)},
         "convergence": None if activation is None else convergence(activation),
         "bootstrap": bootstrap,
-        "interval": "95%: 2.5th-97.5th percentiles",
+        "interval": "95%: the 2.5th percentile rounded down to a draw, the 97.5th rounded up (nulls.interval)",
         "notes": [
             "pairwise statistics average over pairs of different runs; None with a single run",
             f"matched cosine matching: {matching}",
             "nulls.uniform: runs x pos ids drawn uniformly from the vocabulary; nulls.decoded_starts (primary): "
-            "i.i.d. start vectors decoded to their nearest tokens (distinct entries of a decoded pool per draw)",
+            f"{start_name}, the method's own starts decoded as its results are (distinct entries of a pool per draw)",
             "p-values: one-sided Monte Carlo, (1 + #{draws at least as extreme}) / (1 + draws); unique count: "
-            "as few or fewer, agreement and Jaccard: as large or larger",
+            "as few or fewer, every other statistic: as large or larger",
+            "repeats = repeats across runs (a token held by k >= 2 runs counts k - 1) + repeats within runs (a run "
+            "repeating its own token); only repeats across runs decide verdict/unique_below_chance",
             "start_token_kept: fraction of final tokens equal to their own start's decoded token; chance = the "
             "decoded-starts collision probability sum_t p_t^2; p-value binomial",
             "bootstrap: runs resampled with replacement; pairwise statistics never pair a run with itself, "

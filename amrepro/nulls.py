@@ -1,13 +1,14 @@
 """Chance levels for statistics of decoded tokens, and one-sided Monte Carlo p-values.
 
-Two null models, each a distribution of the same statistics (unique count, positional agreement, pairwise
-Jaccard) over `n_draws` Monte Carlo draws of runs x n_tokens tokens:
+Two null models, each a distribution of every statistic of stats.REGISTRY (unique count, repeats across and
+within runs, positional agreement, pairwise Jaccard) over `n_draws` Monte Carlo draws of runs x n_tokens tokens:
 
 (a) uniform: token ids drawn uniformly from the vocabulary.
-(b) decoded starts (the primary null): the method's own start vectors, N(0, std(E)) i.i.d. per vector as
-    seeding.initial_embeddings draws them, decoded exactly as the results are (max cosine to the embedding
-    rows, decode.nearest_tokens' math). Nearest-token decoding concentrates on "hub" tokens, so random vectors
-    repeat tokens far more often than uniform tokens do; (a) ignores that and over-states significance.
+(b) decoded starts (the primary null): the method's own starts, decoded exactly as its results are. For adam,
+    N(0, std(E)) vectors i.i.d. as seeding.initial_embeddings draws them, decoded by max cosine to the embedding
+    rows (decode.nearest_tokens' math); pez, gcg and epo start from uniform tokens (methods.start_pool).
+    Nearest-token decoding concentrates on "hub" tokens, so random vectors repeat tokens far more often than
+    uniform tokens do; (a) ignores that and over-states significance.
 
 How (b) is sampled. Independent draws would decode n_draws * runs * n_tokens vectors (2000 x 50 vectors against
 a 50k x 768 vocabulary is ~8 TFLOP). Instead a POOL of K i.i.d. start vectors is decoded once (chunked matmuls),
@@ -31,10 +32,11 @@ import math
 
 import numpy as np
 
+from .stats import INTERVAL, PRIMARY, REGISTRY
+
 POOL_SIZE = 4096  # decoded start vectors in the pool: see the module docstring for the cost
 N_DRAWS = 2000  # Monte Carlo draws of runs x n_tokens tokens per null
 HUBS = 20  # hub tokens reported
-INTERVAL = (2.5, 97.5)  # percentiles of the 95% intervals
 _POOL_STREAM = 0x6E756C6C  # 'null': keeps the pool's generator apart from every run's own seed
 
 
@@ -86,11 +88,12 @@ def sample_uniform(vocab_size: int, runs: int, pos: int, n_draws: int, rng: np.r
 SPARSE_ABOVE = 100_000  # runs^2 * pos^2 per draw above which draws are counted token by token (_sparse_stats)
 
 
-def _sparse_stats(x: np.ndarray) -> tuple[int, int, int, float]:
-    """(n_unique, agreeing run-pair positions, shared tokens over run pairs, sum of pairwise Jaccard) of one
-    [runs, pos] matrix by counting tokens: agreement is sum_p sum_t C(count_pt, 2), shared tokens
-    sum_t C(runs holding t, 2), and Jaccard is non-zero only for the (few) pairs that share a token. Linear in
-    runs x pos instead of the all-pairs comparison, so thousands of runs stay fast; the same numbers."""
+def _sparse_stats(x: np.ndarray) -> tuple[int, int, int, float, int]:
+    """(n_unique, agreeing run-pair positions, shared tokens over run pairs, sum of pairwise Jaccard, sum of the
+    runs' distinct-token counts) of one [runs, pos] matrix by counting tokens: agreement is
+    sum_p sum_t C(count_pt, 2), shared tokens sum_t C(runs holding t, 2), and Jaccard is non-zero only for the
+    (few) pairs that share a token. Linear in runs x pos instead of the all-pairs comparison, so thousands of runs
+    stay fast; the same numbers."""
     runs, pos = x.shape
     n_unique = int(np.unique(x).size)
     agreeing = 0
@@ -111,29 +114,32 @@ def _sparse_stats(x: np.ndarray) -> tuple[int, int, int, float]:
             key = (int(holders[i]), int(holders[j]))
             inter[key] = inter.get(key, 0) + 1
     jaccard = sum(n / (size[a] + size[b] - n) for (a, b), n in inter.items())
-    return n_unique, agreeing, shared, float(jaccard)
+    return n_unique, agreeing, shared, float(jaccard), int(size.sum())
 
 
 def draw_stats(draws: np.ndarray, max_cells: int = 20_000_000) -> dict[str, np.ndarray]:
     """The token statistics of many [runs, pos] matrices at once: draws [D, runs, pos] -> {name: [D]}.
 
-    The same definitions as metrics.token_stats (pairs of different runs, Jaccard of token sets), vectorized,
-    plus the coincidence counts that the verdict needs: repeats (tokens minus unique ones), agreeing run-pair
-    positions, and shared tokens summed over run pairs. Pairwise values are NaN with a single run."""
+    Every statistic of stats.REGISTRY and its coincidence count (agreeing run-pair positions, shared tokens
+    summed over run pairs), vectorized; the same definitions as metrics.pairwise_agreement / pairwise_jaccard
+    (pairs of different runs, Jaccard of token sets). The repeats (tokens minus unique ones) split exactly into
+    repeats within runs (a run's tokens minus its distinct ones, summed over runs) and repeats across runs (the
+    runs' distinct tokens minus the unique ones: a token held by k runs is k - 1 of them). Pairwise values are
+    NaN with a single run."""
     draws = np.asarray(draws)
     D, runs, pos = draws.shape
     step = max(1, max_cells // max(1, runs * runs * pos * pos))  # draws per chunk: bounds the [d, r, r, p, p] mask
-    out = {k: [] for k in ("n_unique", "positional_agreement", "jaccard_mean", "repeats", "agreeing_positions",
-                           "shared_tokens")}
+    out = {k: [] for k in ("n_unique", "positional_agreement", "jaccard_mean", "agreeing_positions",
+                           "shared_tokens", "held")}
     upper = np.triu(np.ones((runs, runs), dtype=bool), k=1)  # [runs, runs]: each pair of different runs once
     n_pairs = runs * (runs - 1) // 2
     if runs * runs * pos * pos > SPARSE_ABOVE:  # many runs: count tokens instead of comparing all pairs
-        stats = np.array([_sparse_stats(x) for x in draws], dtype=float).reshape(D, 4)  # [D, 4]
-        n_unique, agreeing, shared = (stats[:, k].astype(int) for k in range(3))
+        stats = np.array([_sparse_stats(x) for x in draws], dtype=float).reshape(D, 5)  # [D, 5]
+        n_unique, agreeing, shared, held = (stats[:, k].astype(int) for k in (0, 1, 2, 4))
         with np.errstate(invalid="ignore", divide="ignore"):
-            return {"n_unique": n_unique, "positional_agreement": agreeing / (n_pairs * pos),
-                    "jaccard_mean": stats[:, 3] / n_pairs, "repeats": runs * pos - n_unique,
-                    "agreeing_positions": agreeing, "shared_tokens": shared}
+            return _repeats({"n_unique": n_unique, "positional_agreement": agreeing / (n_pairs * pos),
+                             "jaccard_mean": stats[:, 3] / n_pairs, "agreeing_positions": agreeing,
+                             "shared_tokens": shared, "held": held}, runs * pos)
     for start in range(0, D, step):
         x = draws[start:start + step]  # [d, runs, pos]
         flat = np.sort(x.reshape(x.shape[0], -1), axis=1)  # [d, runs * pos]
@@ -148,13 +154,20 @@ def draw_stats(draws: np.ndarray, max_cells: int = 20_000_000) -> dict[str, np.n
         jaccard = inter / (size[:, :, None] + size[:, None, :] - inter)  # [d, runs, runs]
         agreeing, shared = agree[:, upper].sum(axis=1), inter[:, upper].sum(axis=1)  # [d] each
         out["n_unique"].append(n_unique)
-        out["repeats"].append(runs * pos - n_unique)
+        out["held"].append(size.sum(axis=-1))  # [d]: the runs' distinct tokens, summed over runs
         out["agreeing_positions"].append(agreeing)
         out["shared_tokens"].append(shared)
         with np.errstate(invalid="ignore", divide="ignore"):  # one run: no pairs, NaN
             out["positional_agreement"].append(agreeing / (n_pairs * pos))
             out["jaccard_mean"].append(jaccard[:, upper].sum(axis=1) / n_pairs)
-    return {k: np.concatenate(v) for k, v in out.items()}
+    return _repeats({k: np.concatenate(v) for k, v in out.items()}, runs * pos)
+
+
+def _repeats(values: dict[str, np.ndarray], n_tokens: int) -> dict[str, np.ndarray]:
+    """The repeats and their split, from n_unique and "held" (the runs' distinct tokens summed over runs)."""
+    held = values.pop("held")
+    return {**values, "repeats": n_tokens - values["n_unique"], "within_run_repeats": n_tokens - held,
+            "cross_run_repeats": held - values["n_unique"]}
 
 
 def interval(values) -> dict:
@@ -211,19 +224,16 @@ def binomial_tail(k: int, n: int, q: float) -> float:
     return float(min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms)))
 
 
-_KEYS = (("n_unique", False), ("positional_agreement", True), ("jaccard_mean", True))  # (statistic, larger)
-
-
 def null_model(draws: np.ndarray, observed: dict) -> dict:
-    """A null's intervals of every statistic and the observed statistics' p-values under it.
+    """A null's intervals of every registry statistic and the observed statistics' p-values under it.
 
     draws [D, runs, pos]; observed: draw_stats of the observed matrix (one draw), so that observed and null
     values come from the same arithmetic."""
     values = draw_stats(draws)
     out = {"n_draws": int(draws.shape[0])}
-    for key, larger in _KEYS:
-        out[key] = interval(values[key])
-        out[key]["pvalue"] = pvalue(observed[key][0], values[key], larger)
+    for stat in REGISTRY:
+        out[stat.key] = interval(values[stat.key])
+        out[stat.key]["pvalue"] = pvalue(observed[stat.key][0], values[stat.key], stat.larger)
     return out
 
 
@@ -238,13 +248,13 @@ def null_models(ids: np.ndarray, vocab_size: int, start_pool: np.ndarray | None,
     uniform = sample_uniform(vocab_size, runs, pos, n_draws, np.random.default_rng([seed, 2]))
     out = {"uniform": {"description": "token ids drawn uniformly from the vocabulary",
                        **null_model(uniform, observed)},
-           "events": {k: int(observed[k][0]) for k in ("repeats", "agreeing_positions", "shared_tokens")}}
+           "events": {k: int(observed[k][0]) for k in dict.fromkeys(s.events for s in REGISTRY)}}
     if start_pool is not None:
         start_pool = np.asarray(start_pool)
         starts = sample_pool(start_pool, runs, pos, n_draws, np.random.default_rng([seed, 3]))
-        out["decoded_starts"] = {
-            "name": start_name, "description": (f"the method's start vectors (N(0, std(E)) i.i.d.) decoded to their max-cosine tokens: "
-                            f"a pool of {start_pool.size} decoded once, each draw {runs * pos} distinct pool entries"),
+        out[PRIMARY] = {
+            "name": start_name, "description": (f"{start_name}: a pool of {start_pool.size} of the method's starts, "
+                                                f"decoded once; each draw {runs * pos} distinct pool entries"),
             **null_model(starts, observed), "pool_size": int(start_pool.size), "vocab_size": int(vocab_size),
             "pool_distinct": int(np.unique(start_pool).size),
             "collision_probability": collision_probability(start_pool), "hub_tokens": hub_tokens(start_pool)}

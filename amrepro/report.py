@@ -13,6 +13,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from .stats import NULLS, PRIMARY, REGISTRY
+
 # Redirected to a file, rich would assume 80 columns and cut tokens; a log file has no width to respect.
 console = Console(highlight=False, width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200)
 errors = Console(stderr=True, highlight=False)
@@ -122,20 +124,27 @@ def summary_lines(summary: dict) -> list[str]:
     return lines
 
 
+def primary_name(stats: dict) -> str:
+    """What the primary null is called: the method's own starts (methods.start_name, via the statistics)."""
+    return stats["nulls"].get(PRIMARY, {}).get("name", "the method's starts")
+
+
 def stats_table(stats: dict) -> Table:
-    """Observed statistics with their bootstrap interval, next to the two chance levels (decoded random starts
-    first: the primary null) with their one-sided p-values, and the un-optimized baseline."""
+    """Observed statistics (stats.REGISTRY, in its order) with their bootstrap interval, next to the two chance
+    levels (the method's own starts first: the primary null) with their one-sided p-values, and the un-optimized
+    baseline."""
     nulls, initial, boot = stats["nulls"], stats["baselines"]["initial_tokens"], stats["bootstrap"]
-    ds, un = nulls.get("decoded_starts"), nulls["uniform"]
+    ds, un, name = nulls.get(PRIMARY), nulls["uniform"], primary_name(stats)
     table = Table(title="Reproducibility statistics (95% intervals)", header_style="bold")
     # One line per row from ~110 columns on; a narrower terminal breaks cells at their spaces and folds (never
     # crops) a number that does not fit.
     table.add_column("statistic", overflow="fold")
-    for column in ("observed", "bootstrap", "chance: decoded starts", "p", "chance: uniform", "p", "initial"):
+    for column in ("observed", "bootstrap", f"chance: {name}", "p", "chance: uniform", "p", "initial"):
         table.add_column(column, justify="right", overflow="fold")
-    table.caption = (f"bootstrap: runs resampled. chance: {un['n_draws']} Monte Carlo draws of random start vectors "
-                     "decoded to their nearest tokens (the primary null) or of uniformly random tokens. p: one-sided "
-                     "(unique: as few or fewer; others: as large or larger). initial: the runs' un-optimized starts")
+    table.caption = (f"bootstrap: runs resampled. chance: {un['n_draws']} Monte Carlo draws of {name} (the primary "
+                     "null: the method's own starts, decoded as its results are) or of uniformly random tokens. p: "
+                     "one-sided (unique: as few or fewer; others: as large or larger). initial: the runs' "
+                     "un-optimized starts")
 
     def num(x, digits=3):
         return "n/a" if x is None else f"{x:.{digits}f}"
@@ -149,17 +158,17 @@ def stats_table(stats: dict) -> Table:
     def p(d):
         return "n/a" if not isinstance(d, dict) or d.get("pvalue") is None else f"{d['pvalue']:.2g}"
 
-    for key, label, observed, digits, ends in (
-            ("n_unique", "unique tokens", f"{stats['n_unique_tokens']}/{stats['n_tokens_total']}", 2, 0),
-            ("positional_agreement", "agreement", num(stats["positional_agreement"]), 4, 3),
-            ("jaccard_mean", "Jaccard", num(stats["jaccard_mean"]), 4, 3)):
-        d = ds[key] if ds else None
-        initial_value = str(initial["n_unique"]) if key == "n_unique" else num(initial.get(key))
-        table.add_row(label, observed, "" if key == "n_unique" else interval(boot.get(key), 2),
-                      chance(d, digits, ends), p(d), chance(un[key], digits, ends), p(un[key]), initial_value)
-        if key == "n_unique":
-            table.add_row("unique fraction", num(stats["unique_fraction"]), interval(boot.get("unique_fraction"), 2),
-                          "", "", "", "", num(initial.get("unique_fraction")))
+    for stat in REGISTRY:
+        value, first = stats["observed"][stat.key], initial.get(stat.key)
+        shown = num(value, 0 if stat.count else stat.digits)
+        if stat.key == "n_unique":  # the reference's format
+            shown = f"{value}/{stats['n_tokens_total']}"
+        ends, digits, own = (0 if stat.count else stat.digits), (2 if stat.count else 4), ds[stat.key] if ds else None
+        table.add_row(stat.label, shown, interval(boot.get(stat.key), 2) if stat.key in boot else "",
+                      chance(own, digits, ends), p(own), chance(un[stat.key], digits, ends), p(un[stat.key]),
+                      num(first, ends))
+    table.add_row("unique fraction", num(stats["unique_fraction"]), interval(boot.get("unique_fraction"), 2),
+                  "", "", "", "", num(initial.get("unique_fraction")))
     kept = stats["start_token_kept"]
     table.add_row("start token kept", num(kept["mean"]), "",
                   "n/a" if kept["chance"] is None else f"{kept['chance']:.2g}",
@@ -177,16 +186,6 @@ def stats_table(stats: dict) -> Table:
         table.add_row(f"runs still rising (> {conv['threshold']:.0%})",
                       f"{conv['n_still_rising']}/{len(conv['per_run'])}", "", "", "", "", "", "")
     return table
-
-
-def print_specificity(outcome) -> None:
-    """--controls: the control targets and the specificity sentence (nothing when the run had no controls)."""
-    from .specificity import specificity_words
-
-    spec = outcome.specificity
-    if spec is not None:
-        console.print(f"[bold]Controls:[/] {_escape(', '.join(spec['controls']))}")
-        console.print(f"[bold]Specificity:[/] {_escape(specificity_words(spec))}")
 
 
 def print_outcome(outcome, parent_id: str | None, uri: str | None) -> None:
@@ -256,21 +255,21 @@ def token_columns(outcome) -> dict[str, list]:
 def markdown_summary(outcome) -> str:
     """The parent run's description (tag mlflow.note.content, rendered as markdown on its page)."""
     c, stats = outcome.config, outcome.summary["statistics"]
-    nulls = stats.get("nulls", {})
-    primary = nulls.get("decoded_starts", {}).get("name", "decoded random starts")  # the method's own starts
+    nulls, primary = stats.get("nulls", {}), primary_name(stats)
+    # an outcome file saved before the registry (`amrepro log FILE` after an upgrade) has only the older keys
+    observed = stats.get("observed") or {"n_unique": stats["n_unique_tokens"], "jaccard_mean": stats["jaccard_mean"],
+                                         "positional_agreement": stats["positional_agreement"]}
     lines = [f"**{c.model}**, `{outcome.target.name}`, {len(outcome.result.seeds)} seeds x {c.n_steps} "
              f"{'epochs' if c.method == 'adam' else c.method + ' steps'}", "", f"**Verdict.** {stats['verdict']}", "",
              f"| statistic | observed | chance: {primary} | p | chance: uniform | p |", "|---|---|---|---|---|---|"]
-    for key, label in (("n_unique", "unique tokens"), ("positional_agreement", "positional agreement"),
-                       ("jaccard_mean", "Jaccard")):
-        observed = {"n_unique": f"{stats['n_unique_tokens']}/{stats['n_tokens_total']}",
-                    "positional_agreement": _num(stats["positional_agreement"]),
-                    "jaccard_mean": _num(stats["jaccard_mean"])}[key]
+    for stat in (s for s in REGISTRY if s.key in observed):
+        value = observed[stat.key]
+        shown = f"{value}/{stats['n_tokens_total']}" if stat.key == "n_unique" else _num(value)
         cells = []
-        for null in ("decoded_starts", "uniform"):
-            d = nulls.get(null, {}).get(key) or {}
+        for null in NULLS:
+            d = nulls.get(null, {}).get(stat.key) or {}
             cells += [f"{_num(d.get('mean'))} [{_num(d.get('low'))}, {_num(d.get('high'))}]", _num(d.get("pvalue"))]
-        lines.append(f"| {label} | {observed} | " + " | ".join(cells) + " |")
+        lines.append(f"| {stat.label} | {shown} | " + " | ".join(cells) + " |")
     lines += ["", "| seed | " + " | ".join(f"pos {p}" for p in range(len(outcome.tokens[0]))) + " | act (final) |",
               "|---" * (len(outcome.tokens[0]) + 2) + "|"]
     for r, seed in enumerate(outcome.result.seeds):
@@ -290,18 +289,20 @@ def _num(x) -> str:
 def print_compare(rows: list[dict], top_run: str, uri: str) -> None:
     """`amrepro compare`: one row per method (and the corpus), p-values under each method's own start null."""
     table = Table(title="methods compared (p: under each method's own start distribution; p unif: uniform tokens)")
-    for name in ("method", "act mean", "act best", "p99", "unique", "p", "p unif", "agreement", "p", "Jaccard",
-                 "p", "xent", "wall s"):
+    stat_heads = [h for s in REGISTRY for h in (s.label, "p", *(["p unif"] if s.uniform_column else []))]
+    for name in ("method", "act mean", "act best", "p99", *stat_heads, "xent", "wall s"):
         table.add_column(name, justify="left" if name == "method" else "right")
 
     def f(x, digits=3):
         return "-" if x is None else (f"{x:.{digits}g}" if isinstance(x, float) else str(x))
 
     for r in rows:
-        unique = "-" if r.get("n_unique") is None else f"{r['n_unique']}/{r['n_tokens']}"
-        table.add_row(r["method"], f(r.get("act_mean")), f(r.get("act_best")), f(r.get("act_p99")), unique,
-                      f(r.get("p_unique"), 2), f(r.get("p_unique_uniform"), 2), f(r.get("agreement")),
-                      f(r.get("p_agreement"), 2), f(r.get("jaccard")), f(r.get("p_jaccard"), 2),
+        cells = []
+        for s in REGISTRY:
+            value = r.get(s.column)
+            cells.append(f"{value}/{r['n_tokens']}" if s.key == "n_unique" and value is not None else f(value))
+            cells += [f(r.get(s.p_column), 2)] + ([f(r.get(f"{s.p_column}_uniform"), 2)] if s.uniform_column else [])
+        table.add_row(r["method"], f(r.get("act_mean")), f(r.get("act_best")), f(r.get("act_p99")), *cells,
                       f(r.get("xent_mean")), f(r.get("wall_s"), 3))
     console.print(table)
     console.print(f"compare run {top_run} in {uri}", soft_wrap=True, markup=False)

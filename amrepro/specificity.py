@@ -26,8 +26,7 @@ import numpy as np
 
 from . import metrics
 from .config import AmreproError
-
-ALPHA = 0.05  # the only threshold the words use
+from .stats import ALPHA  # the only threshold the words use
 _CONTROL_STREAM = 7  # default_rng([seed, 7]): the control draw never shares a stream with other seed-derived draws
 _PERM_STREAM = 8
 _CHUNK = 256  # permutations evaluated at once ([chunk, N, N] booleans)

@@ -23,6 +23,8 @@ import numpy as np
 
 from . import features
 from .config import AmreproError, Config, _unquote
+from .nulls import binomial_tail
+from .stats import ALPHA, CLAIMS, PRIMARY, REGISTRY, REPRODUCIBILITY
 from .targets import ALL_SITES, Target, check_target
 
 MAX_RETRIES = 3  # Ray restarts of a dead worker, and retries of the chunk it held
@@ -271,20 +273,25 @@ def _first_line(error: BaseException) -> str:
 
 
 # --- the sweep run's table, metrics and map ---------------------------------------------------------------
-TABLE_COLUMNS = {  # table column -> parent metric
-    "n_unique_tokens": "stats/n_unique_tokens", "n_tokens_total": "stats/n_tokens_total",
-    "p_unique": "pvalue/unique_decoded_starts", "agreement": "stats/positional_agreement",
-    "p_agreement": "pvalue/agreement_decoded_starts", "jaccard": "stats/jaccard_mean",
-    "p_jaccard": "pvalue/jaccard_decoded_starts", "final_activation": "stats/final_activation_mean",
-    "decoded_activation": "stats/decoded_activation_mean", "projection_gap": "stats/projection_gap_mean",
-    "unique_below_chance": "verdict/unique_below_chance", "agreement_above_chance": "verdict/agreement_above_chance",
-    "jaccard_above_chance": "verdict/jaccard_above_chance",
-}
-CLAIMS = ("unique_below_chance", "agreement_above_chance", "jaccard_above_chance")
+def _table_columns() -> dict[str, str]:
+    """sweep_table.json's columns -> the parent metric each reads: every statistic of the registry with its
+    p-value under the primary null, the activations, and every verdict flag."""
+    columns = {"n_tokens_total": "stats/n_tokens_total"}
+    for stat in REGISTRY:
+        columns[stat.sweep_column or stat.column] = stat.metric
+        columns[stat.p_column] = stat.pvalue_metric(PRIMARY)
+    columns.update({"final_activation": "stats/final_activation_mean",
+                    "decoded_activation": "stats/decoded_activation_mean",
+                    "projection_gap": "stats/projection_gap_mean"})
+    return {**columns, **{stat.claim: f"verdict/{stat.claim}" for stat in CLAIMS}}
+
+
+TABLE_COLUMNS = _table_columns()  # a test checks that a run logs every metric named here
 
 
 def table(targets: list[Target], parents: dict[str, object]) -> dict[str, list]:
-    """One row per target of the sweep, in its order: the parent run and its statistics (None where missing)."""
+    """One row per target of the sweep, in its order: the parent run and its statistics (None where the run has
+    not logged it: not run, all seeds diverged, a single seed, or logged before the statistic existed)."""
     columns: dict[str, list] = {"target": [], "parent_run_id": [], "status": []}
     columns.update({name: [] for name in TABLE_COLUMNS})
     for target in targets:
@@ -298,47 +305,40 @@ def table(targets: list[Target], parents: dict[str, object]) -> dict[str, list]:
     return columns
 
 
-def binomial_tail(k: int, n: int, p: float) -> float:
-    """P(X >= k) for X ~ Binomial(n, p), in log space (n can be thousands)."""
-    if k <= 0:
-        return 1.0
-    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p)
-            + (n - i) * math.log1p(-p) for i in range(k, n + 1)]
-    top = max(logs)
-    return min(1.0, math.exp(top) * sum(math.exp(v - top) for v in logs))
-
-
 def summary(columns: dict[str, list]) -> tuple[dict[str, float], str]:
-    """sweep/* metrics and one sentence. Each target's claim is the verdict's (p < ALPHA under decoded random
+    """sweep/* metrics and one sentence. Each target's claim is the verdict's (p < ALPHA under the method's own
     starts AND at least MIN_EVENTS coincidences), so among targets with no preference at most about ALPHA of them
-    pass by chance: the fraction is compared with ALPHA by a one-sided binomial test, never read on its own."""
-    from .verdict import ALPHA
-
+    pass by chance: the fraction is compared with ALPHA by a one-sided binomial test, never read on its own.
+    "any above chance" counts the claims that seeds agree (stats.REPRODUCIBILITY), not the within-run repeats."""
     n_targets = len(columns["target"])
     with_stats = [i for i, v in enumerate(columns["agreement_above_chance"]) if v is not None]
     n = len(with_stats)
     metrics = {"sweep/n_targets": n_targets, "sweep/n_finished": columns["status"].count("FINISHED"),
                "sweep/n_with_statistics": n, "sweep/alpha_per_target": ALPHA}
-    words = []
-    for claim in CLAIMS:
-        k = sum(columns[claim][i] == 1.0 for i in with_stats)
-        metrics[f"sweep/n_{claim}"] = k
-        if n:
-            metrics[f"sweep/frac_{claim}"] = k / n
-            metrics[f"sweep/pvalue_{claim}"] = binomial_tail(k, n, ALPHA)
-    any_claim = sum(any(columns[c][i] == 1.0 for c in CLAIMS) for i in with_stats)
+    counted = {}  # claim -> (targets claimed, targets with the flag)
+    for stat in CLAIMS:
+        # a target logged before this claim existed has no flag: it is not counted, for this claim only
+        logged = [i for i in with_stats if columns[stat.claim][i] is not None]
+        k, m = counted[stat.claim] = (sum(columns[stat.claim][i] == 1.0 for i in logged), len(logged))
+        metrics[f"sweep/n_{stat.claim}"] = k
+        if m:
+            metrics[f"sweep/frac_{stat.claim}"] = k / m
+            metrics[f"sweep/pvalue_{stat.claim}"] = binomial_tail(k, m, ALPHA)
+    any_claim = sum(any(columns[s.claim][i] == 1.0 for s in REPRODUCIBILITY) for i in with_stats)
     metrics["sweep/n_any_above_chance"] = any_claim
     if n:
         metrics["sweep/frac_any_above_chance"] = any_claim / n
     if not n:
         return metrics, f"no target of {n_targets} has statistics yet."
-    for claim, label in zip(CLAIMS, ("fewer unique tokens than chance", "positional agreement above chance",
-                                     "Jaccard above chance")):
-        k, p = metrics[f"sweep/n_{claim}"], metrics[f"sweep/pvalue_{claim}"]
+    words = []
+    for stat in CLAIMS:
+        (k, m), p = counted[stat.claim], metrics.get(f"sweep/pvalue_{stat.claim}")
+        if p is None:
+            continue
         verdict = ("more targets than the per-target alpha lets chance explain" if p < ALPHA else
                    "within what chance gives at the per-target alpha")
-        words.append(f"{label}: {k}/{n} targets ({k / n:.0%}; by chance about {ALPHA:.0%}, binomial p = {p:.2g}): "
-                     f"{verdict}")
+        words.append(f"{stat.claim.replace('_', ' ')} ({stat.label}): {k}/{m} targets ({k / m:.0%}; by chance about "
+                     f"{ALPHA:.0%}, binomial p = {p:.2g}): {verdict}")
     return metrics, f"{n} of {n_targets} targets with statistics. " + "; ".join(words) + "."
 
 

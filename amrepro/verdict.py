@@ -1,18 +1,22 @@
 """The verdict: what the statistics allow one to say, in words and as 0/1 metrics, from one set of rules.
 
-A statistic is called "above chance" / "below chance" only when BOTH hold:
-- its one-sided p-value under the primary null (decoded random starts, see nulls.py) is below ALPHA, and
-- at least MIN_EVENTS coincidences make it up (2 repeated tokens for the unique count, 2 agreeing run-pair
-  positions for agreement, 2 shared tokens summed over run pairs for Jaccard).
-A single coincidence is named as one and never flips a verdict; without a decoded-starts null nothing is
-claimed. Every sentence names its null and gives p. The uniform null is reported beside it, never decides.
+Every statistic of stats.REGISTRY with a claim decides one flag verdict/<claim>, and it is claimed only when
+BOTH hold:
+- its one-sided p-value under the primary null (the method's own starts, see nulls.py) is below ALPHA, and
+- at least MIN_EVENTS coincidences make it up (2 repeats across runs, 2 agreeing run-pair positions, 2 shared
+  tokens summed over run pairs, 2 repeats within runs).
+A single coincidence is named as one and never flips a verdict; without a primary null nothing is claimed. Every
+sentence names its null and gives p. The uniform null is reported beside it, never decides.
+
+The reference's unique count is reported with its chance levels, but its repeats mix two things: a token that
+recurs in different runs (seeds agree) and a run repeating a token inside its own sequence ('ynamic' 'ynamic',
+which says nothing about seeds). So "below chance" and verdict/unique_below_chance rest on the repeats across
+runs only; the repeats within runs get their own sentence, null and flag.
 """
 
 from __future__ import annotations
 
-ALPHA = 0.05
-MIN_EVENTS = 2
-PRIMARY = "decoded_starts"
+from .stats import ALPHA, CLAIMS, MIN_EVENTS, PRIMARY
 
 
 def _p(p: float | None) -> str:
@@ -27,21 +31,18 @@ def _chance(null: dict, digits: int, count: bool = False) -> str:
     return f"{null['mean']:.{digits}f} [{ends[0]}, {ends[1]}]"
 
 
-def _significant(stats: dict, key: str, events: str) -> bool:
-    null = stats["nulls"].get(PRIMARY)
-    p = None if null is None else null[key]["pvalue"]
-    return p is not None and p < ALPHA and stats["nulls"]["events"][events] >= MIN_EVENTS
+def _significant(stats: dict, stat) -> bool:
+    null, value = stats["nulls"].get(PRIMARY), stats["observed"][stat.key]
+    p = None if null is None or value is None else null[stat.key]["pvalue"]
+    return p is not None and p < ALPHA and stats["nulls"]["events"][stat.events] >= MIN_EVENTS
 
 
 def decisions(stats: dict) -> dict[str, bool]:
     """The claims the data allow, as booleans; the words and the verdict/* metrics both follow these."""
     kept, conv = stats["start_token_kept"], stats.get("convergence")
-    pairwise = stats["positional_agreement"] is not None
     seed_kept = (kept["pvalue"] is not None and kept["pvalue"] < ALPHA and kept["n_kept"] >= MIN_EVENTS)
     return {
-        "unique_below_chance": _significant(stats, "n_unique", "repeats"),
-        "agreement_above_chance": pairwise and _significant(stats, "positional_agreement", "agreeing_positions"),
-        "jaccard_above_chance": pairwise and _significant(stats, "jaccard_mean", "shared_tokens"),
+        **{stat.claim: _significant(stats, stat) for stat in CLAIMS},
         # kept more often than chance, and more often than another run's token: the seed, not the neuron, decides
         "start_tokens_kept": seed_kept,
         "tokens_identify_seed": seed_kept and kept["mean"] > max(stats["positional_agreement"] or 0.0,
@@ -66,44 +67,50 @@ def verdict(stats: dict) -> str:
     name = ds.get("name", "decoded random starts")  # the method's own starts: vectors decoded, or tokens
     words += (f"; {name} give {_chance(ds['n_unique'], 2, count=True)}, p = {_p(ds['n_unique']['pvalue'])}"
               f" (this few unique or fewer); uniform tokens {_chance(un['n_unique'], 2, count=True)}, "
-              f"p = {_p(un['n_unique']['pvalue'])}; decoded initial embeddings of these runs {iu}/{n}. ")
-    if d["unique_below_chance"]:
-        words += f"Below chance under {name} ({events['repeats']} repeats)."
-        if iu <= u:
-            words += (" But the un-optimized initial embeddings repeat as much or more, so the repetition is "
-                      "explained by decoding to nearest tokens, not by the optimization.")
-    elif events["repeats"] == 1 and ds["n_unique"]["pvalue"] < ALPHA:
-        words += "One repeated token: a single coincidence, not evidence of a preferred token set."
-    elif un["n_unique"]["pvalue"] is not None and un["n_unique"]["pvalue"] < ALPHA:
-        words += (f"Within chance under {name}: nearest-token decoding of random vectors repeats "
-                  "hub tokens this often; only the uniform null, which ignores hubs, finds fewer unique than chance.")
-    else:
-        words += "Within chance: no evidence of a preferred token set."
-    if stats["positional_agreement"] is None:
+              f"p = {_p(un['n_unique']['pvalue'])}; decoded initial embeddings of these runs {iu}/{n}.")
+    across, within = events["cross_run_repeats"], events["within_run_repeats"]
+    where = ("across runs (a token in two or more runs)", "within a run (a run repeating its own token)")
+    if events["repeats"] == 1:
+        words += (f" The one repeat is {where[0] if across else where[1]}; only "
+                  "repeats across runs say whether seeds agree.")
+    elif events["repeats"]:
+        words += (f" Of the {events['repeats']} repeats, {across} {'is' if across == 1 else 'are'} {where[0]} and "
+                  f"{within} {where[1]}; only repeats across runs say whether seeds agree.")
+    single = stats["n_runs"] < 2
+    for stat in CLAIMS:
+        if stat.pairwise and single:
+            continue
+        if stat.supports == "method" and not events[stat.events]:
+            continue  # nothing to say about repeats that did not happen
+        words += _sentence(stats, stat, d[stat.claim], name)
+    if single:
         words += " A single run has no run-to-run agreement to measure."
-    else:
-        words += _pairwise("Positional agreement", stats["positional_agreement"], ds["positional_agreement"],
-                           un["positional_agreement"], events["agreeing_positions"], name,
-                           ("run pair decodes the same token at the same position",
-                            "run-pair positions with the same token"), d["agreement_above_chance"],
-                           "runs decode to the same token at the same position more often than chance")
-        words += _pairwise("Jaccard of token sets", stats["jaccard_mean"], ds["jaccard_mean"], un["jaccard_mean"],
-                           events["shared_tokens"], name, ("token shared by a pair of runs",
-                                                     "tokens shared, summed over pairs of runs"),
-                           d["jaccard_above_chance"],
-                           "runs share tokens more than chance, evidence that AM converges to preferred tokens")
     words += _kept(stats["start_token_kept"], d)
     words += _converged(stats.get("convergence"), d)
     return words
 
 
-def _pairwise(label, value, ds, un, n_events, name, event, claim, meaning) -> str:
-    words = (f" {label} {value:.3f} ({n_events} {event[0] if n_events == 1 else event[1]}); {name} "
-             f"{_chance(ds, 3)}, p = {_p(ds['pvalue'])}; uniform p = {_p(un['pvalue'])}: ")
-    if claim:
-        return words + f"above chance under {name}, {meaning}."
-    if n_events == 1:
+def _sentence(stats: dict, stat, claimed: bool, name: str) -> str:
+    """'<Label> <value> (<n> <events>); <null> <chance>, p = ..; uniform p = ..: <claim or why not>.'"""
+    value, n_events = stats["observed"][stat.key], stats["nulls"]["events"][stat.events]
+    ds, un = stats["nulls"][PRIMARY][stat.key], stats["nulls"]["uniform"][stat.key]
+    shown = f"{value:.0f}" if stat.count else f"{value:.{stat.digits}f}"
+    if stat.events != stat.key:  # a count is its own events; a mean says how many coincidences make it up
+        shown += f" ({n_events} {stat.event[0] if n_events == 1 else stat.event[1]})"
+    words = (f" {stat.label[0].upper() + stat.label[1:]} {shown}; {name} {_chance(ds, stat.digits, stat.count)}, "
+             f"p = {_p(ds['pvalue'])}; uniform p = {_p(un['pvalue'])}: ")
+    if claimed:
+        words += stat.says.format(null=name) + "."
+        initial = stats["baselines"]["initial_tokens"].get(stat.key)
+        if initial is not None and (initial >= value if stat.larger else initial <= value):
+            words += (" But the decoded un-optimized starts of these runs show as much or more, so it is explained "
+                      "by decoding to nearest tokens, not by the optimization.")
+        return words
+    if n_events == 1 and ds["pvalue"] is not None and ds["pvalue"] < ALPHA:
         return words + "a single coincidence, not evidence."
+    if un["pvalue"] is not None and un["pvalue"] < ALPHA and n_events >= MIN_EVENTS:
+        return words + (f"within chance under {name}, whose hub tokens recur often; "
+                        "only the uniform null, which ignores hubs, finds it beyond chance.")
     return words + "within chance."
 
 

@@ -58,8 +58,10 @@ def test_two_runs_by_hand():
     assert pairwise_jaccard(ids)[0, 1] == pytest.approx(3 / 5)
     repeats = np.array([[1, 1, 2], [2, 3, 3]])  # sets {1,2} and {2,3}: repeats inside a run do not count twice
     assert pairwise_jaccard(repeats)[0, 1] == pytest.approx(1 / 3)
+    # 3 repeats: 1 and 3 each repeated inside its own run (within), 2 held by both runs (across)
     assert token_stats(repeats) == {"n_unique": 3, "unique_fraction": 0.5, "positional_agreement": 0.0,
-                                    "jaccard_mean": pytest.approx(1 / 3)}
+                                    "jaccard_mean": pytest.approx(1 / 3), "repeats": 3, "within_run_repeats": 2,
+                                    "cross_run_repeats": 1, "agreeing_positions": 0, "shared_tokens": 1}
 
 
 def test_pairwise_means_average_over_pairs_of_different_runs():
@@ -131,8 +133,8 @@ def test_verdict_within_chance():
                   start_pool=rng.integers(0, V, size=4096))
     ds = s["nulls"]["decoded_starts"]["n_unique"]
     assert s["n_unique_tokens"] == 46 and ds["low"] <= 46 <= ds["high"] and ds["pvalue"] > 0.05
-    assert s["verdict"].startswith("46/50 tokens unique; decoded random starts give") and "Within chance" in s["verdict"]
-    assert "above chance" not in s["verdict"] and "Below chance" not in s["verdict"]
+    assert s["verdict"].startswith("46/50 tokens unique; decoded random starts give") and "within chance" in s["verdict"]
+    assert "above chance" not in s["verdict"] and "below chance" not in s["verdict"].lower()
     assert s["metrics"]["verdict/unique_below_chance"] == 0.0
 
 
@@ -146,13 +148,15 @@ def test_48_of_50_is_below_uniform_chance_but_within_a_hubby_decoded_starts_null
     s = stats_for(ids, initial_ids=initial)  # no hubs: decoded starts behave like uniform tokens
     assert s["n_unique_tokens"] == 48 and s["nulls"]["events"]["repeats"] == 2
     assert s["metrics"]["pvalue/unique_uniform"] < 0.01 and s["metrics"]["pvalue/unique_decoded_starts"] < 0.01
-    assert "Below chance under decoded random starts (2 repeats)" in s["verdict"]
+    assert "Repeats across runs 2; decoded random starts 0.00 [0, 0]" in s["verdict"]
+    assert "so the unique count is below chance under decoded random starts" in s["verdict"]
     assert s["metrics"]["verdict/unique_below_chance"] == 1.0
     hubby = np.concatenate([np.repeat(np.arange(40), 60), 1000 + np.arange(1696)])  # 40 hubs hold 59% of the pool
     s = stats_for(ids, initial_ids=initial, start_pool=hubby)
     assert s["metrics"]["pvalue/unique_uniform"] < 0.01 and s["metrics"]["pvalue/unique_decoded_starts"] > 0.05
-    assert "Within chance under decoded random starts" in s["verdict"] and "only the uniform null" in s["verdict"]
-    assert "Below chance" not in s["verdict"] and s["metrics"]["verdict/unique_below_chance"] == 0.0
+    assert "within chance under decoded random starts, whose hub tokens" in s["verdict"]
+    assert "only the uniform null" in s["verdict"] and s["metrics"]["pvalue/cross_run_repeats_decoded_starts"] > 0.05
+    assert "below chance" not in s["verdict"].lower() and s["metrics"]["verdict/unique_below_chance"] == 0.0
     assert s["metrics"]["null/decoded_starts/unique_mean"] < s["metrics"]["null/uniform/unique_mean"]
 
 
@@ -160,7 +164,7 @@ def test_verdict_names_the_methods_own_starts():
     """gcg/pez/epo start from random tokens, not decoded vectors: the verdict names the null they were tested on."""
     ids = np.tile([11, 12, 13, 14, 15], (10, 1))
     s = stats_for(ids, start_name="random start tokens")
-    assert "random start tokens give" in s["verdict"] and "Below chance under random start tokens" in s["verdict"]
+    assert "random start tokens give" in s["verdict"] and "below chance under random start tokens" in s["verdict"]
     assert "decoded random starts" not in s["verdict"]
     assert s["nulls"]["decoded_starts"]["name"] == "random start tokens"
 
@@ -169,7 +173,7 @@ def test_verdict_below_chance_and_decoding_caveat():
     preferred = np.tile([11, 12, 13, 14, 15], (10, 1))  # every run decodes to the same five tokens
     fresh = np.arange(50).reshape(10, 5) + 100
     s = stats_for(preferred, initial_ids=fresh)
-    assert "Below chance" in s["verdict"] and "above chance" in s["verdict"] and "decoding" not in s["verdict"]
+    assert "below chance" in s["verdict"] and "above chance" in s["verdict"] and "decoding" not in s["verdict"]
     assert "AM converges to preferred tokens" in s["verdict"]
     assert s["metrics"]["verdict/unique_below_chance"] == 1.0 and s["metrics"]["verdict/agreement_above_chance"] == 1.0
     assert s["metrics"]["verdict/jaccard_above_chance"] == 1.0
@@ -179,11 +183,19 @@ def test_verdict_below_chance_and_decoding_caveat():
 
 
 def test_verdict_tells_repeats_within_runs_from_shared_tokens():
+    """Issue 19: a run repeating its own token says nothing about whether seeds agree. The unique count is far
+    below chance, but no claim of reproducibility rests on it; the doublets get their own sentence and flag."""
     ids = np.arange(50).reshape(10, 5)
     ids[:, 1] = ids[:, 0]  # every run repeats its own first token; no two runs share one
     s = stats_for(ids, initial_ids=np.arange(50).reshape(10, 5) + 100)
     assert s["n_unique_tokens"] == 40 and s["jaccard_mean"] == 0.0
-    assert "Below chance" in s["verdict"] and "Jaccard of token sets 0.000 (0 tokens shared" in s["verdict"]
+    assert s["metrics"]["pvalue/unique_decoded_starts"] < 0.001  # the reference's count alone would claim
+    assert s["nulls"]["events"]["within_run_repeats"] == 10 and s["nulls"]["events"]["cross_run_repeats"] == 0
+    assert "below chance" not in s["verdict"].lower() and s["metrics"]["verdict/unique_below_chance"] == 0.0
+    assert "Repeats within runs 10; decoded random starts 0.00 [0, 0]" in s["verdict"]
+    assert "which says nothing about whether seeds agree" in s["verdict"]
+    assert s["metrics"]["verdict/within_run_repeats_above_chance"] == 1.0
+    assert "Jaccard of token sets 0.000 (0 tokens shared" in s["verdict"]
     assert "converges to preferred tokens" not in s["verdict"] and s["metrics"]["verdict/jaccard_above_chance"] == 0.0
 
 
@@ -248,3 +260,23 @@ def test_shapes_are_checked():
     with pytest.raises(ValueError, match="runs, pos"):
         reproducibility_stats(np.zeros((2, 3), int), np.zeros((2, 4, 5)), [1, 2], [1, 2], np.zeros((2, 3)),
                               np.zeros((2, 3), int), 10)
+
+
+def test_every_name_the_tables_read_is_logged():
+    """The registry is the one place a statistic's names are written: the sweep table's metrics, the compare
+    table's columns and the flat metrics must agree, or a misspelt name would give a column of None."""
+    from types import SimpleNamespace
+
+    from amrepro import compare, nulls, stats, sweep
+
+    s = stats_for(np.random.default_rng(0).integers(0, 100, size=(4, 3)), vocab_size=100)
+    missing = [key for key in sweep.TABLE_COLUMNS.values() if key not in s["metrics"]]
+    assert not missing, missing
+    drawn = nulls.draw_stats(np.zeros((1, 2, 3), int))
+    assert all(stat.key in drawn and stat.events in drawn for stat in stats.REGISTRY)
+    row = compare.row("adam", SimpleNamespace(summary={"statistics": s}), None, 1.0)
+    assert set(row) == set(compare.COLUMNS)
+    for stat in stats.REGISTRY:
+        assert row[stat.column] == pytest.approx(s["metrics"][stat.metric])
+        assert row[stat.p_column] == pytest.approx(s["metrics"][stat.pvalue_metric(stats.PRIMARY)])
+    assert {f"verdict/{stat.claim}" for stat in stats.CLAIMS} <= set(s["metrics"])

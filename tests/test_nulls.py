@@ -9,6 +9,7 @@ import torch
 from amrepro import nulls
 from amrepro.decode import nearest_tokens
 from amrepro.metrics import token_stats
+from amrepro.seeding import initial_embeddings
 
 # Six 2-D token directions (degrees). For an isotropic Gaussian start the angle is uniform, so a token is decoded
 # with probability (angular width of its max-cosine cell) / 360: the cells end halfway between neighbours.
@@ -76,7 +77,8 @@ def test_pool_is_decoded_exactly_like_the_results():
     ids, _ = nearest_tokens(starts[None], vocab)
     np.testing.assert_array_equal(pool, ids[0].numpy())
     np.testing.assert_array_equal(pool, nulls.decoded_start_pool(vocab, std=0.5, size=100, seed=7))  # seeded
-    assert nulls.pool_seed(7) not in range(0, 1000)  # not a run's own seed: the pool is not the runs' starts
+    own = initial_embeddings([7], 100, 0.5, 32)[0]  # [100, 32]: the start of the run with seed 7
+    assert not torch.equal(starts, own)  # the pool is not the runs' own starts (pool_seed(7) != 7)
 
 
 def test_draws_take_distinct_pool_entries():
@@ -100,6 +102,8 @@ def test_vectorized_statistics_equal_token_stats():
     assert by_hand["repeats"][0] == 9 - 4  # tokens 1, 2, 3, 4
     assert by_hand["agreeing_positions"][0] == 2  # runs 0 and 1 agree at positions 0 and 2
     assert by_hand["shared_tokens"][0] == 2  # {1,2} & {1,2,3}: 2; nothing shared with {4}
+    # the 5 repeats split: 1 and 2 are each held by a second run (2 across), 1 and 4 repeat inside runs (3 within)
+    assert by_hand["cross_run_repeats"][0] == 2 and by_hand["within_run_repeats"][0] == 3
     assert np.isnan(nulls.draw_stats(np.array([[[1, 2]]]))["positional_agreement"][0])  # one run: no pairs
 
 

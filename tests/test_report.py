@@ -51,3 +51,39 @@ def test_tokens_are_never_cut_at_80_columns(monkeypatch):
     assert "…" not in text
     short = [["a", "b", "c", "d", "e"] for _ in range(3)]
     assert "┃" in _render(_Outcome(short), 80)  # short tokens keep the table
+
+
+def test_the_null_is_named_after_the_methods_starts():
+    """pez/gcg/epo start from random tokens: the table's chance column and its caption say so, as the verdict does
+    (issue 19), not "decoded starts" / "random start vectors decoded to their nearest tokens"."""
+    from test_metrics import stats_for
+
+    ids = np.arange(20).reshape(4, 5)
+    s = stats_for(ids, initial_ids=ids + 100, start_name="random start tokens")
+    out = Console(width=250, record=True, file=open("/dev/null", "w"))
+    out.print(report.stats_table(s))
+    text = out.export_text()
+    assert "chance: random start tokens" in text and "draws of random start tokens" in text
+    assert "decoded starts" not in text and "nearest tokens" not in text
+    for stat in ("unique tokens", "repeats across runs", "repeats within runs", "positional agreement"):
+        assert stat in text
+
+
+def test_run_description_names_the_null_and_reads_an_older_summary():
+    """The parent's markdown description: every registry row under the method's own null; a summary saved before
+    the registry (no "observed": `amrepro log FILE` after an upgrade) still renders its three statistics."""
+    from types import SimpleNamespace
+
+    from test_metrics import stats_for
+
+    ids = np.arange(20).reshape(4, 5)
+    s = stats_for(ids, initial_ids=ids + 100, start_name="random start tokens")
+    outcome = SimpleNamespace(config=SimpleNamespace(model="tiny", n_steps=3, method="gcg"),
+                              target=SimpleNamespace(name="blocks.1.hook_resid_pre[0]"), diverged={},
+                              result=SimpleNamespace(seeds=[0, 1, 2, 3], final_activation=torch.ones(4)),
+                              tokens=[["a"] * 5] * 4, summary={"statistics": s})
+    text = report.markdown_summary(outcome)
+    assert "| statistic | observed | chance: random start tokens |" in text and "| repeats across runs | 0 |" in text
+    outcome.summary = {"statistics": {k: v for k, v in s.items() if k != "observed"}}
+    text = report.markdown_summary(outcome)
+    assert "| unique tokens | 20/20 |" in text and "repeats across runs" not in text
