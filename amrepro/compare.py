@@ -14,8 +14,8 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from . import report
-from .config import AmreproError, Config, METHODS
+from . import methods, report
+from .config import AmreproError, Config
 from .tracking import Tracker, json_bytes
 
 COLUMNS = ("method", "act_mean", "act_best", "act_p99", "n_unique", "n_tokens", "p_unique", "p_unique_uniform",
@@ -24,9 +24,8 @@ COLUMNS = ("method", "act_mean", "act_best", "act_p99", "n_unique", "n_tokens", 
 
 def parse_methods(text: str) -> list[str]:
     names = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in names if m not in METHODS]
-    if not names or bad:
-        raise AmreproError(f"--methods takes a comma-separated list of {', '.join(METHODS)}; got {text!r}.")
+    if not names or not set(names) <= set(methods.specs()):
+        raise AmreproError(f"--methods takes a comma-separated list of {', '.join(methods.specs())}; got {text!r}.")
     if len(set(names)) != len(names):
         raise AmreproError(f"--methods names a method twice: {text!r}.")
     return names
@@ -111,9 +110,9 @@ def compare(config: Config, methods_text: str, corpus_path: str = "", experiment
         files = {"compare.json": json_bytes({"target": target.name, "model": config.model, "seeds": config.seeds,
                                              "rows": table, "corpus": yard,
                                              "null": "p_unique, p_agreement, p_jaccard: under each method's own "
-                                                     "start distribution decoded as its results (adam: N(0, "
-                                                     "std(E)) vectors -> nearest tokens; pez, gcg, epo: uniform "
-                                                     "random tokens); p_unique_uniform: uniform tokens"})}
+                                                     "start distribution decoded as its results ("
+                                                     + "; ".join(f"{m}: {methods.start_name(m)}" for m in names)
+                                                     + "); p_unique_uniform: uniform tokens"})}
         if yard is not None:
             files["corpus_top_windows.json"] = json_bytes(yard["top"])
         tracker.log_artifacts(top, files)

@@ -259,7 +259,7 @@ def markdown_summary(outcome) -> str:
     nulls = stats.get("nulls", {})
     primary = nulls.get("decoded_starts", {}).get("name", "decoded random starts")  # the method's own starts
     lines = [f"**{c.model}**, `{outcome.target.name}`, {len(outcome.result.seeds)} seeds x {c.n_steps} "
-             f"{'epochs' if c.method == 'adam' else c.method + ' steps'}", "", f"**Verdict.** {stats['verdict']}", "",
+             f"{c.step_unit}", "", f"**Verdict.** {stats['verdict']}", "",
              f"| statistic | observed | chance: {primary} | p | chance: uniform | p |", "|---|---|---|---|---|---|"]
     for key, label in (("n_unique", "unique tokens"), ("positional_agreement", "positional agreement"),
                        ("jaccard_mean", "Jaccard")):
