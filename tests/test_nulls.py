@@ -9,6 +9,7 @@ import torch
 from amrepro import nulls
 from amrepro.decode import nearest_tokens
 from amrepro.metrics import token_stats
+from amrepro.seeding import initial_embeddings
 
 # Six 2-D token directions (degrees). For an isotropic Gaussian start the angle is uniform, so a token is decoded
 # with probability (angular width of its max-cosine cell) / 360: the cells end halfway between neighbours.
@@ -76,7 +77,10 @@ def test_pool_is_decoded_exactly_like_the_results():
     ids, _ = nearest_tokens(starts[None], vocab)
     np.testing.assert_array_equal(pool, ids[0].numpy())
     np.testing.assert_array_equal(pool, nulls.decoded_start_pool(vocab, std=0.5, size=100, seed=7))  # seeded
-    assert nulls.pool_seed(7) not in range(0, 1000)  # not a run's own seed: the pool is not the runs' starts
+    # not the runs' own starts: no pool vector is a start vector of the runs of seeds 7..16 (a pool seeded with
+    # the config's seed would begin with run 0's five vectors)
+    runs = initial_embeddings(list(range(7, 17)), 5, 0.5, 32).reshape(-1, 32)  # [runs * pos, d_model]
+    assert not (starts[:, None, :] == runs[None]).all(dim=-1).any()
 
 
 def test_draws_take_distinct_pool_entries():
