@@ -28,6 +28,7 @@ def test_run_help_comes_from_config_and_the_method_registry():
     assert set(options) - {f.name for f in dataclasses.fields(Config)} == {"experiment"}
     for spec in methods.specs().values():
         assert f"{spec.name} ({spec.summary})" in options["method"].help
+
     def readers(option):
         return set(options[option].help.rsplit(" Read by --method ", 1)[1].rstrip(".").split(", "))
 
