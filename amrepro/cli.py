@@ -11,7 +11,8 @@ import sys
 
 import typer
 
-from .config import AmreproError, Config, NoResult
+from .config import AmreproError, Config, NoResult, help_for
+from .methods import names as method_names
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Is activation maximization reproducible? Optimize one neuron's input from many seeds, "
@@ -76,7 +77,7 @@ def with_config(*, exclude: tuple[str, ...] = ()):
     def decorate(command):
         own = [p for p in inspect.signature(command).parameters.values() if p.name != "config"]
         options = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=types[str(f.type)],
-                                     default=typer.Option(f.default, help=f.metadata["help"])) for f in fields]
+                                     default=typer.Option(f.default, help=help_for(f.name))) for f in fields]
 
         @functools.wraps(command)
         def wrapper(**kwargs):
@@ -111,7 +112,8 @@ def run(config: Config, experiment: str = typer.Option("", help=_EXPERIMENT_HELP
 @with_config(exclude=("method",))
 def compare(
     config: Config,
-    methods: str = typer.Option("adam,pez,gcg,epo", help="Comma-separated methods to compare (adam, pez, gcg, epo)."),
+    methods: str = typer.Option(",".join(method_names()), help=f"Comma-separated methods to compare, of "
+                                                               f"{', '.join(method_names())}."),
     corpus: str = typer.Option("", help="A UTF-8 text file: the target's activation over every n_tokens window "
                                         "(its max and 99th percentile join the table, its top windows an artifact)."),
     experiment: str = typer.Option("", help=_EXPERIMENT_HELP),

@@ -15,7 +15,7 @@ import dataclasses
 import time
 
 from . import methods, report
-from .config import AmreproError, Config, METHODS
+from .config import AmreproError, Config
 from .stats import PRIMARY, REGISTRY
 from .tracking import Tracker, json_bytes
 
@@ -28,9 +28,8 @@ COLUMNS = ("method", "act_mean", "act_best", "act_p99", "n_tokens", *_STAT_COLUM
 
 def parse_methods(text: str) -> list[str]:
     names = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in names if m not in METHODS]
-    if not names or bad:
-        raise AmreproError(f"--methods takes a comma-separated list of {', '.join(METHODS)}; got {text!r}.")
+    if not names or not set(names) <= set(methods.specs()):
+        raise AmreproError(f"--methods takes a comma-separated list of {', '.join(methods.specs())}; got {text!r}.")
     if len(set(names)) != len(names):
         raise AmreproError(f"--methods names a method twice: {text!r}.")
     return names

@@ -1,6 +1,7 @@
 """One frozen Config: every hyperparameter of an experiment, each field carrying its own help text.
 
-Only the standard library is imported here, so `amrepro --help` stays instant (no torch import).
+Only the standard library is imported here (and the methods' declarations, read without importing them), so
+`amrepro --help` stays instant (no torch import).
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ LR_MAX = 1e37  # float32 max is 3.4e38; Adam divides lr by 1 - beta1 = 0.1 on it
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed and MLflow's integer params stay exact below this
 
 
-METHODS = ("adam", "pez", "gcg", "epo")  # amrepro/methods/<name>.py each
-
 
 def _f(default, help: str):
     return field(default=default, metadata={"help": help})
@@ -32,7 +31,8 @@ def _f(default, help: str):
 
 @dataclass(frozen=True)
 class Config:
-    model: str = _f("gpt2", "Hugging Face model id or local folder, loaded with from_pretrained.")
+    model: str = _f("gpt2", "Hugging Face model id, local folder (both loaded with from_pretrained) or .gguf "
+                           "file (de-quantized to float32 once, then cached).")
     layer: int = _f(8, "Residual stream after LAYER blocks, i.e. HF hidden_states[LAYER] "
                        "(= blocks.LAYER.hook_resid_pre = output of block LAYER-1); 0 <= LAYER < n_layers.")
     dim: int = _f(91, "Index of the neuron (residual-stream dimension) to maximize.")
@@ -51,20 +51,16 @@ class Config:
     controls: int = _f(0, "K other targets of the same site (an SAE latent: of the same SAE; a direction: random "
                           "unit directions), chosen reproducibly from the seed, optimized in the same batch to test "
                           "target specificity (0: none).")
-    method: str = _f("adam", "Optimizer: adam (the reference: continuous vectors, decoded to nearest tokens afterwards), "
-                             "pez (continuous vectors, forward on their nearest tokens), gcg (token swaps ranked by "
-                             "the one-hot gradient) or epo (gcg with a population trading activation against "
-                             "fluency). pez, gcg and epo end in real tokens.")
-    steps: int = _f(60, "Steps per run of pez and gcg (adam uses --epochs, epo --epo-steps); each gcg step "
-                        "scores --candidates token swaps per run.")
-    epo_steps: int = _f(12, "Steps per run of epo: each runs the whole model (its LM head reads the last block) "
+    method: str = _f("adam", "Optimizer, the file amrepro/methods/METHOD.py.")
+    steps: int = _f(60, "Steps per run; each gcg step scores --candidates token swaps per run.")
+    epo_steps: int = _f(12, "Steps per run: each runs the whole model (its LM head reads the last block) "
                             "on --candidates sequences, ~5x the cost of a gcg step on SmolLM2.")
-    topk: int = _f(256, "gcg/epo: replacement tokens per position, ranked by the one-hot gradient (nanoGCG: 256).")
-    candidates: int = _f(128, "gcg/epo: candidate sequences (one token swap each) evaluated per run per step; epo "
+    topk: int = _f(256, "Replacement tokens per position, ranked by the one-hot gradient (nanoGCG: 256).")
+    candidates: int = _f(128, "Candidate sequences (one token swap each) evaluated per run per step; epo "
                               "splits them across its population.")
-    population: int = _f(8, "epo: population members per run, with fluency penalties log-spaced from 0.1 to 10 "
+    population: int = _f(8, "Population members per run, with fluency penalties log-spaced from 0.1 to 10 "
                             "(dreamy's defaults).")
-    pez_lr: float = _f(0.1, "pez: Adam learning rate of the continuous vectors (Wen et al. 2023: 0.1).")
+    pez_lr: float = _f(0.1, "Adam learning rate of the continuous vectors (Wen et al. 2023: 0.1).")
 
     @property
     def target_name(self) -> str:
@@ -73,8 +69,17 @@ class Config:
 
     @property
     def n_steps(self) -> int:
-        """Steps of the chosen method: --epochs for adam, --epo-steps for epo, --steps for pez and gcg."""
-        return {"adam": self.epochs, "epo": self.epo_steps}.get(self.method, self.steps)
+        """Steps of the chosen method: the Config field its Spec names as its budget."""
+        from .methods import spec
+
+        return getattr(self, spec(self.method).budget)
+
+    @property
+    def step_unit(self) -> str:
+        """What n_steps counts: "epochs" (adam) or "<method> steps"."""
+        from .methods import spec
+
+        return spec(self.method).unit
 
     @property
     def seeds(self) -> list[int]:
@@ -82,7 +87,7 @@ class Config:
 
     def validate(self) -> "Config":
         """Checks that need no model; model-dependent ranges are checked once the model is loaded."""
-        for name in ("runs", "epochs", "n_tokens"):
+        for name in ("runs", "n_tokens"):
             if getattr(self, name) < 1:
                 raise AmreproError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
         for name in ("lr", "l2"):  # nan/inf would only "optimize" into NaN embeddings
@@ -103,9 +108,11 @@ class Config:
                                f"SEED + RUNS - 1 <= 2**63 - 1), got {self.seed}.")
         if self.threads < 0:
             raise AmreproError(f"--threads must be 0 (one per core) or more, got {self.threads}.")
-        if self.method not in METHODS:
-            raise AmreproError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}.")
-        for name in ("steps", "epo_steps", "topk", "candidates", "population"):
+        from .methods import spec, specs
+
+        spec(self.method)  # an unknown method: one sentence naming them all
+        counts = {o for s in specs().values() for o in s.options if type(getattr(self, o)) is int}  # steps, sizes
+        for name in sorted(counts):
             if getattr(self, name) < 1:
                 raise AmreproError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
         if not (math.isfinite(self.pez_lr) and 0 < self.pez_lr < LR_MAX):
@@ -154,5 +161,14 @@ def _unquote(value: str) -> str:
 
 
 def help_for(name: str) -> str:
-    """The help text of a Config field, for the CLI."""
-    return {f.name: f.metadata["help"] for f in dataclasses.fields(Config)}[name]
+    """The help text of a Config field, for the CLI: the field's own, plus what the method registry knows (the
+    methods to choose from; which methods read an option that not all of them read)."""
+    from .methods import specs
+
+    text = {f.name: f.metadata["help"] for f in dataclasses.fields(Config)}[name]
+    if name == "method":
+        return text + " One of: " + "; ".join(f"{s.name} ({s.summary})" for s in specs().values()) + "."
+    readers = [s.name for s in specs().values() if name in s.options]
+    if readers and len(readers) < len(specs()):
+        return f"{text} Read by --method {', '.join(readers)}."
+    return text

@@ -260,7 +260,7 @@ def markdown_summary(outcome) -> str:
     observed = stats.get("observed") or {"n_unique": stats["n_unique_tokens"], "jaccard_mean": stats["jaccard_mean"],
                                          "positional_agreement": stats["positional_agreement"]}
     lines = [f"**{c.model}**, `{outcome.target.name}`, {len(outcome.result.seeds)} seeds x {c.n_steps} "
-             f"{'epochs' if c.method == 'adam' else c.method + ' steps'}", "", f"**Verdict.** {stats['verdict']}", "",
+             f"{c.step_unit}", "", f"**Verdict.** {stats['verdict']}", "",
              f"| statistic | observed | chance: {primary} | p | chance: uniform | p |", "|---|---|---|---|---|---|"]
     for stat in (s for s in REGISTRY if s.key in observed):
         value = observed[stat.key]

@@ -92,6 +92,10 @@ class Amrepro:
     def kill(self) -> None:
         self._process.kill()
 
+    def output_so_far(self) -> tuple[str, str]:
+        """(stdout, stderr) written until now, while the process runs: what tests wait on as a readiness signal."""
+        return self._output or tuple(_read(path) for path in (self._out, self._err))
+
     def communicate(self, timeout: float | None = None) -> tuple[str, str]:
         self._process.join(timeout)
         if self._process.exitcode is None:

@@ -47,7 +47,10 @@ def test_compare_layout_reads_back_from_mlflow(tiny_gpt2, store):
     gcg_summary = json.loads(Path(client.download_artifacts(method_runs["gcg"].info.run_id, "summary.json")).read_text())
     assert rows["gcg"]["n_unique"] == gcg_summary["n_unique_tokens"]
     assert rows["gcg"]["xent_mean"] > 0 and rows["epo"]["wall_s"] > 0
-    assert rows["corpus"]["n_tokens"] > 0 and rows["corpus"]["act_best"] is not None  # the corpus row is filled
+    # the corpus row is the corpus file's every 5-token window; its best is the top window of the artifact
+    windows = corpus.windows(load_model(tiny_gpt2, torch.device("cpu")), Path(CORPUS).read_text(), 5)  # [W, pos]
+    top_windows = json.loads(Path(client.download_artifacts(top.info.run_id, "corpus_top_windows.json")).read_text())
+    assert rows["corpus"]["n_tokens"] == windows.numel() and rows["corpus"]["act_best"] == top_windows[0]["activation"]
     artifacts = {a.path for a in client.list_artifacts(top.info.run_id)}
     assert {"compare_table.json", "activation_vs_agreement.png", "corpus_top_windows.json"} <= artifacts
     assert top.data.metrics["compare/gcg/act_mean"] == pytest.approx(rows["gcg"]["act_mean"])

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import typer
 
+from amrepro import methods
 from amrepro.cli import app
-from amrepro.config import Config, help_for
+from amrepro.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMETERS = (ROOT / "docs" / "parameters.md").read_text()  # the parameter table's page
@@ -20,16 +21,19 @@ def _run_options() -> dict:
     return {p.name: p for p in command.params}
 
 
-def test_every_config_field_is_a_run_option_with_its_default_and_help():
+def test_run_help_comes_from_config_and_the_method_registry():
+    """Nothing bypasses Config (its fields are the options by construction, cli.with_config); --method's help
+    lists every registered method, and an option that only some methods read says which ones."""
     options = _run_options()
-    for field in dataclasses.fields(Config):
-        assert field.name in options, f"--{field.name.replace('_', '-')} missing from `amrepro run`"
-        option = options[field.name]
-        assert option.default == field.default, field.name
-        assert option.help == help_for(field.name), field.name
-        assert f"--{field.name.replace('_', '-')}" in option.opts
-    extra = set(options) - {f.name for f in dataclasses.fields(Config)}
-    assert extra <= {"experiment"}, f"options that bypass Config: {extra}"
+    assert set(options) - {f.name for f in dataclasses.fields(Config)} == {"experiment"}
+    for spec in methods.specs().values():
+        assert f"{spec.name} ({spec.summary})" in options["method"].help
+
+    def readers(option):
+        return set(options[option].help.rsplit(" Read by --method ", 1)[1].rstrip(".").split(", "))
+
+    assert {"gcg", "pez"} <= readers("steps") and {"epo"} <= readers("population") and "adam" not in readers("steps")
+    assert "Read by" not in options["n_tokens"].help  # every method reads it
 
 
 def _table_after(page: str, heading: str) -> str:

@@ -30,10 +30,15 @@ def _parents(store):
 
 
 def _optimizing(store, tiny_gpt2, cwd, runs=2):
-    """A subprocess `amrepro run` that is optimizing (its parent exists) for a long time."""
+    """A subprocess `amrepro run` in its optimization loop, for a long time: its last store write before the
+    loop (Tracker.start_top tags the experiment after the parent's params and tags) is done."""
     proc = _start(store, cwd, "run", "--model", tiny_gpt2, "--runs", str(runs), "--epochs", "10000000", "--dim", "3")
-    wait_for(lambda: _parents(store), proc, what="the parent run")
-    time.sleep(1.0)  # past the parent's tags, into the loop
+
+    def experiment_tagged():
+        parents = _parents(store)
+        return parents and "mlflow.experimentKind" in MlflowClient(store).get_experiment(parents[0].info.experiment_id).tags
+
+    wait_for(experiment_tagged, proc, what="the parent run and its experiment's tag")
     return proc
 
 
@@ -112,9 +117,10 @@ def test_one_ctrl_c_while_logging_only_says_so(tiny_gpt2, store, tmp_path):
                          ids=["two-ctrl-c", "sigterm"])
 def test_stopped_while_logging_keeps_the_results_for_amrepro_log(tiny_gpt2, store, tmp_path, signals_sent):
     proc = _logging(store, tiny_gpt2, tmp_path, runs=30)
-    for signum in signals_sent:
-        proc.send_signal(signum)
-        time.sleep(0.3)
+    proc.send_signal(signals_sent[0])
+    if len(signals_sent) == 2:  # the second Ctrl-C once the first has been handled (it says so)
+        wait_for(lambda: "logging is in progress:" in proc.output_so_far()[1], proc, what="the first Ctrl-C's note")
+        proc.send_signal(signals_sent[1])
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == (143 if signals_sent == [signal.SIGTERM] else 130), err
     (path,) = (tmp_path / "amrepro-outcomes").glob("*.npz")
@@ -290,9 +296,10 @@ def test_store_error_while_logging_keeps_the_results(tiny_gpt2, store, monkeypat
 
 def test_log_refuses_what_is_not_an_outcome_file(store, tmp_path):
     (tmp_path / "x.npz").write_bytes(b"not a zip")
-    for path in (tmp_path / "x.npz", tmp_path / "missing.npz"):
-        result = cli("log", str(path))
-        assert result.exit_code == 2 and "Traceback" not in result.output
+    for name, says in (("x.npz", "is not an amrepro outcome file (ValueError)."), ("missing.npz", "does not exist.")):
+        result = cli("log", str(tmp_path / name))
+        assert result.exit_code == 2 and result.output.strip() == f"error: {tmp_path / name} {says}", result.output
+    assert all_runs(store) == []  # nothing was logged
 
 
 # --- item 8 of issue 11: a bad run id answers in the time of `import mlflow` ------------------------------

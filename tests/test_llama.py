@@ -6,6 +6,7 @@ The GGUF tests share one converted cache (session fixture): the ~15 s conversion
 
 import hashlib
 import os
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -122,9 +123,16 @@ def test_am_climbs_on_a_llama_mlp_neuron(tiny_llama_path):
 
 @SMOL
 def test_smollm2_tests_share_one_worker(request):
-    """The SmolLM2 tests must run on one xdist worker, or each worker converts the GGUF again (~15 s of CPU)."""
-    if os.environ.get("PYTEST_XDIST_WORKER") and request.config.getvalue("dist") == "loadgroup":
-        assert request.node.nodeid.endswith("@smollm2"), "xdist_group is ignored (pytest 9 with pytest-xdist 3.8)"
+    """The SmolLM2 tests must run on one xdist worker, or each worker converts the GGUF again (~15 s of CPU):
+    every collected test that loads it is in the smollm2 group, the suite distributes by group, and under xdist
+    the group reached this test's id (pytest 9 with pytest-xdist 3.8 ignores it)."""
+    for item in request.session.items:
+        if "smol" in item.fixturenames:
+            assert item.get_closest_marker("xdist_group").args == ("smollm2",), item.nodeid
+    options = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["tool"]["pytest"]
+    assert "--dist loadgroup" in options["ini_options"]["addopts"]
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        assert request.node.nodeid.endswith("@smollm2"), "the xdist_group marks are ignored: run with --dist loadgroup"
 
 
 @SMOL

@@ -103,22 +103,21 @@ def test_candidates_match_hooked_reader_and_per_row_targets(lm):
         assert torch.allclose(got[r], want, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["epo"])  # the richest method; gcg and pez reruns are pinned in-process above
-def test_run_and_reproduce_a_discrete_method(tiny_gpt2, store, method):
-    result = cli("run", "--model", tiny_gpt2, "--method", method, "--runs", "2", "--steps", "4", "--epo-steps", "4", "--topk", "16",
+def test_run_and_reproduce_epo(tiny_gpt2, store):
+    """The richest method end to end (gcg and pez reruns are pinned in-process above): its budget, null, both
+    per-step histories, and a bit-identical reproduction."""
+    result = cli("run", "--model", tiny_gpt2, "--method", "epo", "--runs", "2", "--epo-steps", "4", "--topk", "16",
                  "--candidates", "16", "--population", "2", "--dim", "3")
     assert result.exit_code == 0, result.output
     (parent,) = [r for r in all_runs(store) if "mlflow.parentRunId" not in r.data.tags]
-    assert parent.data.params["method"] == method
+    assert parent.data.params["method"] == "epo"
     page = parent.data.tags["mlflow.note.content"]  # the parent's description names the method's budget and null
     assert "2 seeds x 4 epo steps" in page and "chance: random start tokens" in page
     child = next(r for r in all_runs(store) if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id)
     from mlflow import MlflowClient
 
-    history = MlflowClient(store).get_metric_history(child.info.run_id, "act/tokens")
-    assert len(history) == 4
-    if method == "epo":
-        assert len(MlflowClient(store).get_metric_history(child.info.run_id, "xent/tokens")) == 4
+    for key in ("act/tokens", "xent/tokens"):
+        assert len(MlflowClient(store).get_metric_history(child.info.run_id, key)) == 4, key
     again = cli("reproduce", parent.info.run_id)
     assert again.exit_code == 0 and "reproduced: bit-identical" in again.output, again.output
 
@@ -136,7 +135,44 @@ def test_epo_refuses_an_encoder_in_one_sentence(store):
 
 def test_bad_method_is_one_sentence(store):
     result = cli("run", "--method", "sgd")
-    assert result.exit_code == 2 and "--method must be one of adam, pez, gcg, epo" in result.output
+    sentence = result.output.strip()
+    assert result.exit_code == 2 and sentence.startswith("error: --method must be one of adam, ") and "\n" not in sentence
+    assert sentence.endswith(", got 'sgd'.") and all(f" {name}," in sentence for name in ("epo", "gcg", "pez"))
+
+
+def test_the_registry_is_what_each_method_file_declares():
+    """specs() reads every method file's SPEC from its source (so --help needs no torch): importing the file gives
+    the same declaration, its run is the file's run, and the helper files are not methods."""
+    import importlib
+
+    assert {"adam", "pez", "gcg", "epo"} <= set(methods.names()) and "tokens" not in methods.names()
+    for name, spec in methods.specs().items():
+        module = importlib.import_module(f"amrepro.methods.{name}")
+        assert module.SPEC == spec and spec.run is module.run
+        assert spec.budget in spec.options and spec.budget in {f.name for f in dataclasses.fields(Config)}
+
+
+class RecordingConfig:
+    """A Config that notes which of its fields a method reads."""
+
+    def __init__(self, config):
+        self.config, self.read = config, set()
+
+    def __getattr__(self, name):
+        self.read.add(name)
+        return getattr(self.config, name)
+
+
+@pytest.mark.parametrize("name", methods.names())
+def test_each_method_reads_exactly_the_options_it_declares(lm, tiny_gpt2, name):
+    """A Spec's options are the Config fields its run reads besides the shared ones: the CLI's "Read by" help,
+    validation and the docs rely on it."""
+    config = Config(model=tiny_gpt2, method=name, **{**SMALL, "runs": 1, "epochs": 2, "steps": 2, "epo_steps": 1})
+    recording = RecordingConfig(config)
+    with site_reader(lm, Target.parse(config.target_name)) as reader:
+        methods.get(name)(methods.Problem(lm, reader, config.seeds, recording))
+    fields = {f.name for f in dataclasses.fields(Config)}
+    assert recording.read & fields == set(methods.SHARED) | set(methods.spec(name).options)
 
 
 @pytest.mark.parametrize("method", ["gcg", "epo"])

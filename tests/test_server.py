@@ -70,7 +70,8 @@ def test_server_killed_mid_run_back_or_gone(server, tiny_gpt2, tmp_path, monkeyp
         return found if {"150", "600"} <= found.keys() else None  # a parent just created has no params yet
 
     parents = wait_for(parents_by_epochs, gone, what="both parent runs")
-    time.sleep(1.0)  # past the parents' tags, into the optimization
+    # gone is in its optimization (its first progress line, at epoch 60 of 600), past every store call before it
+    wait_for(lambda: "optimizing 2 runs: epoch" in gone.output_so_far()[0], gone, what="gone's first progress line")
     server.kill()
     killed_at = time.time()
     _, err = gone.communicate(timeout=300)

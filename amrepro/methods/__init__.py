@@ -1,5 +1,11 @@
 """Optimization methods, one file each, one shape: method(problem, on_step) -> optimize.Result.
 
+Each method file declares `SPEC = Spec(...)`: its name, the Config fields it reads, its budget field, its start
+distribution and what it needs from the model. This registry reads those declarations and is what the CLI
+(--method, compare --methods and their help), Config.validate, compare, the report and the generated MLproject
+consult, so a new method is one new file here (plus its tests). The declarations are read from the files' source
+(`ast`), not imported: the methods import torch, and `amrepro --help` must not.
+
 - adam.py: the reference. Continuous vectors, Adam, decoded to their nearest tokens afterwards (unchanged).
 - pez.py: continuous vectors whose forward runs on their nearest tokens (Wen et al. 2023, "Hard prompts made easy").
 - gcg.py: token swaps ranked by the one-hot gradient, a batch of one-swap candidates per step (Zou et al. 2023).
@@ -8,25 +14,101 @@
 pez, gcg and epo end in real tokens: Result.ids holds them and their target activation IS the score. Every
 random choice (start, candidate sampling) draws from the row's own generator, seeded by the row's seed, so a
 run depends on its seed alone and `amrepro reproduce` is bit-identical. candidates.py is the one place that
-evaluates token sequences forward-only through the stop-at-block reader, every row's candidates in one batch.
+evaluates token sequences forward-only through the stop-at-block reader; tokens.py holds what the token methods
+share.
 
-The null of each method is its own start distribution, decoded as its results are (nulls.py): adam's starts are
-N(0, std(E)) vectors decoded to their nearest tokens; pez, gcg and epo start from tokens drawn uniformly from the
-vocabulary, which "decode" to themselves, so their chance level is uniform random tokens.
+The null of each method is its own start distribution, decoded as its results are (nulls.py): "vectors" starts
+are N(0, std(E)) vectors decoded to their nearest tokens; "tokens" starts are drawn uniformly from the
+vocabulary and "decode" to themselves, so their chance level is uniform random tokens.
 """
 
 from __future__ import annotations
 
+import ast
+import functools
+import importlib
 from dataclasses import dataclass
-from typing import Callable
-
-import numpy as np
-import torch
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 from ..config import AmreproError, Config
-from ..model import LoadedModel
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from ..model import LoadedModel
 
 OnStep = Callable[[int], None] | None
+
+# start distribution -> what the verdict and the report call the method's primary null (its own starts, decoded)
+START_NULLS = {"vectors": "decoded random starts", "tokens": "random start tokens"}
+NEEDS = {"lm_head"}  # what a method may need beyond the site reader (epo: the LM head, for its fluency term)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A method's declaration, written with literals only (the registry reads it without importing the file).
+
+    name: --method NAME, the file amrepro/methods/NAME.py, whose `run(problem, on_step)` does the work.
+    summary: one phrase for --help.
+    budget: the Config field that counts its steps (epochs, steps, epo_steps).
+    options: every Config field its run reads besides the shared ones (SHARED).
+    start: its start distribution, a key of START_NULLS; it names the primary null.
+    needs: from NEEDS, checked once the model is loaded, before any MLflow run exists.
+    """
+    name: str
+    summary: str
+    budget: str
+    options: tuple[str, ...]
+    start: str
+    needs: tuple[str, ...] = ()
+
+    @property
+    def run(self):
+        """The method function, imported on first use."""
+        return importlib.import_module(f"{__name__}.{self.name}").run
+
+    @property
+    def null_name(self) -> str:
+        return START_NULLS[self.start]
+
+    @property
+    def unit(self) -> str:
+        """What its budget counts, for "10 seeds x 500 epochs" / "x 60 gcg steps"."""
+        return "epochs" if self.budget == "epochs" else f"{self.name} steps"
+
+
+SHARED = ("n_tokens",)  # Config fields every method reads (its seeds come with the Problem, one per row)
+
+
+@functools.cache
+def specs() -> dict[str, Spec]:
+    """{name: Spec} of every method file in this folder (a file without a SPEC is a helper), sorted by name."""
+    found = {}
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["SPEC"]:
+                spec = Spec(**{k.arg: ast.literal_eval(k.value) for k in node.value.keywords})
+                assert spec.name == path.stem and spec.start in START_NULLS and set(spec.needs) <= NEEDS, spec
+                found[spec.name] = spec
+    return found
+
+
+def names() -> list[str]:
+    return list(specs())
+
+
+def spec(name: str) -> Spec:
+    """The Spec of --method NAME; an unknown name is the user's error, in one sentence."""
+    if name not in specs():
+        raise AmreproError(f"--method must be one of {', '.join(specs())}, got {name!r}.")
+    return specs()[name]
+
+
+def get(name: str):
+    """The method function of --method NAME."""
+    return spec(name).run
 
 
 @dataclass
@@ -44,61 +126,36 @@ class Problem:
 
     def generators(self) -> list[torch.Generator]:
         """One CPU generator per row, seeded by the row's seed: the row's draws depend on its seed alone."""
+        import torch
+
         return [torch.Generator(device="cpu").manual_seed(seed) for seed in self.seeds]
-
-
-def uniform_tokens(generators: list[torch.Generator], n_tokens: int, vocab_size: int) -> torch.Tensor:
-    """The discrete methods' starts: n_tokens ids drawn uniformly per row from its own generator. [rows, pos]"""
-    return torch.stack([torch.randint(vocab_size, (n_tokens,), generator=g) for g in generators])
-
-
-class BestTokens:
-    """Each run's best token sequence so far and its activation, with the best activation after every step
-    (the `act/tokens` history): what pez and gcg return, whatever their current sequence is."""
-
-    def __init__(self, ids: torch.Tensor, act: torch.Tensor, steps: int):
-        self.ids, self.act = ids.clone(), act.clone()  # [rows, pos], [rows]
-        self.history = torch.empty(steps, len(act))  # [steps, rows]
-
-    def update(self, step: int, ids: torch.Tensor, act: torch.Tensor) -> None:
-        better = act > self.act  # [rows]
-        self.ids[better], self.act[better] = ids[better], act[better]
-        self.history[step] = self.act
-
-
-def get(name: str):
-    """The method function of --method NAME."""
-    from . import adam, epo, gcg, pez
-
-    methods = {"adam": adam.run, "pez": pez.run, "gcg": gcg.run, "epo": epo.run}
-    if name not in methods:
-        raise AmreproError(f"--method must be one of {', '.join(methods)}, got {name!r}.")
-    return methods[name]
 
 
 def check(config: Config, lm: LoadedModel) -> None:
     """Checks a method needs the model for, done by experiment.prepare before any MLflow run exists."""
-    if config.method == "epo":
+    if "lm_head" in spec(config.method).needs:
         from .fluency import check_causal
 
-        check_causal(lm, "--method epo")
+        check_causal(lm, f"--method {config.method}")
 
 
 def start_name(method: str) -> str:
     """What the verdict calls the method's primary null: its own starts, decoded as its results are."""
-    return "decoded random starts" if method == "adam" else "random start tokens"
+    return spec(method).null_name
 
 
 def start_pool(config: Config, lm: LoadedModel, size: int) -> tuple[np.ndarray, str]:
     """(token ids [size], description): i.i.d. draws of the method's own start distribution, decoded as its
     results are, for the primary null (nulls.null_models' start_pool)."""
+    import torch
+
     from .. import nulls
 
-    if config.method == "adam":
+    if spec(config.method).start == "vectors":
         pool = nulls.decoded_start_pool(lm.embedding, lm.embedding_std(), size, config.seed)
         return pool, (f"the method's start vectors (N(0, std(E)) i.i.d.) decoded to their max-cosine tokens: "
                       f"a pool of {size} decoded once")
-    # pez, gcg, epo start from uniform tokens; a generator apart from every run's (nulls.pool_seed)
+    # uniform start tokens; a generator apart from every run's (nulls.pool_seed)
     generator = torch.Generator(device="cpu").manual_seed(nulls.pool_seed(config.seed))
     pool = torch.randint(lm.embedding.shape[0], (size,), generator=generator).numpy()
     return pool, (f"the method's start tokens, drawn uniformly from the vocabulary (they decode to themselves): "

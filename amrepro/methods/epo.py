@@ -21,10 +21,13 @@ import math
 import torch
 
 from ..optimize import Result
-from . import OnStep, Problem, uniform_tokens
+from . import OnStep, Problem, Spec
 from .candidates import MAX_SEQUENCES, one_swap
 from .fluency import LMReader
-from .gcg import token_result
+from .tokens import token_result, uniform_tokens
+
+SPEC = Spec(name="epo", summary="gcg with a population trading activation against fluency", budget="epo_steps",
+            options=("epo_steps", "topk", "candidates", "population"), start="tokens", needs=("lm_head",))
 
 PENALTY_RANGE = (0.1, 10.0)  # dreamy's x_penalty_min, x_penalty_max
 

@@ -12,8 +12,12 @@ from __future__ import annotations
 import torch
 
 from ..optimize import Result
-from . import BestTokens, OnStep, Problem, uniform_tokens
+from . import OnStep, Problem, Spec
 from .candidates import Candidates, one_swap
+from .tokens import BestTokens, token_result, uniform_tokens
+
+SPEC = Spec(name="gcg", summary="token swaps ranked by the one-hot gradient", budget="steps",
+            options=("steps", "topk", "candidates"), start="tokens")
 
 
 def run(problem: Problem, on_step: OnStep = None) -> Result:
@@ -37,17 +41,3 @@ def run(problem: Problem, on_step: OnStep = None) -> Result:
             if on_step is not None:
                 on_step(step)
     return token_result(problem, start, best.ids, acts, {"act/tokens": best.history})
-
-
-def token_result(problem: Problem, start: torch.Tensor, ids: torch.Tensor, acts: torch.Tensor,
-                 history: dict[str, torch.Tensor], **extra) -> Result:
-    """A Result of real tokens: initial/final are the embedding rows of the start and result tokens, the loss
-    is -activation, and final_activation is the activation of the result tokens read back alone."""
-    E = problem.lm.embedding
-    with torch.no_grad():
-        final = E[ids.to(E.device)]  # [rows, pos, d_model]
-        final_act = problem.reader(final).mean(dim=1).cpu()  # [rows]
-    return Result(seeds=list(problem.seeds), initial=E[start.to(E.device)].detach().cpu().clone(),
-                  final=final.detach().cpu().clone(), loss=-acts, activation=acts, final_activation=final_act,
-                  diverged_at=torch.full((problem.rows,), -1, dtype=torch.long), ids=ids.clone(), history=history,
-                  **extra)

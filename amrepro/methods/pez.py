@@ -12,8 +12,11 @@ import torch
 
 from ..decode import nearest_tokens
 from ..optimize import Result
-from . import BestTokens, OnStep, Problem, uniform_tokens
-from .gcg import token_result
+from . import OnStep, Problem, Spec
+from .tokens import BestTokens, token_result, uniform_tokens
+
+SPEC = Spec(name="pez", summary="continuous vectors, forward on their nearest tokens", budget="steps",
+            options=("steps", "pez_lr"), start="tokens")
 
 
 def run(problem: Problem, on_step: OnStep = None) -> Result:
