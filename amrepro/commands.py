@@ -416,13 +416,28 @@ def log_parent(tracker: Tracker, run_id: str, outcome: Outcome, frozen: bytes | 
         tracker.log_metrics(run_id, outcome.specificity["metrics"])
         tracker.log_tags(run_id, {"specificity": specificity_words(outcome.specificity)[:5000]})
     result, ok = outcome.result, outcome.ok
-    for path, figure in figures.all_figures(result.loss.numpy()[:, ok], result.activation.numpy()[:, ok],
-                                            [s for s, keep in zip(result.seeds, ok) if keep],
-                                            [t for t, keep in zip(outcome.tokens, ok) if keep], outcome.ids[ok],
-                                            result.final_activation.numpy()[ok],
-                                            outcome.decoded_activation[ok],
-                                            hubs=s["statistics"]["nulls"]["decoded_starts"]).items():
-        tracker.log_figure(run_id, figure, path)
+    log_figures(tracker, run_id, figures.figure_makers(
+        result.loss.numpy()[:, ok], result.activation.numpy()[:, ok], [s for s, keep in zip(result.seeds, ok) if keep],
+        [t for t, keep in zip(outcome.tokens, ok) if keep], outcome.ids[ok], result.final_activation.numpy()[ok],
+        outcome.decoded_activation[ok], hubs=s["statistics"]["nulls"]["decoded_starts"]))
+
+
+FIGURES_FAILED_TAG = "amrepro.figures_failed"  # on a run: the figures that could not be drawn, and why
+
+
+def log_figures(tracker: Tracker, run_id: str, makers: dict) -> None:
+    """Each figure rendered on its own and logged; one that cannot be drawn is a warning line naming it and a
+    tag on the run, never an error: the run's statistics, tables and seeds are logged all the same."""
+    from . import figures
+
+    rendered, failed = figures.render(makers)
+    if rendered:
+        tracker.log_artifacts(run_id, rendered)
+    if failed:
+        tracker.log_tags(run_id, {FIGURES_FAILED_TAG: "; ".join(f"{p}: {why}" for p, why in failed.items())[:5000]})
+        for path, why in failed.items():
+            report.errors.print(f"warning: the figure {path} of run {run_id} could not be drawn ({why}); "
+                                "everything else is logged.", soft_wrap=True, markup=False)
 
 
 def decode(run_id: str) -> bool:

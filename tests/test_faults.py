@@ -305,3 +305,22 @@ def test_bad_run_id_does_not_load_torch(store):
             "    assert result.exit_code == 2 and 'no run with id' in result.output, result.output\n"
             "assert 'torch' not in sys.modules and 'matplotlib' not in sys.modules, 'a bad id loaded torch'\n")
     subprocess.run([sys.executable, "-c", code], check=True, env=_env(store))
+
+
+# --- issue 17: a figure that cannot be drawn costs only itself --------------------------------------------
+
+def test_a_figure_that_fails_costs_only_itself(tiny_gpt2, store, monkeypatch):
+    from amrepro import figures
+
+    def broken(*args):
+        raise ValueError("There are 267 color bins including extensions, but ncolors = 256")
+    monkeypatch.setattr(figures, "token_grid", broken)
+    result = cli("run", "--model", tiny_gpt2, "--runs", "2", "--epochs", "2", "--dim", "3")
+    assert result.exit_code == 0, result.output
+    assert "warning: the figure figures/token_grid.png of run" in result.output and "Traceback" not in result.output
+    (parent,) = _parents(store)
+    assert parent.info.status == "FINISHED" and "stats/positional_agreement" in parent.data.metrics
+    assert "figures/token_grid.png: ValueError: There are 267" in parent.data.tags["amrepro.figures_failed"]
+    logged = {a.path for a in MlflowClient(store).list_artifacts(parent.info.run_id, "figures")}
+    assert "figures/curves.png" in logged and "figures/token_grid.png" not in logged
+    assert [c.info.status for c in children_of(store, parent.info.run_id)] == ["FINISHED"] * 2
