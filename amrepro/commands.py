@@ -95,15 +95,6 @@ def sweep(config: Config, spec: str, workers: int = 0, ray_address: str | None =
     with _saying_what_was_saved(tracker), tracker:
         if not resume:
             tracker.attach_mlflow_run()
-        if workers and not resume and not config.threads:  # the cores shared out; logged, so --resume keeps it
-            if ray_address or os.environ.get("RAY_ADDRESS"):
-                ray = sw.start_ray(ray_address, workers, 1)
-                cpus = ray.cluster_resources().get("CPU", workers)
-            else:
-                cpus = os.cpu_count() or 1
-            config = dataclasses.replace(config, threads=sw.default_threads(workers, cpus))
-        if workers and ray is None:
-            ray = sw.start_ray(ray_address, workers, max(config.threads, 1))
         lm = load_model(config.model, resolve_device(config.device), note=report.note)
         widths: dict[tuple, int] = {}
 
@@ -113,6 +104,23 @@ def sweep(config: Config, spec: str, workers: int = 0, ray_address: str | None =
             return widths[block, site]
 
         targets = sw.parse_targets(spec, width, lm.n_layers, config.seed)
+        remote = bool(ray_address or os.environ.get("RAY_ADDRESS"))
+        if not remote:  # this machine's memory and cores; of a cluster, only its cores are known (once joined)
+            workers_note = sw.check_workers(lm, targets, config, workers, chunk, os.cpu_count() or 1, local=True)
+        if workers and not resume and not config.threads:  # the cores shared out; logged, so --resume keeps it
+            if remote:
+                ray = sw.start_ray(ray_address, workers, 1)
+                cpus = ray.cluster_resources().get("CPU", workers)
+            else:
+                cpus = os.cpu_count() or 1
+            config = dataclasses.replace(config, threads=sw.default_threads(workers, cpus))
+        if workers and ray is None:
+            ray = sw.start_ray(ray_address, workers, max(config.threads, 1))
+        if remote:
+            workers_note = sw.check_workers(lm, targets, config, workers, chunk,
+                                            int(ray.cluster_resources().get("CPU", workers)) if ray else 1, local=False)
+        if workers_note:
+            report.errors.print(workers_note, soft_wrap=True, markup=False)
         frozen = pip_freeze()
         if resume:
             sweep_id, experiment_id = tracker.reopen(resume)
