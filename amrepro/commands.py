@@ -95,15 +95,6 @@ def sweep(config: Config, spec: str, workers: int = 0, ray_address: str | None =
     with _saying_what_was_saved(tracker), tracker:
         if not resume:
             tracker.attach_mlflow_run()
-        if workers and not resume and not config.threads:  # the cores shared out; logged, so --resume keeps it
-            if ray_address or os.environ.get("RAY_ADDRESS"):
-                ray = sw.start_ray(ray_address, workers, 1)
-                cpus = ray.cluster_resources().get("CPU", workers)
-            else:
-                cpus = os.cpu_count() or 1
-            config = dataclasses.replace(config, threads=sw.default_threads(workers, cpus))
-        if workers and ray is None:
-            ray = sw.start_ray(ray_address, workers, max(config.threads, 1))
         lm = load_model(config.model, resolve_device(config.device), note=report.note)
         widths: dict[tuple, int] = {}
 
@@ -113,6 +104,23 @@ def sweep(config: Config, spec: str, workers: int = 0, ray_address: str | None =
             return widths[block, site]
 
         targets = sw.parse_targets(spec, width, lm.n_layers, config.seed)
+        remote = bool(ray_address or os.environ.get("RAY_ADDRESS"))
+        if not remote:  # this machine's memory and cores; of a cluster, only its cores are known (once joined)
+            workers_note = sw.check_workers(lm, targets, config, workers, chunk, os.cpu_count() or 1, local=True)
+        if workers and not resume and not config.threads:  # the cores shared out; logged, so --resume keeps it
+            if remote:
+                ray = sw.start_ray(ray_address, workers, 1)
+                cpus = ray.cluster_resources().get("CPU", workers)
+            else:
+                cpus = os.cpu_count() or 1
+            config = dataclasses.replace(config, threads=sw.default_threads(workers, cpus))
+        if workers and ray is None:
+            ray = sw.start_ray(ray_address, workers, max(config.threads, 1))
+        if remote:
+            workers_note = sw.check_workers(lm, targets, config, workers, chunk,
+                                            int(ray.cluster_resources().get("CPU", workers)) if ray else 1, local=False)
+        if workers_note:
+            report.errors.print(workers_note, soft_wrap=True, markup=False)
         frozen = pip_freeze()
         if resume:
             sweep_id, experiment_id = tracker.reopen(resume)
@@ -416,13 +424,28 @@ def log_parent(tracker: Tracker, run_id: str, outcome: Outcome, frozen: bytes | 
         tracker.log_metrics(run_id, outcome.specificity["metrics"])
         tracker.log_tags(run_id, {"specificity": specificity_words(outcome.specificity)[:5000]})
     result, ok = outcome.result, outcome.ok
-    for path, figure in figures.all_figures(result.loss.numpy()[:, ok], result.activation.numpy()[:, ok],
-                                            [s for s, keep in zip(result.seeds, ok) if keep],
-                                            [t for t, keep in zip(outcome.tokens, ok) if keep], outcome.ids[ok],
-                                            result.final_activation.numpy()[ok],
-                                            outcome.decoded_activation[ok],
-                                            hubs=s["statistics"]["nulls"]["decoded_starts"]).items():
-        tracker.log_figure(run_id, figure, path)
+    log_figures(tracker, run_id, figures.figure_makers(
+        result.loss.numpy()[:, ok], result.activation.numpy()[:, ok], [s for s, keep in zip(result.seeds, ok) if keep],
+        [t for t, keep in zip(outcome.tokens, ok) if keep], outcome.ids[ok], result.final_activation.numpy()[ok],
+        outcome.decoded_activation[ok], hubs=s["statistics"]["nulls"]["decoded_starts"]))
+
+
+FIGURES_FAILED_TAG = "amrepro.figures_failed"  # on a run: the figures that could not be drawn, and why
+
+
+def log_figures(tracker: Tracker, run_id: str, makers: dict) -> None:
+    """Each figure rendered on its own and logged; one that cannot be drawn is a warning line naming it and a
+    tag on the run, never an error: the run's statistics, tables and seeds are logged all the same."""
+    from . import figures
+
+    rendered, failed = figures.render(makers)
+    if rendered:
+        tracker.log_artifacts(run_id, rendered)
+    if failed:
+        tracker.log_tags(run_id, {FIGURES_FAILED_TAG: "; ".join(f"{p}: {why}" for p, why in failed.items())[:5000]})
+        for path, why in failed.items():
+            report.errors.print(f"warning: the figure {path} of run {run_id} could not be drawn ({why}); "
+                                "everything else is logged.", soft_wrap=True, markup=False)
 
 
 def decode(run_id: str) -> bool:

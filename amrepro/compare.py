@@ -52,6 +52,23 @@ def row(method: str, outcome, xent, wall: float) -> dict:
     return out
 
 
+def _yardstick(lm, target, file, config: Config) -> dict:
+    """The corpus scored before any run exists (a bad file costs no run), streamed, with progress lines."""
+    from . import corpus
+
+    limit = f"its first {config.corpus_max_tokens} tokens" if config.corpus_max_tokens else "all of it"
+    report.note(f"scoring the {config.n_tokens}-token windows of {file} ({file.stat().st_size / 1e6:.1f} MB; "
+                f"{limit}, --corpus-max-tokens)")
+    started = time.monotonic()
+    yard = corpus.yardstick(lm, target, file, config.n_tokens, config.corpus_max_tokens,
+                            on_progress=corpus.progress_printer(report.note))
+    yard["seconds"] = time.monotonic() - started
+    if yard["truncated"]:
+        report.note(f"corpus: stopped after {yard['tokens_read']} tokens (--corpus-max-tokens "
+                    f"{config.corpus_max_tokens}; 0 reads the whole file)")
+    return yard
+
+
 def compare(config: Config, methods_text: str, corpus_path: str = "", experiment: str | None = None) -> list[dict]:
     from . import corpus, figures
     from .commands import end_leftovers, log_outcome, run_name, _saying_what_was_saved
@@ -65,7 +82,7 @@ def compare(config: Config, methods_text: str, corpus_path: str = "", experiment
     began = time.monotonic()
     names = parse_methods(methods_text)
     config.validate()
-    text = corpus.read(corpus_path) if corpus_path else None
+    corpus_file = corpus.check(corpus_path) if corpus_path else None  # missing, a FIFO, a device: before runs
     tracker = Tracker(experiment)
     end_leftovers(tracker)
     rows: list[dict] = []
@@ -74,7 +91,7 @@ def compare(config: Config, methods_text: str, corpus_path: str = "", experiment
         lm = load_model(config.model, resolve_device(config.device), note=report.note)
         preps = {m: prepare(dataclasses.replace(config, method=m), lm=lm, note=report.note) for m in names}
         target = preps[names[0]].target
-        windows = corpus.windows(lm, text, config.n_tokens) if text is not None else None  # fails before runs
+        yard = _yardstick(lm, target, corpus_file, config) if corpus_file is not None else None  # before runs
         busy = busy_cores_note()
         if busy:
             report.note(busy)
@@ -84,12 +101,6 @@ def compare(config: Config, methods_text: str, corpus_path: str = "", experiment
                                                {**env, "amrepro.compare": ",".join(names)},
                                                run_name=f"compare {','.join(names)}: {run_name(config)}")
         causal = is_causal(lm)
-        yard = None
-        if windows is not None:
-            report.note(f"scoring {windows.shape[0]} corpus windows of {config.n_tokens} tokens")
-            started = time.monotonic()
-            yard = corpus.yardstick(lm, target, windows)
-            yard["seconds"] = time.monotonic() - started
         frozen = pip_freeze()
         for m in names:
             c = preps[m].config

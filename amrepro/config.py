@@ -61,6 +61,9 @@ class Config:
     population: int = _f(8, "Population members per run, with fluency penalties log-spaced from 0.1 to 10 "
                             "(dreamy's defaults).")
     pez_lr: float = _f(0.1, "Adam learning rate of the continuous vectors (Wen et al. 2023: 0.1).")
+    corpus_max_tokens: int = _f(1_000_000, "compare --corpus: score the windows of at most this many tokens of "
+                                           "the corpus (its start; 0: the whole file). Time grows with it, one "
+                                           "forward per window; memory does not (the file is streamed).")
 
     @property
     def target_name(self) -> str:
@@ -90,6 +93,8 @@ class Config:
         for name in ("runs", "n_tokens"):
             if getattr(self, name) < 1:
                 raise AmreproError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+        if self.corpus_max_tokens < 0:
+            raise AmreproError(f"--corpus-max-tokens must be 0 (the whole file) or more, got {self.corpus_max_tokens}.")
         for name in ("lr", "l2"):  # nan/inf would only "optimize" into NaN embeddings
             if not math.isfinite(getattr(self, name)):
                 raise AmreproError(f"--{name} must be a finite number, got {getattr(self, name)}.")
@@ -146,7 +151,8 @@ class Config:
 
 
 # Fields added after the first release: runs logged before them are read with the field's default.
-_ADDED_LATER = frozenset({"threads", "controls", "method", "steps", "epo_steps", "topk", "candidates", "population", "pez_lr"})
+_ADDED_LATER = frozenset({"threads", "controls", "method", "steps", "epo_steps", "topk", "candidates", "population", "pez_lr",
+                          "corpus_max_tokens"})
 
 
 def _unquote(value: str) -> str:

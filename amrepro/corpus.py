@@ -4,10 +4,21 @@ optimized tokens go beyond what text reaches; its top windows are the max-activa
 users know from Neuronpedia.
 
 A window is scored exactly as an optimized sequence is: its n_tokens tokens alone, from position 0 (no BOS,
-no preceding context), mean activation over its positions."""
+no preceding context), mean activation over its positions.
+
+The file is streamed: read and tokenized CHUNK_CHARS characters at a time (cut at a line end, so that no token
+straddles two pieces), windows scored as they come, and only the running top windows, the activations (all of
+them up to EXACT_WINDOWS, then the top 1% that the 99th percentile needs) and running sums kept. Memory does not
+grow with the file (a 50 MB file once took 11.5 GB); --corpus-max-tokens bounds the time.
+"""
 
 from __future__ import annotations
 
+import math
+import os
+import stat
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,18 +31,37 @@ from .targets import Target
 
 BATCH = 512  # windows per forward
 TOP = 20  # top windows kept for the artifact
+CHUNK_CHARS = 1 << 20  # characters read and tokenized at a time
+# Up to this many windows every activation is kept (32 MB of float64) and the statistics are numpy's over all
+# of them; beyond it only the top 1% of the most windows the file can hold (exact 99th percentile) and sums.
+EXACT_WINDOWS = 1 << 22
+
+
+def check(path: str) -> Path:
+    """The corpus file, refused in one sentence before any run exists when it is missing, unreadable or not a
+    regular file (a FIFO, /dev/zero or another device would be read forever or block)."""
+    file = Path(path).expanduser()
+    try:
+        mode = os.stat(file).st_mode
+        if stat.S_ISREG(mode):
+            with open(file, "rb"):
+                return file
+    except FileNotFoundError:
+        raise AmreproError(f"--corpus {path}: no such file.") from None
+    except OSError as error:
+        raise AmreproError(f"--corpus {path} cannot be read: {error.strerror}.") from None
+    kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device"
+            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file")
+    raise AmreproError(f"--corpus {path} is {kind}, not a regular file: give a UTF-8 text file.")
 
 
 def read(path: str) -> str:
-    """The corpus text; one sentence for a file that is missing or not UTF-8."""
+    """The whole corpus text (small files, tests); one sentence for a file that is missing or not UTF-8."""
+    file = check(path)
     try:
-        return Path(path).expanduser().read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise AmreproError(f"--corpus {path}: no such file.") from None
+        return file.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise AmreproError(f"--corpus {path} is not UTF-8 text (byte {error.start} cannot be decoded).") from None
-    except OSError as error:
-        raise AmreproError(f"--corpus {path} cannot be read: {error.strerror}.") from None
 
 
 def windows(lm: LoadedModel, text: str, n_tokens: int) -> torch.Tensor:
@@ -52,14 +82,138 @@ def activations(lm: LoadedModel, target: Target, ids: torch.Tensor, batch: int =
     return torch.cat(out)
 
 
-def yardstick(lm: LoadedModel, target: Target, ids: torch.Tensor, top: int = TOP) -> dict:
-    """{n_windows, max, p99, mean, top: [{rank, start, text, tokens, activation}]} of the corpus windows
-    ids [W, pos] (windows())."""
-    n_tokens = ids.shape[1]
-    acts = activations(lm, target, ids).numpy().astype(np.float64)  # [W]
-    order = np.argsort(-acts, kind="stable")[:top]
-    return {"n_windows": int(acts.size), "n_tokens": n_tokens, "max": float(acts.max()),
-            "p99": float(np.percentile(acts, 99)), "mean": float(acts.mean()),
-            "top": [{"rank": k + 1, "start": int(w), "text": lm.tokenizer.decode(ids[w].tolist()),
-                     "tokens": lm.token_strings(ids[w].tolist()), "activation": float(acts[w])}
-                    for k, w in enumerate(order)]}
+def pieces(file: Path, chunk_chars: int | None = None):
+    """(text, bytes read so far) of the file, chunk_chars characters at a time, each cut after its last line end
+    (the rest starts the next piece): tokenizers split words at line ends, so the pieces' tokens are the whole
+    text's. A piece without a line end is cut where it stops."""
+    chunk_chars = chunk_chars or CHUNK_CHARS
+    rest = ""
+    with open(file, encoding="utf-8") as f:
+        while True:
+            try:
+                block = f.read(chunk_chars)
+            except UnicodeDecodeError as error:
+                raise AmreproError(f"--corpus {file} is not UTF-8 text ({error.reason} near byte "
+                                   f"{f.buffer.tell()}).") from None
+            text = rest + block
+            if not block:
+                if text:
+                    yield text, f.buffer.tell()
+                return
+            cut = text.rfind("\n") + 1 or len(text)
+            rest = text[cut:]
+            yield text[:cut], f.buffer.tell()
+
+
+def percentile99(top_ascending: np.ndarray, n: int) -> float:
+    """numpy's percentile(values, 99) (linear method) from the largest values alone (ascending, at least the top
+    1% + 2 of n): the two values it interpolates between are among them."""
+    h = (n - 1) * 0.99
+    lo = math.floor(h)
+    offset = n - top_ascending.size  # full-array position of top_ascending[0]
+    a, b, g = top_ascending[lo - offset], top_ascending[min(lo + 1, n - 1) - offset], h - lo
+    return float(a + (b - a) * g if g < 0.5 else b - (b - a) * (1 - g))  # numpy's _lerp
+
+
+class _Tally:
+    """The running statistics of the windows' activations: max, mean, 99th percentile, top windows."""
+
+    def __init__(self, top: int, most_windows: int):
+        self.top, self.n, self.total = top, 0, 0.0
+        self.exact: list[np.ndarray] | None = []  # every activation, until there are more than EXACT_WINDOWS
+        self.keep = math.ceil(0.01 * most_windows) + 2  # then the largest ones the 99th percentile can need
+        self.largest: list[np.ndarray] = []  # holds them, pruned to `keep` whenever it holds more than 2 x keep
+        self.held = 0
+        self.best_acts, self.best_starts = np.empty(0), np.empty(0, dtype=np.int64)
+        self.best_ids: np.ndarray | None = None
+        self.kept = 0  # most activation values held at once (the memory test reads it)
+
+    def add(self, acts: np.ndarray, starts: np.ndarray, ids: np.ndarray) -> None:
+        """acts [w] float64 of the windows ids [w, pos] that start at token starts [w]."""
+        self.n += acts.size
+        self.total += float(acts.sum())
+        acts_all = np.concatenate([self.best_acts, acts])
+        starts_all = np.concatenate([self.best_starts, starts])
+        ids_all = ids if self.best_ids is None else np.concatenate([self.best_ids, ids])
+        order = np.lexsort((starts_all, -acts_all))[:self.top]  # highest first, ties: the earlier window
+        self.best_acts, self.best_starts, self.best_ids = acts_all[order], starts_all[order], ids_all[order]
+        if self.exact is not None:
+            self.exact.append(acts)
+            self.kept = self.n
+            if self.n > EXACT_WINDOWS:  # from here on, only the largest values
+                self.largest, self.held, self.exact = self.exact, self.n, None
+                self._prune()
+            return
+        self.largest.append(acts)
+        self.held += acts.size
+        self.kept = max(self.kept, self.held)
+        if self.held > 2 * self.keep:
+            self._prune()
+
+    def _prune(self) -> None:
+        values = np.concatenate(self.largest)
+        if values.size > self.keep:
+            values = np.partition(values, values.size - self.keep)[-self.keep:]
+        self.largest, self.held = [values], values.size
+
+    def statistics(self) -> dict:
+        if self.exact is not None:  # numpy's statistics over every value, as before streaming
+            acts = np.concatenate(self.exact)
+            return {"max": float(acts.max()), "p99": float(np.percentile(acts, 99)), "mean": float(acts.mean())}
+        self._prune()
+        largest = np.sort(self.largest[0])
+        return {"max": float(largest[-1]), "p99": percentile99(largest, self.n), "mean": self.total / self.n}
+
+
+@torch.no_grad()
+def yardstick(lm: LoadedModel, target: Target, file: Path, n_tokens: int, max_tokens: int = 0, top: int = TOP,
+              on_progress: Callable[[float, int], None] | None = None) -> dict:
+    """{n_windows, n_tokens, max, p99, mean, tokens_read, truncated, kept, top: [{rank, start, text, tokens,
+    activation}]} of the windows of the corpus file (check()), streamed; at most max_tokens tokens are read
+    (0: all). on_progress(fraction done, windows so far) after each piece."""
+    size = max(file.stat().st_size, 1)
+    budget = max_tokens or math.inf
+    tally = _Tally(top, int(min(budget, size)))  # a token is at least one byte: at most `size` windows
+    carry = np.empty(0, dtype=np.int64)  # the last n_tokens - 1 tokens: windows run across pieces
+    read = 0
+    E = lm.embedding
+    with site_reader(lm, target) as reader:
+        for text, offset in pieces(file):
+            ids = np.asarray(lm.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)  # [n]
+            ids = ids[: int(min(ids.size, budget - read))]
+            start = read - carry.size  # the first window of this piece starts at this token
+            read += ids.size
+            sequence = np.concatenate([carry, ids])  # [carry + n]
+            if sequence.size >= n_tokens:
+                piece = torch.from_numpy(sequence).unfold(0, n_tokens, 1)  # [w, n_tokens]
+                for lo in range(0, piece.shape[0], BATCH):
+                    batch = piece[lo:lo + BATCH]  # [b, n_tokens]
+                    acts = reader(E[batch.to(E.device)]).mean(dim=1).cpu().numpy().astype(np.float64)  # [b]
+                    tally.add(acts, start + lo + np.arange(batch.shape[0]), batch.numpy())
+            carry = sequence[-(n_tokens - 1):] if n_tokens > 1 else sequence[:0]
+            if on_progress:
+                on_progress(1.0 if read >= budget else min(offset / size, 1.0), tally.n)
+            if read >= budget:
+                break
+    if tally.n == 0:
+        raise AmreproError(f"the corpus has {read} tokens, fewer than --n-tokens {n_tokens}.")
+    return {"n_windows": tally.n, "n_tokens": n_tokens, **tally.statistics(), "tokens_read": read,
+            "truncated": read >= budget, "kept": tally.kept,
+            "top": [{"rank": k + 1, "start": int(s), "text": lm.tokenizer.decode(w.tolist()),
+                     "tokens": lm.token_strings(w.tolist()), "activation": float(a)}
+                    for k, (a, s, w) in enumerate(zip(tally.best_acts, tally.best_starts, tally.best_ids))]}
+
+
+def progress_printer(note: Callable[[str], None], every: float = 30.0) -> Callable[[float, int], None]:
+    """on_progress for yardstick: a line at each 10% and at least every `every` seconds, with an ETA."""
+    started, shown = time.monotonic(), {"step": 0, "at": time.monotonic()}
+
+    def on_progress(fraction: float, n_windows: int) -> None:
+        now = time.monotonic()
+        if int(fraction * 10) > shown["step"] or now - shown["at"] >= every:
+            shown.update(step=int(fraction * 10), at=now)
+            left = (now - started) / fraction * (1 - fraction) if fraction > 0 else float("nan")
+            note(f"corpus: {fraction:.0%} read, {n_windows} windows scored, {now - started:.0f} s elapsed, "
+                 f"~{left:.0f} s left")
+
+    return on_progress

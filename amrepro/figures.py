@@ -72,9 +72,13 @@ def token_grid(tokens, ids, seeds):
     # counts are whole numbers: one colour per count, and a colour bar with integer ticks only
     from matplotlib.colors import BoundaryNorm
 
+    # one colour per count from a map resampled to exactly that many: BoundaryNorm refuses more bins than
+    # colours, and a fixed 256 broke the figure (and all logging after it) once a token occurred 256 times
+    from matplotlib import colormaps
+
     top = max(2, int(counts.max()))
-    norm = BoundaryNorm(np.arange(0.5, top + 1.5), ncolors=256)
-    image = ax.imshow(counts, cmap="YlOrRd", norm=norm, aspect="auto")
+    norm = BoundaryNorm(np.arange(0.5, top + 1.5), ncolors=top)
+    image = ax.imshow(counts, cmap=colormaps["YlOrRd"].resampled(top), norm=norm, aspect="auto")
     fontsize = 9 if runs <= 20 and pos <= 10 else 6
     for r in range(runs):
         for p in range(pos):
@@ -148,19 +152,50 @@ def hub_tokens(hubs: list[dict], pool_size: int, vocab_size: int, pool_distinct:
     return fig
 
 
-def all_figures(loss, activation, seeds, tokens, ids, final_activation, decoded_activation, hubs=None) -> dict:
-    """Every figure, keyed by its artifact path. hubs: the decoded-starts null of the statistics (nulls.py),
-    for figures/hub_tokens.png."""
-    out = {
-        "figures/curves.png": curves(loss, activation, seeds),
-        "figures/token_grid.png": token_grid(tokens, ids, seeds),
-        "figures/token_frequency.png": token_frequency(ids, tokens),
-        "figures/projection_gap.png": projection_gap(final_activation, decoded_activation, seeds),
+def figure_makers(loss, activation, seeds, tokens, ids, final_activation, decoded_activation, hubs=None) -> dict:
+    """Every figure of one experiment, keyed by its artifact path, as a function that builds it (not built yet:
+    render() builds each on its own, so one that fails costs only itself). hubs: the decoded-starts null of the
+    statistics (nulls.py), for figures/hub_tokens.png."""
+    makers = {
+        "figures/curves.png": lambda: curves(loss, activation, seeds),
+        "figures/token_grid.png": lambda: token_grid(tokens, ids, seeds),
+        "figures/token_frequency.png": lambda: token_frequency(ids, tokens),
+        "figures/projection_gap.png": lambda: projection_gap(final_activation, decoded_activation, seeds),
     }
     if hubs is not None:
-        out["figures/hub_tokens.png"] = hub_tokens(hubs["hub_tokens"], hubs["pool_size"], hubs["vocab_size"],
-                                                   hubs["pool_distinct"])
-    return out
+        makers["figures/hub_tokens.png"] = lambda: hub_tokens(hubs["hub_tokens"], hubs["pool_size"],
+                                                              hubs["vocab_size"], hubs["pool_distinct"])
+    return makers
+
+
+def all_figures(*args, **kwargs) -> dict:
+    """Every figure, built, keyed by its artifact path (arguments as figure_makers)."""
+    return {path: make() for path, make in figure_makers(*args, **kwargs).items()}
+
+
+def png_bytes(fig, dpi: float | None = None) -> bytes:
+    """A figure rendered as PNG (Agg), as MLflow's log_figure would save it."""
+    import io
+    import warnings
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():  # a token in a script the font lacks is drawn as a box, not an error
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        fig.savefig(buffer, format="png", dpi=dpi or "figure")
+    return buffer.getvalue()
+
+
+def render(makers: dict) -> tuple[dict[str, bytes], dict[str, str]]:
+    """Build and render each figure on its own: (path -> PNG bytes of those that rendered, path -> why each
+    other one failed, in one line). A figure is a view of results that are already computed: one that cannot
+    be drawn must never cost the statistics, the tables or the seeds that are logged beside it."""
+    rendered, failed = {}, {}
+    for path, make in makers.items():
+        try:
+            rendered[path] = png_bytes(make())
+        except Exception as error:  # noqa: BLE001 - any drawing failure costs only this figure
+            failed[path] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+    return rendered, failed
 
 
 def activation_vs_agreement(rows: list[dict], corpus: dict | None = None):

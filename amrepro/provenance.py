@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .secrets import redact
+
 if TYPE_CHECKING:
     import torch
 
@@ -97,9 +99,9 @@ def pip_freeze() -> bytes:
             line = _editable_line(name, dist.version, unquote(urlparse(url).path) if url.startswith("file:") else url)
         elif "vcs_info" in direct:
             vcs = direct["vcs_info"]
-            line = f"{name} @ {vcs.get('vcs', 'git')}+{url}@{vcs.get('commit_id', '')}"
+            line = f"{name} @ {vcs.get('vcs', 'git')}+{redact(url, mask='')}@{vcs.get('commit_id', '')}"
         elif url:
-            line = f"{name} @ {url}"
+            line = f"{name} @ {redact(url, mask='')}"
         lines[key] = (name, line)
     return "".join(f"{line}\n" for name, line in sorted(lines.values(), key=lambda n: n[0].lower())).encode()
 
@@ -124,6 +126,7 @@ def _editable_line(name: str, version: str, path: str) -> str:
         url = f"ssh://{scp.group(1) or ''}{scp.group(2)}/{scp.group(3)}"
     else:
         return f"# Editable Git install with an invalid remote {remote!r} ({name}=={version})\n-e {path}"
+    url = redact(url, mask="")  # a token in the remote (https://user:TOKEN@host/...) never goes into a run's files
     top = _git("rev-parse", "--show-toplevel", cwd=path)
     sub = os.path.relpath(path, top) if top else "."
     return f"-e git+{url}@{commit}#egg={name.replace('-', '_')}" + (f"&subdirectory={sub}" if sub != "." else "")

@@ -13,11 +13,21 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from .secrets import redact
 from .stats import NULLS, PRIMARY, REGISTRY
 
+
+class _Console(Console):
+    """rich's Console whose printed strings never show a URI's password or token: store URIs reach the terminal
+    in many sentences (where a run was logged, why a store failed), and one redaction here covers them all."""
+
+    def print(self, *objects, **kwargs):
+        super().print(*(redact(o) if isinstance(o, str) else o for o in objects), **kwargs)
+
+
 # Redirected to a file, rich would assume 80 columns and cut tokens; a log file has no width to respect.
-console = Console(highlight=False, width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200)
-errors = Console(stderr=True, highlight=False)
+console = _Console(highlight=False, width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200)
+errors = _Console(stderr=True, highlight=False)
 PLAIN_PROGRESS_SECONDS = 30.0  # without a terminal: one progress line at most this often (and at 10% steps)
 
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from . import signals
 from .config import AmreproError
+from .secrets import has_credentials, redact
 
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no download bars on stderr
@@ -110,7 +111,11 @@ class _Shielded:
 
 
 def store_problem(error: BaseException, uri: str) -> str:
-    """One sentence for an exception a store call raised."""
+    """One sentence for an exception a store call raised (credentials in the URI or the error redacted)."""
+    return redact(_store_problem(error, uri))
+
+
+def _store_problem(error: BaseException, uri: str) -> str:
     text = str(error)
     found = re.search(r"[^\n]*(readonly database|read-only file system|permission denied)[^\n]*", text, re.IGNORECASE)
     if found:
@@ -184,6 +189,8 @@ def connect(uri: str | None = None):
     from mlflow import MlflowClient
 
     uri = uri or mlflow.get_tracking_uri()
+    if has_credentials(uri):  # MLflow's "View run ... at" lines would print the host with its password
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:///file:"):
         folder = os.path.dirname(os.path.abspath(uri[len("sqlite:///"):].split("?")[0]))
         if not os.path.isdir(folder):  # MLflow would create it: a typo in the path would start an empty store
@@ -196,7 +203,7 @@ def connect(uri: str | None = None):
         except Exception as error:  # noqa: BLE001 - any failure means the store is unusable
             if re.search(r"readonly database|read-only file system", str(error), re.IGNORECASE):
                 raise AmreproError(store_problem(error, uri) + ".") from None
-            raise AmreproError(f"cannot use the MLflow tracking store at {uri}: {_short(error)}") from None
+            raise AmreproError(redact(f"cannot use the MLflow tracking store at {uri}: {_short(error)}")) from None
     return _Shielded(client), uri
 
 

@@ -110,10 +110,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_mlflow_server(backend_uri: str, folder: Path, port: int, timeout: float = 180):
+def start_mlflow_server(backend_uri: str, folder: Path, port: int, timeout: float = 180, args: tuple = (),
+                        env: dict | None = None):
     """A real `mlflow server` on 127.0.0.1:port over backend_uri, artifacts proxied into folder/artifacts, its log
     appended to folder/server.log; returns the process once /health answers (its own process group: kill it
-    with os.killpg, workers included). Fails at once, with the log, if the server exits first."""
+    with os.killpg, workers included). Fails at once, with the log, if the server exits first. args: more
+    options (`--app-name basic-auth`); env: more environment variables."""
     import os
     import subprocess
     import sys
@@ -122,11 +124,11 @@ def start_mlflow_server(backend_uri: str, folder: Path, port: int, timeout: floa
 
     mlflow = Path(sys.executable).with_name("mlflow")
     # no job-execution runner: a third process importing MLflow at every start, for jobs these tests never run
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
     with open(folder / "server.log", "a") as log:
         proc = subprocess.Popen([str(mlflow), "server", "--backend-store-uri", backend_uri, "--artifacts-destination",
                                  str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-                                 "--workers", "1"], cwd=folder, env=env, stdout=log, stderr=log,
+                                 "--workers", "1", *args], cwd=folder, env=env, stdout=log, stderr=log,
                                 start_new_session=True)
     deadline = time.time() + timeout
     while True:

@@ -64,6 +64,7 @@ def test_compare_layout_reads_back_from_mlflow(tiny_gpt2, store):
 @pytest.mark.parametrize("args, message", [
     (("--methods", "adam,sgd"), "--methods takes a comma-separated list"),
     (("--corpus", "/nonexistent/text.txt"), "no such file"),
+    (("--corpus", "/dev/zero"), "--corpus /dev/zero is a device, not a regular file"),  # read forever before
 ])
 def test_bad_input_is_one_sentence_before_any_run(tiny_gpt2, store, args, message):
     result = cli("compare", "--model", tiny_gpt2, *TINY, *args)
@@ -75,7 +76,7 @@ def test_corpus_scores_every_window(tiny_gpt2):
     lm = load_model(tiny_gpt2, torch.device("cpu"))
     target = Target.parse("blocks.3.hook_resid_pre[3]")
     text = Path(CORPUS).read_text()
-    yard = corpus.yardstick(lm, target, corpus.windows(lm, text, 4), top=5)
+    yard = corpus.yardstick(lm, target, Path(CORPUS), 4, top=5)
     ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
     assert yard["n_windows"] == len(ids) - 3
     with HookedReader(lm, target) as reader, torch.no_grad():  # brute force, one window at a time
@@ -98,3 +99,63 @@ def test_short_compare_of_all_four_methods_on_smollm2(smol, store):
     rows = {k.split("/")[1] for k in top.data.metrics if k.startswith("compare/")}
     assert rows == {"adam", "pez", "gcg", "epo", "corpus"}
     assert all(top.data.metrics[f"compare/{m}/xent_mean"] > 0 for m in ("adam", "pez", "gcg", "epo"))
+
+
+def _non_streamed(lm, target, text: str, n_tokens: int, top: int) -> dict:
+    """What the yardstick computed before it streamed: every window at once, numpy's statistics."""
+    import numpy as np
+
+    ids = corpus.windows(lm, text, n_tokens)  # [W, pos]
+    acts = corpus.activations(lm, target, ids).numpy().astype(np.float64)  # [W]
+    order = np.argsort(-acts, kind="stable")[:top]
+    return {"n_windows": int(acts.size), "max": float(acts.max()), "p99": float(np.percentile(acts, 99)),
+            "mean": float(acts.mean()), "top": [(int(w), float(acts[w])) for w in order]}
+
+
+def test_a_small_corpus_gives_what_scoring_it_at_once_gave(tiny_gpt2):
+    lm = load_model(tiny_gpt2, torch.device("cpu"))
+    target = Target.parse("blocks.3.hook_resid_pre[3]")
+    want = _non_streamed(lm, target, Path(CORPUS).read_text(), 4, 5)
+    yard = corpus.yardstick(lm, target, Path(CORPUS), 4, top=5)
+    assert {k: yard[k] for k in ("n_windows", "max", "p99", "mean")} == {k: want[k] for k in ("n_windows", "max", "p99", "mean")}
+    assert [(t["start"], t["activation"]) for t in yard["top"]] == want["top"]
+
+
+def test_a_large_corpus_is_streamed_with_bounded_memory(tiny_gpt2, tmp_path, monkeypatch):
+    """Pieces of 3000 characters and at most 2000 activations kept exactly (the real limits, shrunk): the file's
+    ~40000 windows are scored across pieces (windows that straddle two pieces included), the top windows and the
+    99th percentile are still exact, yet no more than the top 1% of the activations is ever held beyond 2000."""
+    import numpy as np
+
+    lines = [" ".join(f"w{(7 * i + j) % 97}" for j in range(i % 9 + 1)) for i in range(3000)]
+    text = "\n".join(lines) + "\n"
+    (tmp_path / "big.txt").write_text(text)
+    lm = load_model(tiny_gpt2, torch.device("cpu"))
+    target = Target.parse("blocks.2.hook_resid_pre[5]")
+    monkeypatch.setattr(corpus, "CHUNK_CHARS", 3000)
+    monkeypatch.setattr(corpus, "EXACT_WINDOWS", 2000)
+    seen = []
+    yard = corpus.yardstick(lm, target, tmp_path / "big.txt", 3, top=8, on_progress=lambda f, n: seen.append(f))
+    want = _non_streamed(lm, target, text, 3, 8)
+    assert yard["n_windows"] == want["n_windows"] > 30000 and len(seen) > 10 and seen[-1] == 1.0
+    assert yard["max"] == want["max"] and yard["p99"] == want["p99"]
+    assert yard["mean"] == pytest.approx(want["mean"], rel=1e-9)
+    assert [t["start"] for t in yard["top"]] == [w for w, _ in want["top"]]
+    top_share = 2 * (0.01 * len(text.encode()) + 3) + corpus.BATCH  # the top 1% (a token is 1+ byte), pruned at 2x
+    assert yard["kept"] <= max(2000 + corpus.BATCH, top_share) < yard["n_windows"] / 10
+
+
+def test_corpus_max_tokens_reads_the_start_only(tiny_gpt2):
+    lm = load_model(tiny_gpt2, torch.device("cpu"))
+    target = Target.parse("blocks.3.hook_resid_pre[3]")
+    yard = corpus.yardstick(lm, target, Path(CORPUS), 4, max_tokens=50)
+    assert yard["tokens_read"] == 50 and yard["n_windows"] == 47 and yard["truncated"]
+
+
+def test_a_corpus_that_is_not_a_regular_file_is_refused(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "fifo")
+    for path, kind in ((tmp_path / "fifo", "is a FIFO"), ("/dev/zero", "is a device"), (tmp_path, "is a folder")):
+        with pytest.raises(corpus.AmreproError, match=f"{kind}, not a regular file"):
+            corpus.check(str(path))

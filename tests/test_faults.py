@@ -312,3 +312,122 @@ def test_bad_run_id_does_not_load_torch(store):
             "    assert result.exit_code == 2 and 'no run with id' in result.output, result.output\n"
             "assert 'torch' not in sys.modules and 'matplotlib' not in sys.modules, 'a bad id loaded torch'\n")
     subprocess.run([sys.executable, "-c", code], check=True, env=_env(store))
+
+
+# --- issue 17: a figure that cannot be drawn costs only itself --------------------------------------------
+
+def test_a_figure_that_fails_costs_only_itself(tiny_gpt2, store, monkeypatch):
+    from amrepro import figures
+
+    def broken(*args):
+        raise ValueError("There are 267 color bins including extensions, but ncolors = 256")
+    monkeypatch.setattr(figures, "token_grid", broken)
+    result = cli("run", "--model", tiny_gpt2, "--runs", "2", "--epochs", "2", "--dim", "3")
+    assert result.exit_code == 0, result.output
+    assert "warning: the figure figures/token_grid.png of run" in result.output and "Traceback" not in result.output
+    (parent,) = _parents(store)
+    assert parent.info.status == "FINISHED" and "stats/positional_agreement" in parent.data.metrics
+    assert "figures/token_grid.png: ValueError: There are 267" in parent.data.tags["amrepro.figures_failed"]
+    logged = {a.path for a in MlflowClient(store).list_artifacts(parent.info.run_id, "figures")}
+    assert "figures/curves.png" in logged and "figures/token_grid.png" not in logged
+    assert [c.info.status for c in children_of(store, parent.info.run_id)] == ["FINISHED"] * 2
+
+
+# --- issue 17: outcome files are checked whole, private, and hold no password -----------------------------
+
+def _kept_outcome(tiny_gpt2, monkeypatch) -> Path:
+    """An outcome file, as `amrepro run` keeps it when the store fails while logging (the third child)."""
+    original, seen = MlflowClient.log_batch, []
+
+    def failing(self, run_id, *args, **kwargs):
+        seen.append(run_id)
+        if len(seen) == 4:
+            raise RuntimeError("(sqlite3.OperationalError) disk I/O error")
+        return original(self, run_id, *args, **kwargs)
+    with monkeypatch.context() as patch:
+        patch.setattr(MlflowClient, "log_batch", failing)
+        result = cli("run", "--model", tiny_gpt2, "--runs", "3", "--epochs", "3", "--dim", "3")
+    assert result.exit_code == 3, result.output
+    (path,) = Path("amrepro-outcomes").glob("*.npz")
+    return path
+
+
+def _rewritten(path: Path, to: Path, change) -> Path:
+    """A copy of the outcome file at path with change(meta, arrays) applied."""
+    import json
+
+    import numpy as np
+
+    with np.load(path) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    meta = json.loads(arrays.pop("meta.json").tobytes().decode())
+    change(meta, arrays)
+    arrays["meta.json"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    with open(to, "wb") as f:
+        np.savez(f, **arrays)
+    return to
+
+
+def test_bad_outcome_files_are_one_sentence_and_log_nothing(tiny_gpt2, store, monkeypatch, tmp_path):
+    """Crafted or truncated files (a missing key, an extra field, rows that disagree with the runs, wrong types,
+    a cut-off file) are refused whole before anything is logged; the intact file still logs."""
+    import numpy as np
+
+    path = _kept_outcome(tiny_gpt2, monkeypatch)
+    assert path.stat().st_mode & 0o777 == 0o600  # the parameters, tags and environment: the owner's alone
+    changes = {
+        "missing key": lambda meta, arrays: meta.pop("summary"),
+        "extra field": lambda meta, arrays: meta.update(surprise=1),
+        "fewer seeds than runs": lambda meta, arrays: meta.update(seeds=meta["seeds"][:2]),
+        "a token row too short": lambda meta, arrays: meta["tokens"][1].pop(),
+        "ids of other runs": lambda meta, arrays: arrays.update(ids=arrays["ids"][:2]),
+        "a missing array": lambda meta, arrays: arrays.pop("cosine"),
+        "an unknown array": lambda meta, arrays: arrays.update({"result.extra": np.zeros(3)}),
+        "params of the wrong type": lambda meta, arrays: meta.update(params=[1, 2]),
+        "seeds of the wrong type": lambda meta, arrays: meta.update(seeds=["a", "b", "c"]),
+        "a diverged run out of range": lambda meta, arrays: meta.update(diverged={"7": "x"}),
+        "malformed statistics": lambda meta, arrays: meta["summary"].update(statistics={"metrics": 3}),
+    }
+    before = len(all_runs(store))
+    for name, change in changes.items():
+        bad = _rewritten(path, tmp_path / "bad.npz", change)
+        result = cli("log", str(bad))
+        assert result.exit_code == 2, (name, result.output)
+        assert "is not a valid amrepro outcome file" in result.output, (name, result.output)
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1, name
+    data = path.read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
+    result = cli("log", str(tmp_path / "cut.npz"))
+    assert result.exit_code == 2 and "is not an amrepro outcome file" in result.output
+    assert len(all_runs(store)) == before  # nothing was logged from any of them
+    old = _rewritten(path, tmp_path / "old.npz", lambda meta, arrays: meta.pop("frontier"))  # before epo existed
+    result = cli("log", str(old))
+    assert result.exit_code == 0, result.output
+    (parent,) = _parents(store)
+    assert [c.info.status for c in children_of(store, parent.info.run_id)] == ["FINISHED"] * 3
+
+
+def test_outcome_file_keeps_no_password(tiny_gpt2, store, monkeypatch, tmp_path):
+    from amrepro import outcome_file
+
+    saved = outcome_file.load(_kept_outcome(tiny_gpt2, monkeypatch))
+    monkeypatch.setenv("AMREPRO_OUTCOMES", str(tmp_path / "elsewhere"))
+    path = outcome_file.save(saved.outcome, "0" * 32, "1", "postgresql://amrepro:S3CRET@db.lan/mlflow", saved.params,
+                             saved.tags, saved.pip_freeze)
+    assert b"S3CRET" not in path.read_bytes() and path.stat().st_mode & 0o777 == 0o600
+    # without the password, PGPASSWORD or ~/.pgpass still supply it when `amrepro log` connects
+    assert outcome_file.load(path).tracking_uri == "postgresql://amrepro@db.lan/mlflow"
+
+
+def test_a_password_in_the_tracking_uri_is_never_printed(tiny_gpt2, tmp_path):
+    """A store that is down, named with a password: amrepro's sentence names the store, never the password
+    (stdout and stderr of a real process, where MLflow's own lines and logs go too). MLflow's own error
+    message repeats the URI, password and all. (A PostgreSQL URI is redacted by the same code, but MLflow
+    retries a PostgreSQL store that is down for about two minutes: too slow for the suite.)"""
+    scheme = "http"
+    uri = f"{scheme}://amrepro:S3CRET-PW@127.0.0.1:{free_port()}/mlflow"
+    proc = subprocess.run([sys.executable, "-m", "amrepro", "run", "--model", tiny_gpt2, "--epochs", "2", "--dim", "3"],
+                          env=_env(uri), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output
+    assert "S3CRET" not in output and f"{scheme}://amrepro:***@127.0.0.1:" in output

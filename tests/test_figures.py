@@ -128,3 +128,26 @@ def test_hub_tokens_bars_with_the_uniform_line():
     assert "120 distinct tokens among the starts; uniform tokens: 300" in ax.get_title()  # 300 * (1 - (299/300)^4096)
     assert [t.get_text() for t in ax.texts] == [str(h["count"]) for h in hubs]
     assert png(fig).startswith(b"\x89PNG")  # '$' tokens and all
+
+
+def test_token_grid_draws_a_token_that_fills_256_cells_or_more():
+    """`amrepro run --runs 60 --dim 3` on the tiny model: one token in 267 of 300 cells. A fixed 256-colour
+    BoundaryNorm refused that many bins, and the failure took the parent's statistics with it."""
+    ids = np.zeros((60, 5), dtype=int)  # [runs, pos]
+    ids[:11, 2], ids[11:22, 3], ids[22:33, 4] = 1, 2, 3  # 267 zeros, three rarer tokens
+    fig = figures.token_grid([["x" if i == 0 else "y" for i in row] for row in ids], ids, list(range(60)))
+    bar = fig.axes[1]
+    assert max(bar.get_yticks()) == 267 and all(float(t).is_integer() for t in bar.get_yticks())
+    assert png(fig).startswith(b"\x89PNG")
+
+
+def test_render_keeps_every_figure_but_the_one_that_fails(grid):
+    """A figure that cannot be drawn costs only itself: the others come back as PNGs, the failure as a line."""
+    ids, tokens, seeds = grid
+    loss = np.random.default_rng(0).normal(size=(20, len(seeds)))
+    makers = figures.figure_makers(loss, -loss, seeds, tokens, ids, np.ones(len(seeds)), np.zeros(len(seeds)))
+    makers["figures/token_frequency.png"] = lambda: 1 / 0
+    rendered, failed = figures.render(makers)
+    assert sorted(rendered) == ["figures/curves.png", "figures/projection_gap.png", "figures/token_grid.png"]
+    assert all(data.startswith(b"\x89PNG") for data in rendered.values())
+    assert failed == {"figures/token_frequency.png": "ZeroDivisionError: division by zero"}

@@ -43,3 +43,30 @@ def test_editable_install_in_a_git_checkout_is_its_remote_and_commit(tmp_path):
         f"-e git+ssh://git@github.com/owner/repo.git@{commit}#egg=my_pkg&subdirectory=sub"
     assert _editable_line("my-pkg", "1.0", str(tmp_path)) == \
         f"# Editable install with no version control (my-pkg==1.0)\n-e {tmp_path}"
+
+
+def test_a_token_in_a_git_remote_stays_out_of_the_pip_freeze(tmp_path):
+    """environment/pip-freeze.txt is an artifact anyone with the store can read: an editable install whose
+    remote carries a token (https://user:TOKEN@host/...) is recorded without it."""
+    from amrepro.provenance import _editable_line
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "x"],
+                   cwd=tmp_path, check=True)
+    for remote, shown in (("https://me:ghp_S3CRET@github.com/o/r.git", "https://me@github.com/o/r.git"),
+                          ("https://ghp_S3CRET@github.com/o/r.git", "https://github.com/o/r.git")):
+        subprocess.run(["git", "remote", "remove", "origin"], cwd=tmp_path, capture_output=True)
+        subprocess.run(["git", "remote", "add", "origin", remote], cwd=tmp_path, check=True)
+        line = _editable_line("my-pkg", "1.0", str(tmp_path))
+        assert "S3CRET" not in line and line.startswith(f"-e git+{shown}@")
+
+
+def test_redact_hides_passwords_and_tokens_and_keeps_the_rest():
+    from amrepro.secrets import redact
+
+    assert redact("postgresql://user:PASS@db:5432/mlflow") == "postgresql://user:***@db:5432/mlflow"
+    assert redact("store at http://u:p@ss@host:5000/x failed") == "store at http://u:***@host:5000/x failed"
+    assert redact("git+https://TOKEN@github.com/o/r.git@abc#egg=r") == "git+https://***@github.com/o/r.git@abc#egg=r"
+    for kept in ("ssh://git@github.com/o/r.git", "sqlite:///tmp/mlflow.db", "http://127.0.0.1:5000", "a@b.c"):
+        assert redact(kept) == kept
+    assert redact("postgresql://user:PASS@db/m", mask="") == "postgresql://user@db/m"

@@ -127,3 +127,50 @@ def test_resume_skips_finished_targets(tiny_gpt2, store, monkeypatch):
         assert len(children_of(store, parent.info.run_id)) == 2 and parent.data.params["epochs"] == "8"
     assert sweep.data.metrics["sweep/n_finished"] == 2
     assert cli("sweep", "--resume", sweep.info.run_id).exit_code == 2  # a finished sweep has nothing to resume
+
+
+# --- issue 17: refused before anything exists: a cluster that does not answer, workers that cannot fit ------
+
+def test_an_unreachable_ray_cluster_is_one_sentence_within_seconds(tiny_gpt2, store):
+    """ray.init retries an address that does not answer for minutes, printing its own warnings."""
+    import time
+
+    from helpers import free_port
+
+    started = time.time()
+    result = cli("sweep", "--model", tiny_gpt2, "--targets", SPEC, "--workers", "2",
+                 "--ray-address", f"127.0.0.1:{free_port()}", *ARGS)
+    assert result.exit_code == 2, result.output
+    assert "cannot join Ray at 127.0.0.1:" in result.output and "Connection refused" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and time.time() - started < 10
+    assert all_runs(store) == []
+
+
+def test_too_many_workers_are_refused_before_ray_or_any_run(tiny_gpt2, store, monkeypatch):
+    """Each Ray worker loads the model: --workers 64 on a small machine would take its memory. Here the machine
+    has 2 GiB free: 16 one-target chunks of ~0.6 GiB workers do not fit."""
+    import sys
+
+    from amrepro import experiment
+
+    monkeypatch.setattr(experiment, "_available_bytes", lambda device: 2 * 2**30)
+    result = cli("sweep", "--model", tiny_gpt2, "--targets", "blocks.4.hook_resid_pre[0:16]", "--workers", "64", *ARGS)
+    assert result.exit_code == 2, result.output
+    assert "--workers 64 starts 16 Ray workers of about 0.6 GiB" in result.output
+    assert "at most about 2 workers fit here." in result.output and len(result.output.strip().splitlines()) == 1
+    assert all_runs(store) == [] and not ("ray" in sys.modules and sys.modules["ray"].is_initialized())
+
+
+def test_workers_beyond_the_cores_are_said(tiny_gpt2):
+    import torch
+
+    from amrepro.model import load_model
+    from amrepro.sweep import check_workers
+
+    lm = load_model(tiny_gpt2, torch.device("cpu"))
+    targets = [Target(4, "hook_resid_pre", i) for i in range(8)]
+    config = Config(model=tiny_gpt2, runs=2, epochs=8)
+    note = check_workers(lm, targets, config, 4, 0, cpus=2, local=False)  # a cluster: its memory is unknown here
+    assert note.startswith("note: 4 workers on 2 cores")
+    assert check_workers(lm, targets, config, 2, 0, cpus=2, local=False) is None
+    assert check_workers(lm, targets, config, 64, 0, cpus=2, local=False).startswith("note: 8 workers")  # 8 chunks
