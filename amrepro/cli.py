@@ -26,10 +26,12 @@ def _root() -> None:
     and track every run in MLflow (store: MLFLOW_TRACKING_URI, default sqlite mlflow.db + ./mlruns)."""
 
 
-def _guard(fn, *args, **kwargs):
-    """One clear sentence and a non-zero exit instead of a traceback (AMREPRO_DEBUG=1 shows it).
+def _guard(module: str, function: str, *args):
+    """amrepro.MODULE.FUNCTION(*args), imported only now (so `amrepro --help` stays instant), with one clear
+    sentence and a non-zero exit instead of a traceback (AMREPRO_DEBUG=1 shows it).
     Exit codes: 2 bad input or unusable store, 1 no result, 3 store lost after the science (results kept in
     a file), 130 Ctrl-C, 143 SIGTERM."""
+    import importlib
     import signal
 
     from . import signals
@@ -38,7 +40,7 @@ def _guard(fn, *args, **kwargs):
     saved = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
     signals.install()  # SIGTERM ends runs like Ctrl-C; neither cuts a store call in half
     try:
-        return fn(*args, **kwargs)
+        return getattr(importlib.import_module(f"amrepro.{module}"), function)(*args)
     except typer.Exit:
         raise
     except signals.Terminated as interrupt:
@@ -99,13 +101,7 @@ _EXPERIMENT_HELP = ("MLflow experiment name (default: MLFLOW_EXPERIMENT_NAME / M
 @with_config()
 def run(config: Config, experiment: str = typer.Option("", help=_EXPERIMENT_HELP)):
     """Run the experiment: RUNS seeds batched, one MLflow parent run with a child run per seed."""
-
-    def go():
-        from . import commands
-
-        commands.run(config, experiment or None)
-
-    _guard(go)
+    _guard("commands.run", "run", config, experiment or None)
 
 
 @app.command()
@@ -120,13 +116,7 @@ def compare(
 ):
     """Compare methods on one target and one set of seeds: a top MLflow run, one nested run per method (each
     with its seed runs), a table and a figure of activation against agreement."""
-
-    def go():
-        from . import compare as compare_module
-
-        compare_module.compare(config, methods, corpus, experiment or None)
-
-    _guard(go)
+    _guard("compare", "compare", config, methods, corpus, experiment or None)
 
 
 @app.command()
@@ -156,27 +146,16 @@ def sweep(
 
         errors.print("error: --targets is required (or --resume SWEEP_RUN_ID).", soft_wrap=True, markup=False)
         raise typer.Exit(2)
-
-    def go():
-        from . import commands
-
-        commands.sweep(config, targets, workers, ray_address or None, chunk, resume or None, experiment or None)
-
-    _guard(go)
+    _guard("commands.sweep", "sweep", config, targets, workers, ray_address or None, chunk, resume or None,
+             experiment or None)
 
 
 @app.command()
 def decode(run_id: str = typer.Argument(..., help="A child run id, or a parent run id for all its children.")):
     """Re-derive tokens from a run's logged final embeddings (no optimization); exit 1 if they differ
     from the logged tokens.json."""
-
-    def go():
-        from . import commands
-
-        if not commands.decode(run_id):
-            raise typer.Exit(1)
-
-    _guard(go)
+    if not _guard("commands.decode", "decode", run_id):
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -186,14 +165,8 @@ def reproduce(
                                         "is not expected)."),
 ):
     """Re-run a logged run from its params and compare with its artifacts; exit 0 only when it reproduces."""
-
-    def go():
-        from . import commands
-
-        if not commands.reproduce(run_id, device or None):
-            raise typer.Exit(1)
-
-    _guard(go)
+    if not _guard("commands.reproduce", "reproduce", run_id, device or None):
+        raise typer.Exit(1)
 
 
 @app.command("log")
@@ -201,13 +174,7 @@ def log_(file: str = typer.Argument(..., help="An outcome file, amrepro-outcomes
     """Log the results an interrupted or disconnected `amrepro run` kept in an outcome file (into its parent run
     when that still exists and is not FINISHED, else a new one), end the runs FINISHED and delete the file.
     Store: MLFLOW_TRACKING_URI, else the one the file was made for."""
-
-    def go():
-        from . import commands
-
-        commands.log_file(file)
-
-    _guard(go)
+    _guard("commands.log", "log_file", file)
 
 
 @app.command()
@@ -215,13 +182,7 @@ def doctor(all_hosts: bool = typer.Option(False, "--all", help="Also end RUNNING
                                                                "checked from this host (other hosts, no pid tag).")):
     """End the runs a killed amrepro process left RUNNING: every RUNNING amrepro run of the store, one line
     each; those of this host whose process is gone are ended KILLED, live ones and other hosts' are left alone."""
-
-    def go():
-        from . import commands
-
-        commands.doctor(all_hosts)
-
-    _guard(go)
+    _guard("commands.doctor", "doctor", all_hosts)
 
 
 def main() -> None:

@@ -16,8 +16,9 @@ import time
 
 from . import methods, report
 from .config import AmreproError, Config
+from .context import Context
+from .layout import COMPARE_TAG, json_bytes, log_outcome, run_name
 from .stats import PRIMARY, REGISTRY
-from .tracking import Tracker, json_bytes
 
 # the statistics' columns: each registry statistic, its p-value under the method's own starts, and for the unique
 # count also under uniform tokens
@@ -71,11 +72,10 @@ def _yardstick(lm, target, file, config: Config) -> dict:
 
 def compare(config: Config, methods_text: str, corpus_path: str = "", experiment: str | None = None) -> list[dict]:
     from . import corpus, figures
-    from .commands import end_leftovers, log_outcome, run_name, _saying_what_was_saved
     from .experiment import execute, prepare
     from .methods.fluency import is_causal, prompt_xent
     from .model import load_model, resolve_device
-    from .provenance import busy_cores_note, environment, pip_freeze
+    from .provenance import pip_freeze
 
     import torch
 
@@ -83,29 +83,24 @@ def compare(config: Config, methods_text: str, corpus_path: str = "", experiment
     names = parse_methods(methods_text)
     config.validate()
     corpus_file = corpus.check(corpus_path) if corpus_path else None  # missing, a FIFO, a device: before runs
-    tracker = Tracker(experiment)
-    end_leftovers(tracker)
+    ctx = Context(experiment)
     rows: list[dict] = []
-    with _saying_what_was_saved(tracker), tracker:
-        tracker.attach_mlflow_run()
+    with ctx.session():
         lm = load_model(config.model, resolve_device(config.device), note=report.note)
         preps = {m: prepare(dataclasses.replace(config, method=m), lm=lm, note=report.note) for m in names}
         target = preps[names[0]].target
         yard = _yardstick(lm, target, corpus_file, config) if corpus_file is not None else None  # before runs
-        busy = busy_cores_note()
-        if busy:
-            report.note(busy)
-        env = {**environment(lm.device), **lm.fingerprint()}
+        env = ctx.describe(lm)
         params = {k: v for k, v in config.to_params().items() if k != "method"}
-        top, experiment_id = tracker.start_top({**params, "methods": ",".join(names), "corpus": corpus_path},
-                                               {**env, "amrepro.compare": ",".join(names)},
-                                               run_name=f"compare {','.join(names)}: {run_name(config)}")
+        top, experiment_id = ctx.start_top({**params, "methods": ",".join(names), "corpus": corpus_path},
+                                           {COMPARE_TAG: ",".join(names)},
+                                           f"compare {','.join(names)}: {run_name(config)}")
         causal = is_causal(lm)
         frozen = pip_freeze()
         for m in names:
             c = preps[m].config
-            method_run = tracker.start_child(top, f"{m}: {run_name(c)}", c.to_params(), experiment_id)
-            tracker.log_tags(method_run, env)
+            method_run = ctx.start_child(top, f"{m}: {run_name(c)}", c.to_params(), experiment_id)
+            ctx.log(method_run, tags=env)
             started = time.monotonic()
             with report.epoch_progress(c.n_steps, c.runs) as on_step:
                 outcome = execute(preps[m], on_step)
@@ -115,10 +110,10 @@ def compare(config: Config, methods_text: str, corpus_path: str = "", experiment
             scalars = {"time/wall_s": wall}
             if xent is not None:
                 scalars["xent/final_mean"] = float(xent.mean())
-            tracker.log_metrics(method_run, scalars)
+            ctx.log_metrics(method_run, scalars)
             report.console.print(f"[bold]{m}[/]: " + report.summary_lines(outcome.summary)[0]
                                  if outcome.summary.get("statistics") else f"{m}: no result", soft_wrap=True)
-            log_outcome(tracker, method_run, experiment_id, outcome, frozen)
+            log_outcome(ctx, method_run, experiment_id, outcome, frozen)
         if yard is not None:
             rows.append({"method": "corpus", "act_mean": yard["mean"], "act_best": yard["max"], "act_p99": yard["p99"],
                          "n_tokens": yard["n_windows"] * config.n_tokens})
@@ -132,12 +127,12 @@ def compare(config: Config, methods_text: str, corpus_path: str = "", experiment
                                                      + "); p_unique_uniform: uniform tokens"})}
         if yard is not None:
             files["corpus_top_windows.json"] = json_bytes(yard["top"])
-        tracker.log_artifacts(top, files)
-        tracker.log_table(top, {k: [r[k] for r in table] for k in COLUMNS}, "compare_table.json")
-        tracker.log_metrics(top, {f"compare/{r['method']}/{k}": float(r[k]) for r in table for k in COLUMNS[1:]
+        ctx.log_artifacts(top, files)
+        ctx.store.log_table(top, {k: [r[k] for r in table] for k in COLUMNS}, "compare_table.json")
+        ctx.log_metrics(top, {f"compare/{r['method']}/{k}": float(r[k]) for r in table for k in COLUMNS[1:]
                                   if isinstance(r.get(k), (int, float))})
-        tracker.log_figure(top, figures.activation_vs_agreement(table, yard), "activation_vs_agreement.png")
-        tracker.log_metrics(top, {"time/total_s": time.monotonic() - began})
-        tracker.end(top)
-    report.print_compare(table, top, tracker.uri)
+        ctx.store.log_figure(top, figures.activation_vs_agreement(table, yard), "activation_vs_agreement.png")
+        ctx.log_metrics(top, {"time/total_s": time.monotonic() - began})
+        ctx.end(top)
+    report.print_compare(table, top, ctx.uri)
     return table

@@ -1,14 +1,20 @@
 """The experiment, without side effects: validate -> load -> optimize all seeds -> decode -> statistics.
 
-`prepare` does every check that can fail on user input *before* any MLflow run exists; `execute` is the
-science. Both are shared by `amrepro run` and `amrepro reproduce`.
+One path for one target and for many: `prepare_many` does every check that can fail on user input *before* any
+MLflow run exists and `execute_many` optimizes the targets' rows as ONE batch (one forward pass serves targets x
+seeds rows); a lone target (`amrepro run`, `prepare` / `execute`) is a batch of one. The batch reads one site,
+whose width is probed once; every target is checked once. Shared by run, compare, sweep and reproduce.
 
-With --controls K, the batch holds (1 + K) x runs rows: the target's runs first, then each control target's runs
-from the SAME seeds (specificity.py explains why). Everything but `specificity` describes the target's own rows.
+Row block t of a batch is what `amrepro run --target T_t` optimizes on its own: with --controls K its
+(1 + K) x runs rows, the target's runs first, then each control target's runs from the SAME seeds
+(specificity.py explains why). The rows never interact (Adam is elementwise, the forward is row-wise), so each
+target's share is its run alone up to the rounding of batched kernels (tests/test_batch.py); only a batch of the
+same shape is bit-identical, which is why a sweep's target parent records its batch (layout.BATCH_TAG).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -28,13 +34,19 @@ from .targets import Target, check_target
 
 @dataclass
 class Prepared:
-    config: Config
+    """One target of a batch, every check done."""
+    config: Config  # what `amrepro run` of this target alone would get
     lm: LoadedModel
     target: Target
-    reader: object  # a site reader: x [runs, pos, d_model] -> act [runs, pos]
-    controls: tuple[Target, ...] = ()  # --controls: the other targets of the site, read by rows runs.. of the batch
-    # the primary null's pool and its description (methods.start_pool), when already drawn (batch.py: once per batch)
-    start_pool: tuple[np.ndarray, str] | None = None
+    controls: tuple[Target, ...] = ()  # --controls: the other targets of the site, read by rows runs.. of its share
+    start_pool: tuple[np.ndarray, str] | None = None  # the primary null's pool and its description (once per batch)
+    width: int = 0  # the site's width
+    per_row: bool = False  # read with per-row indices even alone: one of prepare_many's batch (a sweep's)
+
+    @property
+    def reader(self):
+        """A site reader (to enter) of this target's rows alone: x [rows, pos, d_model] -> act [rows, pos]."""
+        return batch_reader([self])
 
 
 @dataclass
@@ -57,9 +69,29 @@ class Outcome:
 
 
 def prepare(config: Config, lm: LoadedModel | None = None, note: Callable[[str], None] | None = None) -> Prepared:
-    """note(text), if given, hears what loading the model has to say (e.g. a one-off GGUF conversion)."""
+    """The target of config (--target, or --layer/--dim) alone: a batch of one. note(text), if given, hears what
+    loading the model has to say (e.g. a one-off GGUF conversion)."""
     config.validate()
     target = Target.parse(config.target_name)  # a typo in the name fails before the model loads
+    return _prepare(config, [(config, target)], lm, note, per_row=False)[0]
+
+
+def prepare_many(config: Config, targets: list[Target], lm: LoadedModel | None = None,
+                 note: Callable[[str], None] | None = None) -> list[Prepared]:
+    """One Prepared per target, its Config config with --target set to it (as `amrepro run --target` would
+    have). The targets must share block and site: one batch reads one site."""
+    return _prepare(config, [(dataclasses.replace(config, target=t.name), t) for t in targets], lm, note, per_row=True)
+
+
+def _prepare(config: Config, targets: list[tuple[Config, Target]], lm: LoadedModel | None,
+             note: Callable[[str], None] | None, per_row: bool) -> list[Prepared]:
+    config.validate()
+    if not targets:
+        return []
+    sites = {t.batch_key for _, t in targets}  # one site (and one SAE or direction file)
+    if len(sites) > 1:
+        raise AmreproError(f"one batch reads one site, got {len(sites)}: "
+                           f"{', '.join(sorted({t.prefix for _, t in targets}))}.")
     device = resolve_device(config.device)
     configure_determinism(device)
     if config.threads:
@@ -67,19 +99,28 @@ def prepare(config: Config, lm: LoadedModel | None = None, note: Callable[[str],
     lm = lm or load_model(config.model, device, note=note)
     check_positions(lm, config.n_tokens)
     methods.check(config, lm)  # e.g. epo refuses an encoder
-    controls = _controls(config, lm, target)
-    check_memory(lm, target, config, rows=config.runs * (1 + len(controls)))
-    # row t * runs + r reads target t (0: the user's) from seed r
-    index = [t for t in (target, *controls) for _ in range(config.runs)] if controls else None
-    return Prepared(config, lm, target, site_reader(lm, target, index=index), controls)
+    first = targets[0][1]
+    width = site_width(lm, first)  # one probe forward per batch
+    preps = []
+    for one, target in targets:
+        check_target(target, lm.n_layers, width)
+        if target.source:  # its file (a direction, an SAE and its latent) against the site, before anything runs
+            features.readout([target], width)
+        preps.append(Prepared(one, lm, target, _controls(one, target, width), width=width, per_row=per_row))
+    rows = sum(config.runs * (1 + len(p.controls)) for p in preps)
+    check_memory(lm, first, config, rows=rows)
+    # the null's pool depends on the vocabulary, runs, n_tokens and seed, not on the target: drawn and decoded
+    # once per batch (for GPT-2 a 20k x 50k matmul, seconds per target otherwise)
+    pool = methods.start_pool(config, lm, nulls.pool_size(config.runs, config.n_tokens))
+    for prep in preps:
+        prep.start_pool = pool
+    return preps
 
 
-def _controls(config: Config, lm: LoadedModel, target: Target) -> tuple[Target, ...]:
+def _controls(config: Config, target: Target, width: int) -> tuple[Target, ...]:
     """--controls K: K other indices of the target's site, drawn reproducibly from the seed."""
     if not config.controls:
         return ()
-    width = site_width(lm, target)
-    check_target(target, lm.n_layers, width)
     if target.source:  # other latents of the SAE, or random unit directions (features.py)
         return features.controls(target, config.controls, config.seed, width)
     picked = choose_controls(target.index, width, config.controls, config.seed, f"blocks.{target.block}.{target.site}")
@@ -135,17 +176,39 @@ def check_memory(lm: LoadedModel, target: Target, config: Config, rows: int | No
 
 
 def execute(prep: Prepared, on_epoch: Callable[[int], None] | None = None) -> Outcome:
-    c = prep.config
-    seeds = c.seeds * (1 + len(prep.controls))  # every target from the same seeds, hence the same starts
-    with prep.reader as reader:
-        result, ids, cosine, decoded = optimize_rows(prep.lm, reader, seeds, c, on_epoch)
-    return outcome_of(prep, result, ids, cosine, decoded)
+    return execute_many([prep], on_epoch)[0]
+
+
+def execute_many(preps: list[Prepared], on_epoch: Callable[[int], None] | None = None) -> list[Outcome]:
+    """Optimize every target's rows as one batch; one Outcome per target, in the order of preps."""
+    if not preps:
+        return []
+    c, lm = preps[0].config, preps[0].lm
+    blocks = [(p.target, *p.controls) for p in preps]  # row block of target t: its runs, then its controls'
+    seeds = c.seeds * sum(len(block) for block in blocks)  # every target (and control) from the same seeds
+    with batch_reader(preps) as reader:
+        result, ids, cosine, decoded = optimize_rows(lm, reader, seeds, c, on_epoch)
+    outcomes, row = [], 0
+    for prep, block in zip(preps, blocks):
+        share = slice(row, row + len(block) * c.runs)
+        outcomes.append(outcome_of(prep, result.rows(share), ids[share], cosine[share], decoded[share]))
+        row = share.stop
+    return outcomes
+
+
+def batch_reader(preps: list[Prepared]):
+    """The reader of a batch's rows. `amrepro run` of a target without controls reads its index in every row
+    with the single-target kernels; every other batch (controls, a sweep's batch, even of one target) reads
+    per-row indices, which round differently on some sites: each keeps the reads its logged runs were made with."""
+    index = [t for p in preps for t in (p.target, *p.controls) for _ in range(p.config.runs)]  # [rows] targets
+    per_row = preps[0].per_row or len(set(index)) > 1
+    return site_reader(preps[0].lm, preps[0].target, index=index if per_row else None, width=preps[0].width or None)
 
 
 def optimize_rows(lm: LoadedModel, reader, seeds: list[int], config: Config,
                   on_epoch: Callable[[int], None] | None = None):
     """(result, ids [rows, pos], cosine [rows, pos], decoded activation [rows]) of config.method on one batch,
-    one row per seed, through the entered reader (which may read one target per row: batch.py, --controls)."""
+    one row per seed, through the entered reader (which may read one target per row: a batch of targets, --controls)."""
     result = methods.get(config.method)(methods.Problem(lm, reader, seeds, config), on_epoch)
     if result.ids is None:  # adam: continuous vectors, decoded to their nearest tokens
         ids, cosine = nearest_tokens(result.final, lm.embedding)  # [rows, pos] each
@@ -157,8 +220,7 @@ def optimize_rows(lm: LoadedModel, reader, seeds: list[int], config: Config,
 
 def outcome_of(prep: Prepared, result: Result, ids: torch.Tensor, cosine: torch.Tensor,
                decoded: torch.Tensor) -> Outcome:
-    """Tokens, statistics and verdict of prep's rows ((1 + K) x runs), once optimized and decoded; also used by
-    batch.py for each target's share of a many-target batch."""
+    """Tokens, statistics and verdict of prep's rows ((1 + K) x runs), once optimized and decoded."""
     c, lm = prep.config, prep.lm
     spec = None
     if prep.controls:
@@ -201,10 +263,7 @@ def _statistics(prep: Prepared, ids, result: Result, decoded, cosine, initial_id
     """metrics.reproducibility_stats of the finite runs (ok [runs]), against the primary null: the method's own
     start distribution, decoded like the results (nulls.py)."""
     c, lm = prep.config, prep.lm
-    if prep.start_pool is not None:  # a many-target batch draws the pool once for all its targets
-        pool, described = prep.start_pool
-    else:
-        pool, described = methods.start_pool(c, lm, nulls.pool_size(c.runs, c.n_tokens))
+    pool, described = prep.start_pool
     stats = metrics.reproducibility_stats(
         ids.numpy()[ok], result.final.numpy()[ok], result.final_activation.numpy()[ok], decoded.numpy()[ok],
         cosine.numpy()[ok], initial_ids.numpy()[ok], vocab_size=lm.embedding.shape[0], seed=c.seed,

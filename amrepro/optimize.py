@@ -49,10 +49,6 @@ class Result:
                       None if self.ids is None else self.ids[pick], {k: v[:, pick] for k, v in self.history.items()},
                       None if self.frontier is None else self.frontier[pick])
 
-    def run(self, r: int) -> "Result":
-        """The result of run r alone, as if it had run in a batch of one."""
-        return self.rows(slice(r, r + 1))
-
 
 def optimize(reader: Callable[[torch.Tensor], torch.Tensor], initial: torch.Tensor, objective: Objective,
              seeds: list[int], epochs: int, lr: float, device: torch.device,

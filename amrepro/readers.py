@@ -121,10 +121,11 @@ def site_width(lm: LoadedModel, target: Target) -> int:
 
 
 def site_reader(lm: LoadedModel, target: Target, fast: bool = True,
-                index: torch.Tensor | Sequence[int] | None = None):
+                index: torch.Tensor | Sequence[int] | None = None, width: int | None = None):
     """The fastest reader that supports this model and target (validated against the model). index: optional
-    per-row indices [rows] of the same site and block (see the module docstring), or per-row Targets."""
-    width = site_width(lm, target)
+    per-row indices [rows] of the same site and block (see the module docstring), or per-row Targets; width:
+    the site's, when already probed."""
+    width = width or site_width(lm, target)
     check_target(target, lm.n_layers, width)
     rows = list(index) if index is not None and len(index) and isinstance(index[0], Target) else None
     if target.source or (rows and any(t.source for t in rows)):

@@ -7,7 +7,7 @@
 Workers and retries. A Worker loads the model once and then takes chunks. Ray restarts a worker whose process
 died and retries its chunk there (max_restarts / max_task_retries). A chunk is owned by one worker at a time, so
 a target parent that is not FINISHED when a chunk starts was left by a dead attempt (or by an interrupted sweep
-that is being resumed): it is ended KILLED, deleted (tracking.Tracker.discard) and redone; a FINISHED one is
+that is being resumed): it is ended KILLED, deleted (layout.discard) and redone; a FINISHED one is
 kept and skipped. Targets are looked up by the tags amrepro.sweep and amrepro.target, never by name or order.
 """
 
@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from . import features
+from . import features, layout
 from .config import AmreproError, Config, _unquote
 from .nulls import binomial_tail
 from .stats import ALPHA, CLAIMS, PRIMARY, REGISTRY, REPRODUCIBILITY
@@ -85,7 +85,7 @@ def parse_targets(spec: str, width: Callable[[int, str], int], n_layers: int, se
 
 
 def chunks(targets: list[Target], size: int) -> list[list[Target]]:
-    """Consecutive targets of one site, at most size per chunk (a batch reads one site, batch.py)."""
+    """Consecutive targets of one site, at most size per chunk (a batch reads one site, experiment.py)."""
     out: list[list[Target]] = []
     for target in targets:
         if out and len(out[-1]) < size and out[-1][0].batch_key == target.batch_key:
@@ -103,32 +103,15 @@ def chunk_size(n_targets: int, workers: int, requested: int = 0) -> int:
 
 
 # --- the worker -------------------------------------------------------------------------------------------
-def _exit_hook() -> None:
-    """Tests only: AMREPRO_TEST_EXIT_AFTER_CHILDREN=N makes the first worker that logs its N-th seed run exit
-    at once (os._exit, like a SIGKILL or OOM kill), once per AMREPRO_TEST_EXIT_MARKER file."""
-    n, marker = os.environ.get("AMREPRO_TEST_EXIT_AFTER_CHILDREN"), os.environ.get("AMREPRO_TEST_EXIT_MARKER")
-    if not (n and marker):
-        return
-    _exit_hook.count = getattr(_exit_hook, "count", 0) + 1
-    if _exit_hook.count >= int(n):
-        try:
-            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # only one process, only once
-        except FileExistsError:
-            return
-        os.close(fd)
-        os._exit(1)
-
-
 class Worker:
     """Loads the model once, then runs chunks of targets: one batch each, logged target by target."""
 
     def __init__(self, config: Config, uri: str, experiment_id: str, sweep_id: str, frozen: bytes, lm=None):
         import torch
 
+        from .context import Context, environment_tags
         from .model import load_model, resolve_device
-        from .provenance import environment
         from .seeding import configure_determinism
-        from .tracking import Tracker
 
         device = resolve_device(config.device)
         configure_determinism(device)
@@ -136,36 +119,34 @@ class Worker:
             torch.set_num_threads(config.threads)
         self.config, self.experiment_id, self.sweep_id, self.frozen = config, experiment_id, sweep_id, frozen
         self.lm = lm or load_model(config.model, device)
-        self.tracker = Tracker(uri=uri)
-        self.env = {**environment(self.lm.device), **self.lm.fingerprint()}
+        self.ctx = Context(uri=uri)
+        self.env = environment_tags(self.lm)
 
     def run_chunk(self, names: list[str]) -> dict:
         """Optimize and log the targets of a chunk that have no FINISHED parent yet: {"logged": names,
         "seconds": {"science": optimize + decode + statistics, "tracking": lookups, run creation, logging}}."""
         import time
-        from .batch import batch_tag, execute_many, prepare_many
-        from .commands import run_name
-        from .tracking import BATCH_TAG, SWEEP_TAG, TARGET_TAG
+        from .experiment import execute_many, prepare_many
 
-        tracker, started = self.tracker, time.perf_counter()
+        ctx, started = self.ctx, time.perf_counter()
         found: dict[str, list] = {}
-        for run in tracker.sweep_parents(self.sweep_id, self.experiment_id):
-            found.setdefault(run.data.tags.get(TARGET_TAG), []).append(run)
+        for run in layout.sweep_parents(ctx.store, self.sweep_id, self.experiment_id):
+            found.setdefault(run.tags.get(layout.TARGET_TAG), []).append(run)
         todo = []
         for name in names:
             runs = found.get(name, [])
-            if any(r.info.status == "FINISHED" for r in runs):
+            if any(r.status == "FINISHED" for r in runs):
                 continue  # logged by an earlier attempt of this chunk that died later
             for run in runs:
-                tracker.discard(run, f"left {run.info.status} by a worker that died or a sweep that was interrupted "
-                                     f"(pid {run.data.tags.get('amrepro.pid')}); the target was redone")
+                layout.discard(ctx.store, run, f"left {run.status} by a worker that died or a sweep that was "
+                               f"interrupted (pid {run.tags.get(layout.PID_TAG)}); the target was redone")
             todo.append(Target.parse(name))
         preps = prepare_many(self.config, todo, self.lm)
-        batch = batch_tag(preps) if preps else ""
-        with tracker:  # an exception ends this chunk's open runs FAILED (a dead process leaves them to discard())
-            parents = [tracker.start_parent(p.config.to_params(), {
-                **self.env, SWEEP_TAG: self.sweep_id, TARGET_TAG: p.target.name, BATCH_TAG: batch,
-                "mlflow.parentRunId": self.sweep_id}, run_name=run_name(p.config), experiment_id=self.experiment_id)
+        batch = layout.batch_tag([p.target for p in preps]) if preps else ""
+        with ctx:  # an exception ends this chunk's open runs FAILED (a dead process leaves them to discard())
+            parents = [ctx.start_parent(p.config.to_params(), {
+                **self.env, layout.SWEEP_TAG: self.sweep_id, layout.TARGET_TAG: p.target.name, layout.BATCH_TAG: batch,
+                layout.PARENT_TAG: self.sweep_id}, run_name=layout.run_name(p.config), experiment_id=self.experiment_id)
                 for p in preps]
             before = time.perf_counter()
             outcomes = execute_many(preps)
@@ -177,16 +158,13 @@ class Worker:
                     science if preps else 0.0)}}
 
     def _log(self, parent: str, outcome) -> None:
-        """What `amrepro run` logs (commands.log_seed_run, log_parent_run), straight from memory: a dead worker's
+        """What `amrepro run` logs (layout.log_seed_run, log_parent_run), straight from memory: a dead worker's
         chunk is recomputed by Ray, so no outcome file is kept."""
-        from .commands import log_parent_run, log_seed_run
-
         for r in range(outcome.config.runs):
-            log_seed_run(self.tracker, parent, self.experiment_id, outcome, r)
-            _exit_hook()
-        log_parent_run(self.tracker, parent, outcome, self.frozen)
+            layout.log_seed_run(self.ctx, parent, self.experiment_id, outcome, r)
+        layout.log_parent_run(self.ctx, parent, outcome, self.frozen)
         no_result = outcome.summary["statistics"] is None
-        self.tracker.end(parent, "FAILED" if no_result else "FINISHED")
+        self.ctx.end(parent, "FAILED" if no_result else "FINISHED")
 
 
 # --- running the chunks -----------------------------------------------------------------------------------
@@ -355,10 +333,10 @@ def table(targets: list[Target], parents: dict[str, object]) -> dict[str, list]:
     for target in targets:
         run = parents.get(target.name)
         columns["target"].append(target.name)
-        columns["parent_run_id"].append(run.info.run_id if run else None)
-        columns["status"].append(run.info.status if run else "NOT RUN")
+        columns["parent_run_id"].append(run.id if run else None)
+        columns["status"].append(run.status if run else "NOT RUN")
         for name, key in TABLE_COLUMNS.items():
-            value = run.data.metrics.get(key) if run else None
+            value = run.metrics.get(key) if run else None
             columns[name].append(None if value is None else float(value))
     return columns
 

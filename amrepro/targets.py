@@ -94,12 +94,8 @@ class Target:
 
     @classmethod
     def from_prefix(cls, prefix: str, index: int) -> "Target":
-        """The target `prefix[index]` (batch.batch_targets); a direction file has no index."""
+        """The target `prefix[index]` (layout.batch_targets); a direction file has no index."""
         return cls.parse(prefix if prefix.endswith(".npy") else f"{prefix}[{index}]")
-
-    @property
-    def is_residual(self) -> bool:
-        return self.site in RESIDUAL_SITES or self.site == "hook_resid_mid"
 
 
 def site_location(model_type: str, site: str, config=None) -> tuple[str, str]:

@@ -31,7 +31,7 @@ def _parents(store):
 
 def _optimizing(store, tiny_gpt2, cwd, runs=2):
     """A subprocess `amrepro run` in its optimization loop, for a long time: its last store write before the
-    loop (Tracker.start_top tags the experiment after the parent's params and tags) is done."""
+    loop (Context.start_top tags the experiment after the parent's params and tags) is done."""
     proc = _start(store, cwd, "run", "--model", tiny_gpt2, "--runs", str(runs), "--epochs", "10000000", "--dim", "3")
 
     def experiment_tagged():
@@ -159,7 +159,7 @@ def test_stopped_while_logging_keeps_the_results_for_amrepro_log(tiny_gpt2, stor
 
 def _foreign_running_runs(store):
     """A live run of another process on this host (this test process), and one of another host."""
-    from amrepro.tracking import process_tags
+    from amrepro.ownership import process_tags
 
     client = MlflowClient(store)
     live = client.create_run("0", run_name="live", tags=process_tags()).info.run_id
@@ -200,7 +200,7 @@ def test_sigkill_leftovers_are_ended_by_doctor(tiny_gpt2, store, tmp_path):
 
 
 def test_the_next_run_ends_sigkill_leftovers_of_this_host(tiny_gpt2, store, tmp_path):
-    from amrepro.tracking import HOST
+    from amrepro.ownership import HOST
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     client = MlflowClient(store)  # what a SIGKILLed `amrepro run` leaves: a RUNNING run whose process is gone

@@ -248,7 +248,7 @@ def test_sweep_over_latents_and_reproduce_one(tiny_gpt2, store):
 
 
 def test_sweep_spec_of_latents(direction):
-    from amrepro.batch import batch_targets
+    from amrepro.layout import batch_targets
     from amrepro.sweep import chunks
 
     spec = f"{SITE}@sae:{SAES / 'topk'}[0:3],{SITE}@sae:{SAES / 'topk'}[random:4],{SITE}[1],{SITE}@{direction}"

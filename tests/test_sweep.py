@@ -77,11 +77,11 @@ def test_sweep_layout_reads_back(tiny_gpt2, store, monkeypatch):
     assert decoded.exit_code == 0, decoded.output
     # reproduce re-runs the target's whole batch (its amrepro.batch tag), since a batch of another shape may
     # round differently (on GPT-2's shapes it does, ~1e-7): bit-identical, not merely close
-    import amrepro.batch
+    import amrepro.experiment
 
     batched = [p for p in parents if "," in p.data.tags["amrepro.batch"]][0]
-    rerun, original = [], amrepro.batch.execute_many
-    monkeypatch.setattr(amrepro.batch, "execute_many", lambda preps, *a: rerun.append(preps) or original(preps, *a))
+    rerun, original = [], amrepro.experiment.execute_many
+    monkeypatch.setattr(amrepro.experiment, "execute_many", lambda preps, *a: rerun.append(preps) or original(preps, *a))
     again = cli("reproduce", batched.info.run_id)
     assert again.exit_code == 0 and "reproduced: bit-identical" in again.output, again.output
     assert [[p.target.name for p in preps] for preps in rerun] == [["blocks.4.hook_resid_pre[0]",
@@ -91,16 +91,17 @@ def test_sweep_layout_reads_back(tiny_gpt2, store, monkeypatch):
 def test_resume_skips_finished_targets(tiny_gpt2, store, monkeypatch):
     # a sweep stopped (Ctrl-C) after its first target and one seed run of the second; a worker that dies outright
     # is tests/test_team.py's
-    import amrepro.sweep
+    import amrepro.layout
 
-    logged = []
+    logged, log_seed_run = [], amrepro.layout.log_seed_run
 
-    def stop_after_three():
+    def stop_after_three(*args):
+        log_seed_run(*args)
         logged.append(1)
         if len(logged) == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(amrepro.sweep, "_exit_hook", stop_after_three)
+    monkeypatch.setattr(amrepro.layout, "log_seed_run", stop_after_three)
     spec = "blocks.4.hook_resid_pre[0:2]"
     stopped = cli("sweep", "--model", tiny_gpt2, "--targets", spec, "--chunk", "1", *ARGS)
     assert stopped.exit_code == 130, stopped.output
@@ -109,7 +110,7 @@ def test_resume_skips_finished_targets(tiny_gpt2, store, monkeypatch):
     (finished,) = [p for p in parents if p.info.status == "FINISHED"]
     (half,) = [p for p in parents if p.info.status == "KILLED"]
     assert len(children_of(store, half.info.run_id)) == 1
-    monkeypatch.setattr(amrepro.sweep, "_exit_hook", lambda: None)
+    monkeypatch.setattr(amrepro.layout, "log_seed_run", log_seed_run)
 
     result = cli("sweep", "--resume", sweep.info.run_id, "--epochs", "999")  # science options come from the sweep
     assert result.exit_code == 0, result.output

@@ -90,8 +90,10 @@ def server(postgres, tmp_path):
 
 def test_sweep_on_ray_and_postgres_survives_a_dead_worker(tiny_gpt2, postgres, server, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_"))}
+    # tests/worker_exit/sitecustomize.py makes the first Ray worker that logs its (RUNS + 1)-th seed run exit
     env.update(MLFLOW_TRACKING_URI=server, HF_HUB_OFFLINE="1", AMREPRO_TEST_EXIT_AFTER_CHILDREN=str(RUNS + 1),
-               AMREPRO_TEST_EXIT_MARKER=str(tmp_path / "worker-died"))
+               AMREPRO_TEST_EXIT_MARKER=str(tmp_path / "worker-died"),
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).parent / "worker_exit"), *filter(None, [env.get("PYTHONPATH")])]))
     # the driver is forked from the tests' fork server (forked.py: no second import of torch and MLflow); the Ray
     # workers are Ray's own processes
     driver = Amrepro(["sweep", "--model", tiny_gpt2, "--targets", TARGETS, "--runs", str(RUNS), "--epochs", str(EPOCHS),

@@ -1,0 +1,34 @@
+"""`amrepro doctor`: every RUNNING amrepro run of the store, one line each; those whose process is gone ended."""
+
+from __future__ import annotations
+
+from .. import report
+from ..context import Context, gone_reason
+from ..layout import HOST_TAG, PID_TAG, end_leftover, leftovers
+from ..ownership import HOST
+
+
+def doctor(all_hosts: bool = False) -> None:
+    """Runs of this host whose process is gone are ended KILLED; live ones are left alone; runs of other hosts
+    (or without process tags) cannot be checked from here and are left alone unless all_hosts."""
+    store = Context().store
+    ended = alive_n = left = 0
+    for run, alive in leftovers(store):
+        tags = run.tags
+        name = f"{run.id} ({run.name})"
+        where = f"pid {tags[PID_TAG]} on {tags[HOST_TAG]}" if PID_TAG in tags else "no process tags"
+        if alive:
+            alive_n += 1
+            report.console.print(f"running   {name}: {where}, still alive; left alone", soft_wrap=True, markup=False)
+        elif alive is False or all_hosts:
+            why = (gone_reason(run, "amrepro doctor") if alive is False else
+                   f"its process ({where}) could not be checked from {HOST}; ended by amrepro doctor --all")
+            end_leftover(store, run, why)
+            ended += 1
+            report.console.print(f"KILLED    {name}: {why}", soft_wrap=True, markup=False)
+        else:
+            left += 1
+            report.console.print(f"unchecked {name}: {where}, cannot be checked from {HOST}; left alone "
+                                 "(`amrepro doctor --all` ends it)", soft_wrap=True, markup=False)
+    report.console.print(f"{ended} run(s) ended KILLED, {alive_n} still running, {left} left alone unchecked "
+                         f"in {store.uri}.", soft_wrap=True, markup=False)

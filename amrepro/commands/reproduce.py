@@ -1,0 +1,119 @@
+"""`amrepro reproduce RUN_ID`: re-run the batch a logged run belongs to and compare with its artifacts."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .. import report
+from ..config import AmreproError, Config
+from ..context import Context, environment_tags, read_family
+from ..layout import (BATCH_SEED, BATCH_TAG, FINAL, INITIAL, PARENT_TAG, REPRODUCES_TAG, REPRODUCTION,
+                      REPRODUCTION_VERDICT_TAG, RUN_INDEX, SEED, TOKENS, WEIGHTS_TAG, batch_targets, json_bytes)
+from ..targets import Target
+
+# environment tags whose difference can explain a final embedding that is not bit-identical
+_NUMERIC_ENV = ("env.git_commit", "env.git_dirty", "env.torch", "env.transformers", "env.numpy", "env.device",
+                "env.device_name", "env.cuda", "env.threads", "env.platform")
+
+
+def reproduce(run_id: str, device: str | None = None, tolerance: float = 1e-4) -> bool:
+    """Re-run the batch a parent or child run belongs to and compare with its logged artifacts.
+
+    The whole batch is re-run even for one child: the runs never interact, but the BLAS kernels chosen for a
+    batch of 10 and a batch of 1 round differently, so only the same batch can be bit-identical."""
+    ctx = Context()
+    reader, parent, selected = read_family(run_id, ctx.store)  # a bad id is answered before torch is imported
+    from .. import experiment, features
+
+    logged_env = {k: v for k, v in parent.tags.items() if k.startswith("env.")}
+    config = Config.from_params(parent.params)
+    _check_family_params(config, parent, selected)
+    config = dataclasses.replace(config, device=device or logged_env.get("env.device", config.device))
+    logged = [(c, reader.npy(c, INITIAL), reader.npy(c, FINAL), reader.json(c, TOKENS)["ids"]) for c in selected]
+
+    # the batch the run was optimized in: alone (amrepro run), or with the other targets of its sweep batch
+    own, batch = Target.parse(config.target_name), parent.tags.get(BATCH_TAG)
+    targets = batch_targets(batch) if batch else [own]
+    if own not in targets:
+        raise AmreproError(f"the run's batch tag names {len(targets)} targets, but not its own target "
+                           f"{own.name}: the tag was edited; delete it to re-run the target alone.")
+    with ctx.session(attach=False, leftovers=False):
+        preps = (experiment.prepare_many(config, targets, note=report.note) if batch else
+                 [experiment.prepare(config, note=report.note)])
+        features.check_unchanged(own, parent.tags)  # the same direction or SAE file, or no rerun
+        env_now = environment_tags(preps[0].lm)
+        weights = (parent.tags.get(WEIGHTS_TAG), env_now[WEIGHTS_TAG])
+        differences = {k: (logged_env.get(k, "?"), env_now[k]) for k in _NUMERIC_ENV if logged_env.get(k) != env_now[k]}
+        new_run = ctx.start_parent(config.to_params(), {**env_now, REPRODUCES_TAG: run_id,
+                                                            # nested under the parent it re-ran, in the UI
+                                                            PARENT_TAG: parent.id},
+                                       run_name=f"reproduce {run_id[:8]}", experiment_id=parent.experiment_id)
+        with report.epoch_progress(config.n_steps, config.runs) as on_epoch:
+            outcome = experiment.execute_many(preps, on_epoch)[targets.index(own)]
+        rows = []
+        for child, initial, final, ids in logged:
+            r = int(child.params[RUN_INDEX])
+            new_final = outcome.result.final[r].numpy()
+            rows.append({
+                "seed": int(child.params[SEED]), "run_id": child.id,
+                "initial_identical": outcome.result.initial[r].numpy().tobytes() == initial.tobytes(),
+                "final_identical": new_final.tobytes() == final.tobytes(),
+                "max_abs_diff": float(np.abs(new_final.astype(np.float64) - final).max()),
+                "tokens_identical": [int(i) for i in outcome.ids[r]] == ids,
+            })
+        verdict = _verdict(rows, differences, tolerance, weights)
+        ctx.log_metrics(new_run, {"max_abs_diff_final": max(row["max_abs_diff"] for row in rows),
+                                      "n_runs_bit_identical": sum(row["final_identical"] for row in rows)})
+        ctx.log_artifacts(new_run, {REPRODUCTION: json_bytes(
+            {"reproduces": run_id, "verdict": verdict, "runs": rows,
+             "environment_differences": {k: {"logged": a, "now": b} for k, (a, b) in differences.items()}})})
+        ctx.log(new_run, tags={REPRODUCTION_VERDICT_TAG: verdict})
+        ctx.end(new_run)
+    report.print_reproduction(run_id, rows, differences, verdict, new_run)
+    return verdict.startswith("reproduced")
+
+
+def _check_family_params(config: Config, parent, children) -> None:
+    """A parent and its children are logged with the same hyperparameters; a param edited afterwards (in the UI
+    or the store) would otherwise be re-run and blamed on something else."""
+    for child in children:
+        params = {**child.params, SEED: child.params.get(BATCH_SEED, "")}
+        try:
+            mine = Config.from_params(params)
+        except Exception:  # noqa: BLE001 - AmreproError for a missing or garbled param
+            mine = None
+        if mine != config:
+            diff = [f"{name}: parent {getattr(config, name)!r}, child {getattr(mine, name, '?')!r}"
+                    for name in config.__dataclass_fields__ if mine is None or getattr(mine, name) != getattr(config, name)]
+            raise AmreproError(f"the params of run {parent.id} and its child {child.params.get(SEED, '?')} "
+                               f"disagree ({'; '.join(diff)}): one was edited after it was logged, so the run cannot "
+                               "be reproduced as logged.")
+        expected_seed = config.seed + int(child.params.get(RUN_INDEX, -1))
+        if child.params.get(SEED) != str(expected_seed):
+            raise AmreproError(f"child run {child.id} has seed {child.params.get(SEED)} but run_index "
+                               f"{child.params.get(RUN_INDEX)} of a batch starting at seed {config.seed} means "
+                               f"{expected_seed}: it was edited after it was logged.")
+
+
+def _verdict(rows: list[dict], differences: dict, tolerance: float, weights: tuple = (None, None)) -> str:
+    """The first cause that explains a difference, most fundamental first: other weights explain everything
+    downstream (std(wte) sets the starts, so they would otherwise read as "seeding changed")."""
+    logged, now = weights
+    if logged is not None and logged != now:
+        if all(row["initial_identical"] and row["final_identical"] and row["tokens_identical"] for row in rows):
+            return ("reproduced: bit-identical, although the model weights differ from the logged fingerprint "
+                    f"(sha256 logged {logged[:12]}, now {now[:12]}) in parts this target does not read")
+        return f"differs: the model weights changed (sha256 logged {logged[:12]}, now {now[:12]})"
+    if not all(row["initial_identical"] for row in rows):
+        return "differs: initial embeddings are not bit-identical (seeding changed)"
+    if not all(row["tokens_identical"] for row in rows):
+        return "differs: decoded tokens changed"
+    if all(row["final_identical"] for row in rows):
+        return "reproduced: bit-identical"
+    worst = max(row["max_abs_diff"] for row in rows)
+    if differences and worst <= tolerance:
+        return f"reproduced within {tolerance:g} (max |delta| {worst:.2e}; environment differs: {', '.join(differences)})"
+    return f"differs: final embeddings not bit-identical (max |delta| {worst:.2e})" + (
+        f"; environment differs: {', '.join(differences)}" if differences else " in the same environment")

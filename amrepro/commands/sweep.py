@@ -1,0 +1,152 @@
+"""`amrepro sweep`: a sweep run, one parent per target (what `amrepro run --target T` logs), seed runs; the targets
+run in batches of one site on Ray workers (workers 0: in this process). Plan (every check, the targets, the
+sweep run, what is left to do), run the chunks (sweep.run_chunks), summarize (the sweep run's table, metrics,
+verdict, map and timing)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+
+from .. import report
+from .. import sweep as sw
+from ..config import AmreproError, Config
+from ..context import Context
+from ..layout import (ERROR_TAG, KIND_TAG, NOTE_TAG, RAY_ADDRESS_TAG, SWEEP_MAP, SWEEP_TABLE, TAG_LIMIT, TARGET_TAG,
+                      VERDICT_TAG, WORKERS_TAG, RunReader, run_name, sweep_parents)
+
+
+@dataclasses.dataclass
+class Plan:
+    config: Config
+    lm: object  # the model loaded in this process: workers 0 use it; Ray workers load their own
+    targets: list  # every target of the sweep, in order
+    done: set  # names of targets with a FINISHED parent
+    work: list  # chunks of the targets to run
+    sweep_id: str
+    experiment_id: str
+    frozen: bytes  # pip freeze
+    ray: object  # the ray module when started, else None
+
+
+def sweep(config: Config, spec: str, workers: int = 0, ray_address: str | None = None, chunk: int = 0,
+          resume: str | None = None, experiment: str | None = None) -> dict[str, float]:
+    """--resume SWEEP_RUN_ID redoes the targets without a FINISHED parent, with the sweep's own params. Returns
+    the sweep/* metrics."""
+    ctx = Context(experiment)
+    if resume:
+        config, spec = sw.config_from_sweep(RunReader(ctx.store).run(resume).params)
+    config.validate()
+    if workers < 0:
+        raise AmreproError(f"--workers must be 0 (in this process) or more, got {workers}.")
+    if chunk < 0:
+        raise AmreproError(f"--chunk must be 0 (automatic) or more, got {chunk}.")
+    with ctx.session(attach=not resume):
+        plan = _plan(ctx, config, spec, workers, ray_address, chunk, resume)
+        started, count = time.perf_counter(), {"done": len(plan.done)}
+
+        def on_chunk(names: list[str]) -> None:
+            count["done"] += len(names)
+            report.console.print(f"  {count['done']}/{len(plan.targets)} targets logged", soft_wrap=True, markup=False)
+
+        try:
+            failures, seconds = sw.run_chunks(plan.work, plan.config, ctx.uri, plan.experiment_id, plan.sweep_id,
+                                              plan.frozen, workers, lm=plan.lm if not workers else None,
+                                              on_chunk=on_chunk)
+        finally:
+            if plan.ray is not None:
+                plan.ray.shutdown()
+        metrics = _summarize(ctx, plan, workers, failures, seconds, time.perf_counter() - started)
+    if failures:
+        raise AmreproError(f"{len(failures)} batch(es) of sweep run {plan.sweep_id} failed ({failures[0]}); "
+                           f"`amrepro sweep --resume {plan.sweep_id}` runs the targets that are not done.")
+    return metrics
+
+
+def _plan(ctx: Context, config: Config, spec: str, workers: int, ray_address: str | None, chunk: int,
+          resume: str | None) -> Plan:
+    from ..model import load_model, resolve_device
+    from ..provenance import pip_freeze
+    from ..readers import site_width
+    from ..targets import Target
+
+    ray = None
+    lm = load_model(config.model, resolve_device(config.device), note=report.note)
+    width = functools.cache(lambda block, site: site_width(lm, Target(block, site, 0)))  # one probe per site
+    targets = sw.parse_targets(spec, width, lm.n_layers, config.seed)
+    remote = bool(ray_address or os.environ.get("RAY_ADDRESS"))
+    if not remote:  # this machine's memory and cores, before Ray starts; of a cluster, only its cores (once joined)
+        workers_note = sw.check_workers(lm, targets, config, workers, chunk, os.cpu_count() or 1, local=True)
+    if workers and not resume and not config.threads:  # the cores shared out; logged, so --resume keeps it
+        if remote:
+            ray = sw.start_ray(ray_address, workers, 1)
+            cpus = ray.cluster_resources().get("CPU", workers)
+        else:
+            cpus = os.cpu_count() or 1
+        config = dataclasses.replace(config, threads=sw.default_threads(workers, cpus))
+    if workers and ray is None:
+        ray = sw.start_ray(ray_address, workers, max(config.threads, 1))
+    if remote:
+        workers_note = sw.check_workers(lm, targets, config, workers, chunk,
+                                        int(ray.cluster_resources().get("CPU", workers)) if ray else 1, local=False)
+    if workers_note:
+        report.errors.print(workers_note, soft_wrap=True, markup=False)
+    frozen = pip_freeze()
+    if resume:
+        sweep_id, experiment_id = ctx.reopen(resume)
+        if sweep_id is None:
+            raise AmreproError(f"sweep run {resume} is FINISHED (or deleted): every target was done.")
+    else:
+        ctx.describe(lm, busy_note=False)
+        sweep_id, experiment_id = ctx.start_top(sw.sweep_params(config, spec), {KIND_TAG: "sweep"},
+                                                f"sweep {run_name(config).rsplit(' ', 2)[0]} {spec} x{config.runs}")
+    ctx.log(sweep_id, tags={WORKERS_TAG: str(workers), RAY_ADDRESS_TAG: ray_address or
+                                os.environ.get("RAY_ADDRESS", "local" if workers else "none")})
+    done = {r.tags.get(TARGET_TAG) for r in sweep_parents(ctx.store, sweep_id, experiment_id)
+            if r.status == "FINISHED"}
+    todo = [t for t in targets if t.name not in done]
+    work = sw.chunks(todo, sw.chunk_size(len(todo), workers, chunk))
+    where = (f"{workers} Ray workers ({config.threads} thread{'' if config.threads == 1 else 's'} each)"
+             if workers else "this process")
+    report.console.print(f"sweep run {sweep_id}: {len(targets)} targets x {config.runs} seeds, {len(done)} already "
+                         f"done, {len(todo)} to run in {len(work)} batch{'' if len(work) == 1 else 'es'} on "
+                         f"{where}.", soft_wrap=True, markup=False)
+    return Plan(config, lm, targets, done, work, sweep_id, experiment_id, frozen, ray)
+
+
+def _summarize(ctx, plan: Plan, workers: int, failures: list[str], seconds: dict, wall: float) -> dict[str, float]:
+    """The sweep run's table (one row per target, read back from the store, so a resumed sweep has every
+    target), its sweep/* metrics, the verdict over targets, the map and where the time went; then its end."""
+    from .. import figures
+
+    sweep_id, experiment_id = plan.sweep_id, plan.experiment_id
+    parents = {}
+    for run in sweep_parents(ctx.store, sweep_id, experiment_id):
+        name = run.tags.get(TARGET_TAG)
+        if name not in parents or run.status == "FINISHED":
+            parents[name] = run
+    columns = sw.table(plan.targets, parents)
+    metrics, words = sw.summary(columns)
+    ctx.store.log_table(sweep_id, columns, SWEEP_TABLE)
+    with ctx.batched(sweep_id):  # a --resume logs them again: the UI shows the latest
+        ctx.log_metrics(sweep_id, metrics)
+        ctx.log(sweep_id, tags={VERDICT_TAG: words[:TAG_LIMIT], NOTE_TAG: words})
+    ctx.store.log_figure(sweep_id, figures.sweep_map(columns), SWEEP_MAP)
+    report.console.print(words, soft_wrap=True, markup=False)
+    # where the time of this invocation went: the workers' science and tracking, and the rest (Ray: starting
+    # workers, loading models, scheduling; idle workers) as a share of the workers' wall time
+    slots = max(workers, 1) * wall
+    ctx.log_metrics(sweep_id, {"time/wall_seconds": wall, "time/science_seconds": seconds["science"],
+                                   "time/tracking_seconds": seconds["tracking"],
+                                   "time/share_science": seconds["science"] / slots if slots else 0.0})
+    n_run = sum(len(chunk) for chunk in plan.work)
+    report.console.print(f"{n_run} targets in {wall:.0f} s ({3600 * n_run / wall:.0f} targets/hour); of the "
+                         f"workers' time {seconds['science'] / slots:.0%} science, "
+                         f"{seconds['tracking'] / slots:.0%} tracking, the rest Ray and model loading.",
+                         soft_wrap=True, markup=False)
+    if failures:
+        ctx.log(sweep_id, tags={ERROR_TAG: "; ".join(failures)[:TAG_LIMIT]})
+    ctx.end(sweep_id, "FAILED" if failures else "FINISHED")
+    return metrics

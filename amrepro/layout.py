@@ -1,0 +1,384 @@
+"""The MLflow layout: every name amrepro writes and reads, the writers of its runs, and the rules that read them
+back. Users' scripts depend on these names: they never change.
+
+- top run of `amrepro run` (the one `mlflow run` created, via MLFLOW_RUN_ID, or a new one): every hyperparameter
+  as a param, environment tags env.* and model.*, metrics stats/* (n_unique_tokens, n_tokens_total, ...),
+  pvalue/*, verdict/*, runs/ok and runs/diverged, the verdict and the description as tags, summary.json,
+  token_grid.json, the pip freeze and the figures;
+- one seed run per seed under it (tag mlflow.parentRunId, named seed-N): params incl. its own seed, run_index
+  and batch_seed, per-epoch metrics loss/total and act/target (step = epoch), act/final, act/decoded, loss/final,
+  artifacts embeddings/initial.npy, embeddings/final.npy, tokens.json, each with a sha256/<path> tag;
+- `amrepro sweep`: a sweep run (params: every hyperparameter but the target, plus `targets`; the table
+  sweep_table.json, metrics sweep/*, the figure sweep_map.png), under it one parent per target as above, tagged
+  amrepro.sweep = <sweep run id>, amrepro.target = <target name> and amrepro.batch = its batch, with seed runs;
+- `amrepro compare`: a top run tagged amrepro.compare, one parent per method under it (compare.py);
+- `amrepro reproduce`: a run tagged amrepro.reproduces = the run it re-ran, nested under it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from . import report, signals
+from .config import AmreproError, Config, NoResult
+from .ownership import HOST_TAG, PID_START_TAG, PID_TAG, owner_alive  # process tags: amrepro.host, .pid, .pid_start
+
+# --- names ------------------------------------------------------------------------------------------------
+TAG_LIMIT = 5000  # characters MLflow keeps of a tag value
+PARENT_TAG, RUN_NAME_TAG = "mlflow.parentRunId", "mlflow.runName"
+NOTE_TAG, COLOR_TAG = "mlflow.note.content", "mlflow.runColor"  # the run page's description; a run's chart colour
+ERROR_TAG, VERDICT_TAG, TOKENS_TAG, SPECIFICITY_TAG = "error", "verdict", "tokens", "specificity"
+SHA256_PREFIX = "sha256/"  # sha256/<artifact path>: the artifact's checksum, checked when it is read back
+SWEEP_TAG, TARGET_TAG = "amrepro.sweep", "amrepro.target"  # on target parents: the sweep run id, the target name
+BATCH_TAG = "amrepro.batch"  # on target parents: the targets optimized in the same batch (batch_tag)
+KIND_TAG = "amrepro.kind"  # "sweep" on a sweep run
+WORKERS_TAG, RAY_ADDRESS_TAG = "amrepro.workers", "amrepro.ray_address"
+COMPARE_TAG = "amrepro.compare"  # on a compare's top run: its methods
+REPRODUCES_TAG, REPRODUCTION_VERDICT_TAG = "amrepro.reproduces", "amrepro.verdict"
+LOGGED_FROM_TAG = "amrepro.logged_from"  # a parent `amrepro log` made anew: the parent id the outcome file names
+FIGURES_FAILED_TAG = "amrepro.figures_failed"  # on a run: the figures that could not be drawn, and why
+RUN_INDEX, BATCH_SEED, SEED = "run_index", "batch_seed", "seed"  # seed-run params
+TARGET_NAME, RUNS = "target_name", "runs"  # parent params that every `amrepro run` parent has
+WEIGHTS_TAG = "model.weights_sha256"
+INITIAL, FINAL, TOKENS = "embeddings/initial.npy", "embeddings/final.npy", "tokens.json"  # seed-run artifacts
+SUMMARY, PIP_FREEZE, TOKEN_GRID = "summary.json", "environment/pip-freeze.txt", "token_grid.json"
+SWEEP_TABLE, SWEEP_MAP, REPRODUCTION = "sweep_table.json", "sweep_map.png", "reproduction.json"
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array))
+    return buffer.getvalue()
+
+
+def json_bytes(obj) -> bytes:
+    return json.dumps(obj, indent=2, ensure_ascii=False).encode()
+
+
+def run_name(config: Config) -> str:
+    """'{model} {target} x{runs}': what a parent is, readable in the MLflow runs table."""
+    model = config.model
+    if os.path.exists(os.path.expanduser(model)):  # a local folder or file: its name (and its folder's if generic)
+        path = Path(model.rstrip("/"))
+        model = path.name.removesuffix(".gguf")
+        if model.lower() in ("model", "models", "checkpoint", "snapshot", "final", "hf"):
+            model = f"{path.parent.name}/{model}"
+    return f"{model} {config.target_name} x{config.runs}"
+
+
+def child_params(config: Config, r: int) -> dict[str, str]:
+    """Every hyperparameter, with this run's own seed; run_index and batch_seed locate it in its batch."""
+    params = config.to_params()
+    params.update({SEED: str(config.seed + r), RUN_INDEX: str(r), BATCH_SEED: str(config.seed)})
+    return params
+
+
+def batch_tag(targets: list) -> str:
+    """The targets of one batch, recorded on each of its target parents so that `amrepro reproduce` can re-run the
+    same batch (a batch of other shape rounds differently): 'blocks.B.SITE:i,j,k' (one site per batch)."""
+    return f"{targets[0].prefix}:" + ",".join(str(t.index) for t in targets)
+
+
+def batch_targets(tag: str) -> list:
+    """The targets of a batch_tag, in batch order."""
+    from .targets import Target
+
+    site, indices = tag.rsplit(":", 1)
+    return [Target.from_prefix(site, int(i)) for i in indices.split(",")]
+
+
+# --- writers ----------------------------------------------------------------------------------------------
+def log_outcome(ctx, parent: str, experiment_id: str, outcome, frozen: bytes, resume: bool = False) -> None:
+    """Log every seed run (one create_run, one artifact upload, one log_batch, one set_terminated each) and
+    then the parent, from the outcome saved in ctx.outcome_path, which is removed once all is logged.
+    resume: keep the children an interrupted logging already finished, replace the others."""
+    config, path = outcome.config, ctx.outcome_path
+    done = set()
+    if resume:
+        for child in children(ctx.store, parent, experiment_id):
+            index = child.params.get(RUN_INDEX)
+            complete = child.status == "FINISHED" or (
+                child.status == "FAILED" and child.tags.get(ERROR_TAG, "").startswith("diverged"))
+            if complete and index is not None and int(index) not in done:
+                done.add(int(index))
+            else:  # half-logged by the interrupted attempt: replaced by a complete one below
+                ctx.store.delete(child.id)
+    count = {"logged": len(done)}
+
+    def progress() -> str:
+        return (f"logging is in progress: {count['logged']} of {config.runs} runs logged; every result is kept in "
+                f"{path}. Press Ctrl-C again to stop (`amrepro log {path}` logs the rest later).")
+
+    with signals.logging_phase(progress), report.logging_progress(config.runs, len(done)) as advance:
+        for r in range(config.runs):
+            if r in done:
+                continue
+            log_seed_run(ctx, parent, experiment_id, outcome, r)
+            count["logged"] += 1
+            advance()
+        log_parent_run(ctx, parent, outcome, frozen)
+        with signals.shielded():  # a parent that is ended has no outcome file left, whenever a Ctrl-C comes
+            ctx.end(parent, "FAILED" if outcome.summary["statistics"] is None else "FINISHED")
+            if path is not None:
+                path.unlink(missing_ok=True)
+                ctx.outcome_path = None
+    if outcome.summary["statistics"] is None:
+        raise NoResult(f"all {config.runs} runs diverged ({outcome.diverged[0]}), so there is nothing to "
+                       "compare; lower --lr or --l2. The runs are marked FAILED.")
+
+
+def log_seed_run(ctx, parent: str, experiment_id: str, outcome, r: int) -> None:
+    """Run r of the outcome as a seed run under parent: one create_run, one artifact upload, one log_batch, one
+    set_terminated. A diverged run says why and ends FAILED: divergence is not a result."""
+    config = outcome.config
+    child = ctx.start_child(parent, f"seed-{config.seeds[r]}", {}, experiment_id)
+    why = outcome.diverged.get(r)
+    with ctx.batched(child):  # params, tags and metrics: one log_batch
+        ctx.log(child, params=child_params(config, r))
+        _log_child(ctx, child, outcome, r)
+        if why:
+            ctx.log(child, tags={ERROR_TAG: f"diverged: {why}"})
+    ctx.end(child, "FAILED" if why else "FINISHED")
+
+
+def log_parent_run(ctx, parent: str, outcome, frozen: bytes) -> None:
+    """Everything of the parent but its end, batched; an all-diverged outcome says so as its error."""
+    with ctx.batched(parent):
+        _log_parent(ctx, parent, outcome, frozen)
+        if outcome.summary["statistics"] is None:
+            ctx.log(parent, tags={ERROR_TAG: f"all {outcome.config.runs} runs diverged"})
+
+
+def _log_child(ctx, run_id: str, outcome, r: int) -> None:
+    from . import metrics
+
+    result = outcome.result
+    files = {INITIAL: npy_bytes(result.initial[r].numpy().astype(np.float32)),
+             FINAL: npy_bytes(result.final[r].numpy().astype(np.float32))}
+    if r in outcome.diverged:  # NaN "decodes" to nothing meaningful: only the history up to the divergence
+        epoch = int(result.diverged_at[r])
+        ctx.log_metrics(run_id, scalars={"diverged/epoch": epoch},
+                            history={"loss/total": result.loss[:epoch, r].numpy(),
+                                     "act/target": result.activation[:epoch, r].numpy()})
+        ctx.log_artifacts(run_id, files)
+        return
+    ctx.log_metrics(run_id,
+                        scalars={"act/final": float(result.final_activation[r]),
+                                 "act/decoded": float(outcome.decoded_activation[r]),
+                                 "loss/final": float(result.loss[-1, r]),
+                                 # statistics hold the finite runs only: run r is their entry number ok[:r].sum()
+                                 **metrics.child_metrics(outcome.summary["statistics"], int(outcome.ok[:r].sum()))},
+                        history={"loss/total": result.loss[:, r].numpy(), "act/target": result.activation[:, r].numpy(),
+                                 **{key: values[:, r].numpy() for key, values in result.history.items()}})
+    files[TOKENS] = json_bytes({"ids": [int(i) for i in outcome.ids[r]], "tokens": outcome.tokens[r]})
+    # the tokens as a column of the MLflow runs table, and the seed's colour of the figures in the UI's charts
+    ctx.log(run_id, tags={TOKENS_TAG: " | ".join(repr(t) for t in outcome.tokens[r]),
+                              COLOR_TAG: _seed_color(r, len(result.seeds))})
+    ctx.log_artifacts(run_id, files)
+
+
+def _seed_color(r: int, runs: int) -> str:
+    from matplotlib.colors import to_hex
+
+    from .figures import seed_colors
+
+    return to_hex(seed_colors(runs)[r])
+
+
+def _log_parent(ctx, run_id: str, outcome, frozen: bytes | None) -> None:
+    from . import features, figures
+    from .provenance import pip_freeze
+    from .specificity import specificity_words
+
+    s = outcome.summary
+    counts = {"runs/diverged": len(outcome.diverged), "runs/ok": s["n_runs_ok"]}
+    ctx.log_artifacts(run_id, {SUMMARY: json_bytes(s), PIP_FREEZE: frozen if frozen is not None else pip_freeze(),
+                               **features.file_artifacts(outcome.target)})  # a direction's .npy, a small SAE
+    ctx.log(run_id, tags=features.target_tags(outcome.target))  # a feature: what it reads, its file's sha256
+    if s["statistics"] is None:  # every run diverged: no statistic exists, and none is logged
+        ctx.log_metrics(run_id, counts)
+        ctx.log(run_id, tags={VERDICT_TAG: f"no result: all {len(outcome.diverged)} runs diverged"})
+        return
+    ctx.log_metrics(run_id, {**counts, **s["statistics"]["metrics"]})  # stats/n_unique_tokens etc.: once each
+    ctx.log(run_id, tags={VERDICT_TAG: s["statistics"]["verdict"][:TAG_LIMIT],
+                              # the run page's description: the verdict, statistics and tokens, cut at TAG_LIMIT
+                              # characters by report.markdown_summary (summary.json holds everything)
+                              NOTE_TAG: report.markdown_summary(outcome)})
+    ctx.store.log_table(run_id, report.token_columns(outcome), TOKEN_GRID)
+    if outcome.specificity is not None:  # --controls
+        ctx.log_metrics(run_id, outcome.specificity["metrics"])
+        ctx.log(run_id, tags={SPECIFICITY_TAG: specificity_words(outcome.specificity)[:TAG_LIMIT]})
+    result, ok = outcome.result, outcome.ok
+    log_figures(ctx, run_id, figures.figure_makers(
+        result.loss.numpy()[:, ok], result.activation.numpy()[:, ok], [s for s, keep in zip(result.seeds, ok) if keep],
+        [t for t, keep in zip(outcome.tokens, ok) if keep], outcome.ids[ok], result.final_activation.numpy()[ok],
+        outcome.decoded_activation[ok], hubs=s["statistics"]["nulls"]["decoded_starts"]))
+
+
+def log_figures(ctx, run_id: str, makers: dict) -> None:
+    """Each figure rendered on its own and logged; one that cannot be drawn is a warning line naming it and a
+    tag on the run, never an error: the run's statistics, tables and seeds are logged all the same."""
+    from . import figures
+
+    rendered, failed = figures.render(makers)
+    if rendered:
+        ctx.log_artifacts(run_id, rendered)
+    if failed:
+        ctx.log(run_id, tags={FIGURES_FAILED_TAG: "; ".join(f"{p}: {why}" for p, why in failed.items())[:TAG_LIMIT]})
+        for path, why in failed.items():
+            report.errors.print(f"warning: the figure {path} of run {run_id} could not be drawn ({why}); "
+                                "everything else is logged.", soft_wrap=True, markup=False)
+
+
+# --- queries ----------------------------------------------------------------------------------------------
+def children(store, parent_id: str, experiment_id: str) -> list:
+    """Every live run nested under parent_id (seed runs; a compare's method runs)."""
+    return store.search([experiment_id], f"tags.{PARENT_TAG} = '{parent_id}'")
+
+
+def sweep_parents(store, sweep_id: str, experiment_id: str) -> list:
+    """Every live (not deleted) target parent of a sweep: how a worker finds a target before creating it."""
+    return store.search([experiment_id], f"tags.`{SWEEP_TAG}` = '{sweep_id}'")
+
+
+def made_by_amrepro(run) -> bool:
+    return (HOST_TAG in run.tags or REPRODUCES_TAG in run.tags or TARGET_NAME in run.params
+            or RUN_INDEX in run.params)
+
+
+def leftovers(store) -> list[tuple[object, bool | None]]:
+    """Every RUNNING amrepro run of the store, with owner_alive(): False = its process is gone."""
+    return [(r, owner_alive(r.tags)) for r in store.search(None, "attributes.status = 'RUNNING'") if made_by_amrepro(r)]
+
+
+def end_leftover(store, run, why: str) -> None:
+    store.set_tag(run.id, ERROR_TAG, why)
+    store.end(run.id, "KILLED")
+
+
+def discard(store, run, why: str) -> None:
+    """A target parent (and its seed runs) that a dead worker or an interrupted sweep left unfinished: ended
+    KILLED with the reason, then deleted, so the target is redone by one new parent, never counted twice."""
+    for child in children(store, run.id, run.experiment_id):
+        if child.status == "RUNNING":
+            store.end(child.id, "KILLED")
+        store.delete(child.id)
+    store.set_tag(run.id, ERROR_TAG, why[:TAG_LIMIT])
+    if run.status == "RUNNING":
+        store.end(run.id, "KILLED")
+    store.delete(run.id)
+
+
+# --- reading runs back (decode, reproduce) -----------------------------------------------------------------
+class RunReader:
+    """Reads amrepro runs back for `decode` and `reproduce`, refusing tampered or missing artifacts."""
+
+    def __init__(self, store):
+        self.store, self.uri = store, store.uri
+        self.note: str | None = None
+
+    def run(self, run_id: str):
+        if not re.fullmatch(r"[0-9a-zA-Z_-]{1,64}", run_id or ""):
+            raise AmreproError(f"'{run_id}' is not a run id (copy it from the MLflow UI, e.g. 2740715b24f34d20...).")
+        try:
+            return self.store.get(run_id)
+        except Exception:  # noqa: BLE001 - MLflow raises its own RESOURCE_DOES_NOT_EXIST exception
+            raise AmreproError(f"no run with id {run_id} in the tracking store {self.uri}.") from None
+
+    def family(self, run_id: str):
+        """(parent run, child runs) for a run id: the one child asked for, or every logged child of the parent
+        asked for, by run_index. A parent that was interrupted or is still running gives its finished children
+        and says so in self.note; one with none says what happened instead of "not made by amrepro"."""
+        run = self.run(run_id)
+        original = run.tags.get(REPRODUCES_TAG)
+        if original:  # nested under the run it re-ran, but it is a comparison, not a seed run
+            raise AmreproError(f"run {run_id} is a reproduction of run {original} (see its reproduction.json); "
+                               f"decode or reproduce {original} itself.")
+        if COMPARE_TAG in run.tags:  # its children are method runs, each a parent of seed runs
+            raise AmreproError(f"run {run_id} is an `amrepro compare` run of {run.tags[COMPARE_TAG]}; "
+                               "decode or reproduce one of its method runs.")
+        # a seed run has a run_index; a method run of a compare is nested too, but is itself a parent
+        parent_id = run.tags.get(PARENT_TAG) if RUN_INDEX in run.params else None
+        parent = self.run(parent_id) if parent_id else run
+        if TARGET_NAME not in parent.params:
+            raise AmreproError(f"run {run_id} was not made by `amrepro run` (no amrepro params or child runs).")
+        seeds = sorted((c for c in children(self.store, parent.id, parent.experiment_id) if RUN_INDEX in c.params),
+                       key=lambda c: int(c.params[RUN_INDEX]))
+        done = [c for c in seeds if c.status == "FINISHED"]  # diverged (FAILED) runs have no tokens
+        n_runs = int(parent.params.get(RUNS, len(seeds)) or 0)
+        state = _state(parent)
+        kept = _outcome_file_note(parent.id)
+        self.note = None
+        if parent_id:  # one child asked for
+            if run.status != "FINISHED":
+                raise AmreproError(f"run {run_id} is {_state(run)}, so it has no tokens to decode"
+                                   f"{'; ' + kept if kept else ''}.")
+            if state:
+                self.note = f"its parent run {parent.id} is {state}."
+            return parent, [run]
+        diverged = [c for c in seeds if c.status == "FAILED" and c.tags.get(ERROR_TAG, "").startswith("diverged")]
+        missing = n_runs - len(done) - len(diverged)  # never logged: the run was interrupted or is still going
+        if not done:
+            if diverged and not missing:
+                raise AmreproError(f"run {run_id} has nothing to decode: all its {n_runs} runs diverged.")
+            raise AmreproError(f"run {run_id} is {state or 'without child runs'}"
+                               f"{f' and none of its {n_runs} runs was logged' if state else ''}, so there is "
+                               f"nothing to decode{'; ' + kept if kept else ''}.")
+        if missing or diverged:
+            parts = [f"{len(done)} of its {n_runs} runs are used here"]
+            if diverged:
+                parts.append(f"{len(diverged)} diverged")
+            if missing:
+                parts.append(f"{missing} were not logged{': ' + kept if kept else ''}")
+            self.note = f"run {run_id} is {state or 'finished'}: " + ", ".join(parts) + "."
+        return parent, done
+
+    def artifact(self, run, path: str) -> bytes:
+        """The artifact's bytes, checked against the sha256/<path> tag written when it was logged."""
+        expected = run.tags.get(SHA256_PREFIX + path)
+        if expected is None:
+            raise AmreproError(f"run {run.id} has no sha256 tag for {path}: it was not logged by amrepro.")
+        try:
+            data = self.store.download(run.id, path)
+        except Exception:  # noqa: BLE001
+            raise AmreproError(f"artifact {path} of run {run.id} is missing from the artifact store.") from None
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise AmreproError(f"artifact {path} of run {run.id} does not match its sha256 tag: "
+                               "it was changed after it was logged, so it cannot be trusted.")
+        return data
+
+    def npy(self, run, path: str) -> np.ndarray:
+        return np.load(io.BytesIO(self.artifact(run, path)), allow_pickle=False)
+
+    def json(self, run, path: str):
+        return json.loads(self.artifact(run, path))
+
+
+def _state(run) -> str:
+    """'' for a FINISHED run, else what happened to it, in words."""
+    status, tags = run.status, run.tags
+    if status == "FINISHED":
+        return ""
+    if status == "RUNNING":
+        alive = owner_alive(tags)
+        where = f" (pid {tags.get(PID_TAG)} on {tags.get(HOST_TAG)})" if PID_TAG in tags else ""
+        if alive is False:
+            return f"marked RUNNING but its process{where} is gone (`amrepro doctor` ends it KILLED)"
+        return f"still running{where}"
+    if status == "KILLED":
+        return f"interrupted (KILLED: {tags.get(ERROR_TAG, 'no reason logged')})"
+    return f"{status} ({tags.get(ERROR_TAG, 'no reason logged')})"
+
+
+def _outcome_file_note(parent_id: str) -> str:
+    from . import outcome_file
+
+    path = outcome_file.path_for(parent_id)
+    return f"its results are kept in {path}: `amrepro log {path}` logs them" if path.exists() else ""
