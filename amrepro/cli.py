@@ -93,15 +93,19 @@ def with_config(*, exclude: tuple[str, ...] = ()):
     return decorate
 
 
+_LAYOUT_HELP = ("What a target logs: 'seeds' = a parent with one child run per seed and its figures; 'lean' = "
+                "one parent with a per-seed table, one seeds.npz artifact, downsampled curves, figures on demand "
+                "(`amrepro figures RUN_ID`).")
 _EXPERIMENT_HELP = ("MLflow experiment name (default: MLFLOW_EXPERIMENT_NAME / MLFLOW_EXPERIMENT_ID if set, else "
                     "'amrepro'; under `mlflow run`, its --experiment-name).")
 
 
 @app.command()
 @with_config()
-def run(config: Config, experiment: str = typer.Option("", help=_EXPERIMENT_HELP)):
+def run(config: Config, experiment: str = typer.Option("", help=_EXPERIMENT_HELP),
+        layout: str = typer.Option("seeds", help=_LAYOUT_HELP)):
     """Run the experiment: RUNS seeds batched, one MLflow parent run with a child run per seed."""
-    _guard("commands.run", "run", config, experiment or None)
+    _guard("commands.run", "run", config, experiment or None, layout)
 
 
 @app.command()
@@ -138,16 +142,24 @@ def sweep(
     resume: str = typer.Option("", help="SWEEP_RUN_ID: run the targets of that sweep that have no FINISHED parent, "
                                         "with its own params (the other science options are ignored)."),
     experiment: str = typer.Option("", help=_EXPERIMENT_HELP),
+    layout: str = typer.Option("lean", help=_LAYOUT_HELP + " --resume keeps the sweep's own."),
 ):
-    """Run many targets: a sweep run, one parent per target (as `amrepro run`) with a child per seed; a table,
-    sweep/* metrics and a map on the sweep run."""
+    """Run many targets: a sweep run, one parent per target (lean: with a per-seed table; seeds: a child per
+    seed, as `amrepro run`); a table, sweep/* metrics and a map on the sweep run."""
     if not targets and not resume:
         from .report import errors
 
         errors.print("error: --targets is required (or --resume SWEEP_RUN_ID).", soft_wrap=True, markup=False)
         raise typer.Exit(2)
     _guard("commands.sweep", "sweep", config, targets, workers, ray_address or None, chunk, resume or None,
-             experiment or None)
+             experiment or None, layout)
+
+
+@app.command()
+def figures(run_id: str = typer.Argument(..., help="A lean target parent run id (e.g. from a sweep's table).")):
+    """Draw a lean target's figures (curves, token grid, token frequency, projection gap, hub tokens) from its
+    logged artifacts and log them into that run."""
+    _guard("commands.figures", "figures", run_id)
 
 
 @app.command()

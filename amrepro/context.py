@@ -273,6 +273,18 @@ def _what_was_saved(ctx: Context) -> str:
     return text
 
 
+def read_seeds(run_id: str, store=None):
+    """(parent run, [lean.Seed]) of a run id in either layout (lean.read_seeds), its note printed."""
+    from . import lean
+    from .layout import RunReader
+
+    reader = RunReader(store or Store())
+    parent, seeds = lean.read_seeds(reader, run_id)
+    if reader.note:
+        report.errors.print(f"note: {reader.note}", soft_wrap=True, markup=False)
+    return parent, seeds
+
+
 def read_family(run_id: str, store=None):
     """(reader, parent run, selected seed runs) of a run id (layout.RunReader.family), its note printed."""
     from .layout import RunReader

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from . import features, layout
+from . import features, layout, lean
 from .config import AmreproError, Config, _unquote
 from .nulls import binomial_tail
 from .stats import ALPHA, CLAIMS, PRIMARY, REGISTRY, REPRODUCIBILITY
@@ -106,7 +106,8 @@ def chunk_size(n_targets: int, workers: int, requested: int = 0) -> int:
 class Worker:
     """Loads the model once, then runs chunks of targets: one batch each, logged target by target."""
 
-    def __init__(self, config: Config, uri: str, experiment_id: str, sweep_id: str, frozen: bytes, lm=None):
+    def __init__(self, config: Config, uri: str, experiment_id: str, sweep_id: str, frozen: bytes, lm=None,
+                 target_layout: str = "seeds"):
         import torch
 
         from .context import Context, environment_tags
@@ -118,13 +119,15 @@ class Worker:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.config, self.experiment_id, self.sweep_id, self.frozen = config, experiment_id, sweep_id, frozen
+        self.target_layout = target_layout  # "lean" or "seeds": what each target logs (lean.py, layout.py)
         self.lm = lm or load_model(config.model, device)
         self.ctx = Context(uri=uri)
         self.env = environment_tags(self.lm)
 
     def run_chunk(self, names: list[str]) -> dict:
         """Optimize and log the targets of a chunk that have no FINISHED parent yet: {"logged": names,
-        "seconds": {"science": optimize + decode + statistics, "tracking": lookups, run creation, logging}}."""
+        "seconds": {"science": the null's pool + optimize + decode + statistics, "tracking": lookups, run creation,
+        logging}}."""
         import time
         from .experiment import execute_many, prepare_many
 
@@ -141,25 +144,34 @@ class Worker:
                 layout.discard(ctx.store, run, f"left {run.status} by a worker that died or a sweep that was "
                                f"interrupted (pid {run.tags.get(layout.PID_TAG)}); the target was redone")
             todo.append(Target.parse(name))
-        preps = prepare_many(self.config, todo, self.lm)
+        before = time.perf_counter()
+        preps = prepare_many(self.config, todo, self.lm)  # science too: it draws and decodes the null's starts
+        science = time.perf_counter() - before
         batch = layout.batch_tag([p.target for p in preps]) if preps else ""
         with ctx:  # an exception ends this chunk's open runs FAILED (a dead process leaves them to discard())
-            parents = [ctx.start_parent(p.config.to_params(), {
-                **self.env, layout.SWEEP_TAG: self.sweep_id, layout.TARGET_TAG: p.target.name, layout.BATCH_TAG: batch,
-                layout.PARENT_TAG: self.sweep_id}, run_name=layout.run_name(p.config), experiment_id=self.experiment_id)
-                for p in preps]
+            parents = [self._start(p, {**self.env, layout.SWEEP_TAG: self.sweep_id, layout.TARGET_TAG: p.target.name,
+                                       layout.BATCH_TAG: batch, layout.PARENT_TAG: self.sweep_id}) for p in preps]
             before = time.perf_counter()
             outcomes = execute_many(preps)
-            science = time.perf_counter() - before
+            science += time.perf_counter() - before
             for parent, outcome in zip(parents, outcomes):
                 self._log(parent, outcome)
         return {"logged": [p.target.name for p in preps],
-                "seconds": {"science": science if preps else 0.0, "tracking": time.perf_counter() - started - (
-                    science if preps else 0.0)}}
+                "seconds": {"science": science, "tracking": time.perf_counter() - started - science}}
+
+    def _start(self, prep, tags: dict[str, str]) -> str:
+        """A target parent, before its science: lean, one create_run with every tag; seeds, as `amrepro run`."""
+        if self.target_layout == "lean":
+            return lean.start_target(self.ctx, self.experiment_id, layout.run_name(prep.config), tags)
+        return self.ctx.start_parent(prep.config.to_params(), tags, run_name=layout.run_name(prep.config),
+                                     experiment_id=self.experiment_id)
 
     def _log(self, parent: str, outcome) -> None:
         """What `amrepro run` logs (layout.log_seed_run, log_parent_run), straight from memory: a dead worker's
-        chunk is recomputed by Ray, so no outcome file is kept."""
+        chunk is recomputed by Ray, so no outcome file is kept. Lean: lean.log_target."""
+        if self.target_layout == "lean":
+            lean.log_target(self.ctx, parent, outcome, self.frozen, params=outcome.config.to_params())
+            return
         for r in range(outcome.config.runs):
             layout.log_seed_run(self.ctx, parent, self.experiment_id, outcome, r)
         layout.log_parent_run(self.ctx, parent, outcome, self.frozen)
@@ -251,8 +263,8 @@ def start_ray(address: str | None, workers: int, threads: int):
 
 
 def run_chunks(work: list[list[Target]], config: Config, uri: str, experiment_id: str, sweep_id: str,
-               frozen: bytes, workers: int, lm=None, on_chunk: Callable[[list[str]], None] | None = None
-               ) -> tuple[list[str], dict[str, float]]:
+               frozen: bytes, workers: int, lm=None, on_chunk: Callable[[list[str]], None] | None = None,
+               target_layout: str = "seeds") -> tuple[list[str], dict[str, float]]:
     """Every chunk, in this process (workers 0) or on `workers` Ray actors (Ray already started). Returns one
     sentence per chunk that failed for good (its targets stay for --resume), and the workers' seconds of science
     and of tracking, summed over chunks; on_chunk(names) after each chunk."""
@@ -267,7 +279,7 @@ def run_chunks(work: list[list[Target]], config: Config, uri: str, experiment_id
             on_chunk(out["logged"])
 
     if workers == 0:
-        worker = Worker(config, uri, experiment_id, sweep_id, frozen, lm=lm)
+        worker = Worker(config, uri, experiment_id, sweep_id, frozen, lm=lm, target_layout=target_layout)
         for chunk in names:
             done(worker.run_chunk(chunk))
         return failures, seconds
@@ -279,7 +291,8 @@ def run_chunks(work: list[list[Target]], config: Config, uri: str, experiment_id
     gpus = min(1.0, cluster_gpus / workers) if config.device != "cpu" and cluster_gpus else 0
     remote = ray.remote(Worker).options(num_cpus=max(config.threads, 1), num_gpus=gpus, max_restarts=MAX_RETRIES,
                                         max_task_retries=MAX_RETRIES)
-    actors = [remote.remote(config, uri, experiment_id, sweep_id, frozen) for _ in range(min(workers, len(names)))]
+    actors = [remote.remote(config, uri, experiment_id, sweep_id, frozen, target_layout=target_layout)
+              for _ in range(min(workers, len(names)))]
     queue, pending = list(names), {}
     for actor in actors:
         if queue:

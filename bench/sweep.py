@@ -2,6 +2,7 @@
 
     python bench/sweep.py                                   # 64 targets x 10 seeds x 100 epochs at layer 8
     python bench/sweep.py --targets 8 --epochs 5 --skip-ratio   # smoke run
+    python bench/sweep.py --skip-ratio --epochs 20 --tracking-targets 4   # both layouts' tracking, a lean sweep
 
 The model is GPT-2 small's shape with random weights (bench.write_model), the targets blocks.LAYER.hook_resid_pre
 [random:TARGETS]. Figures (printed, and written to bench/results/sweep.json):
@@ -13,7 +14,11 @@ The model is GPT-2 small's shape with random weights (bench.write_model), the ta
 - sweep: `amrepro sweep` end to end (commands.sweep) with WORKERS local Ray workers of cores/WORKERS threads each
   on a fresh sqlite store: wall seconds, targets per hour, and the workers' time split into science (optimize,
   decode, statistics), tracking (run lookups, creation, logging incl. figures) and the rest (Ray start, model
-  loading, scheduling, idle workers), as shares of workers x wall.
+  loading, scheduling, idle workers), as shares of workers x wall (--layout: lean, the sweep's default).
+- tracking: per layout, an in-process sweep (no Ray) of TRACKING_TARGETS targets on a fresh sqlite store with every
+  store request counted (each call of the tracking store that a REST client would send, one upload per artifact
+  file as over HTTP): tracking seconds, store requests and metric rows per target (sweep-level calls included,
+  shared out over the targets).
 """
 
 from __future__ import annotations
@@ -81,30 +86,137 @@ def ratio(model: str, layer: int, targets: int, runs: int, epochs: int, repeats:
             "ratios": ratios, "ratio": statistics.median(ratios)}
 
 
-def sweep(model: str, layer: int, targets: int, runs: int, epochs: int, workers: int) -> dict:
+NOT_REQUESTS = ("shut_down_async_logging", "flush_async_logging", "end_async_logging")  # client-side only
+
+
+class StoreCounter:
+    """Counts the tracking store's requests in this process: the outermost calls of the sqlalchemy store's public
+    methods (each one REST request to an `mlflow server`) and one per artifact file uploaded or listed."""
+
+    def __init__(self):
+        import collections
+        import threading
+
+        from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        from amrepro.sweep import Worker
+
+        self.calls, self._local, self._saved = collections.Counter(), threading.local(), []
+        self.in_chunks = collections.Counter()  # the requests of Worker.run_chunk: the targets' own, per chunk
+        for name in dir(SqlAlchemyStore):
+            if not name.startswith("_") and callable(getattr(SqlAlchemyStore, name)):
+                self._wrap(SqlAlchemyStore, name, lambda *a, **k: 1)
+        self._wrap(LocalArtifactRepository, "log_artifacts",
+                   lambda self_, local_dir, *a, **k: sum(len(files) for _, _, files in os.walk(local_dir)))
+        for name in ("log_artifact", "list_artifacts", "_download_file"):
+            self._wrap(LocalArtifactRepository, name, lambda *a, **k: 1)
+        original, counter = Worker.run_chunk, self
+
+        def run_chunk(*args, **kwargs):
+            before = counter.calls.copy()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                counter.in_chunks.update(counter.calls - before)
+        self._saved.append((Worker, "run_chunk", original))
+        Worker.run_chunk = run_chunk
+
+    def _wrap(self, cls, name, weight):
+        original = getattr(cls, name)
+        local, calls = self._local, self.calls
+
+        def counted(*args, **kwargs):
+            depth = getattr(local, "depth", 0)
+            if depth == 0 and name not in NOT_REQUESTS:
+                calls[name] += weight(*args, **kwargs)
+            local.depth = depth + 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                local.depth = depth
+        self._saved.append((cls, name, original))
+        setattr(cls, name, counted)
+
+    def restore(self):
+        for cls, name, original in reversed(self._saved):
+            setattr(cls, name, original)
+
+
+def tracking(model: str, layer: int, targets: int, runs: int, epochs: int, layout: str) -> dict:
+    """An in-process sweep (workers 0) of `targets` targets in one batch, every store request counted."""
+    import sqlite3
+
+    folder = Path(tempfile.mkdtemp(prefix=f"amrepro-tracking-{layout}-"))
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
+    os.chdir(folder)
+    from amrepro.commands.sweep import sweep as run_sweep
+    from amrepro.config import Config
+
+    spec = f"blocks.{layer}.hook_resid_pre[random:{targets}]"
+    counter = StoreCounter()
+    try:
+        run_sweep(Config(model=model, runs=runs, epochs=epochs, threads=2), spec, workers=0, layout=layout)
+    finally:
+        counter.restore()
+    with sqlite3.connect(folder / "mlflow.db") as con:
+        # target parents and their seed runs (the sweep run is neither)
+        rows = con.execute("SELECT COUNT(*) FROM metrics WHERE run_uuid IN (SELECT run_uuid FROM tags WHERE key IN "
+                           "('amrepro.target', 'mlflow.parentRunId'))").fetchone()[0]
+        tracking_s, science_s, summary_s = (
+            con.execute("SELECT value FROM latest_metrics WHERE key = ?", (k,)).fetchone()[0]
+            for k in ("time/tracking_seconds", "time/science_seconds", "time/summary_seconds"))
+    con.close()
+    total, in_chunks = sum(counter.calls.values()), sum(counter.in_chunks.values())
+    return {"layout": layout, "spec": spec, "targets": targets, "runs": runs, "epochs": epochs,
+            # the workers' tracking and the sweep run's summary (table, map, verdict, flagged figures)
+            "tracking_seconds_per_target": (tracking_s + summary_s) / targets,
+            "worker_tracking_seconds_per_target": tracking_s / targets, "summary_seconds": summary_s,
+            "science_seconds_per_target": science_s / targets,
+            "store_requests_per_target": total / targets,
+            # the targets' own (run lookups, creation, logging) and the sweep's fixed cost (connect, the sweep run,
+            # its table, map and flagged figures), which a 64-target sweep shares out 64 ways
+            "target_requests_per_target": in_chunks / targets, "sweep_requests": total - in_chunks,
+            "store_requests_per_target_in_64": in_chunks / targets + (total - in_chunks) / 64,
+            "requests_of_targets": dict(counter.in_chunks.most_common()),
+            "metric_rows_per_target": rows / targets,
+            "requests": dict(counter.calls.most_common()), "store": str(folder)}
+
+
+def sweep(model: str, layer: int, targets: int, runs: int, epochs: int, workers: int, layout: str = "lean") -> dict:
     folder = Path(tempfile.mkdtemp(prefix="amrepro-sweep-bench-"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
     os.chdir(folder)
     from mlflow import MlflowClient
 
-    from amrepro import commands
+    from amrepro.commands.sweep import sweep as run_sweep
     from amrepro.config import Config
 
     spec = f"blocks.{layer}.hook_resid_pre[random:{targets}]"
     start = time.perf_counter()
-    commands.sweep(Config(model=model, runs=runs, epochs=epochs), spec, workers=workers)
+    run_sweep(Config(model=model, runs=runs, epochs=epochs), spec, workers=workers, layout=layout)
     wall = time.perf_counter() - start
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     (run,) = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=5000)
               if "targets" in r.data.params]
     m = run.data.metrics
     slots = workers * m["time/wall_seconds"]
-    return {"spec": spec, "workers": workers, "threads_per_worker": int(run.data.params["threads"]),
+    return {"spec": spec, "layout": layout, "workers": workers, "threads_per_worker": int(run.data.params["threads"]),
             "command_wall_seconds": wall, "sweep_wall_seconds": m["time/wall_seconds"],
             "targets_per_hour": 3600 * targets / m["time/wall_seconds"],
             "science_seconds": m["time/science_seconds"], "tracking_seconds": m["time/tracking_seconds"],
             "share_science": m["time/science_seconds"] / slots, "share_tracking": m["time/tracking_seconds"] / slots,
             "share_ray_and_tracking": 1 - m["time/science_seconds"] / slots, "store": str(folder)}
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
 
 
 def main() -> None:
@@ -116,6 +228,10 @@ def main() -> None:
     parser.add_argument("--ratio-epochs", type=int, default=4)
     parser.add_argument("--ratio-repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--layout", default="lean", choices=("lean", "seeds"))
+    parser.add_argument("--tracking-targets", type=int, default=4, help="targets of each layout's counted sweep")
+    parser.add_argument("--tracking-layouts", default="lean,seeds")
+    parser.add_argument("--skip-tracking", action="store_true")
     parser.add_argument("--skip-ratio", action="store_true")
     parser.add_argument("--skip-sweep", action="store_true")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "sweep.json"))
@@ -124,12 +240,18 @@ def main() -> None:
 
     folder = Path(tempfile.mkdtemp(prefix="amrepro-gpt2-shape-"))
     write_model(folder)
-    out = {"args": vars(args), "cpus": os.cpu_count(), "load_average_start": busy_cpus()}
+    out = {"args": vars(args), "cpus": os.cpu_count(), "cpu_model": cpu_model(), "load_average_start": busy_cpus()}
+    if not args.skip_tracking:
+        out["tracking"] = {}
+        for layout in args.tracking_layouts.split(","):
+            out["tracking"][layout] = tracking(str(folder), args.layer, args.tracking_targets, args.runs, args.epochs,
+                                               layout)
+            print(json.dumps(out["tracking"][layout], indent=2), flush=True)
     if not args.skip_ratio:
         out["ratio"] = ratio(str(folder), args.layer, args.targets, args.runs, args.ratio_epochs, args.ratio_repeats)
         print(json.dumps(out["ratio"], indent=2), flush=True)
     if not args.skip_sweep:
-        out["sweep"] = sweep(str(folder), args.layer, args.targets, args.runs, args.epochs, args.workers)
+        out["sweep"] = sweep(str(folder), args.layer, args.targets, args.runs, args.epochs, args.workers, args.layout)
         print(json.dumps(out["sweep"], indent=2), flush=True)
     out["load_average_end"] = busy_cpus()
     previous = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}

@@ -13,7 +13,7 @@ from amrepro.targets import Target
 from helpers import all_runs, children_of, cli
 
 SPEC = "blocks.4.hook_resid_pre[0:2],blocks.5.mlp.hook_post[random:1]"
-ARGS = ["--runs", "2", "--epochs", "8", "--lr", "0.05"]
+ARGS = ["--runs", "2", "--epochs", "8", "--lr", "0.05", "--layout", "seeds"]  # lean: tests/test_lean.py
 
 
 def _width(block, site):

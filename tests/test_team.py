@@ -97,7 +97,7 @@ def test_sweep_on_ray_and_postgres_survives_a_dead_worker(tiny_gpt2, postgres, s
     # the driver is forked from the tests' fork server (forked.py: no second import of torch and MLflow); the Ray
     # workers are Ray's own processes
     driver = Amrepro(["sweep", "--model", tiny_gpt2, "--targets", TARGETS, "--runs", str(RUNS), "--epochs", str(EPOCHS),
-                      "--lr", "0.01", "--workers", "2", "--chunk", "2"], env, tmp_path)
+                      "--lr", "0.01", "--workers", "2", "--chunk", "2", "--layout", "seeds"], env, tmp_path)
     stdout, stderr = driver.communicate(timeout=400)
     assert driver.returncode == 0, stdout[-3000:] + stderr[-3000:]
     assert (tmp_path / "worker-died").exists()  # a worker did die mid-chunk (after its first target, 1 seed run in)

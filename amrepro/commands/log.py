@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .. import outcome_file, report
+from .. import lean, outcome_file, report
 from ..context import Context
 from ..layout import LOGGED_FROM_TAG, log_outcome, run_name
 
@@ -24,6 +24,10 @@ def log_file(path: str) -> None:
             parent = ctx.start_parent(saved.params, {**saved.tags, LOGGED_FROM_TAG: saved.parent_id},
                                           run_name=run_name(config), experiment_id=experiment_id)
             experiment_id = ctx.store.get(parent).experiment_id
-        log_outcome(ctx, parent, experiment_id, saved.outcome, saved.pip_freeze, resume=parent == saved.parent_id)
+        if saved.tags.get(lean.LAYOUT_TAG) == "lean":
+            lean.log_run(ctx, parent, saved.outcome, saved.pip_freeze)
+        else:
+            log_outcome(ctx, parent, experiment_id, saved.outcome, saved.pip_freeze,
+                        resume=parent == saved.parent_id)
     report.console.print(f"logged {saved.outcome.config.runs} runs into parent run {parent} in {ctx.uri}; "
                          f"{path} was removed.")

@@ -6,11 +6,11 @@ import dataclasses
 
 import numpy as np
 
-from .. import report
+from .. import lean, report
 from ..config import AmreproError, Config
-from ..context import Context, environment_tags, read_family
-from ..layout import (BATCH_SEED, BATCH_TAG, FINAL, INITIAL, PARENT_TAG, REPRODUCES_TAG, REPRODUCTION,
-                      REPRODUCTION_VERDICT_TAG, RUN_INDEX, SEED, TOKENS, WEIGHTS_TAG, batch_targets, json_bytes)
+from ..context import Context, environment_tags, read_seeds
+from ..layout import (BATCH_SEED, BATCH_TAG, PARENT_TAG, REPRODUCES_TAG, REPRODUCTION, REPRODUCTION_VERDICT_TAG,
+                      RUN_INDEX, SEED, WEIGHTS_TAG, batch_targets, json_bytes)
 from ..targets import Target
 
 # environment tags whose difference can explain a final embedding that is not bit-identical
@@ -24,14 +24,13 @@ def reproduce(run_id: str, device: str | None = None, tolerance: float = 1e-4) -
     The whole batch is re-run even for one child: the runs never interact, but the BLAS kernels chosen for a
     batch of 10 and a batch of 1 round differently, so only the same batch can be bit-identical."""
     ctx = Context()
-    reader, parent, selected = read_family(run_id, ctx.store)  # a bad id is answered before torch is imported
+    parent, seeds = read_seeds(run_id, ctx.store)  # either layout; a bad id is answered before torch is imported
     from .. import experiment, features
 
     logged_env = {k: v for k, v in parent.tags.items() if k.startswith("env.")}
     config = Config.from_params(parent.params)
-    _check_family_params(config, parent, selected)
+    _check_family_params(config, parent, seeds)
     config = dataclasses.replace(config, device=device or logged_env.get("env.device", config.device))
-    logged = [(c, reader.npy(c, INITIAL), reader.npy(c, FINAL), reader.json(c, TOKENS)["ids"]) for c in selected]
 
     # the batch the run was optimized in: alone (amrepro run), or with the other targets of its sweep batch
     own, batch = Target.parse(config.target_name), parent.tags.get(BATCH_TAG)
@@ -53,15 +52,15 @@ def reproduce(run_id: str, device: str | None = None, tolerance: float = 1e-4) -
         with report.epoch_progress(config.n_steps, config.runs) as on_epoch:
             outcome = experiment.execute_many(preps, on_epoch)[targets.index(own)]
         rows = []
-        for child, initial, final, ids in logged:
-            r = int(child.params[RUN_INDEX])
+        for seed in seeds:
+            r = seed.run_index
             new_final = outcome.result.final[r].numpy()
             rows.append({
-                "seed": int(child.params[SEED]), "run_id": child.id,
-                "initial_identical": outcome.result.initial[r].numpy().tobytes() == initial.tobytes(),
-                "final_identical": new_final.tobytes() == final.tobytes(),
-                "max_abs_diff": float(np.abs(new_final.astype(np.float64) - final).max()),
-                "tokens_identical": [int(i) for i in outcome.ids[r]] == ids,
+                "seed": seed.seed, "run_id": seed.run_id,
+                "initial_identical": outcome.result.initial[r].numpy().tobytes() == seed.initial.tobytes(),
+                "final_identical": new_final.tobytes() == seed.final.tobytes(),
+                "max_abs_diff": float(np.abs(new_final.astype(np.float64) - seed.final).max()),
+                "tokens_identical": [int(i) for i in outcome.ids[r]] == seed.ids,
             })
         verdict = _verdict(rows, differences, tolerance, weights)
         ctx.log_metrics(new_run, {"max_abs_diff_final": max(row["max_abs_diff"] for row in rows),
@@ -77,8 +76,16 @@ def reproduce(run_id: str, device: str | None = None, tolerance: float = 1e-4) -
 
 def _check_family_params(config: Config, parent, children) -> None:
     """A parent and its children are logged with the same hyperparameters; a param edited afterwards (in the UI
-    or the store) would otherwise be re-run and blamed on something else."""
-    for child in children:
+    or the store) would otherwise be re-run and blamed on something else. (A lean parent's seeds have no params
+    of their own: their seeds, from its seeds.npz, must be the parent's.)"""
+    for seed in children:
+        if seed.params is None:
+            if seed.seed != config.seed + seed.run_index:
+                raise AmreproError(f"run {parent.id}'s {lean.ARTIFACT} holds seed {seed.seed} as run {seed.run_index}, "
+                                   f"but its params start at seed {config.seed}: a param was edited after it was "
+                                   "logged, so the run cannot be reproduced as logged.")
+            continue
+        child = seed  # a seed run: its own params, as logged
         params = {**child.params, SEED: child.params.get(BATCH_SEED, "")}
         try:
             mine = Config.from_params(params)
@@ -92,7 +99,7 @@ def _check_family_params(config: Config, parent, children) -> None:
                                "be reproduced as logged.")
         expected_seed = config.seed + int(child.params.get(RUN_INDEX, -1))
         if child.params.get(SEED) != str(expected_seed):
-            raise AmreproError(f"child run {child.id} has seed {child.params.get(SEED)} but run_index "
+            raise AmreproError(f"child run {child.run_id} has seed {child.params.get(SEED)} but run_index "
                                f"{child.params.get(RUN_INDEX)} of a batch starting at seed {config.seed} means "
                                f"{expected_seed}: it was edited after it was logged.")
 

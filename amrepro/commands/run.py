@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
-from .. import outcome_file, report, signals
+from .. import lean, outcome_file, report, signals
 from ..config import Config
 from ..context import Context
 from ..layout import log_outcome, run_name
 
 
-def run(config: Config, experiment: str | None = None):
+def run(config: Config, experiment: str | None = None, layout: str = "seeds"):
     """The parent run exists from before the optimization (it is what `mlflow run` hands us, and the user sees
     it RUNNING); the seed runs are created after the science, cheaply, from results already saved to disk."""
     from ..experiment import execute, prepare
     from ..provenance import pip_freeze
 
     config.validate()
+    lean.check_layout(layout)
     ctx = Context(experiment)  # a store that is down fails here, before the model loads
     with ctx.session():  # any exception from here on ends every open run FAILED, Ctrl-C ends them KILLED
         prep = prepare(config, note=report.note)
         env = ctx.describe(prep.lm)
-        parent, experiment_id = ctx.start_top(config.to_params(), {}, run_name(config))
+        if layout == "lean":  # on the parent and in the outcome file's tags, so `amrepro log` logs it lean too
+            env = {**env, lean.LAYOUT_TAG: "lean"}
+        parent, experiment_id = ctx.start_top(config.to_params(), env, run_name(config))
         with report.epoch_progress(config.n_steps, config.runs) as on_epoch:
             outcome = execute(prep, on_epoch)
         # The science is done: from here on it is never lost. Saved before the first store call (a Ctrl-C here
@@ -29,5 +32,8 @@ def run(config: Config, experiment: str | None = None):
             ctx.outcome_path = outcome_file.save(outcome, parent, experiment_id, ctx.uri,
                                                      config.to_params(), env, frozen)
         report.print_outcome(outcome, parent, ctx.uri)
-        log_outcome(ctx, parent, experiment_id, outcome, frozen)
+        if layout == "lean":
+            lean.log_run(ctx, parent, outcome, frozen)
+        else:
+            log_outcome(ctx, parent, experiment_id, outcome, frozen)
     return outcome

@@ -10,7 +10,7 @@ import functools
 import os
 import time
 
-from .. import report
+from .. import lean, report
 from .. import sweep as sw
 from ..config import AmreproError, Config
 from ..context import Context
@@ -29,22 +29,26 @@ class Plan:
     experiment_id: str
     frozen: bytes  # pip freeze
     ray: object  # the ray module when started, else None
+    layout: str  # what each target logs: "lean" or "seeds" (lean.py)
 
 
 def sweep(config: Config, spec: str, workers: int = 0, ray_address: str | None = None, chunk: int = 0,
-          resume: str | None = None, experiment: str | None = None) -> dict[str, float]:
+          resume: str | None = None, experiment: str | None = None, layout: str = "lean") -> dict[str, float]:
     """--resume SWEEP_RUN_ID redoes the targets without a FINISHED parent, with the sweep's own params. Returns
     the sweep/* metrics."""
     ctx = Context(experiment)
     if resume:
-        config, spec = sw.config_from_sweep(RunReader(ctx.store).run(resume).params)
+        resumed = RunReader(ctx.store).run(resume)
+        config, spec = sw.config_from_sweep(resumed.params)
+        layout = lean.layout_of(resumed)  # the sweep's own
     config.validate()
+    lean.check_layout(layout)
     if workers < 0:
         raise AmreproError(f"--workers must be 0 (in this process) or more, got {workers}.")
     if chunk < 0:
         raise AmreproError(f"--chunk must be 0 (automatic) or more, got {chunk}.")
     with ctx.session(attach=not resume):
-        plan = _plan(ctx, config, spec, workers, ray_address, chunk, resume)
+        plan = _plan(ctx, config, spec, workers, ray_address, chunk, resume, layout)
         started, count = time.perf_counter(), {"done": len(plan.done)}
 
         def on_chunk(names: list[str]) -> None:
@@ -54,7 +58,7 @@ def sweep(config: Config, spec: str, workers: int = 0, ray_address: str | None =
         try:
             failures, seconds = sw.run_chunks(plan.work, plan.config, ctx.uri, plan.experiment_id, plan.sweep_id,
                                               plan.frozen, workers, lm=plan.lm if not workers else None,
-                                              on_chunk=on_chunk)
+                                              on_chunk=on_chunk, target_layout=plan.layout)
         finally:
             if plan.ray is not None:
                 plan.ray.shutdown()
@@ -66,7 +70,7 @@ def sweep(config: Config, spec: str, workers: int = 0, ray_address: str | None =
 
 
 def _plan(ctx: Context, config: Config, spec: str, workers: int, ray_address: str | None, chunk: int,
-          resume: str | None) -> Plan:
+          resume: str | None, layout: str) -> Plan:
     from ..model import load_model, resolve_device
     from ..provenance import pip_freeze
     from ..readers import site_width
@@ -100,7 +104,7 @@ def _plan(ctx: Context, config: Config, spec: str, workers: int, ray_address: st
             raise AmreproError(f"sweep run {resume} is FINISHED (or deleted): every target was done.")
     else:
         ctx.describe(lm, busy_note=False)
-        sweep_id, experiment_id = ctx.start_top(sw.sweep_params(config, spec), {KIND_TAG: "sweep"},
+        sweep_id, experiment_id = ctx.start_top(sw.sweep_params(config, spec), {KIND_TAG: "sweep", lean.LAYOUT_TAG: layout},
                                                 f"sweep {run_name(config).rsplit(' ', 2)[0]} {spec} x{config.runs}")
     ctx.log(sweep_id, tags={WORKERS_TAG: str(workers), RAY_ADDRESS_TAG: ray_address or
                                 os.environ.get("RAY_ADDRESS", "local" if workers else "none")})
@@ -113,7 +117,7 @@ def _plan(ctx: Context, config: Config, spec: str, workers: int, ray_address: st
     report.console.print(f"sweep run {sweep_id}: {len(targets)} targets x {config.runs} seeds, {len(done)} already "
                          f"done, {len(todo)} to run in {len(work)} batch{'' if len(work) == 1 else 'es'} on "
                          f"{where}.", soft_wrap=True, markup=False)
-    return Plan(config, lm, targets, done, work, sweep_id, experiment_id, frozen, ray)
+    return Plan(config, lm, targets, done, work, sweep_id, experiment_id, frozen, ray, layout)
 
 
 def _summarize(ctx, plan: Plan, workers: int, failures: list[str], seconds: dict, wall: float) -> dict[str, float]:
@@ -122,6 +126,7 @@ def _summarize(ctx, plan: Plan, workers: int, failures: list[str], seconds: dict
     from .. import figures
 
     sweep_id, experiment_id = plan.sweep_id, plan.experiment_id
+    summing = time.perf_counter()
     parents = {}
     for run in sweep_parents(ctx.store, sweep_id, experiment_id):
         name = run.tags.get(TARGET_TAG)
@@ -135,11 +140,14 @@ def _summarize(ctx, plan: Plan, workers: int, failures: list[str], seconds: dict
         ctx.log(sweep_id, tags={VERDICT_TAG: words[:TAG_LIMIT], NOTE_TAG: words})
     ctx.store.log_figure(sweep_id, figures.sweep_map(columns), SWEEP_MAP)
     report.console.print(words, soft_wrap=True, markup=False)
+    if plan.layout == "lean":
+        _log_flagged_figures(ctx, columns)
+    summing = time.perf_counter() - summing  # the table, map, verdict (and lean: the flagged figures)
     # where the time of this invocation went: the workers' science and tracking, and the rest (Ray: starting
     # workers, loading models, scheduling; idle workers) as a share of the workers' wall time
     slots = max(workers, 1) * wall
     ctx.log_metrics(sweep_id, {"time/wall_seconds": wall, "time/science_seconds": seconds["science"],
-                                   "time/tracking_seconds": seconds["tracking"],
+                                   "time/tracking_seconds": seconds["tracking"], "time/summary_seconds": summing,
                                    "time/share_science": seconds["science"] / slots if slots else 0.0})
     n_run = sum(len(chunk) for chunk in plan.work)
     report.console.print(f"{n_run} targets in {wall:.0f} s ({3600 * n_run / wall:.0f} targets/hour); of the "
@@ -150,3 +158,17 @@ def _summarize(ctx, plan: Plan, workers: int, failures: list[str], seconds: dict
         ctx.log(sweep_id, tags={ERROR_TAG: "; ".join(failures)[:TAG_LIMIT]})
     ctx.end(sweep_id, "FAILED" if failures else "FINISHED")
     return metrics
+
+
+def _log_flagged_figures(ctx, columns: dict[str, list]) -> None:
+    """A lean sweep draws the figures of the targets with a claim (at most lean.FLAGGED_MAX) itself."""
+    flagged, reader = lean.flagged(columns), RunReader(ctx.store)
+    for run_id in flagged[:lean.FLAGGED_MAX]:
+        run = reader.run(run_id)
+        if lean.FIGURES_TAG not in run.tags:  # a --resume draws each once
+            lean.log_figures(ctx.store, reader, run)
+    if flagged:
+        more = len(flagged) - lean.FLAGGED_MAX
+        report.console.print(f"figures drawn for {min(len(flagged), lean.FLAGGED_MAX)} flagged target(s)"
+                             + (f"; {more} more: `amrepro figures RUN_ID`" if more > 0 else "") + ".",
+                             soft_wrap=True, markup=False)

@@ -1,0 +1,267 @@
+"""The lean layout of a target: ONE parent run, no seed runs; made for sweeps of a whole layer.
+
+What a lean target parent holds (tag amrepro.layout = lean):
+- params: every hyperparameter, as a seeds-layout parent; tags: env.*, verdict, description, sha256/<path>;
+- metrics: the parent statistics (stats/*, pvalue/*, verdict/*, what sweep.table reads) and, for the UI's
+  charts, each seed's per-epoch curves `<key>/seed-<seed>` (act/target/seed-3, loss/total/seed-3) downsampled
+  to at most MAX_POINTS epochs (step = the true epoch); the whole target stays within ROW_BUDGET metric rows;
+- artifacts: seeds.npz (every seed's initial and final embeddings, decoded token ids, full per-epoch
+  histories: what `decode`, `reproduce` and `figures` read), seed_table.json (one row per seed, in the format
+  of MlflowClient.log_table, so the UI shows it as a table), summary.json, environment/pip-freeze.txt.
+
+Store requests per target: create_run (every tag), one artifact upload (4 files), one log_batch (params,
+metrics, tags; at most MLflow's 1000 entities so that it is one request) and set_terminated. Figures are
+rendered on demand (`amrepro figures RUN_ID`) or for the targets a sweep flags.
+
+The reader side, read_seeds, gives the same per-seed arrays for both layouts: one path for decode/reproduce.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import signals
+from .config import AmreproError
+from .layout import ERROR_TAG, NOTE_TAG, PIP_FREEZE as FREEZE, RUN_NAME_TAG, SHA256_PREFIX, SPECIFICITY_TAG, SUMMARY, \
+    TAG_LIMIT, VERDICT_TAG
+
+LAYOUT_TAG = "amrepro.layout"  # on lean parents (and a sweep run): "lean"; absent means "seeds"
+LAYOUTS = ("seeds", "lean")
+ARTIFACT, TABLE = "seeds.npz", "seed_table.json"
+LOGGED_ARTIFACTS_TAG = "mlflow.loggedArtifacts"  # what MlflowClient.log_table sets: the UI shows these as tables
+MAX_POINTS = 50  # epochs kept per chart curve: a chart of 50 points reads like one of 500
+ROW_BUDGET = 1000  # metric rows per target
+BATCH_ENTITIES = 1000  # MLflow's log_batch limit (metrics + params + tags) per request; params, tags: 100 each
+FIGURES_TAG = "amrepro.figures"  # on a lean parent whose figures were drawn: their paths
+FLAGGED_MAX = 16  # figures a sweep renders by itself, at most (the rest: `amrepro figures RUN_ID`)
+
+
+def check_layout(layout: str) -> str:
+    if layout not in LAYOUTS:
+        raise AmreproError(f"--layout must be one of {', '.join(LAYOUTS)}, got '{layout}'.")
+    return layout
+
+
+def layout_of(run) -> str:
+    return run.tags.get(LAYOUT_TAG, "seeds")
+
+
+# --- writer -----------------------------------------------------------------------------------------------
+def start_target(ctx, experiment_id: str, run_name: str, tags: dict[str, str]) -> str:
+    """A lean target parent, created with every tag in one request (its params come with its results)."""
+    from .ownership import process_tags
+
+    with signals.shielded():  # a run that exists is in open_runs, whenever a Ctrl-C comes
+        run_id = ctx.write(ctx.store.create, experiment_id, run_name,
+                           {**tags, LAYOUT_TAG: "lean", RUN_NAME_TAG: run_name, **process_tags()})
+        ctx.open_runs.append(run_id)
+    return run_id
+
+
+def log_target(ctx, parent: str, outcome, frozen: bytes, params: dict[str, str] | None = None,
+               after_upload=None) -> None:
+    """Log an outcome into its lean parent and end it: one artifact upload, one log_batch, set_terminated.
+    params: the parent's params when they are not logged yet (a sweep's target). after_upload(): tests only."""
+    from . import features, report
+
+    s = outcome.summary
+    files = {ARTIFACT: seeds_npz(outcome), TABLE: table_json(seed_table(outcome)),
+             SUMMARY: json.dumps(s, indent=2, ensure_ascii=False).encode(), FREEZE: frozen,
+             **features.file_artifacts(outcome.target)}  # a direction's .npy, a small SAE: as the seeds layout
+    ctx.store.upload(parent, files)  # one request (over HTTP: one per file)
+    if after_upload is not None:
+        after_upload()
+    tags = {SHA256_PREFIX + path: hashlib.sha256(data).hexdigest() for path, data in files.items()}
+    tags.update(features.target_tags(outcome.target))  # a feature: what it reads, its file's sha256
+    tags[LOGGED_ARTIFACTS_TAG] = json.dumps([{"path": TABLE, "type": "table"}])  # what log_table sets
+    scalars = {"runs/diverged": len(outcome.diverged), "runs/ok": s["n_runs_ok"]}
+    if s["statistics"] is None:
+        tags.update({VERDICT_TAG: f"no result: all {len(outcome.diverged)} runs diverged",
+                     ERROR_TAG: f"all {outcome.config.runs} runs diverged"})
+    else:
+        from .specificity import specificity_words
+
+        scalars.update(s["statistics"]["metrics"])
+        tags.update({VERDICT_TAG: s["statistics"]["verdict"][:TAG_LIMIT], NOTE_TAG: report.markdown_summary(outcome)})
+        if outcome.specificity is not None:
+            scalars.update(outcome.specificity["metrics"])
+            tags[SPECIFICITY_TAG] = specificity_words(outcome.specificity)[:TAG_LIMIT]
+    params = params or {}
+    room = min(ROW_BUDGET, BATCH_ENTITIES - len(params) - len(tags)) - len(scalars)
+    metrics = [(k, float(v), 0) for k, v in scalars.items()] + chart_curves(outcome.result, room)
+    ctx.store.log_batch(parent, params, tags, metrics)  # one request (MLflow would split a larger batch)
+    with signals.shielded():
+        ctx.end(parent, "FAILED" if s["statistics"] is None else "FINISHED")
+
+
+def curve_steps(epochs: int, points: int) -> np.ndarray:
+    """At most `points` epochs, evenly spread, the first and the last always kept (the final value is exact)."""
+    return np.unique(np.round(np.linspace(0, epochs - 1, min(points, epochs))).astype(int))
+
+
+def chart_curves(result, room: int) -> list[tuple[str, float, int]]:
+    """(key, value, epoch) rows of the per-epoch histories, within `room` rows: per seed `<key>/seed-<seed>`
+    with up to MAX_POINTS epochs each; when even 2 points per seed do not fit (hundreds of seeds), one mean
+    curve per key instead. A diverged seed's curve stops before its divergence (NaN is no point)."""
+    histories = {"loss/total": result.loss.numpy(), "act/target": result.activation.numpy(),
+                 **{k: v.numpy() for k, v in result.history.items()}}  # each [epochs, runs]
+    runs = len(result.seeds)
+    points = min(MAX_POINTS, room // max(1, runs * len(histories)))
+    rows: list[tuple[str, float, int]] = []
+    if points >= 2:
+        for key, values in histories.items():
+            steps = curve_steps(values.shape[0], points)
+            for r, seed in enumerate(result.seeds):
+                stop = int(result.diverged_at[r])
+                kept = steps[steps < stop] if stop >= 0 else steps
+                rows += [(f"{key}/seed-{seed}", float(values[e, r]), int(e)) for e in kept
+                         if np.isfinite(values[e, r])]
+        return rows
+    points = min(MAX_POINTS, room // max(1, len(histories)))
+    ok = (result.diverged_at < 0).numpy()
+    for key, values in histories.items():
+        if points >= 2 and ok.any():
+            mean = values[:, ok].mean(axis=1)  # [epochs]
+            rows += [(f"{key}/mean", float(mean[e]), int(e)) for e in curve_steps(len(mean), points)]
+    return rows
+
+
+def seeds_npz(outcome) -> bytes:
+    """Every seed's arrays in one file: what the seed runs' artifacts and metrics hold, and the full histories."""
+    result = outcome.result
+    arrays = {"seeds": np.asarray(result.seeds, dtype=np.int64),  # [runs]
+              "initial": result.initial.numpy().astype(np.float32),  # [runs, pos, d_model]
+              "final": result.final.numpy().astype(np.float32),  # [runs, pos, d_model]
+              "ids": np.asarray(outcome.ids, dtype=np.int64),  # [runs, pos] decoded token ids
+              "loss": result.loss.numpy(), "activation": result.activation.numpy(),  # [epochs, runs] each
+              "final_activation": result.final_activation.numpy(),  # [runs]
+              "decoded_activation": np.asarray(outcome.decoded_activation),  # [runs]
+              "diverged_at": result.diverged_at.numpy()}  # [runs], -1: stayed finite
+    arrays.update({f"history/{key}": values.numpy() for key, values in result.history.items()})
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def seed_table(outcome) -> dict[str, list]:
+    """One row per seed: what a user compares across seeds."""
+    result = outcome.result
+    finite = [r not in outcome.diverged for r in range(len(result.seeds))]
+    return {"seed": [int(s) for s in result.seeds],
+            "tokens": [" | ".join(repr(t) for t in row) if ok else "(diverged)"
+                       for row, ok in zip(outcome.tokens, finite)],
+            "act (final)": [float(a) if ok else None for a, ok in zip(result.final_activation.tolist(), finite)],
+            "act (decoded)": [float(a) if ok else None for a, ok in zip(outcome.decoded_activation.tolist(), finite)],
+            "diverged": [not ok for ok in finite],
+            "why": [outcome.diverged.get(r, "") for r in range(len(result.seeds))]}
+
+
+def table_json(columns: dict[str, list]) -> bytes:
+    """The bytes MlflowClient.log_table writes for a dict (pandas, orient 'split'), without its 4 requests."""
+    import pandas as pd
+
+    return pd.DataFrame(columns).to_json(orient="split", index=False, date_format="iso").encode()
+
+
+# --- reader: both layouts, the same arrays ------------------------------------------------------------------
+@dataclass
+class Seed:
+    seed: int
+    run_index: int
+    run_id: str  # the seed run (seeds layout) or the lean parent
+    initial: np.ndarray  # [pos, d_model] float32
+    final: np.ndarray  # [pos, d_model] float32
+    ids: list[int]  # the decoded token ids that were logged
+    params: dict[str, str] | None  # the seed run's params (seeds layout); None for lean (the parent's params)
+
+
+def read_seeds(reader, run_id: str):
+    """(parent run, [Seed] of its finished seeds) of a run id, in either layout; reader.note says what is left
+    out (diverged, not logged). A seed run id selects that seed alone."""
+    from .layout import FINAL, INITIAL, RUN_INDEX, SEED, TOKENS
+
+    run = reader.run(run_id)
+    if layout_of(run) != "lean":
+        parent, children = reader.family(run_id)
+        return parent, [Seed(int(c.params[SEED]), int(c.params[RUN_INDEX]), c.id, reader.npy(c, INITIAL),
+                             reader.npy(c, FINAL), reader.json(c, TOKENS)["ids"], c.params) for c in children]
+    arrays = read_arrays(reader, run)
+    reader.note = None
+    ok = arrays["diverged_at"] < 0
+    if not ok.any():
+        raise AmreproError(f"run {run_id} has nothing to decode: all its {len(ok)} runs diverged.")
+    if not ok.all():
+        reader.note = f"run {run_id}: {int(ok.sum())} of its {len(ok)} runs are used here, {int((~ok).sum())} diverged."
+    return run, [Seed(int(arrays["seeds"][r]), r, run.id, arrays["initial"][r], arrays["final"][r],
+                      [int(i) for i in arrays["ids"][r]], None) for r in np.flatnonzero(ok)]
+
+
+def read_arrays(reader, run) -> dict[str, np.ndarray]:
+    """seeds.npz of a lean parent, checked against its sha256 tag; one sentence when it was never logged."""
+    from .layout import _outcome_file_note, _state
+
+    if SHA256_PREFIX + ARTIFACT not in run.tags:
+        kept = _outcome_file_note(run.id)
+        raise AmreproError(f"run {run.id} is {_state(run) or 'finished'} and its seeds were never logged, "
+                           f"so there is nothing to read{'; ' + kept if kept else ''}.")
+    with np.load(io.BytesIO(reader.artifact(run, ARTIFACT)), allow_pickle=False) as npz:
+        return {key: npz[key] for key in npz.files}
+
+
+# --- figures on demand --------------------------------------------------------------------------------------
+def render(reader, run) -> dict:
+    """The seeds layout's figures of a lean target, from its artifacts: path -> matplotlib Figure."""
+    from . import figures
+
+    arrays = read_arrays(reader, run)
+    summary = reader.json(run, SUMMARY)
+    stats = summary.get("statistics")
+    if stats is None:
+        raise AmreproError(f"run {run.id} has no result (all its runs diverged): there is nothing to draw.")
+    ok = arrays["diverged_at"] < 0  # [runs]
+    return figures.all_figures(arrays["loss"][:, ok], arrays["activation"][:, ok],
+                               [int(s) for s in arrays["seeds"][ok]],
+                               [t for t, keep in zip(summary["tokens"], ok) if keep], arrays["ids"][ok],
+                               arrays["final_activation"][ok], arrays["decoded_activation"][ok],
+                               hubs=stats["nulls"]["decoded_starts"])
+
+
+def log_figures(store, reader, run) -> list[str]:
+    """Render a lean target's figures and log them into it; the paths logged."""
+    logged = []
+    for path, figure in render(reader, run).items():
+        store.log_figure(run.id, figure, path)
+        logged.append(path)
+    store.set_tag(run.id, FIGURES_TAG, ", ".join(logged))
+    return logged
+
+
+def flagged(columns: dict[str, list]) -> list[str]:
+    """Parent run ids of the FINISHED targets of a sweep table with a claim that seeds agree above chance (the
+    verdict's reproducibility claims, what the sweep's "any above chance" counts)."""
+    from .stats import REPRODUCIBILITY
+
+    rows = range(len(columns["target"]))
+    return [columns["parent_run_id"][i] for i in rows if columns["status"][i] == "FINISHED"
+            and any(columns[stat.claim][i] == 1.0 for stat in REPRODUCIBILITY)]
+
+
+def log_run(ctx, parent: str, outcome, frozen: bytes) -> None:
+    """`amrepro run --layout lean` (and `amrepro log` of its outcome file): log_target, then the outcome file
+    goes, as commands.log_outcome does for the seeds layout."""
+    from .config import NoResult
+
+    log_target(ctx, parent, outcome, frozen)
+    with signals.shielded():
+        if ctx.outcome_path is not None:
+            ctx.outcome_path.unlink(missing_ok=True)
+            ctx.outcome_path = None
+    if outcome.summary["statistics"] is None:
+        raise NoResult(f"all {outcome.config.runs} runs diverged ({outcome.diverged[0]}), so there is nothing to "
+                       "compare; lower --lr or --l2. The run is marked FAILED.")
+
