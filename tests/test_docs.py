@@ -25,7 +25,8 @@ def test_run_help_comes_from_config_and_the_method_registry():
     """Nothing bypasses Config (its fields are the options by construction, cli.with_config); --method's help
     lists every registered method, and an option that only some methods read says which ones."""
     options = _run_options()
-    assert set(options) - {f.name for f in dataclasses.fields(Config)} == {"experiment"}
+    # besides Config: where a run is logged and in which layout, not what it computes
+    assert set(options) - {f.name for f in dataclasses.fields(Config)} == {"experiment", "layout"}
     for spec in methods.specs().values():
         assert f"{spec.name} ({spec.summary})" in options["method"].help
 
