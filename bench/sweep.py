@@ -255,11 +255,12 @@ def main() -> None:
         print(json.dumps(out["sweep"], indent=2), flush=True)
     out["load_average_end"] = busy_cpus()
     previous = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
-    if args.skip_ratio or args.skip_sweep:  # a part run alone keeps the other part's last figures
+    if args.skip_ratio or args.skip_sweep or args.skip_tracking:  # parts run alone keep the others' last figures
+        ran = "+".join(part for part, skipped in (("ratio", args.skip_ratio), ("tracking", args.skip_tracking),
+                                                  ("sweep", args.skip_sweep)) if not skipped)
         out = {**previous, **{k: v for k, v in out.items() if k not in ("args", "load_average_start",
                                                                         "load_average_end")},
-               f"{'sweep' if args.skip_ratio else 'ratio'}_conditions": {
-                   k: out[k] for k in ("args", "load_average_start", "load_average_end")}}
+               f"{ran}_conditions": {k: out[k] for k in ("args", "load_average_start", "load_average_end")}}
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(f"written to {args.out}")
 
