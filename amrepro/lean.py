@@ -214,8 +214,8 @@ def read_arrays(reader, run) -> dict[str, np.ndarray]:
 
 
 # --- figures on demand --------------------------------------------------------------------------------------
-def render(reader, run) -> dict:
-    """The seeds layout's figures of a lean target, from its artifacts: path -> matplotlib Figure."""
+def figure_makers(reader, run) -> dict:
+    """The seeds layout's figures of a lean target, from its artifacts: path -> a function that builds it."""
     from . import figures
 
     arrays = read_arrays(reader, run)
@@ -224,21 +224,22 @@ def render(reader, run) -> dict:
     if stats is None:
         raise AmreproError(f"run {run.id} has no result (all its runs diverged): there is nothing to draw.")
     ok = arrays["diverged_at"] < 0  # [runs]
-    return figures.all_figures(arrays["loss"][:, ok], arrays["activation"][:, ok],
+    return figures.figure_makers(arrays["loss"][:, ok], arrays["activation"][:, ok],
                                [int(s) for s in arrays["seeds"][ok]],
                                [t for t, keep in zip(summary["tokens"], ok) if keep], arrays["ids"][ok],
                                arrays["final_activation"][ok], arrays["decoded_activation"][ok],
                                hubs=stats["nulls"]["decoded_starts"])
 
 
-def log_figures(store, reader, run) -> list[str]:
-    """Render a lean target's figures and log them into it; the paths logged."""
-    logged = []
-    for path, figure in render(reader, run).items():
-        store.log_figure(run.id, figure, path)
-        logged.append(path)
-    store.set_tag(run.id, FIGURES_TAG, ", ".join(logged))
-    return logged
+def log_figures(ctx, reader, run) -> list[str]:
+    """Draw a lean target's figures and log them into it, as the seeds layout does (one upload; one that cannot
+    be drawn is a warning and a tag); the paths."""
+    from . import layout
+
+    makers = figure_makers(reader, run)
+    layout.log_figures(ctx, run.id, makers)
+    ctx.log(run.id, tags={FIGURES_TAG: ", ".join(makers)})
+    return list(makers)
 
 
 def flagged(columns: dict[str, list]) -> list[str]:

@@ -29,7 +29,7 @@ def entry_point(name="main"):
 
 # entry point -> (its amrepro command, the options it takes that are not Config fields, defaults unlike the CLI's)
 ENTRY_POINTS = {"main": ("run", (), {}), "compare": ("compare", ("methods", "corpus"), {}),
-                "sweep": ("sweep", ("targets", "workers", "chunk"), {"targets": "blocks.8.hook_resid_pre[0:8]"})}
+                "sweep": ("sweep", ("targets", "workers", "chunk", "layout"), {"targets": "blocks.8.hook_resid_pre[0:8]"})}
 YAML_TYPES = {int: "int", float: "float", str: "string"}
 
 

@@ -166,7 +166,7 @@ def _log_flagged_figures(ctx, columns: dict[str, list]) -> None:
     for run_id in flagged[:lean.FLAGGED_MAX]:
         run = reader.run(run_id)
         if lean.FIGURES_TAG not in run.tags:  # a --resume draws each once
-            lean.log_figures(ctx.store, reader, run)
+            lean.log_figures(ctx, reader, run)
     if flagged:
         more = len(flagged) - lean.FLAGGED_MAX
         report.console.print(f"figures drawn for {min(len(flagged), lean.FLAGGED_MAX)} flagged target(s)"
