@@ -67,7 +67,16 @@ def environment(device: torch.device) -> dict[str, str]:
         "env.platform": platform.platform(),
         "env.git_commit": commit or "unknown",
         "env.git_dirty": ("true" if _git("status", "--porcelain", "--untracked-files=no") else "false") if commit else "unknown",
+        **kernel_tags(),
     }
+
+
+def kernel_tags() -> dict[str, str]:
+    """env.kernels: the CPU GEMM kernel of the GPT-2 fast path (kernels.py). It is chosen when the first reader
+    runs, so `amrepro run` logs this again after the science; before, it is the forced kernel or 'none'."""
+    from . import kernels
+
+    return kernels.tags()
 
 
 def pip_freeze() -> bytes:

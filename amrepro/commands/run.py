@@ -12,7 +12,7 @@ def run(config: Config, experiment: str | None = None):
     """The parent run exists from before the optimization (it is what `mlflow run` hands us, and the user sees
     it RUNNING); the seed runs are created after the science, cheaply, from results already saved to disk."""
     from ..experiment import execute, prepare
-    from ..provenance import pip_freeze
+    from ..provenance import kernel_tags, pip_freeze
 
     config.validate()
     ctx = Context(experiment)  # a store that is down fails here, before the model loads
@@ -22,6 +22,9 @@ def run(config: Config, experiment: str | None = None):
         parent, experiment_id = ctx.start_top(config.to_params(), {}, run_name(config))
         with report.epoch_progress(config.n_steps, config.runs) as on_epoch:
             outcome = execute(prep, on_epoch)
+        kernels = kernel_tags()  # the GEMM kernel is chosen when the science starts: log what it used
+        env.update(kernels)
+        ctx.log(parent, tags=kernels)
         # The science is done: from here on it is never lost. Saved before the first store call (a Ctrl-C here
         # waits for the file), removed after the last.
         with signals.shielded():
