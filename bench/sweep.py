@@ -40,7 +40,7 @@ def epoch_seconds(run) -> float:
     return statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
 
 
-def ratio(model: str, layer: int, targets: int, runs: int, epochs: int, repeats: int) -> dict:
+def ratio(model: str, layer: int, targets: int, runs: int, epochs: int, repeats: int, device: str = "cpu") -> dict:
     """The optimization of a single-target `amrepro run` batch (RUNS rows, the reader experiment.prepare builds)
     and of a TARGETS-target batch (TARGETS x RUNS rows, the per-row-index reader batch.execute_many builds),
     interleaved REPEATS times so that both see the same background load; the ratio of each pair, median.
@@ -56,8 +56,8 @@ def ratio(model: str, layer: int, targets: int, runs: int, epochs: int, repeats:
     from amrepro.seeding import initial_embeddings
     from amrepro.sweep import parse_targets
 
-    lm = load_model(model, torch.device("cpu"))
-    config = Config(model=model, runs=runs, epochs=epochs)
+    lm = load_model(model, torch.device(device))
+    config = Config(model=model, runs=runs, epochs=epochs, device=device)
     chosen = parse_targets(f"blocks.{layer}.hook_resid_pre[random:{targets}]", lambda b, s: lm.d_model,
                            lm.n_layers, seed=0)
     single = prepare(dataclasses.replace(config, target=chosen[0].name), lm=lm)
@@ -81,7 +81,7 @@ def ratio(model: str, layer: int, targets: int, runs: int, epochs: int, repeats:
             "ratios": ratios, "ratio": statistics.median(ratios)}
 
 
-def sweep(model: str, layer: int, targets: int, runs: int, epochs: int, workers: int) -> dict:
+def sweep(model: str, layer: int, targets: int, runs: int, epochs: int, workers: int, device: str = "cpu") -> dict:
     folder = Path(tempfile.mkdtemp(prefix="amrepro-sweep-bench-"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
     os.chdir(folder)
@@ -92,7 +92,7 @@ def sweep(model: str, layer: int, targets: int, runs: int, epochs: int, workers:
 
     spec = f"blocks.{layer}.hook_resid_pre[random:{targets}]"
     start = time.perf_counter()
-    commands.sweep(Config(model=model, runs=runs, epochs=epochs), spec, workers=workers)
+    commands.sweep(Config(model=model, runs=runs, epochs=epochs, device=device), spec, workers=workers)
     wall = time.perf_counter() - start
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     (run,) = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=5000)
@@ -116,6 +116,7 @@ def main() -> None:
     parser.add_argument("--ratio-epochs", type=int, default=4)
     parser.add_argument("--ratio-repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (bench/gpu.sh: --workers 0, in-process)")
     parser.add_argument("--skip-ratio", action="store_true")
     parser.add_argument("--skip-sweep", action="store_true")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "sweep.json"))
@@ -126,10 +127,11 @@ def main() -> None:
     write_model(folder)
     out = {"args": vars(args), "cpus": os.cpu_count(), "load_average_start": busy_cpus()}
     if not args.skip_ratio:
-        out["ratio"] = ratio(str(folder), args.layer, args.targets, args.runs, args.ratio_epochs, args.ratio_repeats)
+        out["ratio"] = ratio(str(folder), args.layer, args.targets, args.runs, args.ratio_epochs, args.ratio_repeats,
+                             args.device)
         print(json.dumps(out["ratio"], indent=2), flush=True)
     if not args.skip_sweep:
-        out["sweep"] = sweep(str(folder), args.layer, args.targets, args.runs, args.epochs, args.workers)
+        out["sweep"] = sweep(str(folder), args.layer, args.targets, args.runs, args.epochs, args.workers, args.device)
         print(json.dumps(out["sweep"], indent=2), flush=True)
     out["load_average_end"] = busy_cpus()
     previous = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
