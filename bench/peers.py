@@ -27,7 +27,7 @@ rebuild. Nothing is installed into amrepro's own environment):
 Interleaved: each side runs in its own worker process (the peer's in its venv) that stays up; the driver asks
 them for one timed repeat in turn, so both see the same background load. Medians over repeats. Each worker
 sets its torch threads (1, and all cores). Results: bench/results/peers.json, with the CPU model, the load
-average at both ends and the command. A worker's own profile (--profile) says where its time goes.
+average at both ends and the command (a peer measured alone replaces only its own entry). A worker's own profile (--profile) says where its time goes.
 """
 
 from __future__ import annotations
@@ -145,12 +145,13 @@ def tl_setup(args):
 
 def amrepro_engine_setup(args):
     """amrepro's engine on a GPT-2-small-shaped random model, as bench.py runs it."""
-    import tempfile
+    import atexit
 
     sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
     from bench import Engine, write_model
 
     folder = tempfile.mkdtemp(prefix="amrepro-peers-gpt2-")
+    atexit.register(shutil.rmtree, folder, True)
     write_model(Path(folder))
     engine = Engine(folder, "cpu", args.runs, args.layer, args.dim, args.n_tokens, hooked=False)
     engine.run(3)  # chooses the kernel, packs the weights
@@ -214,14 +215,16 @@ def nanogcg_setup(args):
         return {"candidates_per_s": sum(cands) / sum(steps), "step_s": steps, "candidates_per_step": cands,
                 "threads": torch.get_num_threads(), "what": "nanoGCG 0.3.0"}
 
-    repeat()  # warm-up
+    warm = nanogcg.GCGConfig(**{**vars(config), "num_steps": 1})
+    nanogcg.run(model, tokenizer, messages, target, warm)  # warm-up: first calls, the batch-size search
     if args.profile:
-        _profile(lambda: nanogcg.run(model, tokenizer, messages, target, config), "nanoGCG")
+        _profile(lambda: nanogcg.run(model, tokenizer, messages, target, warm), "nanoGCG")
     return repeat
 
 
 def amrepro_gcg_setup(args):
     """`amrepro --method gcg` on SmolLM2 (the method's run, timed step to step through its on_step callback)."""
+    import dataclasses
     import importlib.util
 
     import torch
@@ -246,7 +249,8 @@ def amrepro_gcg_setup(args):
                 "step_s": steps, "threads": torch.get_num_threads(), "what": "amrepro --method gcg",
                 "reader": type(prep.reader).__name__}
 
-    repeat()  # warm-up
+    with prep.reader as reader:  # warm-up: first calls of every op
+        gcg.run(methods.Problem(prep.lm, reader, config.seeds, dataclasses.replace(config, steps=1)))
     if args.profile:
         with prep.reader as reader:
             _profile(lambda: gcg.run(methods.Problem(prep.lm, reader, config.seeds, config)), "amrepro gcg")
@@ -397,8 +401,14 @@ def main() -> None:
             c = compare(pair, t, gcg_args, extra=["--model-folder", str(folder)])
             out["peers"]["nanogcg"].append({**summarize_gcg(c, args.layer), **c})
     out["loadavg_end"] = os.getloadavg()[0]
+    conditions = {k: v for k, v in out.items() if k != "peers"}
+    for entries in out["peers"].values():
+        for entry in entries:
+            entry["conditions"] = conditions  # a peer measured alone keeps its own command and load
+    previous = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+    merged = {**previous, **conditions, "peers": {**previous.get("peers", {}), **out["peers"]}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps(merged, indent=2) + "\n")
     print(f"{out['cpu']}, {cores} cores, load average {out['loadavg_start']:.1f} -> {out['loadavg_end']:.1f}")
     for t in out["peers"].get("transformerlens", []):
         print(f"TransformerLens {t['transformerlens_ms_per_seed_epoch']:.2f} ms/seed-epoch vs amrepro "
