@@ -5,7 +5,8 @@ weights matters more than its peak rate, and which kernel wins depends on the CP
 pre-packed weights is 2-4x MKL (whose AVX-512 paths are Intel-only), on an Intel Xeon MKL's own packed GEMM
 can win. So no kernel is chosen by vendor: the first reader of a process times each candidate on its own
 weights and row count (a block's four weights, both directions: every GEMM shape of the step) and the whole
-process keeps the fastest.
+process keeps the fastest. The measurement is cached per CPU model, torch, threads and shapes
+($AMREPRO_CACHE/kernels.json, default ~/.cache/amrepro), so later processes on the machine choose the same.
 
 Candidates (CPU; CUDA always uses plain: cuBLAS reads a transposed operand at full speed):
 - onednn: weights reordered once into oneDNN's blocked layout (torch.ops.mkldnn._linear_pointwise);
@@ -57,11 +58,13 @@ def force(kernel: str | None) -> None:
 @contextlib.contextmanager
 def as_logged(tags: dict[str, str]):
     """Within: the kernel a logged run used (its env.* tags), instead of a new probe; `reproduce` runs in here.
-    Runs logged before the tag existed used oneDNN on the CPU whenever it was available, so they get that.
-    (CUDA ignores it: it always uses plain.)"""
+    Runs logged before the tag existed used oneDNN on the CPU whenever it was available, so they get that; a
+    run that logged 'none' (chosen after its tags were written, e.g. in a sweep's workers) gets the choice
+    cached for this machine, as its workers did. (CUDA ignores it: it always uses plain.)"""
     logged = tags.get(TAG) or "onednn"
     saved = dict(_state)
-    force(logged if logged in KERNELS and available(logged) else "plain")
+    if logged in KERNELS:
+        force(logged if available(logged) else "plain")
     try:
         yield logged
     finally:
@@ -127,9 +130,53 @@ def choose(device: torch.device, weights: list[tuple[torch.Tensor, torch.Tensor]
         _state["chosen"] = kernel
         return kernel
     if _state["chosen"] is None:
-        _state["probe"] = probe(weights, rows)
-        _state["chosen"] = min(_state["probe"], key=_state["probe"].get)
+        key = (f"{_cpu()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {rows} rows | "
+               + " ".join("x".join(map(str, w.shape)) for w, _ in weights))
+        cache = _read_cache()
+        measured = cache.get(key) or probe(weights, rows)
+        if not all(available(k) for k in measured):  # a cache written by another torch build
+            measured = probe(weights, rows)
+        if key not in cache:
+            _write_cache({**cache, key: measured})
+        _state["probe"] = measured
+        _state["chosen"] = min(measured, key=measured.get)
     return _state["chosen"]
+
+
+# The probe's result is cached per CPU model, torch, threads and shapes, so that every process on a machine
+# (a sweep's Ray workers, a later `amrepro run`) makes the same choice, hence the same bits, without probing.
+def _cache_file():
+    from pathlib import Path
+
+    return Path(os.environ.get("AMREPRO_CACHE") or "~/.cache/amrepro").expanduser() / "kernels.json"
+
+
+def _cpu() -> str:
+    from .provenance import cpu_name
+
+    return cpu_name()
+
+
+def _read_cache() -> dict:
+    import json
+
+    try:
+        return json.loads(_cache_file().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(cache: dict) -> None:
+    import json
+
+    path = _cache_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache, indent=1))
+        tmp.replace(path)  # atomic: a concurrent reader sees the old file or the new one
+    except OSError:
+        pass  # no cache: the next process probes again
 
 
 def probe(weights: list[tuple[torch.Tensor, torch.Tensor]], rows: int) -> dict[str, float]:

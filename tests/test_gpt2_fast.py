@@ -101,8 +101,9 @@ def test_every_gemm_kernel_equals_hooked_and_repeats_bit_for_bit(lm, site, kerne
     assert_close(grad, grad_ref)
 
 
-def test_kernel_is_chosen_by_measurement_once_per_process(lm, kernel_state, monkeypatch):
+def test_kernel_is_chosen_by_measurement_once_per_process(lm, kernel_state, monkeypatch, tmp_path):
     monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    monkeypatch.setenv("AMREPRO_CACHE", str(tmp_path))
     kernels.force(None)
     target = Target(block=2, site="hook_resid_post", index=3)
     with GPT2Reader(lm, target) as reader:
@@ -113,6 +114,12 @@ def test_kernel_is_chosen_by_measurement_once_per_process(lm, kernel_state, monk
     with GPT2Reader(lm, Target(block=4, site="hook_attn_out", index=1)) as other:
         other(_x(R=5))
     assert other.kernel == reader.kernel  # no second probe, whatever it would measure now
+    # another process on this machine (state reset) reads the cached measurement instead of probing again
+    kernels.force(None)
+    monkeypatch.setattr(kernels, "probe", lambda *a: pytest.fail("probed again despite the cache"))
+    with GPT2Reader(lm, target) as again:
+        again(_x())
+    assert again.kernel == reader.kernel and (tmp_path / "kernels.json").exists()
 
 
 def test_unknown_forced_kernel_is_one_sentence(monkeypatch, kernel_state):
