@@ -327,7 +327,10 @@ def _headline(result: dict) -> float:
 def summarize_tl(c: dict) -> dict:
     tl = statistics.median(r["transformerlens"]["ms_per_seed_epoch"] for r in c["rounds"])
     am = statistics.median(r["amrepro-engine"]["ms_per_seed_epoch"] for r in c["rounds"])
+    ratios = [r["transformerlens"]["ms_per_seed_epoch"] / r["amrepro-engine"]["ms_per_seed_epoch"] for r in c["rounds"]]
     return {"transformerlens_ms_per_seed_epoch": tl, "amrepro_ms_per_seed_epoch": am, "amrepro_speedup": tl / am,
+            # each round's two sides ran back to back: the median of their ratios follows the load least
+            "amrepro_speedup_median_of_round_ratios": statistics.median(ratios), "round_ratios": ratios,
             "amrepro_kernel": c["rounds"][0]["amrepro-engine"].get("kernel")}
 
 
@@ -335,7 +338,9 @@ def summarize_gcg(c: dict, layer: int) -> dict:
     ng = statistics.median(r["nanogcg"]["candidates_per_s"] for r in c["rounds"])
     am = statistics.median(r["amrepro-gcg"]["candidates_per_s"] for r in c["rounds"])
     blocks_ng, blocks_am = 30, layer  # SmolLM2-135M has 30 blocks; nanoGCG also runs the LM head
+    ratios = [r["amrepro-gcg"]["candidates_per_s"] / r["nanogcg"]["candidates_per_s"] for r in c["rounds"]]
     return {"nanogcg_candidates_per_s": ng, "amrepro_candidates_per_s": am, "amrepro_ratio": am / ng,
+            "amrepro_ratio_median_of_round_ratios": statistics.median(ratios), "round_ratios": ratios,
             "nanogcg_candidate_blocks_per_s": ng * blocks_ng, "amrepro_candidate_blocks_per_s": am * blocks_am,
             "amrepro_ratio_per_candidate_block": am * blocks_am / (ng * blocks_ng),
             "blocks": {"nanogcg": f"{blocks_ng} + LM head", "amrepro": blocks_am}}
@@ -413,7 +418,8 @@ def main() -> None:
     for t in out["peers"].get("transformerlens", []):
         print(f"TransformerLens {t['transformerlens_ms_per_seed_epoch']:.2f} ms/seed-epoch vs amrepro "
               f"{t['amrepro_ms_per_seed_epoch']:.2f} ({t['amrepro_kernel']}): amrepro {t['amrepro_speedup']:.1f}x "
-              f"faster, {t['threads']} thread(s) (target >= 2x)")
+              f"faster (median of the rounds' ratios {t['amrepro_speedup_median_of_round_ratios']:.1f}x), "
+              f"{t['threads']} thread(s) (target >= 2x)")
     for g in out["peers"].get("nanogcg", []):
         print(f"nanoGCG {g['nanogcg_candidates_per_s']:.0f} candidates/s vs amrepro --method gcg "
               f"{g['amrepro_candidates_per_s']:.0f}: {g['amrepro_ratio']:.1f}x per candidate (target >= 5x), "
