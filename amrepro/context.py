@@ -27,10 +27,12 @@ from .tracking import Store, StoreLost, quick_http_failure, short, store_problem
 
 
 def environment_tags(lm) -> dict[str, str]:
-    """env.* (versions, device, threads, git) and model.* (fingerprint) tags of a loaded model here and now."""
+    """env.* (versions, device, threads, git, the GEMM kernel) and model.* (fingerprint) tags of a loaded model
+    here and now."""
+    from . import kernels
     from .provenance import environment
 
-    return {**environment(lm.device), **lm.fingerprint()}
+    return {**environment(lm.device), **kernels.tags(), **lm.fingerprint()}
 
 
 class Context:

@@ -6,10 +6,11 @@ Why it is faster than the HF module tree under autograd (bench/bench.py measures
   of an output projection instead of d_model);
 - the weights are frozen, so the backward is just the input-gradient GEMMs dx = dy @ W^T: written by hand,
   with no autograd graph of a few hundred nodes to build and walk every step;
-- on the CPU each weight is pre-packed once, for both directions, into oneDNN's blocked layout. With only
-  runs x pos = 50 rows per GEMM, plain MKL sgemm spends most of its time streaming and re-packing the
-  weights on every call (~110 GFLOP/s here); the pre-packed oneDNN GEMM reaches ~200 GFLOP/s. The packed
-  copies cost 2x the used weights in memory (packing is skipped when that would exceed a quarter of RAM).
+- on the CPU each weight is pre-packed once, for both directions, for the GEMM kernel that kernels.py measured
+  fastest on this step's own shapes (oneDNN's blocked layout or MKL's packed format). With only
+  runs x pos = 50 rows per GEMM, plain sgemm spends most of its time streaming and re-packing the weights on
+  every call. The packed copies cost 2x the used weights in memory (packing is skipped when that would
+  exceed a quarter of RAM).
 Every op stays float32; tests/test_gpt2_fast.py pins values and gradients to HF and HookedReader.
 
 Per-row targets (`index`, a LongTensor [rows]): row r reads index[r] of the same site and block, so one batch
@@ -28,15 +29,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import kernels
+from .kernels import Linear as _Linear
 from .model import LoadedModel
 from .targets import Target
 
 _ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
-_PACK_RAM_FRACTION = 0.25  # pack the weights for oneDNN only if the packed copies fit in this share of RAM
-
-
-def _onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+_PACK_RAM_FRACTION = 0.25  # pack the weights only if the packed copies fit in this share of RAM
 
 
 def _physical_memory() -> int:
@@ -44,33 +43,6 @@ def _physical_memory() -> int:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return 0  # unknown: do not pack
-
-
-class _Linear:
-    """x @ W + b for a Conv1D weight W [in, out], and its input gradient dy @ W^T.
-
-    Packed (CPU, oneDNN): W^T and W are reordered once into oneDNN's blocked layout for `rows`-row inputs
-    (other row counts stay correct, only the layout hint differs). Plain (CUDA, or no oneDNN): addmm/mm on
-    W itself; cuBLAS reads the transposed operand at full speed, so no copies are made.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, rows: int | None):
-        self.weight, self.bias = weight, bias  # [in, out], [out]
-        self.packed = rows is not None
-        if self.packed:
-            reorder = torch.ops.mkldnn._reorder_linear_weight
-            self.w_fwd = reorder(weight.t().contiguous(), rows)  # [out, in], blocked: y = x @ W + b
-            self.w_bwd = reorder(weight.contiguous(), rows)  # [in, out], blocked: dx = dy @ W^T
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [n, in] -> [n, out]
-        if self.packed:
-            return torch.ops.mkldnn._linear_pointwise(x, self.w_fwd, self.bias, "none", [], "")
-        return torch.addmm(self.bias, x, self.weight)
-
-    def grad(self, dy: torch.Tensor) -> torch.Tensor:  # [n, out] -> [n, in]
-        if self.packed:
-            return torch.ops.mkldnn._linear_pointwise(dy, self.w_bwd, None, "none", [], "")
-        return dy @ self.weight.t()
 
 
 @dataclass
@@ -121,6 +93,7 @@ class GPT2Reader:
         if self.site == "hook_resid_pre":  # resid_pre[L] is resid_post[L-1]; resid_pre[0] is the input stream
             self.site, self.last = ("stream", 0) if target.block == 0 else ("hook_resid_post", target.block - 1)
         self._blocks: list[_Block] | None = None  # built (and packed) on first use, dropped on __exit__
+        self.kernel: str | None = None  # the GEMM kernel the blocks use (kernels.py), once built
         self._masks: dict = {}
 
     def __enter__(self) -> "GPT2Reader":
@@ -136,14 +109,17 @@ class GPT2Reader:
 
     def _build(self, rows: int, device: torch.device) -> list[_Block]:
         h = self.model.h[:self._n_blocks()]
-        pack = device.type == "cpu" and _onednn_available()
-        if pack:
+        kernel = "plain"
+        if h and device.type == "cpu":
             used = sum(m.weight.numel() for b in h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj))
-            pack = 2 * 4 * used <= _PACK_RAM_FRACTION * _physical_memory()
-        rows_hint = rows if pack else None
+            if 2 * 4 * used <= _PACK_RAM_FRACTION * _physical_memory():
+                b = h[0]  # every block has the same shapes: its four weights are the step's GEMMs
+                kernel = kernels.choose(device, [(m.weight, m.bias) for m in (b.attn.c_attn, b.attn.c_proj,
+                                                                              b.mlp.c_fc, b.mlp.c_proj)], rows)
+        self.kernel = kernel
 
         def lin(conv) -> _Linear:
-            return _Linear(conv.weight, conv.bias, rows_hint)
+            return _Linear(conv.weight, conv.bias, rows, kernel)
 
         full_proj = self.site in ("hook_resid_post", "mlp.hook_post")  # ln_2 needs every dimension of resid_mid
         blocks = []

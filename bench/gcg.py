@@ -12,8 +12,9 @@ blocks.8.hook_resid_pre[91]. Median over repeats, after one warm-up call (packin
 FLOPs per candidate: 2 x n_tokens x (the weights of the blocks computed) + attention (q@k^T, att@v), counted
 analytically; elementwise work (norms, activations, softmax) is not counted. The fast path (GPT-2) computes
 one column of the last MLP projection; HF modules (Llama/SmolLM2) compute the whole block before the target.
-Roofline: the best fp32 rate of a GEMM of the step's own largest shape ([rows, d_model] @ [d_model, d_mlp])
-and of a 2048^3 GEMM (torch.mm, and oneDNN with a pre-packed weight on the CPU), measured in the same process.
+Roofline: the best fp32 rate of a GEMM of the step's own largest shape ([rows, d_model] @ [d_model, d_mlp]) with
+each of amrepro's kernels (oneDNN and MKL with pre-packed weights, plain addmm: amrepro.kernels), and of a
+2048^3 GEMM (torch.mm, and oneDNN with a pre-packed weight on the CPU), measured in the same process.
 Results: bench/results/gcg.json. On a shared machine, the load average at both ends is recorded.
 """
 
@@ -34,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from bench import gemm_roofline, timed, write_model  # noqa: E402
+from bench import gemm_roofline, kernel_rates, timed, write_model  # noqa: E402
 from amrepro import methods  # noqa: E402
 from amrepro.config import Config  # noqa: E402
 from amrepro.experiment import prepare  # noqa: E402
@@ -59,15 +60,8 @@ def candidate_flops(lm, layer: int, n_tokens: int, fast_gpt2: bool) -> float:
 
 
 def shape_roofline(rows: int, d: int, d_mlp: int, device: torch.device, repeats: int) -> dict:
-    a, w = torch.randn(rows, d, device=device), torch.randn(d_mlp, d, device=device)
-    kernels = {"torch.mm": lambda: torch.mm(a, w.t())}
-    if device.type == "cpu" and torch.backends.mkldnn.is_available():
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)
-        kernels["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
-    rates = {}
-    for name, fn in kernels.items():
-        fn()
-        rates[name] = 2 * rows * d * d_mlp / statistics.median(timed(fn, device) for _ in range(repeats)) / 1e9
+    """[rows, d] @ [d, d_mlp] with each of amrepro's GEMM kernels (bench.kernel_rates); the best is the roofline."""
+    rates = kernel_rates(rows, d, d_mlp, device, repeats)
     return {"shape": [rows, d, d_mlp], "gflops_by_kernel": rates, "gflops": max(rates.values())}
 
 
@@ -89,7 +83,7 @@ def bench(model: str, name: str, args, device: torch.device) -> dict:
     d_mlp = getattr(hf, "intermediate_size", None) or getattr(hf, "n_inner", None) or 4 * lm.d_model
     shape = shape_roofline(n * args.n_tokens, lm.d_model, d_mlp, device, args.repeats)
     rate = n * flops / step / 1e9
-    return {"model": name, "reader": reader_kind, "candidates_per_step": n, "step_s_median": step,
+    return {"model": name, "reader": reader_kind, "kernel": getattr(prep.reader, "kernel", None), "candidates_per_step": n, "step_s_median": step,
             "step_s_all": seconds, "candidates_per_s": n / step, "gflop_per_candidate": flops / 1e9,
             "gflops": rate, "roofline_same_shape": shape, "fraction_of_same_shape_roofline": rate / shape["gflops"]}
 

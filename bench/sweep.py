@@ -45,7 +45,7 @@ def epoch_seconds(run) -> float:
     return statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
 
 
-def ratio(model: str, layer: int, targets: int, runs: int, epochs: int, repeats: int) -> dict:
+def ratio(model: str, layer: int, targets: int, runs: int, epochs: int, repeats: int, device: str = "cpu") -> dict:
     """The optimization of a single-target `amrepro run` batch (RUNS rows, the reader experiment.prepare builds)
     and of a TARGETS-target batch (TARGETS x RUNS rows, the per-row-index reader batch.execute_many builds),
     interleaved REPEATS times so that both see the same background load; the ratio of each pair, median.
@@ -61,8 +61,8 @@ def ratio(model: str, layer: int, targets: int, runs: int, epochs: int, repeats:
     from amrepro.seeding import initial_embeddings
     from amrepro.sweep import parse_targets
 
-    lm = load_model(model, torch.device("cpu"))
-    config = Config(model=model, runs=runs, epochs=epochs)
+    lm = load_model(model, torch.device(device))
+    config = Config(model=model, runs=runs, epochs=epochs, device=device)
     chosen = parse_targets(f"blocks.{layer}.hook_resid_pre[random:{targets}]", lambda b, s: lm.d_model,
                            lm.n_layers, seed=0)
     single = prepare(dataclasses.replace(config, target=chosen[0].name), lm=lm)
@@ -194,7 +194,7 @@ def sweep(model: str, layer: int, targets: int, runs: int, epochs: int, workers:
 
     spec = f"blocks.{layer}.hook_resid_pre[random:{targets}]"
     start = time.perf_counter()
-    run_sweep(Config(model=model, runs=runs, epochs=epochs), spec, workers=workers, layout=layout)
+    run_sweep(Config(model=model, runs=runs, epochs=epochs, device=device), spec, workers=workers, layout=layout)
     wall = time.perf_counter() - start
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     (run,) = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=5000)
@@ -232,6 +232,7 @@ def main() -> None:
     parser.add_argument("--tracking-targets", type=int, default=4, help="targets of each layout's counted sweep")
     parser.add_argument("--tracking-layouts", default="lean,seeds")
     parser.add_argument("--skip-tracking", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (bench/gpu.sh: --workers 0, in-process)")
     parser.add_argument("--skip-ratio", action="store_true")
     parser.add_argument("--skip-sweep", action="store_true")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "sweep.json"))
@@ -248,10 +249,12 @@ def main() -> None:
                                                layout)
             print(json.dumps(out["tracking"][layout], indent=2), flush=True)
     if not args.skip_ratio:
-        out["ratio"] = ratio(str(folder), args.layer, args.targets, args.runs, args.ratio_epochs, args.ratio_repeats)
+        out["ratio"] = ratio(str(folder), args.layer, args.targets, args.runs, args.ratio_epochs, args.ratio_repeats,
+                             args.device)
         print(json.dumps(out["ratio"], indent=2), flush=True)
     if not args.skip_sweep:
-        out["sweep"] = sweep(str(folder), args.layer, args.targets, args.runs, args.epochs, args.workers, args.layout)
+        out["sweep"] = sweep(str(folder), args.layer, args.targets, args.runs, args.epochs, args.workers, args.layout,
+                             args.device)
         print(json.dumps(out["sweep"], indent=2), flush=True)
     out["load_average_end"] = busy_cpus()
     previous = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}

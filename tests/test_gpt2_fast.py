@@ -1,10 +1,10 @@
-"""The GPT-2 fast path (hand-written forward and input-gradient backward, oneDNN-packed weights on the CPU) must
+"""The GPT-2 fast path (hand-written forward and input-gradient backward, packed weights on the CPU) must
 equal the generic HookedReader and HF's own hidden_states, values and gradients, for every site."""
 
 import pytest
 import torch
 
-from amrepro import gpt2
+from amrepro import kernels
 from amrepro.gpt2 import GPT2Reader
 from amrepro.model import load_model
 from amrepro.readers import HookedReader, site_reader
@@ -74,26 +74,69 @@ def test_equals_hf_hidden_states(lm, layer):
     assert_close(grad, grad_ref)
 
 
+@pytest.fixture
+def kernel_state():
+    """Tests that force a GEMM kernel leave the process's choice as they found it."""
+    saved = dict(kernels._state)
+    yield
+    kernels._state.update(saved)
+
+
+AVAILABLE = [k for k in kernels.KERNELS if kernels.available(k)]
+
+
+@pytest.mark.parametrize("kernel", AVAILABLE)
 @pytest.mark.parametrize("site", ["hook_resid_post", "mlp.hook_post"])
-def test_plain_gemm_path_equals_packed(lm, site, monkeypatch):
-    """CUDA and CPUs without oneDNN take the plain addmm path: it must agree with the packed one."""
+def test_every_gemm_kernel_equals_hooked_and_repeats_bit_for_bit(lm, site, kernel, kernel_state):
+    """Each kernel the probe may choose (oneDNN, MKL packed, plain addmm) computes the same values and gradients;
+    the same kernel twice gives the same bits (kernels round differently, so the choice is logged)."""
     target = Target(block=6, site=site, index=3)
-    packed = value_and_grad(GPT2Reader, lm, target, _x())
-    monkeypatch.setattr(gpt2, "_onednn_available", lambda: False)
-    plain = value_and_grad(GPT2Reader, lm, target, _x())
-    assert_close(packed[0], plain[0])
-    assert_close(packed[1], plain[1])
+    kernels.force(kernel)
+    act, grad = value_and_grad(GPT2Reader, lm, target, _x())
+    again = value_and_grad(GPT2Reader, lm, target, _x())
+    assert torch.equal(act, again[0]) and torch.equal(grad, again[1])
+    assert kernels.tags()["env.kernels"] == kernel
+    act_ref, grad_ref = value_and_grad(HookedReader, lm, target, _x())
+    assert_close(act, act_ref)
+    assert_close(grad, grad_ref)
 
 
-def test_packs_weights_on_cpu_and_handles_other_batch_sizes(lm):
+def test_kernel_is_chosen_by_measurement_once_per_process(lm, kernel_state, monkeypatch, tmp_path):
+    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    monkeypatch.setenv("AMREPRO_CACHE", str(tmp_path))
+    kernels.force(None)
+    target = Target(block=2, site="hook_resid_post", index=3)
+    with GPT2Reader(lm, target) as reader:
+        reader(_x())
+    tags = kernels.tags()
+    assert reader.kernel == tags["env.kernels"] in AVAILABLE
+    assert [part.split()[0] for part in tags["env.kernels_probe"].split(", ")] == AVAILABLE  # every one timed
+    with GPT2Reader(lm, Target(block=4, site="hook_attn_out", index=1)) as other:
+        other(_x(R=5))
+    assert other.kernel == reader.kernel  # no second probe, whatever it would measure now
+    # another process on this machine (state reset) reads the cached measurement instead of probing again
+    kernels.force(None)
+    monkeypatch.setattr(kernels, "probe", lambda *a: pytest.fail("probed again despite the cache"))
+    with GPT2Reader(lm, target) as again:
+        again(_x())
+    assert again.kernel == reader.kernel and (tmp_path / "kernels.json").exists()
+
+
+def test_unknown_forced_kernel_is_one_sentence(monkeypatch, kernel_state):
+    monkeypatch.setenv(kernels.ENV_VAR, "blas")
+    with pytest.raises(ValueError, match="unknown GEMM kernel 'blas'; use one of onednn, mkl, plain"):
+        kernels.forced()
+
+
+@pytest.mark.parametrize("kernel", [k for k in AVAILABLE if k != "plain"])
+def test_packs_weights_on_cpu_and_handles_other_batch_sizes(lm, kernel, kernel_state):
     """The weights are packed once for the first batch size; a later call with another size stays correct."""
-    if not gpt2._onednn_available():
-        pytest.skip("this torch has no oneDNN")
+    kernels.force(kernel)
     target = Target(block=9, site="hook_resid_post", index=5)
     reader = GPT2Reader(lm, target)
     with reader, HookedReader(lm, target) as hooked:
         reader(_x(R=2, P=3))
-        assert all(blk.attn.packed for blk in reader._blocks)
+        assert all(blk.attn.kernel == kernel and blk.attn.rows == 6 for blk in reader._blocks)
         for R, P in ((1, 1), (5, 9), (16, 4)):
             assert_close(reader(_x(R, P)), hooked(_x(R, P)))
     assert reader._blocks is None  # __exit__ frees the packed copies

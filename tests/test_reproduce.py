@@ -157,3 +157,24 @@ def test_store_down_and_model_gone_are_one_sentence(logged, tiny_gpt2, tmp_path,
         result = cli(command, parent)
         assert result.exit_code == 2 and "cannot use the MLflow tracking store" in result.output
     assert client.get_run(parent).info.status == "FINISHED"
+
+
+def test_reproduce_uses_the_logged_gemm_kernel_not_a_new_choice(tiny_gpt2, store, monkeypatch):
+    """The kernel is logged as env.kernels; reproduce forces it even where this process would choose another
+    (here: AMREPRO_KERNELS says plain), since another kernel rounds differently."""
+    from amrepro import kernels
+
+    if not kernels.available("mkl"):
+        pytest.skip("this torch has no MKL packed GEMM")
+    monkeypatch.setenv(kernels.ENV_VAR, "mkl")
+    result = cli("run", "--model", tiny_gpt2, "--runs", "2", "--epochs", "5", "--dim", "3")
+    assert result.exit_code == 0, result.output
+    (parent,) = [r for r in all_runs(store) if r.data.tags.get("amrepro.kind", "") != "seed" and
+                 "mlflow.parentRunId" not in r.data.tags]
+    assert parent.data.tags["env.kernels"] == "mkl"
+    monkeypatch.setenv(kernels.ENV_VAR, "plain")
+    result = cli("reproduce", parent.info.run_id)
+    assert result.exit_code == 0 and "reproduced: bit-identical" in result.output, result.output
+    (rerun,) = [r for r in all_runs(store) if r.data.tags.get("amrepro.reproduces") == parent.info.run_id]
+    assert rerun.data.tags["env.kernels"] == "mkl"
+    assert kernels.forced() == "plain"  # the logged kernel was forced for the reproduction only

@@ -15,7 +15,7 @@ from ..targets import Target
 
 # environment tags whose difference can explain a final embedding that is not bit-identical
 _NUMERIC_ENV = ("env.git_commit", "env.git_dirty", "env.torch", "env.transformers", "env.numpy", "env.device",
-                "env.device_name", "env.cuda", "env.threads", "env.platform")
+                "env.device_name", "env.cuda", "env.threads", "env.platform", "env.kernels")
 
 
 def reproduce(run_id: str, device: str | None = None, tolerance: float = 1e-4) -> bool:
@@ -25,7 +25,7 @@ def reproduce(run_id: str, device: str | None = None, tolerance: float = 1e-4) -
     batch of 10 and a batch of 1 round differently, so only the same batch can be bit-identical."""
     ctx = Context()
     parent, seeds = read_seeds(run_id, ctx.store)  # either layout; a bad id is answered before torch is imported
-    from .. import experiment, features
+    from .. import experiment, features, kernels
 
     logged_env = {k: v for k, v in parent.tags.items() if k.startswith("env.")}
     config = Config.from_params(parent.params)
@@ -38,7 +38,8 @@ def reproduce(run_id: str, device: str | None = None, tolerance: float = 1e-4) -
     if own not in targets:
         raise AmreproError(f"the run's batch tag names {len(targets)} targets, but not its own target "
                            f"{own.name}: the tag was edited; delete it to re-run the target alone.")
-    with ctx.session(attach=False, leftovers=False):
+    # the logged GEMM kernel, not a new probe: another kernel rounds differently (kernels.py)
+    with ctx.session(attach=False, leftovers=False), kernels.as_logged(logged_env):
         preps = (experiment.prepare_many(config, targets, note=report.note) if batch else
                  [experiment.prepare(config, note=report.note)])
         features.check_unchanged(own, parent.tags)  # the same direction or SAE file, or no rerun

@@ -12,6 +12,7 @@ def run(config: Config, experiment: str | None = None, layout: str = "seeds"):
     """The parent run exists from before the optimization (it is what `mlflow run` hands us, and the user sees
     it RUNNING); the seed runs are created after the science, cheaply, from results already saved to disk."""
     from ..experiment import execute, prepare
+    from .. import kernels as gemm
     from ..provenance import pip_freeze
 
     config.validate()
@@ -25,12 +26,14 @@ def run(config: Config, experiment: str | None = None, layout: str = "seeds"):
         parent, experiment_id = ctx.start_top(config.to_params(), env, run_name(config))
         with report.epoch_progress(config.n_steps, config.runs) as on_epoch:
             outcome = execute(prep, on_epoch)
+        env.update(gemm.tags())  # the GEMM kernel is chosen when the science starts: what it used
         # The science is done: from here on it is never lost. Saved before the first store call (a Ctrl-C here
         # waits for the file), removed after the last.
         with signals.shielded():
             frozen = pip_freeze()
             ctx.outcome_path = outcome_file.save(outcome, parent, experiment_id, ctx.uri,
                                                      config.to_params(), env, frozen)
+        ctx.log(parent, tags=gemm.tags())  # after the file: a store that fails here loses nothing
         report.print_outcome(outcome, parent, ctx.uri)
         if layout == "lean":
             lean.log_run(ctx, parent, outcome, frozen)
