@@ -126,7 +126,9 @@ _OPTIONAL_META = {"frontier": (list, type(None))}
 _ARRAYS = {"result.initial": "RPD", "result.final": "RPD", "result.loss": "ER", "result.activation": "ER",
            "result.final_activation": "R", "result.diverged_at": "R", "ids": "RP", "cosine": "RP",
            "decoded_activation": "R"}
-_OPTIONAL_ARRAYS = {"result.ids": "RP"}  # pez, gcg, epo: their real tokens
+# pez, gcg, epo: their real tokens; the activation at each position (the dashboard's colours; absent from files
+# written before it existed)
+_OPTIONAL_ARRAYS = {"result.ids": "RP", "positions.tokens": "RP", "positions.final": "RP"}
 
 
 def _problem(meta: dict, arrays: dict, config, target) -> str | None:
