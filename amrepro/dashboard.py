@@ -14,6 +14,7 @@ that data from an Outcome or from runs' rows. Nothing here talks to MLflow.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,9 @@ PANEL = {"width": 470, "height": 230, "left": 58, "right": 12, "top": 26, "botto
 HIST = {"width": 720, "height": 200, "left": 50, "right": 16, "top": 14, "bottom": 40}
 
 
+@functools.lru_cache(maxsize=1)
 def _environment():
+    """One Jinja2 environment per process: it compiles each template once (a sweep renders one page per target)."""
     from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
     return Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"), undefined=StrictUndefined,
