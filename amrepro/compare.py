@@ -71,7 +71,7 @@ def _yardstick(lm, target, file, config: Config) -> dict:
 
 
 def compare(config: Config, methods_text: str, corpus_path: str = "", experiment: str | None = None) -> list[dict]:
-    from . import corpus, figures
+    from . import corpus, dashboard, figures
     from .experiment import execute, prepare
     from .methods.fluency import is_causal, prompt_xent
     from .model import load_model, resolve_device
@@ -85,6 +85,7 @@ def compare(config: Config, methods_text: str, corpus_path: str = "", experiment
     corpus_file = corpus.check(corpus_path) if corpus_path else None  # missing, a FIFO, a device: before runs
     ctx = Context(experiment)
     rows: list[dict] = []
+    index: list[dict] = []  # dashboard.index_row of each method
     with ctx.session():
         lm = load_model(config.model, resolve_device(config.device), note=report.note)
         preps = {m: prepare(dataclasses.replace(config, method=m), lm=lm, note=report.note) for m in names}
@@ -113,7 +114,10 @@ def compare(config: Config, methods_text: str, corpus_path: str = "", experiment
             ctx.log_metrics(method_run, scalars)
             report.console.print(f"[bold]{m}[/]: " + report.summary_lines(outcome.summary)[0]
                                  if outcome.summary.get("statistics") else f"{m}: no result", soft_wrap=True)
+            if yard is not None:  # the method's dashboard shows the corpus windows and histogram
+                outcome.summary["corpus"] = yard
             log_outcome(ctx, method_run, experiment_id, outcome, frozen)
+            index.append(dashboard.index_row(m, method_run, experiment_id, outcome.summary))
         if yard is not None:
             rows.append({"method": "corpus", "act_mean": yard["mean"], "act_best": yard["max"], "act_p99": yard["p99"],
                          "n_tokens": yard["n_windows"] * config.n_tokens})
@@ -127,6 +131,7 @@ def compare(config: Config, methods_text: str, corpus_path: str = "", experiment
                                                      + "); p_unique_uniform: uniform tokens"})}
         if yard is not None:
             files["corpus_top_windows.json"] = json_bytes(yard["top"])
+        files["dashboard.html"] = dashboard.render_index(f"compare {target.name}", "method", index).encode()
         ctx.log_artifacts(top, files)
         ctx.store.log_table(top, {k: [r[k] for r in table] for k in COLUMNS}, "compare_table.json")
         ctx.log_metrics(top, {f"compare/{r['method']}/{k}": float(r[k]) for r in table for k in COLUMNS[1:]

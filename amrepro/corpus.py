@@ -35,6 +35,8 @@ CHUNK_CHARS = 1 << 20  # characters read and tokenized at a time
 # Up to this many windows every activation is kept (32 MB of float64) and the statistics are numpy's over all
 # of them; beyond it only the top 1% of the most windows the file can hold (exact 99th percentile) and sums.
 EXACT_WINDOWS = 1 << 22
+BINS = 40  # bins of the activation histogram (the dashboard draws it)
+QUANTILES = (0.5, 0.9, 0.99, 0.999)  # with every activation kept (up to EXACT_WINDOWS windows)
 
 
 def check(path: str) -> Path:
@@ -159,7 +161,10 @@ class _Tally:
     def statistics(self) -> dict:
         if self.exact is not None:  # numpy's statistics over every value, as before streaming
             acts = np.concatenate(self.exact)
-            return {"max": float(acts.max()), "p99": float(np.percentile(acts, 99)), "mean": float(acts.mean())}
+            counts, edges = np.histogram(acts, bins=BINS)  # for the dashboard, with the quantiles
+            return {"max": float(acts.max()), "p99": float(np.percentile(acts, 99)), "mean": float(acts.mean()),
+                    "quantiles": {f"{q:g}": float(np.quantile(acts, q)) for q in QUANTILES},
+                    "histogram": {"counts": counts.tolist(), "edges": edges.tolist()}}
         self._prune()
         largest = np.sort(self.largest[0])
         return {"max": float(largest[-1]), "p99": percentile99(largest, self.n), "mean": self.total / self.n}
@@ -168,9 +173,10 @@ class _Tally:
 @torch.no_grad()
 def yardstick(lm: LoadedModel, target: Target, file: Path, n_tokens: int, max_tokens: int = 0, top: int = TOP,
               on_progress: Callable[[float, int], None] | None = None) -> dict:
-    """{n_windows, n_tokens, max, p99, mean, tokens_read, truncated, kept, top: [{rank, start, text, tokens,
-    activation}]} of the windows of the corpus file (check()), streamed; at most max_tokens tokens are read
-    (0: all). on_progress(fraction done, windows so far) after each piece."""
+    """{n_windows, n_tokens, max, p99, mean, tokens_read, truncated, kept, top: [{rank, start, text, tokens, ids,
+    activation, positions}]} of the windows of the corpus file (check()), streamed; at most max_tokens tokens are
+    read (0: all). Up to EXACT_WINDOWS windows also quantiles and histogram {counts, edges}. positions: the
+    activation at each token of a top window. on_progress(fraction done, windows so far) after each piece."""
     size = max(file.stat().st_size, 1)
     budget = max_tokens or math.inf
     tally = _Tally(top, int(min(budget, size)))  # a token is at least one byte: at most `size` windows
@@ -195,12 +201,15 @@ def yardstick(lm: LoadedModel, target: Target, file: Path, n_tokens: int, max_to
                 on_progress(1.0 if read >= budget else min(offset / size, 1.0), tally.n)
             if read >= budget:
                 break
-    if tally.n == 0:
-        raise AmreproError(f"the corpus has {read} tokens, fewer than --n-tokens {n_tokens}.")
+        if tally.n == 0:
+            raise AmreproError(f"the corpus has {read} tokens, fewer than --n-tokens {n_tokens}.")
+        # the activation at each token of the top windows, for the dashboard's colours
+        at = reader(E[torch.from_numpy(tally.best_ids).to(E.device)]).cpu().numpy()  # [top, n_tokens]
     return {"n_windows": tally.n, "n_tokens": n_tokens, **tally.statistics(), "tokens_read": read,
             "truncated": read >= budget, "kept": tally.kept,
             "top": [{"rank": k + 1, "start": int(s), "text": lm.tokenizer.decode(w.tolist()),
-                     "tokens": lm.token_strings(w.tolist()), "activation": float(a)}
+                     "tokens": lm.token_strings(w.tolist()), "ids": w.tolist(), "activation": float(a),
+                     "positions": at[k].tolist()}
                     for k, (a, s, w) in enumerate(zip(tally.best_acts, tally.best_starts, tally.best_ids))]}
 
 

@@ -21,15 +21,16 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import features, methods, metrics, nulls
+from . import features, methods, metrics, nulls, spikes
 from .config import AmreproError, Config
-from .decode import nearest_tokens, token_activation
+from .decode import nearest_tokens
 from .model import LoadedModel, load_model, resolve_device
 from .optimize import Result
 from .readers import check_positions, site_reader, site_width
 from .seeding import configure_determinism
 from .specificity import choose_controls, specificity, specificity_words
 from .targets import Target, check_target
+from .unembed import promoted_logits
 
 
 @dataclass
@@ -214,7 +215,12 @@ def optimize_rows(lm: LoadedModel, reader, seeds: list[int], config: Config,
         ids, cosine = nearest_tokens(result.final, lm.embedding)  # [rows, pos] each
     else:  # pez, gcg, epo: real tokens already; final holds exactly their embedding rows
         ids, cosine = result.ids, torch.ones(result.ids.shape)  # [rows, pos] each
-    decoded = token_activation(reader, ids, lm.embedding)  # [rows]
+    E = lm.embedding
+    with torch.no_grad():  # the activation at each position, for the dashboard's token colours
+        tokens_at = reader(E[ids.to(E.device)])  # [rows, pos]: the decoded tokens fed back as real input
+        final_at = tokens_at if result.ids is not None else reader(result.final.to(E.device))  # [rows, pos]
+    decoded = tokens_at.mean(dim=1).cpu()  # [rows]: exactly decode.token_activation
+    result.positions = {"tokens": tokens_at.cpu(), "final": final_at.cpu()}
     return result, ids, cosine, decoded
 
 
@@ -242,12 +248,17 @@ def outcome_of(prep: Prepared, result: Result, ids: torch.Tensor, cosine: torch.
                    initial_token_ids=initial_ids.tolist(), n_runs_ok=int(ok.sum()),
                    diverged=[{"seed": c.seeds[r], "run_index": r, "reason": why} for r, why in diverged.items()])
     summary["method"] = c.method
+    summary["loss_spikes"] = spikes.loss_spikes(result.loss.numpy())  # [runs]: None, or the run's worst spike
+    summary["promoted_logits"] = promoted_logits(lm, prep.target)  # None unless a causal LM's residual direction
     if result.frontier is not None:  # epo: each run's final population, activation against fluency
         summary["frontier"] = result.frontier
     summary["statistics"] = stats = _statistics(prep, ids, result, decoded, cosine, initial_ids, ok) if ok.any() else None
     if diverged and stats is not None:  # the verdict never hides runs it left out
         stats["verdict"] = (f"{len(diverged)} of {c.runs} runs diverged and are left out; statistics "
                             f"of the other {int(ok.sum())}. " + stats["verdict"])
+    unstable = spikes.spike_words(summary["loss_spikes"], c.seeds)
+    if unstable and stats is not None:
+        stats["verdict"] += " " + unstable
     if spec is not None:
         summary["specificity"] = spec
         if stats is not None:

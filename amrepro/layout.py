@@ -49,6 +49,9 @@ TARGET_NAME, RUNS = "target_name", "runs"  # parent params that every `amrepro r
 WEIGHTS_TAG = "model.weights_sha256"
 INITIAL, FINAL, TOKENS = "embeddings/initial.npy", "embeddings/final.npy", "tokens.json"  # seed-run artifacts
 SUMMARY, PIP_FREEZE, TOKEN_GRID = "summary.json", "environment/pip-freeze.txt", "token_grid.json"
+DASHBOARD = "dashboard.html"  # a target parent's page (dashboard.render); a compare's or sweep's index of them
+HEADLINE_TAG = "amrepro.headline"  # on target parents: the verdict in one line (headline.headline)
+UNSTABLE_TAG = "unstable"  # on a seed run whose loss spiked (spikes.SPIKE_RULE): where and how much
 SWEEP_TABLE, SWEEP_MAP, REPRODUCTION = "sweep_table.json", "sweep_map.png", "reproduction.json"
 
 
@@ -158,6 +161,7 @@ def log_parent_run(ctx, parent: str, outcome, frozen: bytes) -> None:
 
 def _log_child(ctx, run_id: str, outcome, r: int) -> None:
     from . import metrics
+    from .printable import token_repr
 
     result = outcome.result
     files = {INITIAL: npy_bytes(result.initial[r].numpy().astype(np.float32)),
@@ -179,8 +183,12 @@ def _log_child(ctx, run_id: str, outcome, r: int) -> None:
                                  **{key: values[:, r].numpy() for key, values in result.history.items()}})
     files[TOKENS] = json_bytes({"ids": [int(i) for i in outcome.ids[r]], "tokens": outcome.tokens[r]})
     # the tokens as a column of the MLflow runs table, and the seed's colour of the figures in the UI's charts
-    ctx.log(run_id, tags={TOKENS_TAG: " | ".join(repr(t) for t in outcome.tokens[r]),
-                              COLOR_TAG: _seed_color(r, len(result.seeds))})
+    shown = (token_repr(t, i) for t, i in zip(outcome.tokens[r], outcome.ids[r]))  # '\ufffd' tokens with their id
+    ctx.log(run_id, tags={TOKENS_TAG: " | ".join(shown), COLOR_TAG: _seed_color(r, len(result.seeds))})
+    spike = (outcome.summary.get("loss_spikes") or [None] * (r + 1))[r]
+    if spike is not None:  # the seed row says it
+        ctx.log(run_id, tags={UNSTABLE_TAG: f"loss spike at epoch {spike['epoch']} "
+                                            f"(+{spike['share']:.0%} of the loss range)"})
     ctx.log_artifacts(run_id, files)
 
 
@@ -193,15 +201,18 @@ def _seed_color(r: int, runs: int) -> str:
 
 
 def _log_parent(ctx, run_id: str, outcome, frozen: bytes | None) -> None:
-    from . import features, figures
+    from . import dashboard, features, figures
+    from .headline import headline
     from .provenance import pip_freeze
     from .specificity import specificity_words
 
     s = outcome.summary
     counts = {"runs/diverged": len(outcome.diverged), "runs/ok": s["n_runs_ok"]}
     ctx.log_artifacts(run_id, {SUMMARY: json_bytes(s), PIP_FREEZE: frozen if frozen is not None else pip_freeze(),
+                               DASHBOARD: dashboard.page(outcome, run_name(outcome.config)),
                                **features.file_artifacts(outcome.target)})  # a direction's .npy, a small SAE
-    ctx.log(run_id, tags=features.target_tags(outcome.target))  # a feature: what it reads, its file's sha256
+    ctx.log(run_id, tags={**features.target_tags(outcome.target),  # a feature: what it reads, its file's sha256
+                          HEADLINE_TAG: headline(s)})
     if s["statistics"] is None:  # every run diverged: no statistic exists, and none is logged
         ctx.log_metrics(run_id, counts)
         ctx.log(run_id, tags={VERDICT_TAG: f"no result: all {len(outcome.diverged)} runs diverged"})

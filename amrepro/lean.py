@@ -27,8 +27,9 @@ import numpy as np
 
 from . import signals
 from .config import AmreproError
+from .printable import token_repr
 from .layout import ERROR_TAG, NOTE_TAG, PIP_FREEZE as FREEZE, RUN_NAME_TAG, SHA256_PREFIX, SPECIFICITY_TAG, SUMMARY, \
-    TAG_LIMIT, VERDICT_TAG
+    TAG_LIMIT, VERDICT_TAG, DASHBOARD, HEADLINE_TAG
 
 LAYOUT_TAG = "amrepro.layout"  # on lean parents (and a sweep run): "lean"; absent means "seeds"
 LAYOUTS = ("seeds", "lean")
@@ -67,17 +68,20 @@ def log_target(ctx, parent: str, outcome, frozen: bytes, params: dict[str, str] 
                after_upload=None) -> None:
     """Log an outcome into its lean parent and end it: one artifact upload, one log_batch, set_terminated.
     params: the parent's params when they are not logged yet (a sweep's target). after_upload(): tests only."""
-    from . import features, report
+    from . import dashboard, features, layout, report
+    from .headline import headline
 
     s = outcome.summary
     files = {ARTIFACT: seeds_npz(outcome), TABLE: table_json(seed_table(outcome)),
              SUMMARY: json.dumps(s, indent=2, ensure_ascii=False).encode(), FREEZE: frozen,
+             DASHBOARD: dashboard.page(outcome, layout.run_name(outcome.config)),  # its page, as the seeds layout
              **features.file_artifacts(outcome.target)}  # a direction's .npy, a small SAE: as the seeds layout
     ctx.store.upload(parent, files)  # one request (over HTTP: one per file)
     if after_upload is not None:
         after_upload()
     tags = {SHA256_PREFIX + path: hashlib.sha256(data).hexdigest() for path, data in files.items()}
     tags.update(features.target_tags(outcome.target))  # a feature: what it reads, its file's sha256
+    tags[HEADLINE_TAG] = headline(s)  # the sweep's index dashboard shows it
     tags[LOGGED_ARTIFACTS_TAG] = json.dumps([{"path": TABLE, "type": "table"}])  # what log_table sets
     scalars = {"runs/diverged": len(outcome.diverged), "runs/ok": s["n_runs_ok"]}
     if s["statistics"] is None:
@@ -153,8 +157,8 @@ def seed_table(outcome) -> dict[str, list]:
     result = outcome.result
     finite = [r not in outcome.diverged for r in range(len(result.seeds))]
     return {"seed": [int(s) for s in result.seeds],
-            "tokens": [" | ".join(repr(t) for t in row) if ok else "(diverged)"
-                       for row, ok in zip(outcome.tokens, finite)],
+            "tokens": [" | ".join(token_repr(t, i) for t, i in zip(row, ids)) if ok else "(diverged)"
+                       for row, ids, ok in zip(outcome.tokens, outcome.ids, finite)],  # '\ufffd' with its id
             "act (final)": [float(a) if ok else None for a, ok in zip(result.final_activation.tolist(), finite)],
             "act (decoded)": [float(a) if ok else None for a, ok in zip(outcome.decoded_activation.tolist(), finite)],
             "diverged": [not ok for ok in finite],

@@ -31,6 +31,9 @@ class Result:
     # each method's own per-step metrics: metric key -> [steps, runs] (e.g. "act/tokens", "xent/tokens")
     history: dict[str, torch.Tensor] = field(default_factory=dict)
     frontier: list | None = None  # epo: per run, its final population [{penalty, token_ids, activation, xent}]
+    # the target activation at each position [runs, pos] of the final embeddings ("final") and of the decoded
+    # tokens fed back as real input ("tokens"); filled by experiment.optimize_rows, for the dashboard
+    positions: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def divergence(self, r: int) -> str | None:
         """Why run r is not a result (one phrase), or None when it stayed finite."""
@@ -47,7 +50,8 @@ class Result:
         return Result(self.seeds[pick], self.initial[pick], self.final[pick], self.loss[:, pick],
                       self.activation[:, pick], self.final_activation[pick], self.diverged_at[pick],
                       None if self.ids is None else self.ids[pick], {k: v[:, pick] for k, v in self.history.items()},
-                      None if self.frontier is None else self.frontier[pick])
+                      None if self.frontier is None else self.frontier[pick],
+                      {k: v[pick] for k, v in self.positions.items()})
 
 
 def optimize(reader: Callable[[torch.Tensor], torch.Tensor], initial: torch.Tensor, objective: Objective,

@@ -47,10 +47,11 @@ def save(outcome, parent_id: str, experiment_id: str, tracking_uri: str, params:
          pip_freeze: bytes) -> Path:
     result = outcome.result
     arrays = {f"result.{f.name}": getattr(result, f.name).numpy() for f in dataclasses.fields(result)
-              if f.name not in ("seeds", "ids", "history", "frontier")}
+              if f.name not in ("seeds", "ids", "history", "frontier", "positions")}
     if result.ids is not None:  # pez, gcg, epo: their real tokens
         arrays["result.ids"] = result.ids.numpy()
     arrays.update({f"history.{key}": values.numpy() for key, values in result.history.items()})
+    arrays.update({f"positions.{key}": values.numpy() for key, values in result.positions.items()})
     arrays.update(ids=np.asarray(outcome.ids), cosine=np.asarray(outcome.cosine),
                   decoded_activation=np.asarray(outcome.decoded_activation))
     meta = {"format": FORMAT, "parent_id": parent_id, "experiment_id": experiment_id, "tracking_uri": redact(tracking_uri, mask=""),
@@ -103,7 +104,10 @@ def load(path: str | Path) -> Saved:
         raise AmreproError(f"{path} is not a valid amrepro outcome file: {problem}; nothing was logged.")
     tensors = {k.removeprefix("result."): torch.from_numpy(v) for k, v in arrays.items() if k.startswith("result.")}
     history = {k.removeprefix("history."): torch.from_numpy(v) for k, v in arrays.items() if k.startswith("history.")}
-    result = Result(seeds=meta["seeds"], **tensors, history=history, frontier=meta.get("frontier"))
+    positions = {k.removeprefix("positions."): torch.from_numpy(v) for k, v in arrays.items()
+                 if k.startswith("positions.")}
+    result = Result(seeds=meta["seeds"], **tensors, history=history, frontier=meta.get("frontier"),
+                    positions=positions)
     outcome = Outcome(config, target, result, arrays["ids"], meta["tokens"], arrays["cosine"],
                       arrays["decoded_activation"], meta["summary"],
                       {int(r): why for r, why in meta["diverged"].items()},
@@ -122,7 +126,9 @@ _OPTIONAL_META = {"frontier": (list, type(None))}
 _ARRAYS = {"result.initial": "RPD", "result.final": "RPD", "result.loss": "ER", "result.activation": "ER",
            "result.final_activation": "R", "result.diverged_at": "R", "ids": "RP", "cosine": "RP",
            "decoded_activation": "R"}
-_OPTIONAL_ARRAYS = {"result.ids": "RP"}  # pez, gcg, epo: their real tokens
+# pez, gcg, epo: their real tokens; the activation at each position (the dashboard's colours; absent from files
+# written before it existed)
+_OPTIONAL_ARRAYS = {"result.ids": "RP", "positions.tokens": "RP", "positions.final": "RP"}
 
 
 def _problem(meta: dict, arrays: dict, config, target) -> str | None:

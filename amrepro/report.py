@@ -13,6 +13,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from .headline import headline
+from .printable import token_repr
 from .secrets import redact
 from .stats import NULLS, PRIMARY, REGISTRY
 
@@ -79,8 +81,8 @@ def token_table(outcome):
     """The decoded tokens, one row per seed, each token whole (repr, so spaces and escapes show). When a table
     of whole tokens is wider than the console, one line per seed instead of cut tokens."""
     n_pos = len(outcome.tokens[0])
-    widest = max((len(repr(t)) for r, row in enumerate(outcome.tokens) if r not in outcome.diverged for t in row),
-                 default=8)
+    widest = max((len(token_repr(t, i)) for r, row in enumerate(outcome.tokens) if r not in outcome.diverged
+                  for t, i in zip(row, outcome.ids[r])), default=8)
     if 8 + n_pos * (widest + 3) + 30 > console.width:
         return _token_lines(outcome)
     table = Table(title=f"Decoded tokens ({outcome.target.name})", header_style="bold")
@@ -96,9 +98,9 @@ def token_table(outcome):
             continue
         cells = []
         for token_id, text in zip(outcome.ids[r], outcome.tokens[r]):
-            shown = repr(text)
+            shown = token_repr(text, token_id)
             cells.append(f"[bold yellow]{_escape(shown)}[/]" if counts[int(token_id)] > 1 else _escape(shown))
-        table.add_row(str(seed), *cells, f"{float(outcome.result.final_activation[r]):.3f}",
+        table.add_row(_seed_cell(outcome, r), *cells, f"{float(outcome.result.final_activation[r]):.3f}",
                       f"{float(outcome.decoded_activation[r]):.3f}")
     return table
 
@@ -111,11 +113,12 @@ def _token_lines(outcome) -> Group:
         if r in outcome.diverged:
             lines.append(Text(f"seed {seed}: ").append("diverged", style="red"))
             continue
-        pieces = [(repr(text), "bold yellow" if counts[int(token_id)] > 1 else "")
+        pieces = [(token_repr(text, token_id), "bold yellow" if counts[int(token_id)] > 1 else "")
                   for token_id, text in zip(outcome.ids[r], outcome.tokens[r])]
         pieces.append((f"act {float(outcome.result.final_activation[r]):.3f} "
                        f"(tokens {float(outcome.decoded_activation[r]):.3f})", "dim"))
-        line = Text(f"seed {seed}: ", no_wrap=True, overflow="ignore")
+        line = Text.from_markup(f"seed {_seed_cell(outcome, r)}: ")
+        line.no_wrap, line.overflow = True, "ignore"
         for k, (piece, style) in enumerate(pieces):
             sep = "" if k == 0 else ("  " if k == len(pieces) - 1 else " | ")
             if k and len(line) + len(sep) + len(piece) > console.width:
@@ -125,6 +128,13 @@ def _token_lines(outcome) -> Group:
             line.append(piece, style=style or None)
         lines.append(line)
     return Group(*lines)
+
+
+def _seed_cell(outcome, r: int) -> str:
+    """The seed, flagged when its loss spiked (spikes.py)."""
+    spike = (outcome.summary.get("loss_spikes") or [None] * (r + 1))[r]
+    seed = str(outcome.result.seeds[r])
+    return seed if spike is None else f"{seed} [yellow](spike at {spike['epoch']})[/]"
 
 
 def summary_lines(summary: dict) -> list[str]:
@@ -208,7 +218,8 @@ def print_outcome(outcome, parent_id: str | None, uri: str | None) -> None:
     console.print(stats_table(outcome.summary["statistics"]))
     for line in summary_lines(outcome.summary):
         console.print(_escape(line))
-    console.print(f"[bold]Verdict:[/] {_escape(outcome.summary['statistics']['verdict'])}")
+    console.print(f"[bold]Verdict: {_escape(headline(outcome.summary) or 'see below')}[/]")  # one line, then the detail
+    console.print(_escape(outcome.summary["statistics"]["verdict"]), soft_wrap=True)
     if parent_id:
         console.print(f"MLflow parent run {parent_id} ({len(outcome.result.seeds)} child runs) in {uri}")
 
@@ -253,7 +264,7 @@ def token_columns(outcome) -> dict[str, list]:
     n_pos = len(outcome.tokens[0])
     columns: dict[str, list] = {"seed": list(outcome.result.seeds)}
     for p in range(n_pos):
-        columns[f"pos {p}"] = ["(diverged)" if r in outcome.diverged else repr(row[p])
+        columns[f"pos {p}"] = ["(diverged)" if r in outcome.diverged else token_repr(row[p], outcome.ids[r][p])
                                for r, row in enumerate(outcome.tokens)]
     columns["act (final)"] = [None if r in outcome.diverged else round(float(a), 4)
                               for r, a in enumerate(outcome.result.final_activation)]
@@ -269,7 +280,9 @@ def markdown_summary(outcome) -> str:
     # an outcome file saved before the registry (`amrepro log FILE` after an upgrade) has only the older keys
     observed = stats.get("observed") or {"n_unique": stats["n_unique_tokens"], "jaccard_mean": stats["jaccard_mean"],
                                          "positional_agreement": stats["positional_agreement"]}
-    lines = [f"**{c.model}**, `{outcome.target.name}`, {len(outcome.result.seeds)} seeds x {c.n_steps} "
+    line = headline(outcome.summary)  # the verdict in one line leads; the detail follows
+    lines = [*([f"### {line}", ""] if line else []),
+             f"**{c.model}**, `{outcome.target.name}`, {len(outcome.result.seeds)} seeds x {c.n_steps} "
              f"{c.step_unit}", "", f"**Verdict.** {stats['verdict']}", "",
              f"| statistic | observed | chance: {primary} | p | chance: uniform | p |", "|---|---|---|---|---|---|"]
     for stat in (s for s in REGISTRY if s.key in observed):
@@ -284,7 +297,7 @@ def markdown_summary(outcome) -> str:
               "|---" * (len(outcome.tokens[0]) + 2) + "|"]
     for r, seed in enumerate(outcome.result.seeds):
         cells = ["(diverged)"] * len(outcome.tokens[r]) if r in outcome.diverged else \
-            [f"`{t!r}`".replace("|", "\\|") for t in outcome.tokens[r]]
+            [f"`{token_repr(t, i)}`".replace("|", "\\|") for t, i in zip(outcome.tokens[r], outcome.ids[r])]
         act = "n/a" if r in outcome.diverged else f"{float(outcome.result.final_activation[r]):.3f}"
         lines.append(f"| {seed} | " + " | ".join(cells) + f" | {act} |")
     return "\n".join(lines)[:5000]

@@ -1,5 +1,5 @@
 """Regenerate the screenshots of the MLflow UI in README.md and docs/: docs/ui_runs.png, ui_parent.png, ui_charts.png,
-ui_table.png (`amrepro run`; README), docs/ui_sweep_*.png (`--command sweep`; docs/sweeps.md) and docs/ui_compare_*.png
+ui_table.png, ui_dashboard.png (`amrepro run`; README), docs/ui_sweep_*.png (`--command sweep`; docs/sweeps.md) and docs/ui_compare_*.png
 (`--command compare`; docs/methods.md).
 
 It runs `amrepro run` (or `sweep`, `compare`) into a fresh temporary MLflow store, serves that store with
@@ -10,6 +10,7 @@ It runs `amrepro run` (or `sweep`, `compare`) into a fresh temporary MLflow stor
   ui_parent.png  the parent run's page: description, parameters, metrics, tags;
   ui_charts.png  the chart view: loss/total and act/target per epoch, one line per seed;
   ui_table.png   only if the parent logged a table with mlflow.log_table: that table on its Artifacts tab;
+  ui_dashboard.png  the parent's dashboard.html on its Artifacts tab, as MLflow shows it (a sandboxed iframe);
 
 with --command sweep (4 targets x 3 seeds on the tiny model):
 
@@ -317,7 +318,8 @@ MODE = "workflowType=machine_learning"  # the model-training side bar of MLflow 
 
 def shoot_run(driver, base: str, experiment: str, parent: str, children: list[str], tables: list[str],
               out: Path) -> None:
-    """`amrepro run`: ui_runs.png, ui_parent.png, ui_charts.png and (if the parent logged a table) ui_table.png."""
+    """`amrepro run`: ui_runs.png, ui_parent.png, ui_charts.png, ui_dashboard.png and (if the parent logged a
+    table) ui_table.png."""
     state = ui_state(experiment, [parent])
     shoot(driver, base, f"/#/experiments/{experiment}/runs?{MODE}&compareRunsMode=TABLE", state,
           children[:1], out / "ui_runs.png", height=800)
@@ -325,6 +327,9 @@ def shoot_run(driver, base: str, experiment: str, parent: str, children: list[st
           ["Parameters", "Metrics"], out / "ui_parent.png", height=1400, click="Show more")
     shoot(driver, base, f"/#/experiments/{experiment}/runs?{MODE}&compareRunsMode=CHART", state,
           children[:1] + CURVES, out / "ui_charts.png", height=1100, settle=5.0)
+    # the file name heads the artifact view once it is selected; the page itself is in an iframe (settle: drawn)
+    shoot(driver, base, f"/#/experiments/{experiment}/runs/{parent}/artifacts/dashboard.html?{MODE}", state,
+          ["dashboard.html", "KB"], out / "ui_dashboard.png", height=1250)
     if tables:  # the parent's Artifacts tab shows a log_table table as a table ("View as table")
         shoot(driver, base, f"/#/experiments/{experiment}/runs/{parent}/artifacts/{tables[0]}?{MODE}",
               state, [Path(tables[0]).name, "View as table"], out / "ui_table.png", height=800)

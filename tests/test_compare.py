@@ -54,6 +54,13 @@ def test_compare_layout_reads_back_from_mlflow(tiny_gpt2, store):
     artifacts = {a.path for a in client.list_artifacts(top.info.run_id)}
     assert {"compare_table.json", "activation_vs_agreement.png", "corpus_top_windows.json"} <= artifacts
     assert top.data.metrics["compare/gcg/act_mean"] == pytest.approx(rows["gcg"]["act_mean"])
+    # the index dashboard links each method to its own dashboard, which shows the corpus windows
+    index = Path(client.download_artifacts(top.info.run_id, "dashboard.html")).read_text()
+    for run in method_runs.values():
+        assert f'href="#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}/artifacts/dashboard.html"' in index
+    page = Path(client.download_artifacts(method_runs["adam"].info.run_id, "dashboard.html")).read_text()
+    assert 'id="corpus"' in page and page.count("<rect") > 20  # the top windows and the histogram's bars
+    assert run.data.tags["amrepro.headline"] in index
     # a method run is an ordinary amrepro parent: reproduce re-runs it bit for bit
     again = cli("reproduce", method_runs["gcg"].info.run_id)
     assert again.exit_code == 0 and "reproduced: bit-identical" in again.output, again.output

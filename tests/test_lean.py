@@ -40,7 +40,10 @@ def test_lean_sweep_target_reads_back_decodes_and_reproduces(tiny_gpt2, store):
     table = client.load_table(parent.info.experiment_id, "seed_table.json", run_ids=[parent.info.run_id])
     assert list(table["seed"]) == [0, 1] and not table["diverged"].any() and table["tokens"].str.contains("|").all()
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"seeds.npz", "seed_table.json",
-                                                                          "summary.json"}
+                                                                          "summary.json", "dashboard.html"}
+    index = Path(client.download_artifacts(sweep.info.run_id, "dashboard.html")).read_text()  # links every target
+    assert all(f"/runs/{p.info.run_id}/artifacts/dashboard.html" in index for p in parents)
+    assert parent.data.tags["amrepro.headline"] in index
     decoded = cli("decode", parent.info.run_id)
     assert decoded.exit_code == 0 and "seed" in decoded.output, decoded.output
     again = cli("reproduce", parent.info.run_id)  # re-runs its batch of two targets: bit-identical

@@ -78,10 +78,10 @@ def test_run_description_names_the_null_and_reads_an_older_summary():
 
     ids = np.arange(20).reshape(4, 5)
     s = stats_for(ids, initial_ids=ids + 100, start_name="random start tokens")
-    outcome = SimpleNamespace(config=SimpleNamespace(model="tiny", n_steps=3, method="gcg"),
+    outcome = SimpleNamespace(config=SimpleNamespace(model="tiny", n_steps=3, method="gcg", step_unit="gcg steps"),
                               target=SimpleNamespace(name="blocks.1.hook_resid_pre[0]"), diverged={},
                               result=SimpleNamespace(seeds=[0, 1, 2, 3], final_activation=torch.ones(4)),
-                              tokens=[["a"] * 5] * 4, summary={"statistics": s})
+                              tokens=[["a"] * 5] * 4, ids=ids, summary={"statistics": s})
     text = report.markdown_summary(outcome)
     assert "| statistic | observed | chance: random start tokens |" in text and "| repeats across runs | 0 |" in text
     outcome.summary = {"statistics": {k: v for k, v in s.items() if k != "observed"}}

@@ -72,6 +72,10 @@ def test_sweep_layout_reads_back(tiny_gpt2, store, monkeypatch):
     assert sweep.data.metrics["sweep/frac_agreement_above_chance"] == claimed / 3
     assert "targets with statistics" in sweep.data.tags["verdict"]
     assert "sweep_map.png" in {a.path for a in client.list_artifacts(sweep.info.run_id)}
+    index = Path(client.download_artifacts(sweep.info.run_id, "dashboard.html")).read_text()
+    for parent in parents:  # one row per target, linking to its dashboard, with its headline
+        assert f"/runs/{parent.info.run_id}/artifacts/dashboard.html" in index
+        assert parent.data.tags["amrepro.headline"] in index
     # a target parent is a parent for decode/reproduce, although it is nested under the sweep run
     decoded = cli("decode", parents[0].info.run_id)
     assert decoded.exit_code == 0, decoded.output

@@ -14,6 +14,7 @@ from .. import lean, report
 from .. import sweep as sw
 from ..config import AmreproError, Config
 from ..context import Context
+from ..layout import DASHBOARD, HEADLINE_TAG
 from ..layout import (ERROR_TAG, KIND_TAG, NOTE_TAG, RAY_ADDRESS_TAG, SWEEP_MAP, SWEEP_TABLE, TAG_LIMIT, TARGET_TAG,
                       VERDICT_TAG, WORKERS_TAG, RunReader, run_name, sweep_parents)
 
@@ -123,7 +124,7 @@ def _plan(ctx: Context, config: Config, spec: str, workers: int, ray_address: st
 def _summarize(ctx, plan: Plan, workers: int, failures: list[str], seconds: dict, wall: float) -> dict[str, float]:
     """The sweep run's table (one row per target, read back from the store, so a resumed sweep has every
     target), its sweep/* metrics, the verdict over targets, the map and where the time went; then its end."""
-    from .. import figures
+    from .. import dashboard, figures
 
     sweep_id, experiment_id = plan.sweep_id, plan.experiment_id
     summing = time.perf_counter()
@@ -139,6 +140,10 @@ def _summarize(ctx, plan: Plan, workers: int, failures: list[str], seconds: dict
         ctx.log_metrics(sweep_id, metrics)
         ctx.log(sweep_id, tags={VERDICT_TAG: words[:TAG_LIMIT], NOTE_TAG: words})
     ctx.store.log_figure(sweep_id, figures.sweep_map(columns), SWEEP_MAP)
+    headlines = {name: run.tags.get(HEADLINE_TAG, "") for name, run in parents.items()}
+    index = dashboard.sweep_rows(columns, experiment_id, headlines)  # one row per target, linking to its page
+    ctx.log_artifacts(sweep_id, {DASHBOARD: dashboard.render_index(f"sweep of {len(plan.targets)} targets", "target",
+                                                                   index).encode()})
     report.console.print(words, soft_wrap=True, markup=False)
     if plan.layout == "lean":
         _log_flagged_figures(ctx, columns)

@@ -1,0 +1,84 @@
+"""dashboard.html as a user opens it: inside MLflow's own UI (a real `mlflow server`), on the parent run's Artifacts
+tab, in headless Chromium. The page must render there (MLflow shows .html artifacts in a sandboxed iframe), with
+no console errors, its headline verdict and the seeds' tokens visible.
+
+Skips with the reason where Debian's chromium + chromium-driver or selenium are missing. The screenshot goes to
+the test's folder (the README's docs/ui_dashboard.png comes from docs/screenshots.py, on a real model)."""
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from helpers import free_port, logged_run, start_mlflow_server
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def _browser():
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[test]')")
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not os.path.exists(path):
+            pytest.skip(f"{path} is missing: sudo apt-get update && sudo apt-get install -y chromium chromium-driver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--window-size=1400,1300"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    from selenium.webdriver.chrome.service import Service
+
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+def test_dashboard_shows_in_the_mlflow_ui_with_its_verdict_and_tokens(tiny_gpt2, store, tmp_path):
+    driver = _browser()  # skips before any run or server exists
+    server = None
+    try:
+        parent, children = logged_run(store, tiny_gpt2, runs=3, epochs=8)
+        client = MlflowClient(store)
+        tokens = json.loads(Path(client.download_artifacts(children[0].info.run_id, "tokens.json")).read_text())
+        port = free_port()
+        server = start_mlflow_server(store, tmp_path, port)
+        base = f"http://127.0.0.1:{port}"
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support import expected_conditions as ready
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        # the UI as a user keeps it (docs/screenshots.py): the assistant panel closed, the model-training side bar
+        driver.get(base + "/health")  # same origin, before the UI reads its localStorage
+        driver.execute_script("localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');"
+                              "localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');"
+                              "localStorage.setItem('mlflow.workflowType_v1', '\"machine_learning\"');")
+        # the route a user reaches by clicking the run, then Artifacts, then dashboard.html
+        run = f"#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"
+        driver.get(f"{base}/{run}/artifacts/dashboard.html")
+        wait = WebDriverWait(driver, 60)
+        frame = wait.until(ready.presence_of_element_located((By.CSS_SELECTOR, "iframe.mlflow-html-iframe")))
+        driver.execute_script("arguments[0].scrollIntoView()", frame)
+        driver.switch_to.frame(frame)
+        headline = wait.until(ready.visibility_of_element_located((By.ID, "headline")))
+        assert headline.text == parent.data.tags["amrepro.headline"]
+        seed_row = driver.find_elements(By.CSS_SELECTOR, "#tokens tr")[1]
+        shown = [chip.text.split("\n")[0] for chip in seed_row.find_elements(By.CSS_SELECTOR, ".chip")]
+        assert shown == [repr(t) if t and "\ufffd" not in t else f"{t!r} (id {i})"
+                         for t, i in zip(tokens["tokens"], tokens["ids"])]
+        assert all(chip.is_displayed() for chip in seed_row.find_elements(By.CSS_SELECTOR, ".chip"))
+        assert driver.find_elements(By.CSS_SELECTOR, "svg polyline")  # the curves are drawn
+        driver.switch_to.default_content()
+        # Two 404s that are not the page's: the UI probes an endpoint only a server with its auth app has
+        # (users/current), and Chromium asks /health for a /favicon.ico. Every other error, and any from the
+        # dashboard, fails the test.
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE" and not (
+            e["source"] == "network" and ("/ajax-api/2.0/mlflow/users/current" in e["message"]
+                                          or e["message"].startswith(f"{base}/favicon.ico ")))]
+        assert errors == [], errors
+        driver.save_screenshot(str(tmp_path / "ui_dashboard.png"))
+    finally:
+        driver.quit()
+        if server is not None:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
