@@ -1,7 +1,8 @@
 """One frozen Config: every hyperparameter of an experiment, each field carrying its own help text.
 
-Only the standard library is imported here (and the methods' declarations, read without importing them), so
-`amrepro --help` stays instant (no torch import).
+Only the standard library and the method registry (which reads the methods' declarations without importing
+them, and imports nothing of amrepro but errors.py) are imported here, so `amrepro --help` stays instant (no
+torch import) and no import cycle runs through Config.
 """
 
 from __future__ import annotations
@@ -11,18 +12,11 @@ import math
 import shlex
 from dataclasses import dataclass, field
 
-
-class AmreproError(Exception):
-    """A problem the user can fix: printed as one sentence, exit code 2, never a traceback."""
-
-
-class NoResult(Exception):
-    """The science ran but produced nothing to report (every run diverged): one sentence, exit code 1."""
-
+from .errors import AmreproError, NoResult  # noqa: F401 (re-exported: the commands import them from here)
+from .methods import spec, specs
 
 LR_MAX = 1e37  # float32 max is 3.4e38; Adam divides lr by 1 - beta1 = 0.1 on its first step
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed and MLflow's integer params stay exact below this
-
 
 
 def _f(default, help: str):
@@ -73,15 +67,11 @@ class Config:
     @property
     def n_steps(self) -> int:
         """Steps of the chosen method: the Config field its Spec names as its budget."""
-        from .methods import spec
-
         return getattr(self, spec(self.method).budget)
 
     @property
     def step_unit(self) -> str:
         """What n_steps counts: "epochs" (adam) or "<method> steps"."""
-        from .methods import spec
-
         return spec(self.method).unit
 
     @property
@@ -113,8 +103,6 @@ class Config:
                                f"SEED + RUNS - 1 <= 2**63 - 1), got {self.seed}.")
         if self.threads < 0:
             raise AmreproError(f"--threads must be 0 (one per core) or more, got {self.threads}.")
-        from .methods import spec, specs
-
         spec(self.method)  # an unknown method: one sentence naming them all
         counts = {o for s in specs().values() for o in s.options if type(getattr(self, o)) is int}  # steps, sizes
         for name in sorted(counts):
@@ -169,8 +157,6 @@ def _unquote(value: str) -> str:
 def help_for(name: str) -> str:
     """The help text of a Config field, for the CLI: the field's own, plus what the method registry knows (the
     methods to choose from; which methods read an option that not all of them read)."""
-    from .methods import specs
-
     text = {f.name: f.metadata["help"] for f in dataclasses.fields(Config)}[name]
     if name == "method":
         return text + " One of: " + "; ".join(f"{s.name} ({s.summary})" for s in specs().values()) + "."

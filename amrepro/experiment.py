@@ -24,6 +24,7 @@ import torch
 from . import features, methods, metrics, nulls, spikes
 from .config import AmreproError, Config
 from .decode import nearest_tokens
+from .methods import problem
 from .model import LoadedModel, load_model, resolve_device
 from .optimize import Result
 from .readers import check_positions, site_reader, site_width
@@ -99,7 +100,7 @@ def _prepare(config: Config, targets: list[tuple[Config, Target]], lm: LoadedMod
         torch.set_num_threads(config.threads)
     lm = lm or load_model(config.model, device, note=note)
     check_positions(lm, config.n_tokens)
-    methods.check(config, lm)  # e.g. epo refuses an encoder
+    problem.check(config, lm)  # e.g. epo refuses an encoder
     first = targets[0][1]
     width = site_width(lm, first)  # one probe forward per batch
     preps = []
@@ -112,7 +113,7 @@ def _prepare(config: Config, targets: list[tuple[Config, Target]], lm: LoadedMod
     check_memory(lm, first, config, rows=rows)
     # the null's pool depends on the vocabulary, runs, n_tokens and seed, not on the target: drawn and decoded
     # once per batch (for GPT-2 a 20k x 50k matmul, seconds per target otherwise)
-    pool = methods.start_pool(config, lm, nulls.pool_size(config.runs, config.n_tokens))
+    pool = problem.start_pool(config, lm, nulls.pool_size(config.runs, config.n_tokens))
     for prep in preps:
         prep.start_pool = pool
     return preps
@@ -210,7 +211,7 @@ def optimize_rows(lm: LoadedModel, reader, seeds: list[int], config: Config,
                   on_epoch: Callable[[int], None] | None = None):
     """(result, ids [rows, pos], cosine [rows, pos], decoded activation [rows]) of config.method on one batch,
     one row per seed, through the entered reader (which may read one target per row: a batch of targets, --controls)."""
-    result = methods.get(config.method)(methods.Problem(lm, reader, seeds, config), on_epoch)
+    result = methods.get(config.method)(problem.Problem(lm, reader, seeds, config), on_epoch)
     if result.ids is None:  # adam: continuous vectors, decoded to their nearest tokens
         ids, cosine = nearest_tokens(result.final, lm.embedding)  # [rows, pos] each
     else:  # pez, gcg, epo: real tokens already; final holds exactly their embedding rows

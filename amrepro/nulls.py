@@ -6,7 +6,7 @@ within runs, positional agreement, pairwise Jaccard) over `n_draws` Monte Carlo 
 (a) uniform: token ids drawn uniformly from the vocabulary.
 (b) decoded starts (the primary null): the method's own starts, decoded exactly as its results are. For adam,
     N(0, std(E)) vectors i.i.d. as seeding.initial_embeddings draws them, decoded by max cosine to the embedding
-    rows (decode.nearest_tokens' math); pez, gcg and epo start from uniform tokens (methods.start_pool).
+    rows (decode.nearest_tokens' math); pez, gcg and epo start from uniform tokens (methods.problem.start_pool).
     Nearest-token decoding concentrates on "hub" tokens, so random vectors repeat tokens far more often than
     uniform tokens do; (a) ignores that and over-states significance.
 

@@ -1,7 +1,7 @@
 """Determinism: every switch is flipped here, and every random draw comes from an explicit generator derived
 from a seed (never a global one). The streams, each apart from the others:
 - a run's start vectors (adam): initial_embeddings below, torch.Generator(seed of the run);
-- a run's start tokens and candidate swaps (pez, gcg, epo): methods.Problem.generators, the same per-run seed;
+- a run's start tokens and candidate swaps (pez, gcg, epo): methods.problem.Problem.generators, the same per-run seed;
 - the primary null's pool of starts: nulls.pool_seed(--seed) (torch, for adam and the token methods alike);
 - the nulls' Monte Carlo draws: nulls.null_models, numpy default_rng([--seed, 2]) (uniform) and [--seed, 3]
   (starts); the bootstrap intervals: metrics.reproducibility_stats, default_rng([--seed, 1]);

@@ -36,10 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from bench import gemm_roofline, kernel_rates, timed, write_model  # noqa: E402
-from amrepro import methods  # noqa: E402
 from amrepro.config import Config  # noqa: E402
 from amrepro.experiment import prepare  # noqa: E402
 from amrepro.methods.candidates import Candidates  # noqa: E402
+from amrepro.methods.problem import Problem  # noqa: E402
 
 
 def smollm2() -> str:
@@ -73,7 +73,7 @@ def bench(model: str, name: str, args, device: torch.device) -> dict:
     ids = torch.randint(lm.embedding.shape[0], (args.runs, args.candidates, args.n_tokens),
                         generator=torch.Generator().manual_seed(0))
     reader_kind = type(prep.reader).__name__
-    with prep.reader as reader, Candidates(methods.Problem(lm, reader, config.seeds, config)) as score:
+    with prep.reader as reader, Candidates(Problem(lm, reader, config.seeds, config)) as score:
         score.activation(ids)  # warm-up: packs the weights (once per run)
         seconds = [timed(lambda: score.activation(ids), device) for _ in range(args.repeats)]
     step = statistics.median(seconds)

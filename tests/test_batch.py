@@ -10,6 +10,7 @@ import torch
 from amrepro import methods
 from amrepro.config import AmreproError, Config
 from amrepro.experiment import execute, execute_many, prepare, prepare_many
+from amrepro.methods.problem import Problem
 from amrepro.model import load_model
 from amrepro.readers import site_reader, site_width
 from amrepro.specificity import choose_controls
@@ -61,7 +62,7 @@ def test_one_path_is_bit_identical_to_the_two_it_replaced(tiny_gpt2, controls):
     def before(rows: list[Target], per_row: bool) -> torch.Tensor:
         index = [t.index for t in rows for _ in range(config.runs)] if per_row else None
         with site_reader(lm, targets[0], index=index) as reader:
-            return methods.get(config.method)(methods.Problem(lm, reader, config.seeds * len(rows), config), None).final
+            return methods.get(config.method)(Problem(lm, reader, config.seeds * len(rows), config), None).final
 
     def with_controls(target: Target) -> list[Target]:
         picked = choose_controls(target.index, width, controls, config.seed, "blocks.4.mlp.hook_post")

@@ -10,6 +10,7 @@ from amrepro import methods
 from amrepro.config import Config
 from amrepro.experiment import execute, prepare
 from amrepro.methods.candidates import Candidates
+from amrepro.methods.problem import Problem
 from amrepro.model import load_model
 from amrepro.objectives import reference_loss
 from amrepro.optimize import optimize
@@ -93,7 +94,7 @@ def test_candidates_match_hooked_reader_and_per_row_targets(lm):
     ids = torch.randint(lm.embedding.shape[0], (2, 6, 5), generator=torch.Generator().manual_seed(0))
     index = torch.tensor([3, 17])
     with site_reader(lm, target, index=index) as fast:
-        problem = methods.Problem(lm, fast, [0, 0], Config())
+        problem = Problem(lm, fast, [0, 0], Config())
         with Candidates(problem) as score:
             got = score.activation(ids)  # [2, 6]
     assert type(fast).__name__ == "GPT2Reader"
@@ -170,7 +171,7 @@ def test_each_method_reads_exactly_the_options_it_declares(lm, tiny_gpt2, name):
     config = Config(model=tiny_gpt2, method=name, **{**SMALL, "runs": 1, "epochs": 2, "steps": 2, "epo_steps": 1})
     recording = RecordingConfig(config)
     with site_reader(lm, Target.parse(config.target_name)) as reader:
-        methods.get(name)(methods.Problem(lm, reader, config.seeds, recording))
+        methods.get(name)(Problem(lm, reader, config.seeds, recording))
     fields = {f.name for f in dataclasses.fields(Config)}
     assert recording.read & fields == set(methods.SHARED) | set(methods.spec(name).options)
 

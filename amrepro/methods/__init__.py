@@ -15,7 +15,9 @@ pez, gcg and epo end in real tokens: Result.ids holds them and their target acti
 random choice (start, candidate sampling) draws from the row's own generator, seeded by the row's seed, so a
 run depends on its seed alone and `amrepro reproduce` is bit-identical. candidates.py is the one place that
 evaluates token sequences forward-only through the stop-at-block reader; tokens.py holds what the token methods
-share.
+share; problem.py what a method is handed (Problem) and what the experiment asks of it once the model is loaded.
+This registry imports no method file (Spec.run imports one when it is run) and nothing of amrepro but errors.py:
+Config reads it, and the method files import Config.
 
 The null of each method is its own start distribution, decoded as its results are (nulls.py): "vectors" starts
 are N(0, std(E)) vectors decoded to their nearest tokens; "tokens" starts are drawn uniformly from the
@@ -29,17 +31,8 @@ import functools
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
 
-from ..config import AmreproError, Config
-
-if TYPE_CHECKING:
-    import numpy as np
-    import torch
-
-    from ..model import LoadedModel
-
-OnStep = Callable[[int], None] | None
+from ..errors import AmreproError
 
 # start distribution -> what the verdict and the report call the method's primary null (its own starts, decoded)
 START_NULLS = {"vectors": "decoded random starts", "tokens": "random start tokens"}
@@ -111,52 +104,6 @@ def get(name: str):
     return spec(name).run
 
 
-@dataclass
-class Problem:
-    """What every method gets: the model, the entered site reader (x [rows, pos, d_model] -> act [rows, pos],
-    differentiable; a per-row index reads several targets of one site), one seed per row, the Config."""
-    lm: LoadedModel
-    reader: object
-    seeds: list[int]
-    config: Config
-
-    @property
-    def rows(self) -> int:
-        return len(self.seeds)
-
-    def generators(self) -> list[torch.Generator]:
-        """One CPU generator per row, seeded by the row's seed: the row's draws depend on its seed alone."""
-        import torch
-
-        return [torch.Generator(device="cpu").manual_seed(seed) for seed in self.seeds]
-
-
-def check(config: Config, lm: LoadedModel) -> None:
-    """Checks a method needs the model for, done by experiment.prepare before any MLflow run exists."""
-    if "lm_head" in spec(config.method).needs:
-        from .fluency import check_causal
-
-        check_causal(lm, f"--method {config.method}")
-
-
 def start_name(method: str) -> str:
     """What the verdict calls the method's primary null: its own starts, decoded as its results are."""
     return spec(method).null_name
-
-
-def start_pool(config: Config, lm: LoadedModel, size: int) -> tuple[np.ndarray, str]:
-    """(token ids [size], description): i.i.d. draws of the method's own start distribution, decoded as its
-    results are, for the primary null (nulls.null_models' start_pool)."""
-    import torch
-
-    from .. import nulls
-
-    if spec(config.method).start == "vectors":
-        pool = nulls.decoded_start_pool(lm.embedding, lm.embedding_std(), size, config.seed)
-        return pool, (f"the method's start vectors (N(0, std(E)) i.i.d.) decoded to their max-cosine tokens: "
-                      f"a pool of {size} decoded once")
-    # uniform start tokens; a generator apart from every run's (nulls.pool_seed)
-    generator = torch.Generator(device="cpu").manual_seed(nulls.pool_seed(config.seed))
-    pool = torch.randint(lm.embedding.shape[0], (size,), generator=generator).numpy()
-    return pool, (f"the method's start tokens, drawn uniformly from the vocabulary (they decode to themselves): "
-                  f"a pool of {size}")

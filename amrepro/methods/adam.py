@@ -6,7 +6,8 @@ from __future__ import annotations
 from ..objectives import reference_loss
 from ..optimize import Result, optimize
 from ..seeding import initial_embeddings
-from . import OnStep, Problem, Spec
+from . import Spec
+from .problem import OnStep, Problem
 
 SPEC = Spec(name="adam", summary="the reference: continuous vectors, decoded to nearest tokens afterwards",
             budget="epochs", options=("epochs", "lr", "l2"), start="vectors")

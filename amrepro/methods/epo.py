@@ -21,9 +21,10 @@ import math
 import torch
 
 from ..optimize import Result
-from . import OnStep, Problem, Spec
+from . import Spec
 from .candidates import MAX_SEQUENCES, one_swap
 from .fluency import LMReader
+from .problem import OnStep, Problem
 from .tokens import token_result, uniform_tokens
 
 SPEC = Spec(name="epo", summary="gcg with a population trading activation against fluency", budget="epo_steps",

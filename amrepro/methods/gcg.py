@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 
 from ..optimize import Result
-from . import OnStep, Problem, Spec
+from . import Spec
 from .candidates import Candidates, one_swap
+from .problem import OnStep, Problem
 from .tokens import BestTokens, token_result, uniform_tokens
 
 SPEC = Spec(name="gcg", summary="token swaps ranked by the one-hot gradient", budget="steps",

@@ -12,7 +12,8 @@ import torch
 
 from ..decode import nearest_tokens
 from ..optimize import Result
-from . import OnStep, Problem, Spec
+from . import Spec
+from .problem import OnStep, Problem
 from .tokens import BestTokens, token_result, uniform_tokens
 
 SPEC = Spec(name="pez", summary="continuous vectors, forward on their nearest tokens", budget="steps",

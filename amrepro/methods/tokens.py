@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..optimize import Result
-from . import Problem
+from .problem import Problem
 
 
 def uniform_tokens(generators: list[torch.Generator], n_tokens: int, vocab_size: int) -> torch.Tensor:
