@@ -209,16 +209,6 @@ def sweep(model: str, layer: int, targets: int, runs: int, epochs: int, workers:
             "share_ray_and_tracking": 1 - m["time/science_seconds"] / slots, "store": str(folder)}
 
 
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layer", type=int, default=8)
@@ -239,9 +229,11 @@ def main() -> None:
     args = parser.parse_args()
     from bench import busy_cpus, write_model
 
+    from amrepro.provenance import cpu_name
+
     folder = Path(tempfile.mkdtemp(prefix="amrepro-gpt2-shape-"))
     write_model(folder)
-    out = {"args": vars(args), "cpus": os.cpu_count(), "cpu_model": cpu_model(), "load_average_start": busy_cpus()}
+    out = {"args": vars(args), "cpus": os.cpu_count(), "cpu_model": cpu_name(), "load_average_start": busy_cpus()}
     if not args.skip_tracking:
         out["tracking"] = {}
         for layout in args.tracking_layouts.split(","):
