@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import report, signals
+from . import outcome_file, report, signals
 from .config import AmreproError
 from .layout import (ERROR_TAG, HOST_TAG, PARENT_TAG, PID_TAG, RUN_NAME_TAG, SHA256_PREFIX, TAG_LIMIT, end_leftover,
                      leftovers)
@@ -51,7 +51,9 @@ class Context:
         self.n_stopped = 0  # runs it ended FAILED or KILLED on the way out of an error
         self.n_unended = 0  # open runs it could not end (the store itself failed)
         self._batch: dict | None = None  # see batched()
-        self.outcome_path = None  # the outcome file holding results not yet logged (commands.run sets it)
+        self.outcome_path = None  # the outcome file holding results not yet logged (keep() sets it)
+        self.unkept: str | None = None  # why the outcome file of results not yet logged could not be written
+        self.experiment_name: str | None = None  # the top run's experiment (start_top), recorded in outcome files
         self.env: dict[str, str] = {}  # the environment tags of the top run (describe)
 
     @contextmanager
@@ -155,7 +157,25 @@ class Context:
         run_id = self.start_parent(params, {**self.env, **tags}, run_name)
         experiment_id = self.write(self.store.get, run_id).experiment_id
         self.write(self.store.mark_experiment, experiment_id)
+        self.experiment_name = self.write(self.store.experiment_name, experiment_id)
         return run_id, experiment_id
+
+    def keep(self, outcome, parent: str, experiment_id: str, params: dict[str, str], tags: dict[str, str],
+             frozen: bytes) -> None:
+        """The science of parent is done: save its outcome file before the first store write after it (a Ctrl-C
+        here waits for the file; layout.log_outcome removes it after the last). A file that cannot be written
+        (a full disk, AMREPRO_OUTCOMES not a folder) costs one warning line: the results go straight to the store
+        and are lost only if the store fails too, which the error message then says plainly."""
+        with signals.shielded():
+            try:
+                self.outcome_path = outcome_file.save(outcome, parent, experiment_id, self.uri, params, tags, frozen,
+                                                      self.experiment_name)
+                self.unkept = None
+            except OSError as error:
+                self.outcome_path = None
+                self.unkept = f"{outcome_file.path_for(parent)} could not be written ({error.strerror or error})"
+                report.errors.print(f"warning: the outcome file {self.unkept}; logging straight to {self.uri} "
+                                    "(if the store fails too, these results are lost).", soft_wrap=True, markup=False)
 
     def start_child(self, parent_id: str, name: str, params: dict[str, str], experiment_id: str | None = None) -> str:
         """A child run with its params; inside batched(run) the params wait for the run's one log_batch."""
@@ -257,21 +277,24 @@ def saying_what_was_saved(ctx: Context):
     except Exception as error:  # noqa: BLE001
         if not hasattr(error, "amrepro_store_seconds"):
             raise
-        if ctx.outcome_path is None:  # nothing computed yet: the store is simply unusable
+        if ctx.outcome_path is None and ctx.unkept is None:  # nothing computed yet: the store is simply unusable
             raise AmreproError(store_problem(error, ctx.uri) + ".") from None
         raise StoreLost(f"{store_problem(error, ctx.uri)}; {_what_was_saved(ctx)}") from None
 
 
 def _what_was_saved(ctx: Context) -> str:
     path = ctx.outcome_path
-    if not (ctx.n_finished or ctx.n_stopped or ctx.n_unended or path):
+    if not (ctx.n_finished or ctx.n_stopped or ctx.n_unended or path or ctx.unkept):
         return "nothing was logged yet."
     text = (f"{ctx.n_finished} finished run(s) kept, {ctx.n_stopped} unfinished run(s) marked KILLED in "
             f"{ctx.uri}.")
     if ctx.n_unended:
-        text = text[:-1] + f", {ctx.n_unended} could not be ended (the store failed) and stay RUNNING."
+        text = (text[:-1] + f", {ctx.n_unended} could not be ended (the store failed) and stay RUNNING until "
+                "`amrepro doctor` (or the next amrepro command on this host) ends them.")
     if path is not None and Path(path).exists():
         text += f" Every result is kept in {path}: `amrepro log {path}` logs it."
+    elif ctx.unkept:
+        text += f" The results not yet logged are LOST: the outcome file {ctx.unkept}."
     return text
 
 

@@ -116,6 +116,9 @@ def log_outcome(ctx, parent: str, experiment_id: str, outcome, frozen: bytes, re
     count = {"logged": len(done)}
 
     def progress() -> str:
+        if path is None:  # the outcome file could not be written (Context.keep)
+            return (f"logging is in progress: {count['logged']} of {config.runs} runs logged; the results are in no "
+                    "outcome file, so stopping now loses the rest. Press Ctrl-C again to stop anyway.")
         return (f"logging is in progress: {count['logged']} of {config.runs} runs logged; every result is kept in "
                 f"{path}. Press Ctrl-C again to stop (`amrepro log {path}` logs the rest later).")
 
@@ -131,7 +134,7 @@ def log_outcome(ctx, parent: str, experiment_id: str, outcome, frozen: bytes, re
             ctx.end(parent, "FAILED" if outcome.summary["statistics"] is None else "FINISHED")
             if path is not None:
                 path.unlink(missing_ok=True)
-                ctx.outcome_path = None
+            ctx.outcome_path = ctx.unkept = None  # all is logged: nothing is kept, nothing can be lost
     if outcome.summary["statistics"] is None:
         raise NoResult(f"all {config.runs} runs diverged ({outcome.diverged[0]}), so there is nothing to "
                        "compare; lower --lr or --l2. The runs are marked FAILED.")

@@ -33,6 +33,7 @@ class Saved:
     params: dict[str, str]
     tags: dict[str, str]
     pip_freeze: bytes
+    experiment_name: str | None = None  # None in files written before it was recorded
 
 
 def folder() -> Path:
@@ -44,7 +45,7 @@ def path_for(parent_id: str) -> Path:
 
 
 def save(outcome, parent_id: str, experiment_id: str, tracking_uri: str, params: dict, tags: dict,
-         pip_freeze: bytes) -> Path:
+         pip_freeze: bytes, experiment_name: str | None = None) -> Path:
     result = outcome.result
     arrays = {f"result.{f.name}": getattr(result, f.name).numpy() for f in dataclasses.fields(result)
               if f.name not in ("seeds", "ids", "history", "frontier", "positions")}
@@ -54,7 +55,8 @@ def save(outcome, parent_id: str, experiment_id: str, tracking_uri: str, params:
     arrays.update({f"positions.{key}": values.numpy() for key, values in result.positions.items()})
     arrays.update(ids=np.asarray(outcome.ids), cosine=np.asarray(outcome.cosine),
                   decoded_activation=np.asarray(outcome.decoded_activation))
-    meta = {"format": FORMAT, "parent_id": parent_id, "experiment_id": experiment_id, "tracking_uri": redact(tracking_uri, mask=""),
+    meta = {"format": FORMAT, "parent_id": parent_id, "experiment_id": experiment_id,
+            "experiment_name": experiment_name, "tracking_uri": redact(tracking_uri, mask=""),
             "config": outcome.config.to_params(), "target": outcome.target.name, "seeds": list(result.seeds), "frontier": result.frontier,
             "tokens": outcome.tokens, "summary": outcome.summary,
             "diverged": {str(r): why for r, why in outcome.diverged.items()},
@@ -64,13 +66,17 @@ def save(outcome, parent_id: str, experiment_id: str, tracking_uri: str, params:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     # 0600: the file holds the run's parameters, tags and environment, readable by its owner alone
-    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(descriptor, 0o600)  # a leftover .partial of another mode keeps its mode through O_CREAT
-    with open(descriptor, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)  # atomic: the file is either absent or complete
+    try:
+        descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(descriptor, 0o600)  # a leftover .partial of another mode keeps its mode through O_CREAT
+        with open(descriptor, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)  # atomic: the file is either absent or complete
+    except BaseException:  # a full disk, a Ctrl-C: no half-written .partial is left behind
+        partial.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -114,14 +120,15 @@ def load(path: str | Path) -> Saved:
                       # --controls: the specificity lives in the summary; None when it was not computed
                       meta["summary"].get("specificity") if "metrics" in meta["summary"].get("specificity", {}) else None)
     return Saved(outcome, meta["parent_id"], meta["experiment_id"], meta["tracking_uri"], meta["params"],
-                 meta["tags"], meta["pip_freeze"].encode())
+                 meta["tags"], meta["pip_freeze"].encode(), meta.get("experiment_name"))
 
 
-# meta.json's fields and their JSON types; "frontier" (epo) is absent from files written before it existed
+# meta.json's fields and their JSON types; "frontier" (epo) and "experiment_name" are absent from files written
+# before they existed
 _META = {"format": int, "parent_id": str, "experiment_id": str, "tracking_uri": str, "config": dict, "target": str,
          "seeds": list, "tokens": list, "summary": dict, "diverged": dict, "params": dict, "tags": dict,
          "pip_freeze": str}
-_OPTIONAL_META = {"frontier": (list, type(None))}
+_OPTIONAL_META = {"frontier": (list, type(None)), "experiment_name": (str, type(None))}
 # the arrays: name -> its shape in terms of runs (R), positions (P), d_model (D), epochs/steps (E)
 _ARRAYS = {"result.initial": "RPD", "result.final": "RPD", "result.loss": "ER", "result.activation": "ER",
            "result.final_activation": "R", "result.diverged_at": "R", "ids": "RP", "cosine": "RP",

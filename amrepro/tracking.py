@@ -188,6 +188,14 @@ class Store:
         """Tag the experiment as model training, so MLflow 3 (where it reads the tag) lists runs, not traces."""
         self._call("set_experiment_tag", experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
 
+    def experiment_name(self, experiment_id: str) -> str:
+        return self._call("get_experiment", experiment_id).name
+
+    def find_experiment(self, name: str) -> str | None:
+        """The id of the active experiment called name; None when there is none."""
+        found = self._call("get_experiment_by_name", name)
+        return found.experiment_id if found is not None and found.lifecycle_stage == "active" else None
+
     def experiment_exists(self, experiment_id: str) -> bool:
         try:
             return self._call("get_experiment", experiment_id).lifecycle_stage == "active"

@@ -431,3 +431,70 @@ def test_a_password_in_the_tracking_uri_is_never_printed(tiny_gpt2, tmp_path):
     output = proc.stdout + proc.stderr
     assert proc.returncode == 2, output
     assert "S3CRET" not in output and f"{scheme}://amrepro:***@127.0.0.1:" in output
+
+
+# --- issue 17: an outcome file that cannot be written; compare keeps outcome files; log matches by name --------
+
+@pytest.fixture
+def full_tmpfs(tmp_path):
+    """A real 64 KiB tmpfs, filled to the last byte: every write under it fails with ENOSPC."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip() or done.returncode}): needs root")
+    try:
+        descriptor = os.open(mount / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(descriptor, b"\0" * 4096):
+                pass
+        except OSError:  # ENOSPC: the disk is full
+            pass
+        finally:
+            os.close(descriptor)
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def _failing_log_batch(monkeypatch, when):
+    """MlflowClient.log_batch raises a disk I/O error on the calls when(call number, params) picks."""
+    original, seen = MlflowClient.log_batch, []
+
+    def failing(self, run_id, metrics=(), params=(), tags=(), *args, **kwargs):
+        seen.append(run_id)
+        if when(len(seen), {p.key: p.value for p in params}):
+            raise RuntimeError("(sqlite3.OperationalError) disk I/O error")
+        return original(self, run_id, metrics, params, tags, *args, **kwargs)
+    monkeypatch.setattr(MlflowClient, "log_batch", failing)
+    return original
+
+
+@pytest.mark.parametrize("where", ["not a folder", "full tmpfs"])
+def test_an_outcome_file_that_cannot_be_written_logs_straight_to_the_store(tiny_gpt2, store, monkeypatch, where,
+                                                                            request):
+    folder = "/etc/hostname/x" if where == "not a folder" else str(request.getfixturevalue("full_tmpfs") / "out")
+    monkeypatch.setenv("AMREPRO_OUTCOMES", folder)
+    result = cli("run", "--model", tiny_gpt2, "--runs", "2", "--epochs", "2", "--dim", "3")
+    assert result.exit_code == 0, result.output
+    out = result.output.replace("\n", " ")
+    why = "Not a directory" if where == "not a folder" else "No space left on device"
+    assert f"warning: the outcome file {folder}/" in out and why in out and "logging straight to" in out
+    (parent,) = _parents(store)
+    assert parent.info.status == "FINISHED" and "stats/n_unique_tokens" in parent.data.metrics
+    assert [c.info.status for c in children_of(store, parent.info.run_id)] == ["FINISHED"] * 2
+    if where == "full tmpfs":  # the folder could be made, the file not: no half-written .partial is left
+        assert Path(folder).is_dir() and not list(Path(folder).iterdir())
+    assert not Path("amrepro-outcomes").exists()
+
+
+def test_when_the_outcome_file_and_the_store_both_fail_the_message_says_the_results_are_lost(
+        tiny_gpt2, store, monkeypatch):
+    monkeypatch.setenv("AMREPRO_OUTCOMES", "/etc/hostname/x")
+    _failing_log_batch(monkeypatch, lambda n, params: params.get("run_index") == "1")
+    result = cli("run", "--model", tiny_gpt2, "--runs", "2", "--epochs", "2", "--dim", "3")
+    assert result.exit_code == 3, result.output
+    out = result.output.replace("\n", " ")
+    assert "disk I/O error" in out and "The results not yet logged are LOST: the outcome file /etc/hostname/x/" in out
+    assert "Traceback" not in out and "amrepro log" not in out
+    assert not any(r.info.status == "RUNNING" for r in all_runs(store))

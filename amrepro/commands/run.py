@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .. import lean, outcome_file, report, signals
+from .. import lean, report
 from ..config import Config
 from ..context import Context
 from ..layout import log_outcome, run_name
@@ -27,12 +27,9 @@ def run(config: Config, experiment: str | None = None, layout: str = "seeds"):
         with report.epoch_progress(config.n_steps, config.runs) as on_epoch:
             outcome = execute(prep, on_epoch)
         env.update(gemm.tags())  # the GEMM kernel is chosen when the science starts: what it used
-        # The science is done: from here on it is never lost. Saved before the first store call (a Ctrl-C here
-        # waits for the file), removed after the last.
-        with signals.shielded():
-            frozen = pip_freeze()
-            ctx.outcome_path = outcome_file.save(outcome, parent, experiment_id, ctx.uri,
-                                                     config.to_params(), env, frozen)
+        # The science is done: from here on it is kept on disk until the last store write
+        frozen = pip_freeze()
+        ctx.keep(outcome, parent, experiment_id, config.to_params(), env, frozen)
         ctx.log(parent, tags=gemm.tags())  # after the file: a store that fails here loses nothing
         report.print_outcome(outcome, parent, ctx.uri)
         if layout == "lean":
