@@ -106,6 +106,9 @@ def compare(config: Config, methods_text: str, corpus_path: str = "", experiment
             with report.epoch_progress(c.n_steps, c.runs) as on_step:
                 outcome = execute(preps[m], on_step)
             wall = time.monotonic() - started
+            # this method's science is done: kept on disk until its last store write, as `amrepro run` does
+            # (a store that fails from here on: exit 3, `amrepro log FILE` logs it into this method run)
+            ctx.keep(outcome, method_run, experiment_id, c.to_params(), env, frozen)
             xent = prompt_xent(lm, torch.from_numpy(outcome.ids)) if causal else None
             rows.append(row(m, outcome, xent, wall))
             scalars = {"time/wall_s": wall}

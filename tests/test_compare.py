@@ -166,3 +166,34 @@ def test_a_corpus_that_is_not_a_regular_file_is_refused(tmp_path):
     for path, kind in ((tmp_path / "fifo", "is a FIFO"), ("/dev/zero", "is a device"), (tmp_path, "is a folder")):
         with pytest.raises(corpus.AmreproError, match=f"{kind}, not a regular file"):
             corpus.check(str(path))
+
+
+def test_a_store_that_fails_while_compare_logs_keeps_the_results_for_amrepro_log(tiny_gpt2, store, monkeypatch):
+    """Like `amrepro run`: exit 3, the failing method's outcome file, then `amrepro log FILE` logs it into its
+    method run under the compare's top run (before: exit 2 and every method's results lost)."""
+    original = MlflowClient.log_batch
+
+    def failing(self, run_id, metrics=(), params=(), tags=(), *args, **kwargs):
+        values = {p.key: p.value for p in params}
+        if values.get("method") == "pez" and values.get("run_index") == "1":  # pez's second seed run
+            raise RuntimeError("(sqlite3.OperationalError) disk I/O error")
+        return original(self, run_id, metrics, params, tags, *args, **kwargs)
+    monkeypatch.setattr(MlflowClient, "log_batch", failing)
+    result = cli("compare", "--model", tiny_gpt2, "--methods", "adam,pez", *TINY)
+    assert result.exit_code == 3, result.output
+    top, method_runs = _layout(store)
+    pez = method_runs["pez"].info.run_id
+    (path,) = Path("amrepro-outcomes").glob("*.npz")
+    assert path.name == f"{pez}.npz"  # adam's file was removed once adam was logged
+    out = result.output.replace("\n", " ")
+    assert "disk I/O error" in out and f"amrepro log amrepro-outcomes/{path.name}" in out
+    assert not any(r.info.status == "RUNNING" for r in all_runs(store))
+    assert method_runs["adam"].info.status == "FINISHED"
+    monkeypatch.setattr(MlflowClient, "log_batch", original)
+    logged = cli("log", str(path))
+    assert logged.exit_code == 0, logged.output
+    run = MlflowClient(store).get_run(pez)
+    assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == top.info.run_id
+    assert "stats/n_unique_tokens" in run.data.metrics
+    assert [c.info.status for c in children_of(store, pez)] == ["FINISHED"] * 2
+    assert not path.exists()

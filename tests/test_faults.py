@@ -498,3 +498,34 @@ def test_when_the_outcome_file_and_the_store_both_fail_the_message_says_the_resu
     assert "disk I/O error" in out and "The results not yet logged are LOST: the outcome file /etc/hostname/x/" in out
     assert "Traceback" not in out and "amrepro log" not in out
     assert not any(r.info.status == "RUNNING" for r in all_runs(store))
+
+
+def test_log_into_another_store_matches_the_experiment_by_name(tiny_gpt2, store, monkeypatch, tmp_path,
+                                                               empty_store_db):
+    """The file's experiment id names another team's private experiment in the other store: the parent goes to
+    the experiment of the file's NAME (created, then found), and an old file without a name to the default."""
+    import shutil
+
+    with monkeypatch.context() as patch:  # parent params, child 0, child 1, then child 2 fails
+        _failing_log_batch(patch, lambda n, params: n == 4)
+        result = cli("run", "--model", tiny_gpt2, "--runs", "3", "--epochs", "3", "--dim", "3", "--experiment", "team-a")
+    assert result.exit_code == 3, result.output
+    (path,) = Path("amrepro-outcomes").glob("*.npz")
+    other = copy_store(empty_store_db, tmp_path / "other.db")
+    client = MlflowClient(other)
+    private = client.create_experiment("private")
+    assert private == MlflowClient(store).get_experiment_by_name("team-a").experiment_id  # the same id
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
+    copies = [shutil.copy(path, tmp_path / f"copy{i}.npz") for i in range(2)]
+    old = _rewritten(path, tmp_path / "old.npz", lambda meta, arrays: meta.pop("experiment_name"))
+    for file, says in ((copies[0], "logging into the new experiment 'team-a'"),
+                       (copies[1], "logging into the existing experiment 'team-a'"),
+                       (old, "logging into the default experiment 'amrepro'")):
+        logged = cli("log", str(file))
+        assert logged.exit_code == 0, logged.output
+        assert says in logged.output.replace("\n", " "), logged.output
+    team_a = client.get_experiment_by_name("team-a").experiment_id
+    default = client.get_experiment_by_name("amrepro").experiment_id
+    assert not client.search_runs([private])  # another team's experiment is untouched
+    assert len([r for r in client.search_runs([team_a]) if "run_index" not in r.data.params]) == 2
+    assert len([r for r in client.search_runs([default]) if "run_index" not in r.data.params]) == 1

@@ -6,28 +6,67 @@ import os
 from pathlib import Path
 
 from .. import lean, outcome_file, report
-from ..context import Context
-from ..layout import LOGGED_FROM_TAG, log_outcome, run_name
+from ..context import Context, gone_reason
+from ..layout import LOGGED_FROM_TAG, PARENT_TAG, end_leftover, log_outcome, run_name
+from ..ownership import owner_alive
+from ..secrets import redact
 
 
 def log_file(path: str) -> None:
-    """Into the file's parent run when that still exists and is not FINISHED, else into a new parent; then
-    delete the file. Store: MLFLOW_TRACKING_URI, else the one the file was made for."""
+    """Into the file's parent run when that still exists and is not FINISHED, else into a new parent in the
+    file's experiment, found by name (line printed); then delete the file. Store: MLFLOW_TRACKING_URI, else the
+    one the file was made for."""
     saved = outcome_file.load(path)
     ctx = Context(uri=os.environ.get("MLFLOW_TRACKING_URI") or saved.tracking_uri)
     with ctx.session(attach=False, leftovers=False):
         ctx.outcome_path = Path(path)
         parent, experiment_id = ctx.reopen(saved.parent_id)
         if parent is None:
-            experiment_id = saved.experiment_id if ctx.store.experiment_exists(saved.experiment_id) else None
+            experiment_id = _experiment(ctx, saved)
             config = saved.outcome.config
             parent = ctx.start_parent(saved.params, {**saved.tags, LOGGED_FROM_TAG: saved.parent_id},
                                           run_name=run_name(config), experiment_id=experiment_id)
-            experiment_id = ctx.store.get(parent).experiment_id
         if saved.tags.get(lean.LAYOUT_TAG) == "lean":
             lean.log_run(ctx, parent, saved.outcome, saved.pip_freeze)
         else:
             log_outcome(ctx, parent, experiment_id, saved.outcome, saved.pip_freeze,
                         resume=parent == saved.parent_id)
+        _end_dead_top(ctx, parent)
     report.console.print(f"logged {saved.outcome.config.runs} runs into parent run {parent} in {ctx.uri}; "
                          f"{path} was removed.")
+
+
+def _experiment(ctx: Context, saved) -> str:
+    """The experiment of a new parent: the file's, matched by NAME (an experiment id of another store names
+    another team's experiment there), created when this store has none of that name; one line says which."""
+    name = saved.experiment_name
+    if name is None:  # a file written before the name was recorded: its id is right only in its own store
+        if redact(ctx.uri, mask="") == saved.tracking_uri and ctx.store.experiment_exists(saved.experiment_id):
+            _say(f"logging into experiment id {saved.experiment_id}, the one of the store the outcome file was made "
+                 "for (the file does not name its experiment: an older amrepro wrote it).")
+            return saved.experiment_id
+        experiment_id = ctx.write(ctx.store.experiment_id, None)
+        _say(f"the outcome file does not name its experiment (an older amrepro wrote it) and was made for "
+             f"{saved.tracking_uri}: logging into the default experiment "
+             f"{ctx.store.experiment_name(experiment_id)!r} (id {experiment_id}).")
+        return experiment_id
+    found = ctx.write(ctx.store.find_experiment, name)
+    experiment_id = found or ctx.write(ctx.store.experiment_id, name)
+    _say(f"logging into the {'existing' if found else 'new'} experiment {name!r} (id {experiment_id}) of {ctx.uri}, "
+         "matched by the name the outcome file records.")
+    return experiment_id
+
+
+def _end_dead_top(ctx: Context, parent: str) -> None:
+    """A compare's top run that could not be ended when the store went away (its process is gone): ended KILLED
+    now that its method run holds the results."""
+    top_id = ctx.store.get(parent).tags.get(PARENT_TAG)
+    top = ctx.store.get(top_id) if top_id else None
+    if top is not None and top.status == "RUNNING" and owner_alive(top.tags) is False:
+        end_leftover(ctx.store, top, gone_reason(top, "amrepro log"))
+        _say(f"ended the top run {top.id} KILLED: the process that made it is gone; its method run {parent} now "
+             "holds the logged results.")
+
+
+def _say(line: str) -> None:
+    report.console.print(line, soft_wrap=True, markup=False)
