@@ -3,6 +3,7 @@ method run reproduces bit-identically, the corpus yardstick is every window scor
 before any run exists, and a short end-to-end compare of all four methods runs on SmolLM2."""
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -190,8 +191,17 @@ def test_a_store_that_fails_while_compare_logs_keeps_the_results_for_amrepro_log
     assert not any(r.info.status == "RUNNING" for r in all_runs(store))
     assert method_runs["adam"].info.status == "FINISHED"
     monkeypatch.setattr(MlflowClient, "log_batch", original)
+    # a server that went away leaves the top run RUNNING (it could not be ended) with its process gone
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    client = MlflowClient(store)
+    client.update_run(top.info.run_id, "RUNNING")
+    client.set_tag(top.info.run_id, "amrepro.pid", str(gone.pid))
+    client.delete_tag(top.info.run_id, "amrepro.pid_start")
     logged = cli("log", str(path))
     assert logged.exit_code == 0, logged.output
+    assert f"ended the top run {top.info.run_id} KILLED" in logged.output.replace("\n", " ")
+    assert client.get_run(top.info.run_id).info.status == "KILLED"
     run = MlflowClient(store).get_run(pez)
     assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == top.info.run_id
     assert "stats/n_unique_tokens" in run.data.metrics
