@@ -51,8 +51,9 @@ class Context:
         self.n_stopped = 0  # runs it ended FAILED or KILLED on the way out of an error
         self.n_unended = 0  # open runs it could not end (the store itself failed)
         self._batch: dict | None = None  # see batched()
-        self.outcome_path = None  # the outcome file holding results not yet logged (keep() sets it)
-        self.unkept: str | None = None  # why the outcome file of results not yet logged could not be written
+        self.outcome_path = None  # the outcome file of the parent being logged (keep() sets it)
+        self.kept: list[Path] = []  # every outcome file kept and not yet logged (a sweep's chunk keeps several)
+        self.unkept: dict[str, str] = {}  # parent -> why its outcome file could not be written (not yet logged)
         self.experiment_name: str | None = None  # the top run's experiment (start_top), recorded in outcome files
         self.env: dict[str, str] = {}  # the environment tags of the top run (describe)
 
@@ -170,12 +171,23 @@ class Context:
             try:
                 self.outcome_path = outcome_file.save(outcome, parent, experiment_id, self.uri, params, tags, frozen,
                                                       self.experiment_name)
-                self.unkept = None
+                self.kept.append(self.outcome_path)
             except OSError as error:
                 self.outcome_path = None
-                self.unkept = f"{outcome_file.path_for(parent)} could not be written ({error.strerror or error})"
-                report.errors.print(f"warning: the outcome file {self.unkept}; logging straight to {self.uri} "
+                why = f"{outcome_file.path_for(parent)} could not be written ({error.strerror or error})"
+                self.unkept[parent] = why
+                report.errors.print(f"warning: the outcome file {why}; logging straight to {self.uri} "
                                     "(if the store fails too, these results are lost).", soft_wrap=True, markup=False)
+
+    def logged(self, parent: str) -> None:
+        """Every run of parent is logged: its outcome file (the one being logged, outcome_path) goes; nothing of it
+        is kept any longer, and nothing of it can be lost."""
+        with signals.shielded():
+            path, self.outcome_path = self.outcome_path, None
+            if path is not None:
+                Path(path).unlink(missing_ok=True)
+                self.kept = [p for p in self.kept if p != path]
+            self.unkept.pop(parent, None)
 
     def start_child(self, parent_id: str, name: str, params: dict[str, str], experiment_id: str | None = None) -> str:
         """A child run with its params; inside batched(run) the params wait for the run's one log_batch."""
@@ -277,13 +289,14 @@ def saying_what_was_saved(ctx: Context):
     except Exception as error:  # noqa: BLE001
         if not hasattr(error, "amrepro_store_seconds"):
             raise
-        if ctx.outcome_path is None and ctx.unkept is None:  # nothing computed yet: the store is simply unusable
+        if ctx.outcome_path is None and not ctx.kept and not ctx.unkept:  # nothing computed yet: store unusable
             raise AmreproError(store_problem(error, ctx.uri) + ".") from None
         raise StoreLost(f"{store_problem(error, ctx.uri)}; {_what_was_saved(ctx)}") from None
 
 
 def _what_was_saved(ctx: Context) -> str:
     path = ctx.outcome_path
+    kept = [p for p in (ctx.kept or ([path] if path is not None else [])) if Path(p).exists()]
     if not (ctx.n_finished or ctx.n_stopped or ctx.n_unended or path or ctx.unkept):
         return "nothing was logged yet."
     text = (f"{ctx.n_finished} finished run(s) kept, {ctx.n_stopped} unfinished run(s) marked KILLED in "
@@ -291,10 +304,13 @@ def _what_was_saved(ctx: Context) -> str:
     if ctx.n_unended:
         text = (text[:-1] + f", {ctx.n_unended} could not be ended (the store failed) and stay RUNNING until "
                 "`amrepro doctor` (or the next amrepro command on this host) ends them.")
-    if path is not None and Path(path).exists():
-        text += f" Every result is kept in {path}: `amrepro log {path}` logs it."
-    elif ctx.unkept:
-        text += f" The results not yet logged are LOST: the outcome file {ctx.unkept}."
+    if len(kept) == 1:
+        text += f" Every result is kept in {kept[0]}: `amrepro log {kept[0]}` logs it."
+    elif kept:
+        text += (f" The results not yet logged are kept in {len(kept)} outcome files: `amrepro log FILE` logs each "
+                 f"of {', '.join(map(str, kept))}.")
+    if ctx.unkept:
+        text += f" The results not yet logged are LOST: the outcome file {'; '.join(ctx.unkept.values())}."
     return text
 
 

@@ -132,9 +132,7 @@ def log_outcome(ctx, parent: str, experiment_id: str, outcome, frozen: bytes, re
         log_parent_run(ctx, parent, outcome, frozen)
         with signals.shielded():  # a parent that is ended has no outcome file left, whenever a Ctrl-C comes
             ctx.end(parent, "FAILED" if outcome.summary["statistics"] is None else "FINISHED")
-            if path is not None:
-                path.unlink(missing_ok=True)
-            ctx.outcome_path = ctx.unkept = None  # all is logged: nothing is kept, nothing can be lost
+            ctx.logged(parent)
     if outcome.summary["statistics"] is None:
         raise NoResult(f"all {config.runs} runs diverged ({outcome.diverged[0]}), so there is nothing to "
                        "compare; lower --lr or --l2. The runs are marked FAILED.")
@@ -285,6 +283,10 @@ def discard(store, run, why: str) -> None:
             store.end(child.id, "KILLED")
         store.delete(child.id)
     store.set_tag(run.id, ERROR_TAG, why[:TAG_LIMIT])
+    # the target is redone (bit-identically): an outcome file of this parent would log a second parent of it
+    from . import outcome_file
+
+    outcome_file.path_for(run.id).unlink(missing_ok=True)
     if run.status == "RUNNING":
         store.end(run.id, "KILLED")
     store.delete(run.id)

@@ -262,10 +262,7 @@ def log_run(ctx, parent: str, outcome, frozen: bytes) -> None:
     from .config import NoResult
 
     log_target(ctx, parent, outcome, frozen)
-    with signals.shielded():
-        if ctx.outcome_path is not None:
-            ctx.outcome_path.unlink(missing_ok=True)
-            ctx.outcome_path = None
+    ctx.logged(parent)
     if outcome.summary["statistics"] is None:
         raise NoResult(f"all {outcome.config.runs} runs diverged ({outcome.diverged[0]}), so there is nothing to "
                        "compare; lower --lr or --l2. The run is marked FAILED.")

@@ -18,10 +18,11 @@ import os
 import re
 import zlib
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import numpy as np
 
-from . import features, layout, lean
+from . import features, layout, lean, signals
 from .config import AmreproError, Config, _unquote
 from .nulls import binomial_tail
 from .stats import ALPHA, CLAIMS, PRIMARY, REGISTRY, REPRODUCIBILITY
@@ -107,7 +108,7 @@ class Worker:
     """Loads the model once, then runs chunks of targets: one batch each, logged target by target."""
 
     def __init__(self, config: Config, uri: str, experiment_id: str, sweep_id: str, frozen: bytes, lm=None,
-                 target_layout: str = "seeds"):
+                 target_layout: str = "seeds", keep: bool = False):
         import torch
 
         from .context import Context, environment_tags
@@ -123,12 +124,16 @@ class Worker:
         self.lm = lm or load_model(config.model, device)
         self.ctx = Context(uri=uri)
         self.env = environment_tags(self.lm)
+        # --workers 0 keeps each target's outcome file, as `amrepro run` does (a store that fails: exit 3, then
+        # `amrepro log FILE`); a Ray worker keeps none: Ray recomputes a dead worker's chunk
+        self.keep = keep
 
     def run_chunk(self, names: list[str]) -> dict:
         """Optimize and log the targets of a chunk that have no FINISHED parent yet: {"logged": names,
         "seconds": {"science": the null's pool + optimize + decode + statistics, "tracking": lookups, run creation,
         logging}}."""
         import time
+        from .context import saying_what_was_saved
         from .experiment import execute_many, prepare_many
 
         ctx, started = self.ctx, time.perf_counter()
@@ -148,13 +153,22 @@ class Worker:
         preps = prepare_many(self.config, todo, self.lm)  # science too: it draws and decodes the null's starts
         science = time.perf_counter() - before
         batch = layout.batch_tag([p.target for p in preps]) if preps else ""
-        with ctx:  # an exception ends this chunk's open runs FAILED (a dead process leaves them to discard())
+        # an exception ends this chunk's open runs FAILED (a dead process leaves them to discard()); with keep, a
+        # store that fails after the science is StoreLost naming the kept files
+        with saying_what_was_saved(ctx) if self.keep else nullcontext(), ctx:
             parents = [self._start(p, {**self.env, layout.SWEEP_TAG: self.sweep_id, layout.TARGET_TAG: p.target.name,
                                        layout.BATCH_TAG: batch, layout.PARENT_TAG: self.sweep_id}) for p in preps]
             before = time.perf_counter()
             outcomes = execute_many(preps)
             science += time.perf_counter() - before
+            paths = {}
+            for parent, prep, outcome in zip(parents, preps, outcomes):
+                if self.keep:
+                    tags = {**self.env, **({lean.LAYOUT_TAG: "lean"} if self.target_layout == "lean" else {})}
+                    ctx.keep(outcome, parent, self.experiment_id, prep.config.to_params(), tags, self.frozen)
+                    paths[parent] = ctx.outcome_path
             for parent, outcome in zip(parents, outcomes):
+                ctx.outcome_path = paths.get(parent)
                 self._log(parent, outcome)
         return {"logged": [p.target.name for p in preps],
                 "seconds": {"science": science, "tracking": time.perf_counter() - started - science}}
@@ -167,16 +181,19 @@ class Worker:
                                      experiment_id=self.experiment_id)
 
     def _log(self, parent: str, outcome) -> None:
-        """What `amrepro run` logs (layout.log_seed_run, log_parent_run), straight from memory: a dead worker's
-        chunk is recomputed by Ray, so no outcome file is kept. Lean: lean.log_target."""
+        """What `amrepro run` logs (layout.log_seed_run, log_parent_run; lean: lean.log_target); then its outcome
+        file (--workers 0) goes."""
         if self.target_layout == "lean":
             lean.log_target(self.ctx, parent, outcome, self.frozen, params=outcome.config.to_params())
+            self.ctx.logged(parent)
             return
         for r in range(outcome.config.runs):
             layout.log_seed_run(self.ctx, parent, self.experiment_id, outcome, r)
         layout.log_parent_run(self.ctx, parent, outcome, self.frozen)
         no_result = outcome.summary["statistics"] is None
-        self.ctx.end(parent, "FAILED" if no_result else "FINISHED")
+        with signals.shielded():  # an ended parent has no outcome file left
+            self.ctx.end(parent, "FAILED" if no_result else "FINISHED")
+            self.ctx.logged(parent)
 
 
 # --- running the chunks -----------------------------------------------------------------------------------
@@ -279,7 +296,7 @@ def run_chunks(work: list[list[Target]], config: Config, uri: str, experiment_id
             on_chunk(out["logged"])
 
     if workers == 0:
-        worker = Worker(config, uri, experiment_id, sweep_id, frozen, lm=lm, target_layout=target_layout)
+        worker = Worker(config, uri, experiment_id, sweep_id, frozen, lm=lm, target_layout=target_layout, keep=True)
         for chunk in names:
             done(worker.run_chunk(chunk))
         return failures, seconds

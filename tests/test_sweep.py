@@ -179,3 +179,31 @@ def test_workers_beyond_the_cores_are_said(tiny_gpt2):
     assert note.startswith("note: 4 workers on 2 cores")
     assert check_workers(lm, targets, config, 2, 0, cpus=2, local=False) is None
     assert check_workers(lm, targets, config, 64, 0, cpus=2, local=False).startswith("note: 8 workers")  # 8 chunks
+
+
+def test_a_store_that_fails_while_a_sweep_logs_keeps_the_target_for_amrepro_log(tiny_gpt2, store, monkeypatch):
+    """--workers 0 keeps each target's outcome file like `amrepro run`: exit 3 (before: exit 2, results lost),
+    `amrepro log FILE` logs the target into its parent, and --resume then finds every target done."""
+    original = MlflowClient.log_batch
+
+    def failing(self, run_id, metrics=(), params=(), tags=(), *args, **kwargs):
+        values = {p.key: p.value for p in params}
+        if values.get("target_name") == "blocks.4.hook_resid_pre[1]" and values.get("run_index") == "1":
+            raise RuntimeError("(sqlite3.OperationalError) disk I/O error")
+        return original(self, run_id, metrics, params, tags, *args, **kwargs)
+    monkeypatch.setattr(MlflowClient, "log_batch", failing)
+    result = cli("sweep", "--model", tiny_gpt2, "--targets", "blocks.4.hook_resid_pre[0:2]", *ARGS)
+    assert result.exit_code == 3, result.output
+    sweep, parents = _sweep_runs(store)
+    (failed,) = [p for p in parents if p.info.status != "FINISHED"]
+    (path,) = Path("amrepro-outcomes").glob("*.npz")  # the first target's file was removed once it was logged
+    assert path.name == f"{failed.info.run_id}.npz"
+    assert f"amrepro log amrepro-outcomes/{path.name}" in result.output.replace("\n", " ")
+    assert not any(r.info.status == "RUNNING" for r in all_runs(store))
+    monkeypatch.setattr(MlflowClient, "log_batch", original)
+    logged = cli("log", str(path))
+    assert logged.exit_code == 0, logged.output
+    assert MlflowClient(store).get_run(failed.info.run_id).info.status == "FINISHED"
+    assert [c.info.status for c in children_of(store, failed.info.run_id)] == ["FINISHED"] * 2
+    resumed = cli("sweep", "--resume", sweep.info.run_id)
+    assert resumed.exit_code == 0 and "2 already done, 0 to run" in resumed.output, resumed.output
