@@ -529,3 +529,21 @@ def test_log_into_another_store_matches_the_experiment_by_name(tiny_gpt2, store,
     assert not client.search_runs([private])  # another team's experiment is untouched
     assert len([r for r in client.search_runs([team_a]) if "run_index" not in r.data.params]) == 2
     assert len([r for r in client.search_runs([default]) if "run_index" not in r.data.params]) == 1
+
+
+def test_runs_the_store_cannot_end_are_reported_as_running(tiny_gpt2, store, monkeypatch):
+    """A server that is gone cannot end the open runs: the message says they stay RUNNING and what ends them."""
+    _failing_log_batch(monkeypatch, lambda n, params: params.get("run_index") == "1")
+
+    def down(self, *args, **kwargs):
+        raise RuntimeError("Connection refused")
+    original_end = MlflowClient.set_terminated
+    monkeypatch.setattr(MlflowClient, "set_tag", down)  # the error tag, then set_terminated: both refused
+    monkeypatch.setattr(MlflowClient, "set_terminated", lambda self, run_id, status=None, *a, **k: (
+        down(self) if status in ("FAILED", "KILLED") else original_end(self, run_id, status, *a, **k)))
+    result = cli("run", "--model", tiny_gpt2, "--runs", "2", "--epochs", "2", "--dim", "3")
+    assert result.exit_code == 3, result.output
+    out = result.output.replace("\n", " ")
+    assert "2 could not be ended (the store failed) and stay RUNNING until `amrepro doctor`" in out, out
+    assert "Every result is kept in" in out
+    assert sum(r.info.status == "RUNNING" for r in all_runs(store)) == 2  # the parent and the seed run
