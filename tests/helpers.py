@@ -141,3 +141,19 @@ def start_mlflow_server(backend_uri: str, folder: Path, port: int, timeout: floa
             raise AssertionError(f"mlflow server did not start (exit code {proc.poll()}); its log:\n"
                                  + (folder / "server.log").read_text()[-4000:])
         time.sleep(0.2)
+
+
+def failing_log_batch(monkeypatch, when):
+    """MlflowClient.log_batch raises a disk I/O error on the calls when(call number, {param: value}) picks (a store
+    that fails mid-logging); returns the original."""
+    from mlflow import MlflowClient
+
+    original, seen = MlflowClient.log_batch, []
+
+    def failing(self, run_id, metrics=(), params=(), tags=(), *args, **kwargs):
+        seen.append(run_id)
+        if when(len(seen), {p.key: p.value for p in params}):
+            raise RuntimeError("(sqlite3.OperationalError) disk I/O error")
+        return original(self, run_id, metrics, params, tags, *args, **kwargs)
+    monkeypatch.setattr(MlflowClient, "log_batch", failing)
+    return original

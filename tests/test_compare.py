@@ -15,7 +15,7 @@ from amrepro.model import load_model
 from amrepro.readers import HookedReader
 from amrepro.targets import Target
 from conftest import SMOL, smollm2_gguf
-from helpers import all_runs, children_of, cli
+from helpers import all_runs, children_of, cli, failing_log_batch
 
 CORPUS = str(Path(__file__).parent / "data" / "corpus.txt")
 TINY = ("--runs", "2", "--dim", "3", "--epochs", "10", "--lr", "0.01", "--steps", "4", "--epo-steps", "2",
@@ -172,14 +172,8 @@ def test_a_corpus_that_is_not_a_regular_file_is_refused(tmp_path):
 def test_a_store_that_fails_while_compare_logs_keeps_the_results_for_amrepro_log(tiny_gpt2, store, monkeypatch):
     """Like `amrepro run`: exit 3, the failing method's outcome file, then `amrepro log FILE` logs it into its
     method run under the compare's top run (before: exit 2 and every method's results lost)."""
-    original = MlflowClient.log_batch
-
-    def failing(self, run_id, metrics=(), params=(), tags=(), *args, **kwargs):
-        values = {p.key: p.value for p in params}
-        if values.get("method") == "pez" and values.get("run_index") == "1":  # pez's second seed run
-            raise RuntimeError("(sqlite3.OperationalError) disk I/O error")
-        return original(self, run_id, metrics, params, tags, *args, **kwargs)
-    monkeypatch.setattr(MlflowClient, "log_batch", failing)
+    original = failing_log_batch(  # pez's second seed run
+        monkeypatch, lambda n, values: values.get("method") == "pez" and values.get("run_index") == "1")
     result = cli("compare", "--model", tiny_gpt2, "--methods", "adam,pez", *TINY)
     assert result.exit_code == 3, result.output
     top, method_runs = _layout(store)

@@ -12,7 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 from forked import Amrepro
-from helpers import all_runs, children_of, cli, copy_store, free_port, wait_for
+from helpers import all_runs, children_of, cli, copy_store, failing_log_batch, free_port, wait_for
 
 
 def _env(uri, **extra):
@@ -457,19 +457,6 @@ def full_tmpfs(tmp_path):
         subprocess.run(["umount", str(mount)], check=True)
 
 
-def _failing_log_batch(monkeypatch, when):
-    """MlflowClient.log_batch raises a disk I/O error on the calls when(call number, params) picks."""
-    original, seen = MlflowClient.log_batch, []
-
-    def failing(self, run_id, metrics=(), params=(), tags=(), *args, **kwargs):
-        seen.append(run_id)
-        if when(len(seen), {p.key: p.value for p in params}):
-            raise RuntimeError("(sqlite3.OperationalError) disk I/O error")
-        return original(self, run_id, metrics, params, tags, *args, **kwargs)
-    monkeypatch.setattr(MlflowClient, "log_batch", failing)
-    return original
-
-
 @pytest.mark.parametrize("where", ["not a folder", "full tmpfs"])
 def test_an_outcome_file_that_cannot_be_written_logs_straight_to_the_store(tiny_gpt2, store, monkeypatch, where,
                                                                             request):
@@ -491,7 +478,7 @@ def test_an_outcome_file_that_cannot_be_written_logs_straight_to_the_store(tiny_
 def test_when_the_outcome_file_and_the_store_both_fail_the_message_says_the_results_are_lost(
         tiny_gpt2, store, monkeypatch):
     monkeypatch.setenv("AMREPRO_OUTCOMES", "/etc/hostname/x")
-    _failing_log_batch(monkeypatch, lambda n, params: params.get("run_index") == "1")
+    failing_log_batch(monkeypatch, lambda n, params: params.get("run_index") == "1")
     result = cli("run", "--model", tiny_gpt2, "--runs", "2", "--epochs", "2", "--dim", "3")
     assert result.exit_code == 3, result.output
     out = result.output.replace("\n", " ")
@@ -507,7 +494,7 @@ def test_log_into_another_store_matches_the_experiment_by_name(tiny_gpt2, store,
     import shutil
 
     with monkeypatch.context() as patch:  # parent params, child 0, child 1, then child 2 fails
-        _failing_log_batch(patch, lambda n, params: n == 4)
+        failing_log_batch(patch, lambda n, params: n == 4)
         result = cli("run", "--model", tiny_gpt2, "--runs", "3", "--epochs", "3", "--dim", "3", "--experiment", "team-a")
     assert result.exit_code == 3, result.output
     (path,) = Path("amrepro-outcomes").glob("*.npz")
@@ -533,7 +520,7 @@ def test_log_into_another_store_matches_the_experiment_by_name(tiny_gpt2, store,
 
 def test_runs_the_store_cannot_end_are_reported_as_running(tiny_gpt2, store, monkeypatch):
     """A server that is gone cannot end the open runs: the message says they stay RUNNING and what ends them."""
-    _failing_log_batch(monkeypatch, lambda n, params: params.get("run_index") == "1")
+    failing_log_batch(monkeypatch, lambda n, params: params.get("run_index") == "1")
 
     def down(self, *args, **kwargs):
         raise RuntimeError("Connection refused")

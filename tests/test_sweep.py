@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 from amrepro.config import AmreproError, Config
 from amrepro.sweep import chunks, parse_targets
 from amrepro.targets import Target
-from helpers import all_runs, children_of, cli
+from helpers import all_runs, children_of, cli, failing_log_batch
 
 SPEC = "blocks.4.hook_resid_pre[0:2],blocks.5.mlp.hook_post[random:1]"
 ARGS = ["--runs", "2", "--epochs", "8", "--lr", "0.05", "--layout", "seeds"]  # lean: tests/test_lean.py
@@ -184,14 +184,8 @@ def test_workers_beyond_the_cores_are_said(tiny_gpt2):
 def test_a_store_that_fails_while_a_sweep_logs_keeps_the_target_for_amrepro_log(tiny_gpt2, store, monkeypatch):
     """--workers 0 keeps each target's outcome file like `amrepro run`: exit 3 (before: exit 2, results lost),
     `amrepro log FILE` logs the target into its parent, and --resume then finds every target done."""
-    original = MlflowClient.log_batch
-
-    def failing(self, run_id, metrics=(), params=(), tags=(), *args, **kwargs):
-        values = {p.key: p.value for p in params}
-        if values.get("target_name") == "blocks.4.hook_resid_pre[1]" and values.get("run_index") == "1":
-            raise RuntimeError("(sqlite3.OperationalError) disk I/O error")
-        return original(self, run_id, metrics, params, tags, *args, **kwargs)
-    monkeypatch.setattr(MlflowClient, "log_batch", failing)
+    original = failing_log_batch(monkeypatch, lambda n, values: values.get("run_index") == "1"
+                                 and values.get("target_name") == "blocks.4.hook_resid_pre[1]")
     result = cli("sweep", "--model", tiny_gpt2, "--targets", "blocks.4.hook_resid_pre[0:2]", *ARGS)
     assert result.exit_code == 3, result.output
     sweep, parents = _sweep_runs(store)
