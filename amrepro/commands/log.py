@@ -8,13 +8,15 @@ from pathlib import Path
 from .. import lean, outcome_file, report
 from ..context import Context
 from ..layout import LOGGED_FROM_TAG, log_outcome, run_name
+from ..ownership import refuse_live_id
 
 
-def log_file(path: str) -> None:
+def log_file(path: str, force: bool = False) -> None:
     """Into the file's parent run when that still exists and is not FINISHED, else into a new parent; then
     delete the file. Store: MLFLOW_TRACKING_URI, else the one the file was made for."""
     saved = outcome_file.load(path)
     ctx = Context(uri=os.environ.get("MLFLOW_TRACKING_URI") or saved.tracking_uri)
+    refuse_live_id(ctx.store, saved.parent_id, f"`amrepro log {path}`", force)  # its `run` may still be logging
     with ctx.session(attach=False, leftovers=False):
         ctx.outcome_path = Path(path)
         parent, experiment_id = ctx.reopen(saved.parent_id)
