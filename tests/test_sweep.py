@@ -260,7 +260,7 @@ def test_sigterm_under_ray_kills_every_run_and_the_workers_then_resume_finishes(
     env["AMREPRO_TEST_RAY_MARK"] = str(tmp_path)
     spec = "blocks.4.hook_resid_pre[0:3],blocks.5.mlp.hook_post[0:1]"  # 4 one-target chunks for 2 workers
     driver = Amrepro(["sweep", "--model", tiny_gpt2, "--targets", spec, "--runs", "2", "--epochs", "300",
-                      "--lr", "0.01", "--workers", "2", "--chunk", "1"], env, tmp_path)
+                      "--lr", "0.01", "--workers", "2", "--chunk", "1", "--layout", "seeds"], env, tmp_path)
     client = MlflowClient(store)
 
     def running_parents():
