@@ -20,6 +20,10 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
 
 
 
+_FORCE_HELP = ("Touch RUNNING runs whose process cannot be checked from this host (another host, no pid tag); "
+               "runs whose process is alive here are never touched.")
+
+
 @app.callback()
 def _root() -> None:
     """Is activation maximization reproducible? Optimize one neuron's input from many seeds, decode, compare,
@@ -143,6 +147,7 @@ def sweep(
                                         "with its own params (the other science options are ignored)."),
     experiment: str = typer.Option("", help=_EXPERIMENT_HELP),
     layout: str = typer.Option("lean", help=_LAYOUT_HELP + " --resume keeps the sweep's own."),
+    force: bool = typer.Option(False, help=_FORCE_HELP),
 ):
     """Run many targets: a sweep run, one parent per target (lean: with a per-seed table; seeds: a child per
     seed, as `amrepro run`); a table, sweep/* metrics and a map on the sweep run."""
@@ -152,7 +157,7 @@ def sweep(
         errors.print("error: --targets is required (or --resume SWEEP_RUN_ID).", soft_wrap=True, markup=False)
         raise typer.Exit(2)
     _guard("commands.sweep", "sweep", config, targets, workers, ray_address or None, chunk, resume or None,
-             experiment or None, layout)
+             experiment or None, layout, force)
 
 
 @app.command()
@@ -182,11 +187,12 @@ def reproduce(
 
 
 @app.command("log")
-def log_(file: str = typer.Argument(..., help="An outcome file, amrepro-outcomes/<parent run id>.npz.")):
+def log_(file: str = typer.Argument(..., help="An outcome file, amrepro-outcomes/<parent run id>.npz."),
+         force: bool = typer.Option(False, help=_FORCE_HELP)):
     """Log the results an interrupted or disconnected `amrepro run` kept in an outcome file (into its parent run
     when that still exists and is not FINISHED, else a new one), end the runs FINISHED and delete the file.
     Store: MLFLOW_TRACKING_URI, else the one the file was made for."""
-    _guard("commands.log", "log_file", file)
+    _guard("commands.log", "log_file", file, force)
 
 
 @app.command()

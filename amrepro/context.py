@@ -49,6 +49,7 @@ class Context:
         self.attached: str | None = None
         self.n_finished = 0  # runs this context ended FINISHED (they stay so, whatever happens next)
         self.n_stopped = 0  # runs it ended FAILED or KILLED on the way out of an error
+        self.stopped_as = "KILLED"  # ... and which: KILLED (Ctrl-C, SIGTERM) or FAILED (an error, a store lost)
         self.n_unended = 0  # open runs it could not end (the store itself failed)
         self._batch: dict | None = None  # see batched()
         self.outcome_path = None  # the outcome file of the parent being logged (keep() sets it)
@@ -89,7 +90,7 @@ class Context:
         if kind is None:
             return
         self._batch = None
-        status = "KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED"
+        status = self.stopped_as = "KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED"
         if status == "KILLED":
             message = "terminated (SIGTERM)" if issubclass(kind, signals.Terminated) else "interrupted (Ctrl-C)"
         else:
@@ -299,7 +300,7 @@ def _what_was_saved(ctx: Context) -> str:
     kept = [p for p in (ctx.kept or ([path] if path is not None else [])) if Path(p).exists()]
     if not (ctx.n_finished or ctx.n_stopped or ctx.n_unended or path or ctx.unkept):
         return "nothing was logged yet."
-    text = (f"{ctx.n_finished} finished run(s) kept, {ctx.n_stopped} unfinished run(s) marked KILLED in "
+    text = (f"{ctx.n_finished} finished run(s) kept, {ctx.n_stopped} unfinished run(s) marked {ctx.stopped_as} in "
             f"{ctx.uri}.")
     if ctx.n_unended:
         text = (text[:-1] + f", {ctx.n_unended} could not be ended (the store failed) and stay RUNNING until "

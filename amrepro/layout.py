@@ -28,7 +28,7 @@ import numpy as np
 
 from . import report, signals
 from .config import AmreproError, Config, NoResult
-from .ownership import HOST_TAG, PID_START_TAG, PID_TAG, owner_alive  # process tags: amrepro.host, .pid, .pid_start
+from .ownership import HOST_TAG, PID_START_TAG, PID_TAG, owner_alive, refuse_live  # process tags: amrepro.host, .pid, .pid_start
 
 # --- names ------------------------------------------------------------------------------------------------
 TAG_LIMIT = 5000  # characters MLflow keeps of a tag value
@@ -277,7 +277,9 @@ def end_leftover(store, run, why: str) -> None:
 
 def discard(store, run, why: str) -> None:
     """A target parent (and its seed runs) that a dead worker or an interrupted sweep left unfinished: ended
-    KILLED with the reason, then deleted, so the target is redone by one new parent, never counted twice."""
+    KILLED with the reason, then deleted, so the target is redone by one new parent, never counted twice.
+    Never one whose process is alive on this host (a sweep still running): refused in one sentence."""
+    refuse_live([run], f"redoing its target {run.tags.get(TARGET_TAG)}", force=True)
     for child in children(store, run.id, run.experiment_id):
         if child.status == "RUNNING":
             store.end(child.id, "KILLED")

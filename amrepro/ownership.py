@@ -42,3 +42,32 @@ def owner_alive(tags: dict[str, str]) -> bool | None:
         pass  # alive, owned by another user
     started = tags.get(PID_START_TAG, "")
     return not started or _process_start(pid) in ("", started)
+
+
+def refuse_live(runs, doing: str, force: bool = False) -> None:
+    """Before `--resume`, `log` or a discard touches runs: refuse (AmreproError, one sentence) when one is RUNNING
+    and its process is alive on this host, or cannot be checked from here (another host, no process tags)
+    unless force (as `amrepro doctor --all`). runs: records with .id, .status and .tags."""
+    from .config import AmreproError
+
+    for run in runs:
+        if run.status != "RUNNING":
+            continue
+        alive, tags = owner_alive(run.tags), run.tags
+        if alive:
+            raise AmreproError(f"run {run.id} is still being written by amrepro process {tags[PID_TAG]} on this "
+                               f"host; {doing} now would destroy its work: let it finish, or stop it (kill "
+                               f"{tags[PID_TAG]}) and try again.")
+        if alive is None and not force:
+            where = (f"pid {tags[PID_TAG]} on {tags.get(HOST_TAG)}" if PID_TAG in tags else "no process tags")
+            raise AmreproError(f"run {run.id} is RUNNING and its process ({where}) cannot be checked from {HOST}; "
+                               f"if it is gone, {doing} with --force.")
+
+
+def refuse_live_id(store, run_id: str, doing: str, force: bool = False) -> None:
+    """refuse_live for one run id; a run the store does not have is nobody's live work."""
+    try:
+        run = store.get(run_id)
+    except Exception:  # noqa: BLE001 - no such run here (the store answering was checked when connecting)
+        return
+    refuse_live([run], doing, force)

@@ -29,9 +29,12 @@ _pending: int | None = None  # a signal that arrived while shielded, raised when
 _on_first_interrupt: Callable[[], str] | None = None  # logging phase: the message the first Ctrl-C prints
 _interrupts = 0  # Ctrl-C presses seen during the logging phase
 _ignoring = False  # while open runs are being ended after an interrupt: more signals cannot make it better
+_raised: int | None = None  # the signal last raised as an exception
 
 
 def _raise_for(signum: int):
+    global _raised
+    _raised = signum
     if signum == signal.SIGTERM:
         raise Terminated("terminated (SIGTERM)")
     raise KeyboardInterrupt()
@@ -63,6 +66,14 @@ def install() -> None:
         return
     signal.signal(signal.SIGINT, _handler)
     signal.signal(signal.SIGTERM, _handler)
+
+
+def as_raised(interrupt: KeyboardInterrupt) -> KeyboardInterrupt:
+    """The exception the last signal raised: Ray turns any exception of a handler run inside ray.wait/get
+    into a plain KeyboardInterrupt, which would make a SIGTERM exit 130."""
+    if _raised == signal.SIGTERM and not isinstance(interrupt, Terminated):
+        return Terminated("terminated (SIGTERM)")
+    return interrupt
 
 
 @contextmanager

@@ -29,6 +29,7 @@ from .stats import ALPHA, CLAIMS, PRIMARY, REGISTRY, REPRODUCIBILITY
 from .targets import ALL_SITES, Target, check_target
 
 MAX_RETRIES = 3  # Ray restarts of a dead worker, and retries of the chunk it held
+KILL_WAIT_SECONDS = 30  # after Ctrl-C/SIGTERM, how long the killed workers are waited for
 CHUNK_MAX = 64  # targets per batch by default: one forward for 64 x runs rows, and little rework after a death
 _RANDOM_STREAM = 0x5EE9  # numpy stream of --targets [random:K], apart from the controls' stream
 _ITEM = re.compile(r"blocks\.(\d+)\.([a-z_.]+)(@sae:.+)?\[([^\]]*)\]")  # the site's dims, or an SAE's latents
@@ -86,14 +87,12 @@ def parse_targets(spec: str, width: Callable[[int, str], int], n_layers: int, se
 
 
 def chunks(targets: list[Target], size: int) -> list[list[Target]]:
-    """Consecutive targets of one site, at most size per chunk (a batch reads one site, experiment.py)."""
-    out: list[list[Target]] = []
+    """The targets of one site together (a batch reads one site, experiment.py), at most size per chunk: the
+    sites in the order they first appear, each site's targets in the user's order, wherever they are listed."""
+    by_site: dict[tuple, list[Target]] = {}
     for target in targets:
-        if out and len(out[-1]) < size and out[-1][0].batch_key == target.batch_key:
-            out[-1].append(target)
-        else:
-            out.append([target])
-    return out
+        by_site.setdefault(target.batch_key, []).append(target)
+    return [same[i:i + size] for same in by_site.values() for i in range(0, len(same), size)]
 
 
 def chunk_size(n_targets: int, workers: int, requested: int = 0) -> int:
@@ -276,6 +275,10 @@ def start_ray(address: str | None, workers: int, threads: int):
     except Exception as error:  # noqa: BLE001 - ConnectionError, a bad address, ...
         raise AmreproError(f"cannot start or join Ray{' at ' + address if address else ''}: "
                            f"{str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__}") from None
+    finally:
+        # ray.init replaces the SIGTERM handler with its own (a native stack dump, exit 134, every run left
+        # RUNNING): amrepro's come back, so SIGTERM and Ctrl-C end the sweep as with --workers 0
+        signals.install()
     return ray
 
 
@@ -310,7 +313,24 @@ def run_chunks(work: list[list[Target]], config: Config, uri: str, experiment_id
                                         max_task_retries=MAX_RETRIES)
     actors = [remote.remote(config, uri, experiment_id, sweep_id, frozen, target_layout=target_layout)
               for _ in range(min(workers, len(names)))]
-    queue, pending = list(names), {}
+    pending: dict = {}  # chunk in flight -> (its actor, its names)
+    try:
+        _drive(actors, list(names), pending, done, failures)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the workers stop now (killed, never restarted), and are waited
+        with signals.ignored():  # for (their chunks fail once they are dead), so that none writes after the
+            for actor in actors:  # caller has ended the runs they left open (commands.sweep)
+                ray.kill(actor, no_restart=True)
+            if pending:
+                ray.wait(list(pending), num_returns=len(pending), timeout=KILL_WAIT_SECONDS)
+        raise
+    return failures, seconds
+
+
+def _drive(actors: list, queue: list[list[str]], pending: dict, done: Callable[[dict], None],
+           failures: list[str]) -> None:
+    """Give every actor a chunk, and the next one whenever it is done, until the queue is empty."""
+    import ray
+
     for actor in actors:
         if queue:
             chunk = queue.pop(0)
@@ -330,7 +350,6 @@ def run_chunks(work: list[list[Target]], config: Config, uri: str, experiment_id
             pending[actor.run_chunk.remote(next_chunk)] = (actor, next_chunk)
     if queue:  # every worker died for good
         failures.append(f"{sum(len(c) for c in queue)} targets were not started: no worker was left")
-    return failures, seconds
 
 
 def _first_line(error: BaseException) -> str:

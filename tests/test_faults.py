@@ -534,3 +534,51 @@ def test_runs_the_store_cannot_end_are_reported_as_running(tiny_gpt2, store, mon
     assert "2 could not be ended (the store failed) and stay RUNNING until `amrepro doctor`" in out, out
     assert "Every result is kept in" in out
     assert sum(r.info.status == "RUNNING" for r in all_runs(store)) == 2  # the parent and the seed run
+
+
+# --- issue 17 §3: recovery never destroys live work --------------------------------------------------------
+def _owned_by(store, run_id: str, pid: int, host: str | None = None) -> None:
+    """The run RUNNING again, its process tags naming pid (on this host unless host)."""
+    from amrepro.ownership import HOST, _process_start
+
+    client = MlflowClient(store)
+    client.update_run(run_id, "RUNNING")
+    for key, value in (("amrepro.pid", str(pid)), ("amrepro.pid_start", _process_start(pid)),
+                       ("amrepro.host", host or HOST)):
+        client.set_tag(run_id, key, value)
+
+
+def test_log_refuses_a_parent_whose_run_is_still_alive(tiny_gpt2, store, monkeypatch):
+    """`amrepro log FILE` while the `run` that wrote FILE still logs duplicated seed runs: refused in one
+    sentence while that process lives here; for another host only with --force."""
+    original, seen = MlflowClient.log_batch, []
+
+    def failing(self, run_id, *args, **kwargs):
+        seen.append(run_id)
+        if len(seen) == 4:  # parent params, child 0, child 1, then child 2 fails: the rest is in the file
+            raise RuntimeError("(sqlite3.OperationalError) disk I/O error")
+        return original(self, run_id, *args, **kwargs)
+    monkeypatch.setattr(MlflowClient, "log_batch", failing)
+    lost = cli("run", "--model", tiny_gpt2, "--runs", "3", "--epochs", "3", "--dim", "3")
+    assert lost.exit_code == 3, lost.output
+    monkeypatch.setattr(MlflowClient, "log_batch", original)
+    (path,) = Path("amrepro-outcomes").glob("*.npz")
+    (parent,) = _parents(store)
+    statuses = [r.info.status for r in all_runs(store)]  # the message names the status the runs were given
+    assert (f"{statuses.count('FINISHED')} finished run(s) kept, {statuses.count('FAILED')} unfinished run(s) "
+            "marked FAILED") in " ".join(lost.output.split()) and "KILLED" not in statuses
+    before = len(all_runs(store))
+
+    _owned_by(store, parent.info.run_id, os.getpid())  # this test's own process: alive
+    result = cli("log", str(path))
+    assert result.exit_code == 2 and path.exists() and len(all_runs(store)) == before
+    assert (f"run {parent.info.run_id} is still being written by amrepro process {os.getpid()} on this host"
+            in " ".join(result.output.split())) and len(result.output.strip().splitlines()) <= 3
+
+    _owned_by(store, parent.info.run_id, os.getpid(), host="another-host")
+    result = cli("log", str(path))
+    assert result.exit_code == 2 and "cannot be checked from" in result.output and "--force" in result.output
+    result = cli("log", str(path), "--force")
+    assert result.exit_code == 0, result.output
+    (parent,) = _parents(store)
+    assert parent.info.status == "FINISHED" and len(children_of(store, parent.info.run_id)) == 3

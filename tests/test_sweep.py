@@ -2,6 +2,9 @@
 (Ray, PostgreSQL and a real mlflow server: tests/test_team.py.)"""
 
 import json
+import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,8 @@ from mlflow import MlflowClient
 from amrepro.config import AmreproError, Config
 from amrepro.sweep import chunks, parse_targets
 from amrepro.targets import Target
-from helpers import all_runs, children_of, cli, failing_log_batch
+from forked import Amrepro
+from helpers import all_runs, children_of, cli, failing_log_batch, wait_for
 
 SPEC = "blocks.4.hook_resid_pre[0:2],blocks.5.mlp.hook_post[random:1]"
 ARGS = ["--runs", "2", "--epochs", "8", "--lr", "0.05", "--layout", "seeds"]  # lean: tests/test_lean.py
@@ -28,6 +32,13 @@ def test_target_spec():
     assert drawn == [t.index for t in parse_targets(spec, _width, 10, seed=0)[3:]]  # reproducible from the seed
     assert drawn != [t.index for t in parse_targets(spec, _width, 10, seed=1)[3:]]
     assert [len(c) for c in chunks(targets, 2)] == [2, 1, 2, 2]  # a batch never mixes sites
+    # targets of one site are optimized together wherever --targets lists them (issue 17 §6), in the user's order
+    mixed = parse_targets("blocks.4.hook_resid_pre[2],blocks.5.mlp.hook_post[0],blocks.4.hook_resid_pre[0:2]",
+                          _width, 10, seed=0)
+    assert [[t.name for t in c] for c in chunks(mixed, 64)] == [
+        ["blocks.4.hook_resid_pre[2]", "blocks.4.hook_resid_pre[0]", "blocks.4.hook_resid_pre[1]"],
+        ["blocks.5.mlp.hook_post[0]"]]
+    assert [len(c) for c in chunks(mixed, 2)] == [2, 1, 1]
     for bad, why in (("blocks.4.hook_resid_pre[0:33]", "0 <= a < b <= 32"), ("blocks.12.hook_resid_pre[0]", "block 12"),
                      ("blocks.4.resid[0]", "cannot read"), ("blocks.4.hook_resid_pre[random:0]", "1 to 32")):
         with pytest.raises(AmreproError, match=why):
@@ -92,6 +103,17 @@ def test_sweep_layout_reads_back(tiny_gpt2, store, monkeypatch):
                                                                      "blocks.4.hook_resid_pre[1]"]]
 
 
+def _owned_by(store, run_id: str, pid: int, host: str | None = None) -> None:
+    """The run RUNNING again, its process tags naming pid (on this host unless host)."""
+    from amrepro.ownership import HOST, _process_start
+
+    client = MlflowClient(store)
+    client.update_run(run_id, "RUNNING")
+    for key, value in (("amrepro.pid", str(pid)), ("amrepro.pid_start", _process_start(pid)),
+                       ("amrepro.host", host or HOST)):
+        client.set_tag(run_id, key, value)
+
+
 def test_resume_skips_finished_targets(tiny_gpt2, store, monkeypatch):
     # a sweep stopped (Ctrl-C) after its first target and one seed run of the second; a worker that dies outright
     # is tests/test_team.py's
@@ -109,12 +131,30 @@ def test_resume_skips_finished_targets(tiny_gpt2, store, monkeypatch):
     spec = "blocks.4.hook_resid_pre[0:2]"
     stopped = cli("sweep", "--model", tiny_gpt2, "--targets", spec, "--chunk", "1", *ARGS)
     assert stopped.exit_code == 130, stopped.output
+    # the worker's runs are counted too: the first target's parent and 2 seed runs, the second's 1 seed run
+    # kept; the sweep run and the second parent KILLED
+    assert "4 finished run(s) kept, 2 unfinished run(s) marked KILLED" in " ".join(stopped.output.split())
     sweep, parents = _sweep_runs(store)
     assert sweep.info.status == "KILLED"
     (finished,) = [p for p in parents if p.info.status == "FINISHED"]
     (half,) = [p for p in parents if p.info.status == "KILLED"]
     assert len(children_of(store, half.info.run_id)) == 1
     monkeypatch.setattr(amrepro.layout, "log_seed_run", log_seed_run)
+
+    # issue 17 §3: while a process that owns one of the sweep's runs is alive here (this test's own), --resume is
+    # refused in one sentence and touches nothing; a process on another host needs --force; a dead one proceeds
+    _owned_by(store, half.info.run_id, os.getpid())
+    refused = cli("sweep", "--resume", sweep.info.run_id)
+    assert refused.exit_code == 2 and (f"run {half.info.run_id} is still being written by amrepro process "
+                                       f"{os.getpid()} on this host" in " ".join(refused.output.split()))
+    assert MlflowClient(store).get_run(half.info.run_id).info.lifecycle_stage == "active"
+    assert MlflowClient(store).get_run(sweep.info.run_id).info.status == "KILLED"
+    _owned_by(store, half.info.run_id, os.getpid(), host="another-host")
+    refused = cli("sweep", "--resume", sweep.info.run_id)
+    assert refused.exit_code == 2 and "cannot be checked from" in refused.output and "--force" in refused.output
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    _owned_by(store, half.info.run_id, dead.pid)
 
     result = cli("sweep", "--resume", sweep.info.run_id, "--epochs", "999")  # science options come from the sweep
     assert result.exit_code == 0, result.output
@@ -149,6 +189,20 @@ def test_an_unreachable_ray_cluster_is_one_sentence_within_seconds(tiny_gpt2, st
     assert "cannot join Ray at 127.0.0.1:" in result.output and "Connection refused" in result.output
     assert len(result.output.strip().splitlines()) == 1 and time.time() - started < 10
     assert all_runs(store) == []
+
+
+def test_a_batch_that_cannot_fit_is_refused_before_any_run(tiny_gpt2, store, monkeypatch):
+    """--chunk 128 --runs 5000 in this process: refused before the sweep run exists (it used to be refused in
+    the first batch, leaving the sweep run FAILED and printing a throughput for targets never run)."""
+    import amrepro.experiment
+
+    monkeypatch.setattr(amrepro.experiment, "_available_bytes", lambda device: 2 * 2**30)
+    result = cli("sweep", "--model", tiny_gpt2, "--targets", "blocks.4.hook_resid_pre[0:32]", "--chunk", "128",
+                 "--runs", "5000", "--epochs", "2")
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.output.split())
+    assert said.startswith("error: a batch of 32 targets: --runs 5000 needs about") and "(--chunk)." in said
+    assert "targets/hour" not in said and all_runs(store) == []
 
 
 def test_too_many_workers_are_refused_before_ray_or_any_run(tiny_gpt2, store, monkeypatch):
@@ -201,3 +255,62 @@ def test_a_store_that_fails_while_a_sweep_logs_keeps_the_target_for_amrepro_log(
     assert [c.info.status for c in children_of(store, failed.info.run_id)] == ["FINISHED"] * 2
     resumed = cli("sweep", "--resume", sweep.info.run_id)
     assert resumed.exit_code == 0 and "2 already done, 0 to run" in resumed.output, resumed.output
+
+
+# --- issue 17 §2: SIGTERM with Ray workers keeps the guarantees of --workers 0 -----------------------------
+def _processes_with(marker: str) -> list[int]:
+    """Pids of the live processes whose environment holds marker (the driver's Ray processes inherit it)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if marker.encode() in f.read():
+                    found.append(int(entry))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def test_sigterm_under_ray_kills_every_run_and_the_workers_then_resume_finishes(tiny_gpt2, store, tmp_path):
+    """ray.init installs its own SIGTERM handler (a native stack dump, exit 134, the target parents that the
+    workers made left RUNNING). SIGTERM to the driver of a 2-worker sweep must exit 143, end every unfinished
+    run KILLED (the sweep run and the workers' target parents and seed runs), count them right, stop the Ray
+    workers, and leave a sweep that --resume finishes. Ctrl-C takes the same path (signals.py raises a
+    KeyboardInterrupt for both; test_resume_skips_finished_targets covers it in-process)."""
+    marker = f"AMREPRO_TEST_RAY_MARK={tmp_path}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["AMREPRO_TEST_RAY_MARK"] = str(tmp_path)
+    spec = "blocks.4.hook_resid_pre[0:3],blocks.5.mlp.hook_post[0:1]"  # 4 one-target chunks for 2 workers
+    driver = Amrepro(["sweep", "--model", tiny_gpt2, "--targets", spec, "--runs", "2", "--epochs", "300",
+                      "--lr", "0.01", "--workers", "2", "--chunk", "1", "--layout", "seeds"], env, tmp_path)
+    client = MlflowClient(store)
+
+    def running_parents():
+        runs = [r for r in all_runs(store) if "amrepro.sweep" in r.data.tags and r.info.status == "RUNNING"]
+        return len(runs) >= 2
+
+    wait_for(running_parents, driver, timeout=240, what="both workers' target parents RUNNING")
+    driver.send_signal(signal.SIGTERM)
+    stdout, stderr = driver.communicate(timeout=120)
+    assert driver.returncode == 143, stdout[-2000:] + stderr[-3000:]
+    assert "Fatal Python error" not in stderr and "Stack trace" not in stderr
+    runs = all_runs(store)
+    statuses = [r.info.status for r in runs]
+    assert "RUNNING" not in statuses
+    (sweep,) = [r for r in runs if "targets" in r.data.params]
+    assert sweep.info.status == "KILLED" and sweep.data.tags["error"] == "terminated (SIGTERM)"
+    parents = [r for r in runs if r.data.tags.get("amrepro.sweep") == sweep.info.run_id]
+    assert sum(p.info.status == "KILLED" for p in parents) >= 2  # those the two workers held
+    said = " ".join(stderr.split())
+    assert (f"terminated (SIGTERM): {statuses.count('FINISHED')} finished run(s) kept, "
+            f"{statuses.count('KILLED')} unfinished run(s) marked KILLED") in said, said
+    wait_for(lambda: not _processes_with(marker), timeout=60, what="the Ray workers and raylet to exit")
+
+    result = cli("sweep", "--resume", sweep.info.run_id)
+    assert result.exit_code == 0, result.output
+    sweep = client.get_run(sweep.info.run_id)
+    assert sweep.info.status == "FINISHED" and sweep.data.metrics["sweep/n_finished"] == 4
+    parents = [r for r in all_runs(store) if r.data.tags.get("amrepro.sweep") == sweep.info.run_id]
+    assert sorted(p.data.tags["amrepro.target"] for p in parents) == sorted(
+        [f"blocks.4.hook_resid_pre[{i}]" for i in range(3)] + ["blocks.5.mlp.hook_post[0]"])
+    assert all(p.info.status == "FINISHED" and len(children_of(store, p.info.run_id)) == 2 for p in parents)

@@ -8,16 +8,17 @@ from pathlib import Path
 from .. import lean, outcome_file, report
 from ..context import Context, gone_reason
 from ..layout import LOGGED_FROM_TAG, PARENT_TAG, end_leftover, log_outcome, run_name
-from ..ownership import owner_alive
+from ..ownership import owner_alive, refuse_live_id
 from ..secrets import redact
 
 
-def log_file(path: str) -> None:
+def log_file(path: str, force: bool = False) -> None:
     """Into the file's parent run when that still exists and is not FINISHED, else into a new parent in the
     file's experiment, found by name (line printed); then delete the file. Store: MLFLOW_TRACKING_URI, else the
     one the file was made for."""
     saved = outcome_file.load(path)
     ctx = Context(uri=os.environ.get("MLFLOW_TRACKING_URI") or saved.tracking_uri)
+    refuse_live_id(ctx.store, saved.parent_id, f"`amrepro log {path}`", force)  # its `run` may still be logging
     with ctx.session(attach=False, leftovers=False):
         ctx.outcome_path = Path(path)
         parent, experiment_id = ctx.reopen(saved.parent_id)

@@ -10,13 +10,14 @@ import functools
 import os
 import time
 
-from .. import lean, report
+from .. import lean, report, signals
 from .. import sweep as sw
 from ..config import AmreproError, Config
 from ..context import Context
 from ..layout import DASHBOARD, HEADLINE_TAG
+from ..ownership import refuse_live
 from ..layout import (ERROR_TAG, KIND_TAG, NOTE_TAG, RAY_ADDRESS_TAG, SWEEP_MAP, SWEEP_TABLE, TAG_LIMIT, TARGET_TAG,
-                      VERDICT_TAG, WORKERS_TAG, RunReader, run_name, sweep_parents)
+                      PID_TAG, VERDICT_TAG, WORKERS_TAG, RunReader, children, run_name, sweep_parents)
 
 
 @dataclasses.dataclass
@@ -34,14 +35,18 @@ class Plan:
 
 
 def sweep(config: Config, spec: str, workers: int = 0, ray_address: str | None = None, chunk: int = 0,
-          resume: str | None = None, experiment: str | None = None, layout: str = "lean") -> dict[str, float]:
-    """--resume SWEEP_RUN_ID redoes the targets without a FINISHED parent, with the sweep's own params. Returns
-    the sweep/* metrics."""
+          resume: str | None = None, experiment: str | None = None, layout: str = "lean",
+          force: bool = False) -> dict[str, float]:
+    """--resume SWEEP_RUN_ID redoes the targets without a FINISHED parent, with the sweep's own params; refused
+    while that sweep's process or workers are alive (force: also when they cannot be checked from this host).
+    Returns the sweep/* metrics."""
     ctx = Context(experiment)
     if resume:
         resumed = RunReader(ctx.store).run(resume)
         config, spec = sw.config_from_sweep(resumed.params)
         layout = lean.layout_of(resumed)  # the sweep's own
+        refuse_live([resumed, *sweep_parents(ctx.store, resume, resumed.experiment_id)],
+                    f"`amrepro sweep --resume {resume}`", force)
     config.validate()
     lean.check_layout(layout)
     if workers < 0:
@@ -60,10 +65,16 @@ def sweep(config: Config, spec: str, workers: int = 0, ray_address: str | None =
             failures, seconds = sw.run_chunks(plan.work, plan.config, ctx.uri, plan.experiment_id, plan.sweep_id,
                                               plan.frozen, workers, lm=plan.lm if not workers else None,
                                               on_chunk=on_chunk, target_layout=plan.layout)
+        except KeyboardInterrupt as interrupt:  # the workers are stopped (run_chunks); their open runs end here
+            interrupt = signals.as_raised(interrupt)
+            with signals.ignored():
+                _end_unfinished(ctx, plan, interrupt)
+            raise interrupt from None
         finally:
             if plan.ray is not None:
                 plan.ray.shutdown()
-        metrics = _summarize(ctx, plan, workers, failures, seconds, time.perf_counter() - started)
+        metrics = _summarize(ctx, plan, workers, failures, seconds, time.perf_counter() - started,
+                             count["done"] - len(plan.done))
     if failures:
         raise AmreproError(f"{len(failures)} batch(es) of sweep run {plan.sweep_id} failed ({failures[0]}); "
                            f"`amrepro sweep --resume {plan.sweep_id}` runs the targets that are not done.")
@@ -84,6 +95,8 @@ def _plan(ctx: Context, config: Config, spec: str, workers: int, ray_address: st
     remote = bool(ray_address or os.environ.get("RAY_ADDRESS"))
     if not remote:  # this machine's memory and cores, before Ray starts; of a cluster, only its cores (once joined)
         workers_note = sw.check_workers(lm, targets, config, workers, chunk, os.cpu_count() or 1, local=True)
+    if not workers:  # a batch of chunk x runs rows in this process: refused before any run exists
+        _check_batch_memory(lm, targets, config, chunk)
     if workers and not resume and not config.threads:  # the cores shared out; logged, so --resume keeps it
         if remote:
             ray = sw.start_ray(ray_address, workers, 1)
@@ -121,7 +134,52 @@ def _plan(ctx: Context, config: Config, spec: str, workers: int, ray_address: st
     return Plan(config, lm, targets, done, work, sweep_id, experiment_id, frozen, ray, layout)
 
 
-def _summarize(ctx, plan: Plan, workers: int, failures: list[str], seconds: dict, wall: float) -> dict[str, float]:
+def _check_batch_memory(lm, targets: list, config: Config, chunk: int) -> None:
+    """experiment.check_memory for the largest batch of the sweep (it would otherwise refuse inside the first
+    batch, after the sweep run exists)."""
+    from ..experiment import check_memory
+
+    size = max(len(c) for c in sw.chunks(targets, sw.chunk_size(len(targets), 0, chunk)))
+    try:
+        check_memory(lm, targets[0], config, rows=size * config.runs * (1 + config.controls))
+    except AmreproError as error:
+        raise AmreproError(f"a batch of {size} targets: {str(error).rstrip('.')}, or fewer targets per batch "
+                           f"(--chunk).") from None
+
+
+def _end_unfinished(ctx: Context, plan: Plan, interrupt: KeyboardInterrupt) -> None:
+    """After Ctrl-C or SIGTERM: the target parents and seed runs that this invocation's workers made, in other
+    processes (Ray) or in a Context of their own (workers 0), counted into ctx's message, so that it says what
+    the store holds; those still RUNNING (a killed Ray worker ends nothing) are ended KILLED."""
+    pid = str(os.getpid())
+    message = "terminated (SIGTERM)" if isinstance(interrupt, signals.Terminated) else "interrupted (Ctrl-C)"
+    try:
+        parents = sweep_parents(ctx.store, plan.sweep_id, plan.experiment_id)
+    except Exception:  # noqa: BLE001 - the store may be what failed; the sweep run is still ended by ctx
+        return
+    for parent in parents:
+        if parent.tags.get(TARGET_TAG) in plan.done:
+            continue  # finished by an earlier invocation
+        try:
+            family = [parent, *children(ctx.store, parent.id, plan.experiment_id)]
+        except Exception:  # noqa: BLE001
+            family = [parent]
+        for run in family:
+            if run.status == "RUNNING":
+                try:
+                    ctx.store.set_tag(run.id, ERROR_TAG, message)
+                    ctx.store.end(run.id, "KILLED")
+                    ctx.n_stopped += 1
+                except Exception:  # noqa: BLE001
+                    ctx.n_unended += 1
+            elif run.status == "FINISHED":
+                ctx.n_finished += 1
+            elif run.tags.get(PID_TAG) == pid:  # ended KILLED by the in-process worker's own Context just now
+                ctx.n_stopped += 1
+
+
+def _summarize(ctx, plan: Plan, workers: int, failures: list[str], seconds: dict, wall: float,
+               n_run: int) -> dict[str, float]:
     """The sweep run's table (one row per target, read back from the store, so a resumed sweep has every
     target), its sweep/* metrics, the verdict over targets, the map and where the time went; then its end."""
     from .. import dashboard, figures
@@ -154,7 +212,7 @@ def _summarize(ctx, plan: Plan, workers: int, failures: list[str], seconds: dict
     ctx.log_metrics(sweep_id, {"time/wall_seconds": wall, "time/science_seconds": seconds["science"],
                                    "time/tracking_seconds": seconds["tracking"], "time/summary_seconds": summing,
                                    "time/share_science": seconds["science"] / slots if slots else 0.0})
-    n_run = sum(len(chunk) for chunk in plan.work)
+    # n_run: the targets logged by this invocation (a batch that failed is not counted as throughput)
     report.console.print(f"{n_run} targets in {wall:.0f} s ({3600 * n_run / wall:.0f} targets/hour); of the "
                          f"workers' time {seconds['science'] / slots:.0%} science, "
                          f"{seconds['tracking'] / slots:.0%} tracking, the rest Ray and model loading.",
