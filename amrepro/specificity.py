@@ -50,6 +50,46 @@ def _pair_means(matrix: np.ndarray, same_target: np.ndarray, diff_seed: np.ndarr
     return w, a
 
 
+def _permutations(T: int, runs: int, seed: int, n_perm: int) -> np.ndarray:
+    """[n_perm, T * runs] target labels: within each seed (column), which target each of the T rows is, shuffled
+    from a seeded generator (the stratified null: the target does not matter)."""
+    rng = np.random.default_rng([seed, _PERM_STREAM])
+    grid = np.broadcast_to(np.arange(T)[:, None], (T, runs))  # [T, runs]
+    return np.stack([rng.permuted(grid, axis=0).reshape(-1) for _ in range(n_perm)])  # [n_perm, N]
+
+
+def per_target(matrix: np.ndarray, T: int, runs: int, seed: int = 0, n_perm: int = 1999) -> dict:
+    """The same test, one target at a time: is target t's pair of runs (different seeds) more alike than a run of
+    t and a run of any other target (different seeds)? matrix [N, N] a similarity of the T * runs rows (row
+    t * runs + s: target t, seed s; all targets from the same seeds). Statistic per target: mean within-t minus
+    mean t-vs-others similarity, different seeds only; null: the same stratified permutations as specificity().
+    Returns {"within", "across", "difference", "p"}, each a list over the T targets (p one-sided, uncorrected)."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    if matrix.shape != (T * runs, T * runs) or T < 2 or runs < 2:
+        raise ValueError(f"matrix {matrix.shape} must be [T*runs, T*runs] with T >= 2 and runs >= 2")
+    seeds = np.tile(np.arange(runs), T)  # [N]
+    masked = matrix * (seeds[:, None] != seeds[None, :])  # [N, N]: different-seed pairs only
+    pairs = runs * (runs - 1)  # different-seed pairs of one target pair (t, u), t == u included
+
+    def blocks(rows: np.ndarray) -> np.ndarray:
+        """[T] within and [T] across means when rows[t * runs + s] is the run labelled (t, s)."""
+        sums = masked[np.ix_(rows, rows)].reshape(T, runs, T, runs).sum(axis=(1, 3))  # [T, T]
+        diag = np.diag(sums)
+        return np.stack([diag / pairs, (sums.sum(axis=1) - diag) / (pairs * (T - 1))])  # [2, T]
+
+    w, a = blocks(np.arange(T * runs))
+    observed = w - a  # [T]
+    extreme = np.zeros(T, dtype=int)
+    for labels in _permutations(T, runs, seed, n_perm):  # labels[i]: the target row i plays
+        # the run labelled (t, s) is the row of seed s whose label is t
+        rows = np.empty(T * runs, dtype=int)
+        rows[labels * runs + seeds] = np.arange(T * runs)
+        pw, pa = blocks(rows)
+        extreme += (pw - pa) >= observed - 1e-12  # ties count as extreme, as in specificity()
+    return {"within": w.tolist(), "across": a.tolist(), "difference": observed.tolist(),
+            "p": ((1 + extreme) / (1 + n_perm)).tolist(), "n_permutations": n_perm}
+
+
 def specificity(ids: np.ndarray, final: np.ndarray, names: list[str], seed: int = 0, n_perm: int = 1999) -> dict:
     """ids [T, runs, pos] decoded tokens, final [T, runs, pos, d_model] final embeddings, names [T] the targets
     (the user's first); seed seeds the permutations. A JSON-serialisable dict with a flat `metrics` dict."""
@@ -80,10 +120,7 @@ def specificity(ids: np.ndarray, final: np.ndarray, names: list[str], seed: int 
         out["metrics"] = flat
         return out
 
-    # permuted labels: within each seed (column), shuffle which target each of the T rows is
-    rng = np.random.default_rng([seed, _PERM_STREAM])
-    grid = np.broadcast_to(np.arange(T)[:, None], (T, runs))  # [T, runs]
-    perms = np.stack([rng.permuted(grid, axis=0).reshape(-1) for _ in range(n_perm)])  # [n_perm, N]
+    perms = _permutations(T, runs, seed, n_perm)  # [n_perm, N]
     null = {key: np.empty(n_perm) for key in matrices}
     for start in range(0, n_perm, _CHUNK):
         chunk = perms[start:start + _CHUNK]  # [B, N]

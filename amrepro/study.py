@@ -1,0 +1,156 @@
+"""The study of a sweep: what a method does over a layer's targets. numpy only, no MLflow, no printing.
+
+Every target of a sweep starts from the same seeds, so the sweep answers four questions for the layer:
+- above chance: the targets whose seeds agree more than chance (each target's own verdict, counted);
+- specific: the targets whose seeds agree with each other more than with the runs of the *other* targets of the
+  sweep, different seeds only (specificity.per_target: the --controls test, with the sweep's targets as controls);
+- seed spread: per target, how far the activation reached by different seeds differs (min, max, median, CV);
+- real text: per target, whether the best and the median seed beat the corpus max and its 99th percentile.
+
+Multiple testing. A layer's specificity is T one-sided tests, one per target. The question is a fraction of the
+layer, so the study controls the false discovery rate (Benjamini-Hochberg at ALPHA): among the targets it calls
+specific, at most ALPHA are expected to be false, whatever T is. A family-wise correction (Holm) would ask for
+p < ALPHA / T of the best target and so miss most real effects of a 64-target layer; uncorrected, a layer of
+targets with no specificity would still show about ALPHA of them specific.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import metrics
+from .specificity import per_target
+from .stats import ALPHA
+
+FDR = ALPHA  # Benjamini-Hochberg level of the per-target specificity tests
+
+
+@dataclass(frozen=True)
+class TargetRuns:
+    """One target of a sweep, as its parent run holds it."""
+    name: str
+    seeds: tuple[int, ...]  # the seeds of its finite runs, in order
+    ids: np.ndarray  # [runs, pos] decoded token ids of those runs
+    decoded: np.ndarray  # [runs] activation of the decoded tokens as real input
+    final: np.ndarray | None = None  # [runs] the continuous optimum (adam), None for a token method
+    above_chance: bool | None = None  # its verdict: some claim that seeds agree passed (None: no statistics)
+
+
+def benjamini_hochberg(p) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (q-values) of p [T], in p's order: reject where q < level."""
+    p = np.asarray(p, dtype=float)  # [T]
+    order = np.argsort(p, kind="stable")
+    ranked = p[order] * p.size / np.arange(1, p.size + 1)  # [T]: p_(k) * T / k
+    q = np.minimum.accumulate(ranked[::-1])[::-1]  # the smallest over every larger rank
+    out = np.empty_like(q)
+    out[order] = np.minimum(q, 1.0)
+    return out
+
+
+def spread(values) -> dict:
+    """min, max, median and coefficient of variation (sample std, ddof=1, over |mean|) of one target's seeds;
+    cv is None with one seed or a mean of 0."""
+    v = np.asarray(values, dtype=float)  # [runs]
+    mean = float(v.mean())
+    cv = float(v.std(ddof=1) / abs(mean)) if v.size > 1 and mean != 0 else None
+    return {"min": float(v.min()), "max": float(v.max()), "median": float(np.median(v)), "cv": cv,
+            "n": int(v.size)}
+
+
+def distribution(values) -> dict:
+    """Over the layer's targets (None skipped): n, min, quartiles, median, max."""
+    v = np.asarray([x for x in values if x is not None], dtype=float)
+    if not v.size:
+        return {"n": 0}
+    q1, med, q3 = np.percentile(v, [25, 50, 75])
+    return {"n": int(v.size), "min": float(v.min()), "q1": float(q1), "median": float(med), "q3": float(q3),
+            "max": float(v.max())}
+
+
+def cross_target(targets: list[TargetRuns], seed: int = 0, n_perm: int = 1999) -> dict:
+    """Specificity of each target against the other targets of the sweep, on the Jaccard of decoded token sets
+    (tokens are what every method returns; pairs of different seeds only). Only targets whose runs all finished,
+    from the sweep's seeds, are tested (a diverged run would leave a target without its seed's pair)."""
+    seeds = max((t.seeds for t in targets), key=len, default=())
+    tested = [t for t in targets if t.seeds == seeds]
+    out = {"measure": "Jaccard of decoded token sets", "n_tested": len(tested),
+           "excluded": [t.name for t in targets if t.seeds != seeds], "correction": f"Benjamini-Hochberg FDR {FDR}",
+           "per_target": {}}
+    if len(tested) < 2 or len(seeds) < 2:
+        out["frac_specific"] = None
+        return out
+    ids = np.concatenate([t.ids for t in tested])  # [T * runs, pos]: row t * runs + s
+    test = per_target(metrics.pairwise_jaccard(ids), len(tested), len(seeds), seed=seed, n_perm=n_perm)
+    q = benjamini_hochberg(test["p"])
+    for k, t in enumerate(tested):
+        out["per_target"][t.name] = {"within": test["within"][k], "across": test["across"][k],
+                                     "difference": test["difference"][k], "p": test["p"][k], "q": float(q[k]),
+                                     "specific": bool(q[k] < FDR)}
+    out["n_specific"] = int((q < FDR).sum())
+    out["frac_specific"] = out["n_specific"] / len(tested)
+    out["n_permutations"] = n_perm
+    return out
+
+
+def corpus_levels(acts) -> dict:
+    """acts [windows, T] mean activation of every corpus window for every target: max and 99th percentile [T]."""
+    acts = np.asarray(acts, dtype=np.float64)
+    return {"max": acts.max(axis=0), "p99": np.percentile(acts, 99, axis=0), "n_windows": int(acts.shape[0])}
+
+
+def against_corpus(decoded, corpus_max: float, corpus_p99: float) -> dict:
+    """Whether the best and the median seed's decoded activation beat the corpus max and its 99th percentile."""
+    best, median = float(np.max(decoded)), float(np.median(decoded))
+    return {"best": best, "median": median, "corpus_max": float(corpus_max), "corpus_p99": float(corpus_p99),
+            "best_beats_max": best > corpus_max, "median_beats_max": median > corpus_max,
+            "best_beats_p99": best > corpus_p99, "median_beats_p99": median > corpus_p99}
+
+
+def _fraction(flags) -> float | None:
+    flags = [f for f in flags if f is not None]
+    return sum(bool(f) for f in flags) / len(flags) if flags else None
+
+
+def study(targets: list[TargetRuns], corpus: dict[str, tuple[float, float]] | None = None, seed: int = 0,
+          n_perm: int = 1999) -> dict:
+    """Per target and for the layer: above chance, specific, seed spread and (corpus: name -> (max, p99)) real
+    text. JSON-serialisable."""
+    spec = cross_target(targets, seed, n_perm)
+    rows = []
+    for t in targets:
+        row = {"target": t.name, "n_runs": len(t.seeds), "above_chance": t.above_chance,
+               "specific": spec["per_target"].get(t.name, {}).get("specific"),
+               "p_specific": spec["per_target"].get(t.name, {}).get("p"),
+               "q_specific": spec["per_target"].get(t.name, {}).get("q"),
+               "decoded": spread(t.decoded), "final": None if t.final is None else spread(t.final)}
+        if corpus is not None and t.name in corpus:
+            row["corpus"] = against_corpus(t.decoded, *corpus[t.name])
+        rows.append(row)
+    layer = {"n_targets": len(targets), "frac_above_chance": _fraction(r["above_chance"] for r in rows),
+             "frac_specific": spec["frac_specific"], "specificity": {k: v for k, v in spec.items() if k != "per_target"},
+             "spread": {f"{kind}_{key}": distribution(r[kind][key] for r in rows if r[kind] is not None)
+                        for kind in ("decoded", "final") for key in ("cv", "min", "max", "median")}}
+    if corpus is not None:
+        for key in ("best_beats_max", "median_beats_max", "best_beats_p99", "median_beats_p99"):
+            layer[f"frac_{key}"] = _fraction(r["corpus"][key] for r in rows if "corpus" in r)
+    return {"targets": rows, "layer": layer}
+
+
+COLUMNS = ("method", "n_targets", "frac_above_chance", "frac_specific", "median_seed_cv", "median_seed_range",
+           "frac_best_beats_corpus_max", "frac_median_beats_corpus_max", "frac_best_beats_corpus_p99",
+           "s_per_target")
+
+
+def table_row(method: str, result: dict, seconds: float | None) -> dict:
+    """The study table's row of one method: its layer summary (study()) and its wall time per target."""
+    layer, rows = result["layer"], result["targets"]
+    ranges = [r["decoded"]["max"] - r["decoded"]["min"] for r in rows]
+    return {"method": method, "n_targets": layer["n_targets"], "frac_above_chance": layer["frac_above_chance"],
+            "frac_specific": layer["frac_specific"], "median_seed_cv": layer["spread"]["decoded_cv"].get("median"),
+            "median_seed_range": float(np.median(ranges)) if ranges else None,
+            "frac_best_beats_corpus_max": layer.get("frac_best_beats_max"),
+            "frac_median_beats_corpus_max": layer.get("frac_median_beats_max"),
+            "frac_best_beats_corpus_p99": layer.get("frac_best_beats_p99"),
+            "s_per_target": None if seconds is None or not layer["n_targets"] else seconds / layer["n_targets"]}
