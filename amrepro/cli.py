@@ -145,19 +145,35 @@ def sweep(
                                       "batches for every worker, at most 64 targets each."),
     resume: str = typer.Option("", help="SWEEP_RUN_ID: run the targets of that sweep that have no FINISHED parent, "
                                         "with its own params (the other science options are ignored)."),
+    methods: str = typer.Option("", help=f"Comma-separated methods, of {', '.join(method_names())}: a top run with "
+                                          "one sweep run per method, the same targets and seeds, and a study table "
+                                          "of the methods; default: --method alone."),
+    corpus: str = typer.Option("", help="A UTF-8 text file: every target scored on every n_tokens window; the study "
+                                        "says whether the best and median seed beat its max and 99th percentile."),
     experiment: str = typer.Option("", help=_EXPERIMENT_HELP),
     layout: str = typer.Option("lean", help=_LAYOUT_HELP + " --resume keeps the sweep's own."),
     force: bool = typer.Option(False, help=_FORCE_HELP),
 ):
     """Run many targets: a sweep run, one parent per target (lean: with a per-seed table; seeds: a child per
-    seed, as `amrepro run`); a table, sweep/* metrics and a map on the sweep run."""
+    seed, as `amrepro run`); a table, sweep/* metrics, a map and the study of the layer (study.py) on the sweep
+    run."""
     if not targets and not resume:
         from .report import errors
 
         errors.print("error: --targets is required (or --resume SWEEP_RUN_ID).", soft_wrap=True, markup=False)
         raise typer.Exit(2)
-    _guard("commands.sweep", "sweep", config, targets, workers, ray_address or None, chunk, resume or None,
-             experiment or None, layout, force)
+    if methods and resume:
+        from .report import errors
+
+        errors.print("error: --methods starts a new study; --resume continues one sweep run: give one of them.",
+                     soft_wrap=True, markup=False)
+        raise typer.Exit(2)
+    if methods:
+        _guard("commands.sweep", "sweep_methods", config, targets, methods, corpus, workers, ray_address or None,
+               chunk, experiment or None, layout)
+    else:
+        _guard("commands.sweep", "sweep", config, targets, workers, ray_address or None, chunk, resume or None,
+               experiment or None, layout, force, corpus)
 
 
 @app.command()

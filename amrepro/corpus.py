@@ -170,6 +170,47 @@ class _Tally:
         return {"max": float(largest[-1]), "p99": percentile99(largest, self.n), "mean": self.total / self.n}
 
 
+def _stream(lm: LoadedModel, file: Path, n_tokens: int, max_tokens: int,
+            on_progress: Callable[[float, int], None] | None, score: Callable[[torch.Tensor, np.ndarray], None]) -> int:
+    """Every window of the file (check()) in batches: score(batch [b, n_tokens], starts [b]) each; at most
+    max_tokens tokens are read (0: all); on_progress(fraction done, windows so far) after each piece. Returns the
+    tokens read."""
+    size = max(file.stat().st_size, 1)
+    budget = max_tokens or math.inf
+    carry = np.empty(0, dtype=np.int64)  # the last n_tokens - 1 tokens: windows run across pieces
+    read = n_windows = 0
+    for text, offset in pieces(file):
+        ids = np.asarray(lm.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)  # [n]
+        ids = ids[: int(min(ids.size, budget - read))]
+        start = read - carry.size  # the first window of this piece starts at this token
+        read += ids.size
+        sequence = np.concatenate([carry, ids])  # [carry + n]
+        if sequence.size >= n_tokens:
+            piece = torch.from_numpy(sequence).unfold(0, n_tokens, 1)  # [w, n_tokens]
+            for lo in range(0, piece.shape[0], BATCH):
+                batch = piece[lo:lo + BATCH]  # [b, n_tokens]
+                score(batch, start + lo + np.arange(batch.shape[0]))
+                n_windows += batch.shape[0]
+        carry = sequence[-(n_tokens - 1):] if n_tokens > 1 else sequence[:0]
+        if on_progress:
+            on_progress(1.0 if read >= budget else min(offset / size, 1.0), n_windows)
+        if read >= budget:
+            break
+    if n_windows == 0:
+        raise AmreproError(f"the corpus has {read} tokens, fewer than --n-tokens {n_tokens}.")
+    return read
+
+
+def _result(lm: LoadedModel, tally: _Tally, n_tokens: int, read: int, max_tokens: int, at: np.ndarray) -> dict:
+    """yardstick's dict from a tally; at [top, n_tokens]: the activation at each token of its top windows."""
+    return {"n_windows": tally.n, "n_tokens": n_tokens, **tally.statistics(), "tokens_read": read,
+            "truncated": bool(max_tokens) and read >= max_tokens, "kept": tally.kept,
+            "top": [{"rank": k + 1, "start": int(s), "text": lm.tokenizer.decode(w.tolist()),
+                     "tokens": lm.token_strings(w.tolist()), "ids": w.tolist(), "activation": float(a),
+                     "positions": at[k].tolist()}
+                    for k, (a, s, w) in enumerate(zip(tally.best_acts, tally.best_starts, tally.best_ids))]}
+
+
 @torch.no_grad()
 def yardstick(lm: LoadedModel, target: Target, file: Path, n_tokens: int, max_tokens: int = 0, top: int = TOP,
               on_progress: Callable[[float, int], None] | None = None) -> dict:
@@ -177,40 +218,47 @@ def yardstick(lm: LoadedModel, target: Target, file: Path, n_tokens: int, max_to
     activation, positions}]} of the windows of the corpus file (check()), streamed; at most max_tokens tokens are
     read (0: all). Up to EXACT_WINDOWS windows also quantiles and histogram {counts, edges}. positions: the
     activation at each token of a top window. on_progress(fraction done, windows so far) after each piece."""
-    size = max(file.stat().st_size, 1)
-    budget = max_tokens or math.inf
-    tally = _Tally(top, int(min(budget, size)))  # a token is at least one byte: at most `size` windows
-    carry = np.empty(0, dtype=np.int64)  # the last n_tokens - 1 tokens: windows run across pieces
-    read = 0
+    tally = _Tally(top, int(min(max_tokens or math.inf, max(file.stat().st_size, 1))))  # a token: >= 1 byte
     E = lm.embedding
     with site_reader(lm, target) as reader:
-        for text, offset in pieces(file):
-            ids = np.asarray(lm.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)  # [n]
-            ids = ids[: int(min(ids.size, budget - read))]
-            start = read - carry.size  # the first window of this piece starts at this token
-            read += ids.size
-            sequence = np.concatenate([carry, ids])  # [carry + n]
-            if sequence.size >= n_tokens:
-                piece = torch.from_numpy(sequence).unfold(0, n_tokens, 1)  # [w, n_tokens]
-                for lo in range(0, piece.shape[0], BATCH):
-                    batch = piece[lo:lo + BATCH]  # [b, n_tokens]
-                    acts = reader(E[batch.to(E.device)]).mean(dim=1).cpu().numpy().astype(np.float64)  # [b]
-                    tally.add(acts, start + lo + np.arange(batch.shape[0]), batch.numpy())
-            carry = sequence[-(n_tokens - 1):] if n_tokens > 1 else sequence[:0]
-            if on_progress:
-                on_progress(1.0 if read >= budget else min(offset / size, 1.0), tally.n)
-            if read >= budget:
-                break
-        if tally.n == 0:
-            raise AmreproError(f"the corpus has {read} tokens, fewer than --n-tokens {n_tokens}.")
+        def score(batch: torch.Tensor, starts: np.ndarray) -> None:
+            acts = reader(E[batch.to(E.device)]).mean(dim=1).cpu().numpy().astype(np.float64)  # [b]
+            tally.add(acts, starts, batch.numpy())
+
+        read = _stream(lm, file, n_tokens, max_tokens, on_progress, score)
         # the activation at each token of the top windows, for the dashboard's colours
         at = reader(E[torch.from_numpy(tally.best_ids).to(E.device)]).cpu().numpy()  # [top, n_tokens]
-    return {"n_windows": tally.n, "n_tokens": n_tokens, **tally.statistics(), "tokens_read": read,
-            "truncated": read >= budget, "kept": tally.kept,
-            "top": [{"rank": k + 1, "start": int(s), "text": lm.tokenizer.decode(w.tolist()),
-                     "tokens": lm.token_strings(w.tolist()), "ids": w.tolist(), "activation": float(a),
-                     "positions": at[k].tolist()}
-                    for k, (a, s, w) in enumerate(zip(tally.best_acts, tally.best_starts, tally.best_ids))]}
+    return _result(lm, tally, n_tokens, read, max_tokens, at)
+
+
+@torch.no_grad()
+def yardsticks(lm: LoadedModel, targets: list[Target], file: Path, n_tokens: int, max_tokens: int = 0,
+               top: int = TOP, on_progress: Callable[[float, int], None] | None = None) -> list[dict]:
+    """yardstick() of every target of one site at once: one forward per batch of windows, the targets'
+    dimensions read off the whole site vector. Feature targets (an SAE latent, a direction) are refused: their
+    readout needs its own reader (use yardstick)."""
+    from .readers import HookedReader
+
+    if not targets:
+        return []
+    if any(t.source for t in targets) or len({(t.block, t.site) for t in targets}) > 1:
+        raise ValueError("yardsticks scores plain dimensions of one site; use yardstick for each other target")
+    most = int(min(max_tokens or math.inf, max(file.stat().st_size, 1)))
+    tallies = [_Tally(top, most) for _ in targets]
+    index = torch.tensor([t.index for t in targets], dtype=torch.long)  # [T]
+    E = lm.embedding
+    with HookedReader(lm, targets[0]) as reader:
+        def score(batch: torch.Tensor, starts: np.ndarray) -> None:
+            site = reader.read_site(E[batch.to(E.device)])  # [b, pos, width]
+            acts = site[..., index.to(site.device)].mean(dim=1).cpu().numpy().astype(np.float64)  # [b, T]
+            ids = batch.numpy()
+            for t, tally in enumerate(tallies):
+                tally.add(acts[:, t], starts, ids)
+
+        read = _stream(lm, file, n_tokens, max_tokens, on_progress, score)
+        at = [reader.read_site(E[torch.from_numpy(t.best_ids).to(E.device)])[..., i].cpu().numpy()  # [top, n_tokens]
+              for t, i in zip(tallies, index.tolist())]
+    return [_result(lm, tally, n_tokens, read, max_tokens, positions) for tally, positions in zip(tallies, at)]
 
 
 def progress_printer(note: Callable[[str], None], every: float = 30.0) -> Callable[[float, int], None]:

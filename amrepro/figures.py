@@ -259,3 +259,30 @@ def sweep_map(columns: dict[str, list]):
     # the key in the title, not a legend box: a legend inside the map would hide a row of targets
     ax.set_title(f"{n} targets x statistics\nred dot: claimed by the verdict", fontsize="medium")
     return fig
+
+
+def study(rows: list[dict], cvs: dict[str, list[float]]):
+    """The study of a many-method sweep, one row per method: left, the fraction of the layer's targets above
+    chance, specific to their target, and whose best seed beats the corpus max; right, each target's coefficient
+    of variation of the decoded activation across seeds (cvs: method -> [targets])."""
+    fig = _figure(10, 1.2 + 0.7 * len(rows))
+    left, right = fig.subplots(1, 2, width_ratios=(3, 2))
+    methods = [r["method"] for r in rows]
+    y = np.arange(len(rows))
+    bars = (("frac_above_chance", "seeds agree above chance"), ("frac_specific", "specific to the target (BH 5%)"),
+            ("frac_best_beats_corpus_max", "best seed beats corpus max"))
+    height = 0.8 / len(bars)
+    for k, (key, label) in enumerate(bars):
+        values = [r.get(key) for r in rows]
+        left.barh(y + (k - 1) * height, [0 if v is None else v for v in values], height, label=label)
+        for yi, v in zip(y, values):
+            left.text(0 if v is None else v, yi + (k - 1) * height, " n/a" if v is None else f" {v:.0%}",
+                      va="center", fontsize=7)
+    left.set(yticks=y, yticklabels=methods, xlim=(0, 1.15), xlabel="fraction of the layer's targets")
+    left.invert_yaxis()
+    left.legend(fontsize=7, loc="lower right")
+    data = [[v for v in cvs.get(m, []) if v is not None] or [np.nan] for m in methods]
+    right.boxplot(data, vert=False, positions=y, widths=0.5)
+    right.set(yticks=y, yticklabels=methods, xlabel="seed spread: CV of the decoded activation per target")
+    right.invert_yaxis()
+    return fig

@@ -11,6 +11,8 @@ back. Users' scripts depend on these names: they never change.
 - `amrepro sweep`: a sweep run (params: every hyperparameter but the target, plus `targets`; the table
   sweep_table.json, metrics sweep/*, the figure sweep_map.png), under it one parent per target as above, tagged
   amrepro.sweep = <sweep run id>, amrepro.target = <target name> and amrepro.batch = its batch, with seed runs;
+- `amrepro sweep --methods a,b`: a top run (amrepro.kind = study) with one sweep run per method under it, each as
+  above, and the study table (STUDY_* below);
 - `amrepro compare`: a top run tagged amrepro.compare, one parent per method under it (compare.py);
 - `amrepro reproduce`: a run tagged amrepro.reproduces = the run it re-ran, nested under it.
 """
@@ -53,6 +55,11 @@ DASHBOARD = "dashboard.html"  # a target parent's page (dashboard.render); a com
 HEADLINE_TAG = "amrepro.headline"  # on target parents: the verdict in one line (headline.headline)
 UNSTABLE_TAG = "unstable"  # on a seed run whose loss spiked (spikes.SPIKE_RULE): where and how much
 SWEEP_TABLE, SWEEP_MAP, REPRODUCTION = "sweep_table.json", "sweep_map.png", "reproduction.json"
+# the study of a sweep (study.py): on each sweep run study.json, study_targets.json, metrics study/* and the tag
+# `study`; on the top run of `amrepro sweep --methods` (tagged amrepro.kind = study, amrepro.methods) study.json,
+# the table study_table.json (one row per method), the figure study.png and metrics study/<method>/<column>
+STUDY_JSON, STUDY_TARGETS, STUDY_TABLE, STUDY_FIGURE = "study.json", "study_targets.json", "study_table.json", "study.png"
+STUDY_TAG, METHODS_TAG = "study", "amrepro.methods"
 
 
 def npy_bytes(array: np.ndarray) -> bytes:

@@ -22,7 +22,8 @@ import numpy as np
 
 from . import metrics
 from .specificity import per_target
-from .stats import ALPHA
+from .stats import ALPHA, REPRODUCIBILITY
+from .verdict import decisions
 
 FDR = ALPHA  # Benjamini-Hochberg level of the per-target specificity tests
 
@@ -36,6 +37,17 @@ class TargetRuns:
     decoded: np.ndarray  # [runs] activation of the decoded tokens as real input
     final: np.ndarray | None = None  # [runs] the continuous optimum (adam), None for a token method
     above_chance: bool | None = None  # its verdict: some claim that seeds agree passed (None: no statistics)
+
+
+def record(outcome) -> TargetRuns:
+    """A target's TargetRuns from its experiment.Outcome: its finite runs; the continuous optimum for adam only
+    (the other methods' results are tokens, whose activation is the decoded one)."""
+    ok, stats = outcome.ok, outcome.summary["statistics"]
+    return TargetRuns(outcome.target.name, tuple(s for s, keep in zip(outcome.result.seeds, ok) if keep),
+                      np.asarray(outcome.ids)[ok], np.asarray(outcome.decoded_activation, dtype=float)[ok],
+                      np.asarray(outcome.result.final_activation, dtype=float)[ok]
+                      if outcome.config.method == "adam" else None,
+                      None if stats is None else any(decisions(stats)[s.claim] for s in REPRODUCIBILITY))
 
 
 def benjamini_hochberg(p) -> np.ndarray:
@@ -124,8 +136,9 @@ def study(targets: list[TargetRuns], corpus: dict[str, tuple[float, float]] | No
                "specific": spec["per_target"].get(t.name, {}).get("specific"),
                "p_specific": spec["per_target"].get(t.name, {}).get("p"),
                "q_specific": spec["per_target"].get(t.name, {}).get("q"),
-               "decoded": spread(t.decoded), "final": None if t.final is None else spread(t.final)}
-        if corpus is not None and t.name in corpus:
+               "decoded": spread(t.decoded) if t.seeds else None,
+               "final": None if t.final is None or not t.seeds else spread(t.final)}
+        if corpus is not None and t.name in corpus and t.seeds:
             row["corpus"] = against_corpus(t.decoded, *corpus[t.name])
         rows.append(row)
     layer = {"n_targets": len(targets), "frac_above_chance": _fraction(r["above_chance"] for r in rows),
@@ -146,7 +159,7 @@ COLUMNS = ("method", "n_targets", "frac_above_chance", "frac_specific", "median_
 def table_row(method: str, result: dict, seconds: float | None) -> dict:
     """The study table's row of one method: its layer summary (study()) and its wall time per target."""
     layer, rows = result["layer"], result["targets"]
-    ranges = [r["decoded"]["max"] - r["decoded"]["min"] for r in rows]
+    ranges = [r["decoded"]["max"] - r["decoded"]["min"] for r in rows if r["decoded"] is not None]
     return {"method": method, "n_targets": layer["n_targets"], "frac_above_chance": layer["frac_above_chance"],
             "frac_specific": layer["frac_specific"], "median_seed_cv": layer["spread"]["decoded_cv"].get("median"),
             "median_seed_range": float(np.median(ranges)) if ranges else None,
@@ -154,3 +167,63 @@ def table_row(method: str, result: dict, seconds: float | None) -> dict:
             "frac_median_beats_corpus_max": layer.get("frac_median_beats_max"),
             "frac_best_beats_corpus_p99": layer.get("frac_best_beats_p99"),
             "s_per_target": None if seconds is None or not layer["n_targets"] else seconds / layer["n_targets"]}
+
+
+def target_columns(result: dict) -> dict[str, list]:
+    """study_targets.json: one row per target (a log_table for the MLflow UI)."""
+    keys = ("target", "n_runs", "above_chance", "specific", "p_specific", "q_specific")
+    columns: dict[str, list] = {k: [r[k] for r in result["targets"]] for k in keys}
+    for kind in ("decoded", "final"):
+        for stat in ("min", "max", "median", "cv"):
+            columns[f"{kind}_{stat}"] = [None if r[kind] is None else r[kind][stat] for r in result["targets"]]
+    for key in ("corpus_max", "corpus_p99", "best_beats_max", "median_beats_max", "best_beats_p99", "median_beats_p99"):
+        columns[key] = [r["corpus"][key] if "corpus" in r else None for r in result["targets"]]
+    return columns
+
+
+def layer_metrics(result: dict) -> dict[str, float]:
+    """study/* metrics of a sweep run: the layer's fractions and the median seed spread."""
+    layer, out = result["layer"], {}
+    for key in ("frac_above_chance", "frac_specific", "frac_best_beats_max", "frac_median_beats_max",
+                "frac_best_beats_p99", "frac_median_beats_p99"):
+        if layer.get(key) is not None:
+            out[f"study/{key}"] = float(layer[key])
+    for key in ("decoded_cv", "final_cv"):
+        if layer["spread"][key].get("n"):
+            out[f"study/median_{key}"] = layer["spread"][key]["median"]
+    return out
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
+
+
+def words(result: dict) -> str:
+    """The layer in one paragraph."""
+    layer = result["layer"]
+    spec, cv = layer["specificity"], layer["spread"]["decoded_cv"]
+    text = (f"Study of {layer['n_targets']} targets: seeds agree above chance for {_pct(layer['frac_above_chance'])}; "
+            f"specific to their target (vs the sweep's other targets, different seeds, {spec['measure']}, "
+            f"{spec['correction']}) for {_pct(layer['frac_specific'])} of {spec['n_tested']} tested")
+    if cv.get("n"):
+        text += (f"; seed spread of the decoded activation: CV median {cv['median']:.2f} "
+                 f"(quartiles {cv['q1']:.2f}-{cv['q3']:.2f})")
+    if "frac_best_beats_max" in layer:
+        text += (f"; real text: the best seed beats the corpus max for {_pct(layer['frac_best_beats_max'])}, the "
+                 f"median seed for {_pct(layer['frac_median_beats_max'])} (99th percentile: best "
+                 f"{_pct(layer['frac_best_beats_p99'])}, median {_pct(layer['frac_median_beats_p99'])})")
+    return text + "."
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The study table as markdown, for the top run's description in the MLflow UI."""
+    def cell(key, value):
+        if value is None:
+            return "n/a"
+        if key.startswith("frac_"):
+            return f"{value:.0%}"
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cell(k, r.get(k)) for k in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)

@@ -22,7 +22,7 @@ from contextlib import nullcontext
 
 import numpy as np
 
-from . import features, layout, lean, signals
+from . import features, layout, lean, signals, study
 from .config import AmreproError, Config, _unquote
 from .nulls import binomial_tail
 from .stats import ALPHA, CLAIMS, PRIMARY, REGISTRY, REPRODUCIBILITY
@@ -169,7 +169,7 @@ class Worker:
             for parent, outcome in zip(parents, outcomes):
                 ctx.outcome_path = paths.get(parent)
                 self._log(parent, outcome)
-        return {"logged": [p.target.name for p in preps],
+        return {"logged": [p.target.name for p in preps], "study": [study.record(o) for o in outcomes],
                 "seconds": {"science": science, "tracking": time.perf_counter() - started - science}}
 
     def _start(self, prep, tags: dict[str, str]) -> str:
@@ -283,11 +283,12 @@ def start_ray(address: str | None, workers: int, threads: int):
 
 
 def run_chunks(work: list[list[Target]], config: Config, uri: str, experiment_id: str, sweep_id: str,
-               frozen: bytes, workers: int, lm=None, on_chunk: Callable[[list[str]], None] | None = None,
+               frozen: bytes, workers: int, lm=None, on_chunk: Callable[[list[str], list], None] | None = None,
                target_layout: str = "seeds") -> tuple[list[str], dict[str, float]]:
     """Every chunk, in this process (workers 0) or on `workers` Ray actors (Ray already started). Returns one
     sentence per chunk that failed for good (its targets stay for --resume), and the workers' seconds of science
-    and of tracking, summed over chunks; on_chunk(names) after each chunk."""
+    and of tracking, summed over chunks; on_chunk(names, records) after each chunk (records: the study.TargetRuns of
+    the targets it logged)."""
     names = [[t.name for t in chunk] for chunk in work]
     failures: list[str] = []
     seconds = {"science": 0.0, "tracking": 0.0}
@@ -296,7 +297,7 @@ def run_chunks(work: list[list[Target]], config: Config, uri: str, experiment_id
         for key in seconds:
             seconds[key] += out["seconds"][key]
         if on_chunk:
-            on_chunk(out["logged"])
+            on_chunk(out["logged"], out["study"])
 
     if workers == 0:
         worker = Worker(config, uri, experiment_id, sweep_id, frozen, lm=lm, target_layout=target_layout, keep=True)

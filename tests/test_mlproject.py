@@ -29,7 +29,10 @@ def entry_point(name="main"):
 
 # entry point -> (its amrepro command, the options it takes that are not Config fields, defaults unlike the CLI's)
 ENTRY_POINTS = {"main": ("run", (), {}), "compare": ("compare", ("methods", "corpus"), {}),
-                "sweep": ("sweep", ("targets", "workers", "chunk", "layout"), {"targets": "blocks.8.hook_resid_pre[0:8]"})}
+                "sweep": ("sweep", ("targets", "workers", "chunk", "layout"), {"targets": "blocks.8.hook_resid_pre[0:8]"}),
+                # a sweep of several methods with their study table (the same command, --methods and --corpus)
+                "study": ("sweep", ("targets", "methods", "corpus", "workers", "chunk", "layout"),
+                          {"targets": "blocks.8.hook_resid_pre[0:8]", "methods": "adam,pez,gcg"})}
 YAML_TYPES = {int: "int", float: "float", str: "string"}
 
 

@@ -104,3 +104,65 @@ def test_corpus_levels_per_target():
     levels = study.corpus_levels(acts)
     np.testing.assert_allclose(levels["max"], [3.0, 5.0])
     np.testing.assert_allclose(levels["p99"], np.percentile(acts, 99, axis=0))
+
+
+def test_corpus_of_every_target_at_once_is_each_window_read_alone(tiny_gpt2, tmp_path):
+    """yardsticks: one streamed pass and one forward per batch for all targets of a site gives each target's
+    yardstick; its max is the max over every window read alone (computed directly)."""
+    import torch
+
+    from amrepro import corpus
+    from amrepro.model import load_model
+    from amrepro.readers import HookedReader
+    from amrepro.targets import Target
+
+    lm = load_model(tiny_gpt2, torch.device("cpu"))
+    file = tmp_path / "tiny.txt"
+    file.write_text("the cat sat on the mat\nand the dog ran far away from it\n")
+    targets = [Target.parse(n) for n in ("blocks.2.mlp.hook_post[5]", "blocks.2.mlp.hook_post[70]")]
+    yards = corpus.yardsticks(lm, targets, file, 3, top=2)
+    ids = lm.tokenizer(file.read_text(), add_special_tokens=False)["input_ids"]
+    for target, yard in zip(targets, yards):
+        with HookedReader(lm, target) as reader, torch.no_grad():
+            alone = [float(reader(lm.embedding[torch.tensor([ids[w:w + 3]])]).mean()) for w in range(len(ids) - 2)]
+        assert yard["n_windows"] == len(ids) - 2
+        assert yard["max"] == pytest.approx(max(alone), abs=1e-5)
+        assert yard["p99"] == pytest.approx(float(np.percentile(alone, 99)), abs=1e-5)
+        single = corpus.yardstick(lm, target, file, 3, top=2)  # the one-target path agrees
+        assert [w["start"] for w in yard["top"]] == [w["start"] for w in single["top"]]
+        assert yard["mean"] == pytest.approx(single["mean"], abs=1e-5)
+
+
+def test_sweep_of_two_methods_logs_its_study_table(tiny_gpt2, store):
+    """`amrepro sweep --methods adam,pez --corpus`: one top run, one sweep run per method under it (same targets,
+    same seeds), each with its study; the top run holds the study table, one row per method, and its figure."""
+    import json
+    from pathlib import Path
+
+    from mlflow import MlflowClient
+
+    from helpers import all_runs, cli
+
+    corpus_file = str(Path(__file__).parent / "data" / "corpus.txt")
+    spec = "blocks.1.mlp.hook_post[random:3]"
+    result = cli("sweep", "--model", tiny_gpt2, "--targets", spec, "--methods", "adam,pez", "--corpus", corpus_file,
+                 "--runs", "2", "--epochs", "4", "--steps", "2", "--n-tokens", "3")
+    assert result.exit_code == 0, result.output
+    runs = all_runs(store)
+    (top,) = [r for r in runs if r.data.tags.get("amrepro.kind") == "study"]
+    sweeps = {r.data.params["method"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == top.info.run_id}
+    assert set(sweeps) == {"adam", "pez"} and top.info.status == "FINISHED"
+    client = MlflowClient(store)
+    table = json.loads(Path(client.download_artifacts(top.info.run_id, "study_table.json")).read_text())
+    rows = dict(zip(table["columns"], zip(*table["data"])))
+    assert rows["method"] == ("adam", "pez") and rows["n_targets"] == (3, 3)
+    assert all(0 <= f <= 1 for f in rows["frac_best_beats_corpus_max"])
+    assert "study.png" in {a.path for a in client.list_artifacts(top.info.run_id)}
+    assert "| adam |" in top.data.tags["mlflow.note.content"]
+    for method, sweep in sweeps.items():
+        studied = json.loads(Path(client.download_artifacts(sweep.info.run_id, "study.json")).read_text())
+        assert [r["target"] for r in studied["targets"]] == [f"blocks.1.mlp.hook_post[{i}]" for i in
+                                                             sorted(int(t["target"].split("[")[1][:-1])
+                                                                    for t in studied["targets"])]
+        assert all("corpus" in r for r in studied["targets"])
+        assert (studied["targets"][0]["final"] is None) == (method == "pez")  # adam's continuous optimum only

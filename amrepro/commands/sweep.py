@@ -1,7 +1,10 @@
 """`amrepro sweep`: a sweep run, one parent per target (what `amrepro run --target T` logs), seed runs; the targets
 run in batches of one site on Ray workers (workers 0: in this process). Plan (every check, the targets, the
-sweep run, what is left to do), run the chunks (sweep.run_chunks), summarize (the sweep run's table, metrics,
-verdict, map and timing)."""
+corpus levels, the sweep run, what is left to do), run the chunks (sweep.run_chunks), summarize (the sweep run's
+table, metrics, verdict, map, the study of the layer (study.py) and timing).
+
+`amrepro sweep --methods a,b` (sweep_methods): a top run, one such sweep per method under it (the same targets
+and seeds, the model and corpus levels shared), then the study table of the methods on the top run."""
 
 from __future__ import annotations
 
@@ -16,8 +19,9 @@ from ..config import AmreproError, Config
 from ..context import Context
 from ..layout import DASHBOARD, HEADLINE_TAG
 from ..ownership import refuse_live
-from ..layout import (ERROR_TAG, KIND_TAG, NOTE_TAG, RAY_ADDRESS_TAG, SWEEP_MAP, SWEEP_TABLE, TAG_LIMIT, TARGET_TAG,
-                      PID_TAG, VERDICT_TAG, WORKERS_TAG, RunReader, children, run_name, sweep_parents)
+from ..layout import (ERROR_TAG, KIND_TAG, METHODS_TAG, NOTE_TAG, PARENT_TAG, PID_TAG, RAY_ADDRESS_TAG, STUDY_FIGURE,
+                      STUDY_JSON, STUDY_TABLE, STUDY_TAG, STUDY_TARGETS, SWEEP_MAP, SWEEP_TABLE, TAG_LIMIT, TARGET_TAG,
+                      VERDICT_TAG, WORKERS_TAG, RunReader, children, json_bytes, run_name, sweep_parents)
 
 
 @dataclasses.dataclass
@@ -32,14 +36,22 @@ class Plan:
     frozen: bytes  # pip freeze
     ray: object  # the ray module when started, else None
     layout: str  # what each target logs: "lean" or "seeds" (lean.py)
+    corpus: dict | None  # target name -> (corpus max, 99th percentile), with --corpus
 
 
 def sweep(config: Config, spec: str, workers: int = 0, ray_address: str | None = None, chunk: int = 0,
-          resume: str | None = None, experiment: str | None = None, layout: str = "lean",
-          force: bool = False) -> dict[str, float]:
+          resume: str | None = None, experiment: str | None = None, layout: str = "lean", force: bool = False,
+          corpus_path: str = "", parent: str | None = None,
+          shared: dict | None = None) -> tuple[dict[str, float], dict, float]:
     """--resume SWEEP_RUN_ID redoes the targets without a FINISHED parent, with the sweep's own params; refused
     while that sweep's process or workers are alive (force: also when they cannot be checked from this host).
-    Returns the sweep/* metrics."""
+    corpus_path: every target scored on every window of that text, before any run. parent: the top run of a
+    many-method sweep; shared: what its method sweeps share (the model, the corpus levels). Returns the sweep/*
+    metrics, the study of the targets this invocation ran, and the workers' seconds of science."""
+    from .. import corpus
+
+    corpus_file = corpus.check(corpus_path) if corpus_path else None  # missing, a FIFO, a device: before runs
+    shared = {} if shared is None else shared
     ctx = Context(experiment)
     if resume:
         resumed = RunReader(ctx.store).run(resume)
@@ -53,11 +65,13 @@ def sweep(config: Config, spec: str, workers: int = 0, ray_address: str | None =
         raise AmreproError(f"--workers must be 0 (in this process) or more, got {workers}.")
     if chunk < 0:
         raise AmreproError(f"--chunk must be 0 (automatic) or more, got {chunk}.")
-    with ctx.session(attach=not resume):
-        plan = _plan(ctx, config, spec, workers, ray_address, chunk, resume, layout)
-        started, count = time.perf_counter(), {"done": len(plan.done)}
+    with ctx.session(attach=not resume and parent is None):
+        plan = _plan(ctx, config, spec, workers, ray_address, chunk, resume, layout, corpus_file, corpus_path,
+                     parent, shared)
+        started, count, records = time.perf_counter(), {"done": len(plan.done)}, []
 
-        def on_chunk(names: list[str]) -> None:
+        def on_chunk(names: list[str], ran: list) -> None:
+            records.extend(ran)
             count["done"] += len(names)
             report.console.print(f"  {count['done']}/{len(plan.targets)} targets logged", soft_wrap=True, markup=False)
 
@@ -73,23 +87,26 @@ def sweep(config: Config, spec: str, workers: int = 0, ray_address: str | None =
         finally:
             if plan.ray is not None:
                 plan.ray.shutdown()
-        metrics = _summarize(ctx, plan, workers, failures, seconds, time.perf_counter() - started,
-                             count["done"] - len(plan.done))
+        metrics, result = _summarize(ctx, plan, workers, failures, seconds, time.perf_counter() - started,
+                                     count["done"] - len(plan.done), records)
     if failures:
         raise AmreproError(f"{len(failures)} batch(es) of sweep run {plan.sweep_id} failed ({failures[0]}); "
                            f"`amrepro sweep --resume {plan.sweep_id}` runs the targets that are not done.")
-    return metrics
+    return metrics, result, seconds["science"]
 
 
 def _plan(ctx: Context, config: Config, spec: str, workers: int, ray_address: str | None, chunk: int,
-          resume: str | None, layout: str) -> Plan:
+          resume: str | None, layout: str, corpus_file=None, corpus_path: str = "", parent: str | None = None,
+          shared: dict | None = None) -> Plan:
     from ..model import load_model, resolve_device
     from ..provenance import pip_freeze
     from ..readers import site_width
     from ..targets import Target
 
-    ray = None
-    lm = load_model(config.model, resolve_device(config.device), note=report.note)
+    ray, shared = None, {} if shared is None else shared
+    if "lm" not in shared:
+        shared["lm"] = load_model(config.model, resolve_device(config.device), note=report.note)
+    lm = shared["lm"]
     width = functools.cache(lambda block, site: site_width(lm, Target(block, site, 0)))  # one probe per site
     targets = sw.parse_targets(spec, width, lm.n_layers, config.seed)
     remote = bool(ray_address or os.environ.get("RAY_ADDRESS"))
@@ -111,6 +128,10 @@ def _plan(ctx: Context, config: Config, spec: str, workers: int, ray_address: st
                                         int(ray.cluster_resources().get("CPU", workers)) if ray else 1, local=False)
     if workers_note:
         report.errors.print(workers_note, soft_wrap=True, markup=False)
+    if corpus_file is not None and "corpus" not in shared:  # scored before any run: a bad file costs none
+        started = time.perf_counter()
+        shared["corpus"] = _corpus_levels(lm, targets, corpus_file, config)
+        shared["corpus_seconds"] = time.perf_counter() - started
     frozen = pip_freeze()
     if resume:
         sweep_id, experiment_id = ctx.reopen(resume)
@@ -118,7 +139,9 @@ def _plan(ctx: Context, config: Config, spec: str, workers: int, ray_address: st
             raise AmreproError(f"sweep run {resume} is FINISHED (or deleted): every target was done.")
     else:
         ctx.describe(lm, busy_note=False)
-        sweep_id, experiment_id = ctx.start_top(sw.sweep_params(config, spec), {KIND_TAG: "sweep", lean.LAYOUT_TAG: layout},
+        sweep_id, experiment_id = ctx.start_top({**sw.sweep_params(config, spec), "corpus": corpus_path},
+                                                {KIND_TAG: "sweep", lean.LAYOUT_TAG: layout,
+                                                 **({PARENT_TAG: parent} if parent else {})},
                                                 f"sweep {run_name(config).rsplit(' ', 2)[0]} {spec} x{config.runs}")
     ctx.log(sweep_id, tags={WORKERS_TAG: str(workers), RAY_ADDRESS_TAG: ray_address or
                                 os.environ.get("RAY_ADDRESS", "local" if workers else "none")})
@@ -131,7 +154,7 @@ def _plan(ctx: Context, config: Config, spec: str, workers: int, ray_address: st
     report.console.print(f"sweep run {sweep_id}: {len(targets)} targets x {config.runs} seeds, {len(done)} already "
                          f"done, {len(todo)} to run in {len(work)} batch{'' if len(work) == 1 else 'es'} on "
                          f"{where}.", soft_wrap=True, markup=False)
-    return Plan(config, lm, targets, done, work, sweep_id, experiment_id, frozen, ray, layout)
+    return Plan(config, lm, targets, done, work, sweep_id, experiment_id, frozen, ray, layout, shared.get("corpus"))
 
 
 def _check_batch_memory(lm, targets: list, config: Config, chunk: int) -> None:
@@ -179,10 +202,11 @@ def _end_unfinished(ctx: Context, plan: Plan, interrupt: KeyboardInterrupt) -> N
 
 
 def _summarize(ctx, plan: Plan, workers: int, failures: list[str], seconds: dict, wall: float,
-               n_run: int) -> dict[str, float]:
+               n_run: int, records: list) -> tuple[dict[str, float], dict]:
     """The sweep run's table (one row per target, read back from the store, so a resumed sweep has every
-    target), its sweep/* metrics, the verdict over targets, the map and where the time went; then its end."""
-    from .. import dashboard, figures
+    target), its sweep/* metrics, the verdict over targets, the map, the study of the targets this invocation ran
+    (records: their study.TargetRuns) and where the time went; then its end."""
+    from .. import dashboard, figures, study
 
     sweep_id, experiment_id = plan.sweep_id, plan.experiment_id
     summing = time.perf_counter()
@@ -205,7 +229,17 @@ def _summarize(ctx, plan: Plan, workers: int, failures: list[str], seconds: dict
     report.console.print(words, soft_wrap=True, markup=False)
     if plan.layout == "lean":
         _log_flagged_figures(ctx, columns)
-    summing = time.perf_counter() - summing  # the table, map, verdict (and lean: the flagged figures)
+    order = {t.name: k for k, t in enumerate(plan.targets)}
+    result = study.study(sorted(records, key=lambda r: order[r.name]), plan.corpus, seed=plan.config.seed)
+    result["layer"]["note"] = f"the {len(records)} targets run by this invocation" + (
+        f" ({len(plan.done)} done by an earlier one are not in it)" if plan.done else "")
+    study_words = study.words(result)
+    ctx.log_artifacts(sweep_id, {STUDY_JSON: json_bytes(result)})
+    ctx.store.log_table(sweep_id, study.target_columns(result), STUDY_TARGETS)
+    ctx.log_metrics(sweep_id, study.layer_metrics(result))
+    ctx.log(sweep_id, tags={STUDY_TAG: study_words[:TAG_LIMIT]})
+    report.console.print(study_words, soft_wrap=True, markup=False)
+    summing = time.perf_counter() - summing  # the table, map, verdict, study (and lean: the flagged figures)
     # where the time of this invocation went: the workers' science and tracking, and the rest (Ray: starting
     # workers, loading models, scheduling; idle workers) as a share of the workers' wall time
     slots = max(workers, 1) * wall
@@ -220,7 +254,7 @@ def _summarize(ctx, plan: Plan, workers: int, failures: list[str], seconds: dict
     if failures:
         ctx.log(sweep_id, tags={ERROR_TAG: "; ".join(failures)[:TAG_LIMIT]})
     ctx.end(sweep_id, "FAILED" if failures else "FINISHED")
-    return metrics
+    return metrics, result
 
 
 def _log_flagged_figures(ctx, columns: dict[str, list]) -> None:
@@ -235,3 +269,67 @@ def _log_flagged_figures(ctx, columns: dict[str, list]) -> None:
         report.console.print(f"figures drawn for {min(len(flagged), lean.FLAGGED_MAX)} flagged target(s)"
                              + (f"; {more} more: `amrepro figures RUN_ID`" if more > 0 else "") + ".",
                              soft_wrap=True, markup=False)
+
+
+def _corpus_levels(lm, targets, file, config: Config) -> dict[str, tuple[float, float]]:
+    """target name -> (corpus max, 99th percentile): the plain dimensions of each site in one streamed pass (one
+    forward per batch of windows for all of them), each feature target on its own."""
+    from .. import corpus
+
+    groups: dict = {}
+    for target in targets:
+        groups.setdefault((target.block, target.site) if not target.source else target.name, []).append(target)
+    limit = f"its first {config.corpus_max_tokens} tokens" if config.corpus_max_tokens else "all of it"
+    report.note(f"scoring every {config.n_tokens}-token window of {file} ({limit}) for {len(targets)} targets in "
+                f"{len(groups)} pass{'' if len(groups) == 1 else 'es'}")
+    levels = {}
+    for group in groups.values():
+        yards = (corpus.yardsticks(lm, group, file, config.n_tokens, config.corpus_max_tokens, top=1,
+                                   on_progress=corpus.progress_printer(report.note)) if not group[0].source else
+                 [corpus.yardstick(lm, group[0], file, config.n_tokens, config.corpus_max_tokens, top=1)])
+        levels.update({t.name: (y["max"], y["p99"]) for t, y in zip(group, yards)})
+    return levels
+
+
+def sweep_methods(config: Config, spec: str, methods_text: str, corpus_path: str = "", workers: int = 0,
+                  ray_address: str | None = None, chunk: int = 0, experiment: str | None = None,
+                  layout: str = "lean") -> list[dict]:
+    """A top run, one sweep run per method under it (the same targets and seeds), and on the top run the study
+    table (one row per method), study.json, the figure and study/<method>/<column> metrics. Every method's
+    options and the corpus file are checked before the first run."""
+    from .. import corpus, figures, study
+    from ..compare import parse_methods
+
+    names = parse_methods(methods_text)
+    configs = {m: dataclasses.replace(config, method=m) for m in names}
+    for c in configs.values():
+        c.validate()
+    lean.check_layout(layout)
+    if corpus_path:
+        corpus.check(corpus_path)
+    ctx = Context(experiment)
+    rows, results, shared = [], {}, {}
+    with ctx.session():
+        params = {k: v for k, v in sw.sweep_params(config, spec).items() if k != "method"}
+        top, _ = ctx.start_top({**params, "methods": ",".join(names), "corpus": corpus_path},
+                               {KIND_TAG: "study", METHODS_TAG: ",".join(names)},
+                               f"study {','.join(names)} {spec} x{config.runs}")
+        for m in names:
+            report.console.print(f"[bold]{m}[/]", soft_wrap=True)
+            _, result, science = sweep(configs[m], spec, workers, ray_address, chunk, None, experiment, layout, False,
+                                       corpus_path, parent=top, shared=shared)
+            results[m] = result
+            rows.append(study.table_row(m, result, science))
+        cvs = {m: [r["decoded"]["cv"] for r in results[m]["targets"] if r["decoded"] is not None] for m in names}
+        table = ("Study: one row per method (fractions of the layer's targets; s_per_target: the workers' seconds "
+                 "of optimization, decoding and statistics per target).\n\n" + study.markdown_table(rows))
+        ctx.store.log_table(top, {k: [r.get(k) for r in rows] for k in study.COLUMNS}, STUDY_TABLE)
+        ctx.log_artifacts(top, {STUDY_JSON: json_bytes({"rows": rows, "methods": results,
+                                                        "corpus_seconds": shared.get("corpus_seconds")})})
+        ctx.store.log_figure(top, figures.study(rows, cvs), STUDY_FIGURE)
+        ctx.log_metrics(top, {f"study/{r['method']}/{k}": float(r[k]) for r in rows for k in study.COLUMNS[1:]
+                              if isinstance(r.get(k), (int, float))})
+        ctx.log(top, tags={NOTE_TAG: table})
+        ctx.end(top)
+    report.console.print(table, soft_wrap=True, markup=False)
+    return rows
