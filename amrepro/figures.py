@@ -280,9 +280,12 @@ def study(rows: list[dict], cvs: dict[str, list[float]]):
                       va="center", fontsize=7)
     left.set(yticks=y, yticklabels=methods, xlim=(0, 1.15), xlabel="fraction of the layer's targets")
     left.invert_yaxis()
-    left.legend(fontsize=7, loc="lower right")
-    data = [[v for v in cvs.get(m, []) if v is not None] or [np.nan] for m in methods]
+    left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3)
+    # log scale: a target whose seeds' mean is near 0 has a huge CV, which would squash every other box; a CV of 0
+    # (every seed alike) is drawn at 1e-3
+    data = [[max(v, 1e-3) for v in cvs.get(m, []) if v is not None] or [np.nan] for m in methods]
     right.boxplot(data, vert=False, positions=y, widths=0.5)
-    right.set(yticks=y, yticklabels=methods, xlabel="seed spread: CV of the decoded activation per target")
+    right.set_xscale("log")
+    right.set(yticks=y, yticklabels=methods, xlabel="seed spread: CV of the decoded activation per target (log)")
     right.invert_yaxis()
     return fig
