@@ -130,6 +130,8 @@ def test_corpus_of_every_target_at_once_is_each_window_read_alone(tiny_gpt2, tmp
         assert yard["p99"] == pytest.approx(float(np.percentile(alone, 99)), abs=1e-5)
         single = corpus.yardstick(lm, target, file, 3, top=2)  # the one-target path agrees
         assert [w["start"] for w in yard["top"]] == [w["start"] for w in single["top"]]
+        np.testing.assert_allclose([w["positions"] for w in yard["top"]], [w["positions"] for w in single["top"]],
+                                   atol=1e-5)
         assert yard["mean"] == pytest.approx(single["mean"], abs=1e-5)
 
 
