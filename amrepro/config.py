@@ -55,7 +55,7 @@ class Config:
     population: int = _f(8, "Population members per run, with fluency penalties log-spaced from 0.1 to 10 "
                             "(dreamy's defaults).")
     pez_lr: float = _f(0.1, "Adam learning rate of the continuous vectors (Wen et al. 2023: 0.1).")
-    corpus_max_tokens: int = _f(1_000_000, "compare --corpus: score the windows of at most this many tokens of "
+    corpus_max_tokens: int = _f(1_000_000, "compare/sweep --corpus: score the windows of at most this many tokens of "
                                            "the corpus (its start; 0: the whole file). Time grows with it, one "
                                            "forward per window; memory does not (the file is streamed).")
 
