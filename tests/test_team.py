@@ -18,11 +18,11 @@ from forked import Amrepro
 from helpers import free_port, start_mlflow_server
 
 PG = Path("/usr/lib/postgresql/15/bin")
-# 6 targets on two sites: 3 chunks of 2 for 2 workers, so one worker takes a second chunk. Every chunk has 2
+# 4 targets on two sites: 2 chunks of 2, one per worker, and the dead worker's chunk is run again. Every chunk has 2
 # targets, so the dying worker dies in its first chunk, after its first target (at its RUNS + 1-th seed run):
 # exactly one parent is left unfinished. (A worker that died in a later chunk would leave that whole chunk's
 # parents, which are all created before its science.)
-TARGETS, N_TARGETS = "blocks.4.hook_resid_pre[0:4],blocks.6.mlp.hook_post[random:2]", 6
+TARGETS, N_TARGETS = "blocks.4.hook_resid_pre[0:2],blocks.6.mlp.hook_post[random:2]", 4
 RUNS, EPOCHS = 2, 10
 
 
