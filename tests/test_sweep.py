@@ -280,8 +280,7 @@ def test_sigterm_under_ray_kills_every_run_and_the_workers_then_resume_finishes(
     marker = f"AMREPRO_TEST_RAY_MARK={tmp_path}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["AMREPRO_TEST_RAY_MARK"] = str(tmp_path)
-    spec = "blocks.4.hook_resid_pre[0:2],blocks.5.mlp.hook_post[0:1]"  # 3 one-target chunks for 2 workers: one
-    # target that no worker started; --resume (in this process: no second Ray start) redoes all 3, not 4, targets
+    spec = "blocks.4.hook_resid_pre[0:3],blocks.5.mlp.hook_post[0:1]"  # 4 one-target chunks for 2 workers
     driver = Amrepro(["sweep", "--model", tiny_gpt2, "--targets", spec, "--runs", "2", "--epochs", "300",
                       "--lr", "0.01", "--workers", "2", "--chunk", "1", "--layout", "seeds"], env, tmp_path)
     client = MlflowClient(store)
@@ -310,8 +309,8 @@ def test_sigterm_under_ray_kills_every_run_and_the_workers_then_resume_finishes(
     result = cli("sweep", "--resume", sweep.info.run_id)
     assert result.exit_code == 0, result.output
     sweep = client.get_run(sweep.info.run_id)
-    assert sweep.info.status == "FINISHED" and sweep.data.metrics["sweep/n_finished"] == 3
+    assert sweep.info.status == "FINISHED" and sweep.data.metrics["sweep/n_finished"] == 4
     parents = [r for r in all_runs(store) if r.data.tags.get("amrepro.sweep") == sweep.info.run_id]
     assert sorted(p.data.tags["amrepro.target"] for p in parents) == sorted(
-        [f"blocks.4.hook_resid_pre[{i}]" for i in range(2)] + ["blocks.5.mlp.hook_post[0]"])
+        [f"blocks.4.hook_resid_pre[{i}]" for i in range(3)] + ["blocks.5.mlp.hook_post[0]"])
     assert all(p.info.status == "FINISHED" and len(children_of(store, p.info.run_id)) == 2 for p in parents)
