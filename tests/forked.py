@@ -38,7 +38,8 @@ def _fork_server():
     return _context
 
 
-def _amrepro_main(args: list[str], env: dict[str, str], cwd: str, out_path: str, err_path: str) -> None:
+def _amrepro_main(args: list[str], env: dict[str, str], cwd: str, out_path: str, err_path: str,
+                  startup: str | None = None) -> None:
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
@@ -49,6 +50,10 @@ def _amrepro_main(args: list[str], env: dict[str, str], cwd: str, out_path: str,
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
     sys.argv = ["amrepro", *args]
+    if startup:  # what a fresh interpreter would run at start-up (a sitecustomize.py), before amrepro's main
+        import runpy
+
+        runpy.run_path(startup, run_name="sitecustomize")
     from amrepro.cli import main
 
     main()  # exits through SystemExit: multiprocessing makes its code the process's exit status
@@ -65,12 +70,15 @@ def _read(path: str) -> str:
 class Amrepro:
     """The parts of subprocess.Popen the tests use, for `amrepro ARGS` in a forked process."""
 
-    def __init__(self, args, env: dict[str, str], cwd):
+    def __init__(self, args, env: dict[str, str], cwd, startup: str | None = None):
+        """startup: a sitecustomize.py the child runs first, as Python runs the one on a new interpreter's
+        PYTHONPATH at start-up (the fork server started before this child's PYTHONPATH existed)."""
         self._folder = tempfile.mkdtemp(prefix="amrepro-forked-")
         self._out, self._err = os.path.join(self._folder, "stdout"), os.path.join(self._folder, "stderr")
         self._output = None
         self._process = _fork_server().Process(target=_amrepro_main,
-                                               args=(list(args), dict(env), str(cwd), self._out, self._err))
+                                               args=(list(args), dict(env), str(cwd), self._out, self._err,
+                                                     startup and str(startup)))
         self._process.start()
         self.pid = self._process.pid
         self.args = list(args)

@@ -2,12 +2,11 @@
 figures, `amrepro log`, doctor and --resume read it as they read the seeds layout."""
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 from mlflow import MlflowClient
 
+from forked import Amrepro
 from helpers import all_runs, cli
 
 SPEC = "blocks.4.hook_resid_pre[0:2],blocks.5.mlp.hook_post[random:1]"
@@ -81,16 +80,15 @@ def test_lean_run_store_failure_keeps_the_outcome_for_amrepro_log(tiny_gpt2, sto
 
 def test_lean_sweep_killed_worker_doctor_and_resume(tiny_gpt2, store, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    # the worker dies (os._exit, as a SIGKILL) before logging its second target (tests/worker_exit/sitecustomize.py)
+    # the worker dies (os._exit, as a SIGKILL) before logging its second target (tests/worker_exit/sitecustomize.py,
+    # run first in the child as a new interpreter would run it; forked.py: no second import of torch and MLflow)
     env.update(MLFLOW_TRACKING_URI=store, HF_HUB_OFFLINE="1", AMREPRO_TEST_EXIT_AFTER_CHILDREN="2",
-               AMREPRO_TEST_EXIT_MARKER=str(tmp_path / "died"),
-               PYTHONPATH=os.pathsep.join([str(Path(__file__).parent / "worker_exit"),
-                                           *filter(None, [env.get("PYTHONPATH")])]))
+               AMREPRO_TEST_EXIT_MARKER=str(tmp_path / "died"))
     spec = "blocks.4.hook_resid_pre[0:2]"
-    died = subprocess.run([sys.executable, "-m", "amrepro", "sweep", "--model", tiny_gpt2, "--targets", spec,
-                           "--chunk", "1", "--runs", "2", "--epochs", "4"], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
-    assert died.returncode == 1 and (tmp_path / "died").exists(), died.stderr
+    proc = Amrepro(["sweep", "--model", tiny_gpt2, "--targets", spec, "--chunk", "1", "--runs", "2", "--epochs", "4"],
+                   env, tmp_path, startup=Path(__file__).parent / "worker_exit" / "sitecustomize.py")
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and (tmp_path / "died").exists(), stderr
     sweep, parents = _sweep_runs(store)
     (half,) = [p for p in parents if p.info.status == "RUNNING"]
     assert sweep.info.status == "RUNNING" and [p.info.status for p in parents].count("FINISHED") == 1
