@@ -4,6 +4,7 @@ extra): amrepro logs to it with credentials from the environment, and without th
 import os
 import secrets
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -13,13 +14,21 @@ from helpers import all_runs, cli, copy_store, free_port, start_mlflow_server
 @pytest.fixture
 def auth_server(tmp_path, empty_store_db):
     pytest.importorskip("flask_wtf", reason="the mlflow[auth] extra is not installed (pip install -e '.[test]')")
+    import mlflow
+
     password = secrets.token_urlsafe(12)
     port = free_port()
+    # MLflow's default auth settings, plus its cache of accepted credentials (off by default): without it every
+    # request pays a scrypt password check (~0.1 s of the server's CPU). A request without credentials is still
+    # refused (only accepted ones are cached).
+    config = tmp_path / "basic_auth.ini"
+    defaults = Path(mlflow.__file__).parent / "server" / "auth" / "basic_auth.ini"
+    config.write_text(defaults.read_text() + "\nauth_cache_ttl_seconds = 600\n")
     # the users' database (basic_auth.db) lands in the server's folder; its admin gets the password on first start
     proc = start_mlflow_server(copy_store(empty_store_db, tmp_path / "mlflow.db"), tmp_path, port,
                                args=("--app-name", "basic-auth"),
                                # the CSRF key: the auth app refuses to start without one
-                               env={"MLFLOW_AUTH_ADMIN_PASSWORD": password,
+                               env={"MLFLOW_AUTH_ADMIN_PASSWORD": password, "MLFLOW_AUTH_CONFIG_PATH": str(config),
                                     "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)})
     yield f"http://127.0.0.1:{port}", password
     os.killpg(proc.pid, signal.SIGTERM)
