@@ -167,3 +167,13 @@ def test_backward_after_the_reader_is_closed(lm):
         act = read(x)  # [R, P]
     (act * torch.linspace(-1.0, 2.0, act.numel()).view(act.shape)).sum().backward()
     assert_close(x.grad, grad_ref)
+
+
+def test_the_probe_keeps_onednn_unless_another_kernel_is_clearly_faster():
+    """A probe of a fraction of a second on a busy machine once picked mkl at 519 vs 539 ms, which was 2.4x slower
+    in the real step: a near tie keeps oneDNN; a clear win (the Xeon's MKL, say) still changes the kernel."""
+    from amrepro.kernels import pick
+
+    assert pick({"onednn": 538.7, "mkl": 519.1, "plain": 780.0}) == "onednn"
+    assert pick({"onednn": 538.7, "mkl": 300.0, "plain": 780.0}) == "mkl"
+    assert pick({"mkl": 2.0, "plain": 1.0}) == "plain"  # no oneDNN in this torch build: the fastest
