@@ -157,3 +157,14 @@ def failing_log_batch(monkeypatch, when):
         return original(self, run_id, metrics, params, tags, *args, **kwargs)
     monkeypatch.setattr(MlflowClient, "log_batch", failing)
     return original
+
+
+def owned_by(store, run_id: str, pid: int, host: str | None = None) -> None:
+    """The run RUNNING again, its process tags naming pid (on this host unless host)."""
+    from amrepro.ownership import HOST, _process_start
+
+    client = MlflowClient(store)
+    client.update_run(run_id, "RUNNING")
+    for key, value in (("amrepro.pid", str(pid)), ("amrepro.pid_start", _process_start(pid)),
+                       ("amrepro.host", host or HOST)):
+        client.set_tag(run_id, key, value)

@@ -12,7 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 from forked import Amrepro
-from helpers import all_runs, children_of, cli, copy_store, failing_log_batch, free_port, wait_for
+from helpers import all_runs, children_of, cli, copy_store, failing_log_batch, free_port, owned_by, wait_for
 
 
 def _env(uri, **extra):
@@ -537,17 +537,6 @@ def test_runs_the_store_cannot_end_are_reported_as_running(tiny_gpt2, store, mon
 
 
 # --- issue 17 §3: recovery never destroys live work --------------------------------------------------------
-def _owned_by(store, run_id: str, pid: int, host: str | None = None) -> None:
-    """The run RUNNING again, its process tags naming pid (on this host unless host)."""
-    from amrepro.ownership import HOST, _process_start
-
-    client = MlflowClient(store)
-    client.update_run(run_id, "RUNNING")
-    for key, value in (("amrepro.pid", str(pid)), ("amrepro.pid_start", _process_start(pid)),
-                       ("amrepro.host", host or HOST)):
-        client.set_tag(run_id, key, value)
-
-
 def test_log_refuses_a_parent_whose_run_is_still_alive(tiny_gpt2, store, monkeypatch):
     """`amrepro log FILE` while the `run` that wrote FILE still logs duplicated seed runs: refused in one
     sentence while that process lives here; for another host only with --force."""
@@ -569,13 +558,13 @@ def test_log_refuses_a_parent_whose_run_is_still_alive(tiny_gpt2, store, monkeyp
             "marked FAILED") in " ".join(lost.output.split()) and "KILLED" not in statuses
     before = len(all_runs(store))
 
-    _owned_by(store, parent.info.run_id, os.getpid())  # this test's own process: alive
+    owned_by(store, parent.info.run_id, os.getpid())  # this test's own process: alive
     result = cli("log", str(path))
     assert result.exit_code == 2 and path.exists() and len(all_runs(store)) == before
     assert (f"run {parent.info.run_id} is still being written by amrepro process {os.getpid()} on this host"
             in " ".join(result.output.split())) and len(result.output.strip().splitlines()) <= 3
 
-    _owned_by(store, parent.info.run_id, os.getpid(), host="another-host")
+    owned_by(store, parent.info.run_id, os.getpid(), host="another-host")
     result = cli("log", str(path))
     assert result.exit_code == 2 and "cannot be checked from" in result.output and "--force" in result.output
     result = cli("log", str(path), "--force")

@@ -14,7 +14,7 @@ from amrepro.config import AmreproError, Config
 from amrepro.sweep import chunks, parse_targets
 from amrepro.targets import Target
 from forked import Amrepro
-from helpers import all_runs, children_of, cli, failing_log_batch, wait_for
+from helpers import all_runs, children_of, cli, failing_log_batch, owned_by, wait_for
 
 SPEC = "blocks.4.hook_resid_pre[0:2],blocks.5.mlp.hook_post[random:1]"
 ARGS = ["--runs", "2", "--epochs", "8", "--lr", "0.05", "--layout", "seeds"]  # lean: tests/test_lean.py
@@ -103,17 +103,6 @@ def test_sweep_layout_reads_back(tiny_gpt2, store, monkeypatch):
                                                                      "blocks.4.hook_resid_pre[1]"]]
 
 
-def _owned_by(store, run_id: str, pid: int, host: str | None = None) -> None:
-    """The run RUNNING again, its process tags naming pid (on this host unless host)."""
-    from amrepro.ownership import HOST, _process_start
-
-    client = MlflowClient(store)
-    client.update_run(run_id, "RUNNING")
-    for key, value in (("amrepro.pid", str(pid)), ("amrepro.pid_start", _process_start(pid)),
-                       ("amrepro.host", host or HOST)):
-        client.set_tag(run_id, key, value)
-
-
 def test_resume_skips_finished_targets(tiny_gpt2, store, monkeypatch):
     # a sweep stopped (Ctrl-C) after its first target and one seed run of the second; a worker that dies outright
     # is tests/test_team.py's
@@ -143,18 +132,18 @@ def test_resume_skips_finished_targets(tiny_gpt2, store, monkeypatch):
 
     # issue 17 §3: while a process that owns one of the sweep's runs is alive here (this test's own), --resume is
     # refused in one sentence and touches nothing; a process on another host needs --force; a dead one proceeds
-    _owned_by(store, half.info.run_id, os.getpid())
+    owned_by(store, half.info.run_id, os.getpid())
     refused = cli("sweep", "--resume", sweep.info.run_id)
     assert refused.exit_code == 2 and (f"run {half.info.run_id} is still being written by amrepro process "
                                        f"{os.getpid()} on this host" in " ".join(refused.output.split()))
     assert MlflowClient(store).get_run(half.info.run_id).info.lifecycle_stage == "active"
     assert MlflowClient(store).get_run(sweep.info.run_id).info.status == "KILLED"
-    _owned_by(store, half.info.run_id, os.getpid(), host="another-host")
+    owned_by(store, half.info.run_id, os.getpid(), host="another-host")
     refused = cli("sweep", "--resume", sweep.info.run_id)
     assert refused.exit_code == 2 and "cannot be checked from" in refused.output and "--force" in refused.output
     dead = subprocess.Popen(["true"])
     dead.wait()
-    _owned_by(store, half.info.run_id, dead.pid)
+    owned_by(store, half.info.run_id, dead.pid)
 
     result = cli("sweep", "--resume", sweep.info.run_id, "--epochs", "999")  # science options come from the sweep
     assert result.exit_code == 0, result.output
