@@ -94,10 +94,7 @@ def _prepare(config: Config, targets: list[tuple[Config, Target]], lm: LoadedMod
     if len(sites) > 1:
         raise AmreproError(f"one batch reads one site, got {len(sites)}: "
                            f"{', '.join(sorted({t.prefix for _, t in targets}))}.")
-    device = resolve_device(config.device)
-    configure_determinism(device)
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    device = setup_device(config)
     lm = lm or load_model(config.model, device, note=note)
     check_positions(lm, config.n_tokens)
     problem.check(config, lm)  # e.g. epo refuses an encoder
@@ -117,6 +114,16 @@ def _prepare(config: Config, targets: list[tuple[Config, Target]], lm: LoadedMod
     for prep in preps:
         prep.start_pool = pool
     return preps
+
+
+def setup_device(config: Config) -> torch.device:
+    """The config's device, made deterministic, with its CPU thread count: what every process that optimizes
+    (amrepro run, a sweep worker) does before loading the model."""
+    device = resolve_device(config.device)
+    configure_determinism(device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    return device
 
 
 def _controls(config: Config, target: Target, width: int) -> tuple[Target, ...]:

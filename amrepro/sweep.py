@@ -108,16 +108,11 @@ class Worker:
 
     def __init__(self, config: Config, uri: str, experiment_id: str, sweep_id: str, frozen: bytes, lm=None,
                  target_layout: str = "seeds", keep: bool = False):
-        import torch
-
         from .context import Context, environment_tags
-        from .model import load_model, resolve_device
-        from .seeding import configure_determinism
+        from .experiment import setup_device
+        from .model import load_model
 
-        device = resolve_device(config.device)
-        configure_determinism(device)
-        if config.threads:
-            torch.set_num_threads(config.threads)
+        device = setup_device(config)
         self.config, self.experiment_id, self.sweep_id, self.frozen = config, experiment_id, sweep_id, frozen
         self.target_layout = target_layout  # "lean" or "seeds": what each target logs (lean.py, layout.py)
         self.lm = lm or load_model(config.model, device)

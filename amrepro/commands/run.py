@@ -26,11 +26,12 @@ def run(config: Config, experiment: str | None = None, layout: str = "seeds"):
         parent, experiment_id = ctx.start_top(config.to_params(), env, run_name(config))
         with report.epoch_progress(config.n_steps, config.runs) as on_epoch:
             outcome = execute(prep, on_epoch)
-        env.update(gemm.tags())  # the GEMM kernel is chosen when the science starts: what it used
+        kernel = gemm.tags()  # the GEMM kernel is chosen when the science starts: what it used
+        env.update(kernel)
         # The science is done: from here on it is kept on disk until the last store write
         frozen = pip_freeze()
         ctx.keep(outcome, parent, experiment_id, config.to_params(), env, frozen)
-        ctx.log(parent, tags=gemm.tags())  # after the file: a store that fails here loses nothing
+        ctx.log(parent, tags=kernel)  # after the file: a store that fails here loses nothing
         report.print_outcome(outcome, parent, ctx.uri)
         if layout == "lean":
             lean.log_run(ctx, parent, outcome, frozen)
