@@ -22,8 +22,7 @@ from . import outcome_file, report, signals
 from .config import AmreproError
 from .layout import (ERROR_TAG, HOST_TAG, PARENT_TAG, PID_TAG, RUN_NAME_TAG, SHA256_PREFIX, TAG_LIMIT, end_leftover,
                      leftovers)
-from .ownership import process_tags
-from .tracking import Store, StoreLost, quick_http_failure, short, store_problem
+from .tracking import Store, StoreLost, process_tags, quick_http_failure, short, store_problem
 
 
 def environment_tags(lm) -> dict[str, str]:
@@ -52,7 +51,7 @@ class Context:
         self.stopped_as = "KILLED"  # ... and which: KILLED (Ctrl-C, SIGTERM) or FAILED (an error, a store lost)
         self.n_unended = 0  # open runs it could not end (the store itself failed)
         self._batch: dict | None = None  # see batched()
-        self.outcome_path = None  # the outcome file of the parent being logged (keep() sets it)
+        self.outcome_path = None  # the outcome file of the parent being logged (keep() sets it), one of kept
         self.kept: list[Path] = []  # every outcome file kept and not yet logged (a sweep's chunk keeps several)
         self.unkept: dict[str, str] = {}  # parent -> why its outcome file could not be written (not yet logged)
         self.experiment_name: str | None = None  # the top run's experiment (start_top), recorded in outcome files
@@ -91,18 +90,20 @@ class Context:
             return
         self._batch = None
         status = self.stopped_as = "KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED"
-        if status == "KILLED":
-            message = "terminated (SIGTERM)" if issubclass(kind, signals.Terminated) else "interrupted (Ctrl-C)"
-        else:
-            message = short(error)
+        message = signals.words(error) if status == "KILLED" else short(error)
         with signals.ignored(), quick_http_failure():  # a store that just failed is not retried for minutes
             for run_id in list(self.open_runs):
-                try:
-                    self.store.set_tag(run_id, ERROR_TAG, message[:TAG_LIMIT])
-                    self.end(run_id, status)
-                    self.n_stopped += 1
-                except Exception:  # noqa: BLE001 - the store itself may be what failed; keep ending the rest
-                    self.n_unended += 1
+                self.stop(run_id, status, message)
+
+    def stop(self, run_id: str, status: str, message: str) -> None:
+        """End an unfinished run FAILED or KILLED, the message as its error tag, and count it; a store that fails
+        here leaves it RUNNING, counted as such (`amrepro doctor` ends it later)."""
+        try:
+            self.store.set_tag(run_id, ERROR_TAG, message[:TAG_LIMIT])
+            self.end(run_id, status)
+            self.n_stopped += 1
+        except Exception:  # noqa: BLE001 - the store itself may be what failed; the caller ends the rest
+            self.n_unended += 1
 
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         with signals.shielded():  # the store and open_runs agree, whenever a Ctrl-C comes
@@ -111,7 +112,7 @@ class Context:
             if run_id in self.open_runs:
                 self.open_runs.remove(run_id)
 
-    def attach_mlflow_run(self) -> str | None:
+    def attach_mlflow_run(self) -> None:
         """Under `mlflow run`, the run it created (MLFLOW_RUN_ID) is our parent: hold it open from the start,
         so that a failure before the science starts still ends it FAILED."""
         run_id = os.environ.get("MLFLOW_RUN_ID")
@@ -123,7 +124,6 @@ class Context:
             self.open_runs.append(run_id)
             self.write(self.log, run_id, tags=process_tags())  # a SIGKILL from now on is found by `amrepro doctor`
         self.attached = run_id
-        return run_id
 
     def write(self, fn, *args, **kwargs):
         """A store write before any result exists: a store that refuses it (read-only, gone) is bad input."""
@@ -190,9 +190,8 @@ class Context:
                 self.kept = [p for p in self.kept if p != path]
             self.unkept.pop(parent, None)
 
-    def start_child(self, parent_id: str, name: str, params: dict[str, str], experiment_id: str | None = None) -> str:
+    def start_child(self, parent_id: str, name: str, params: dict[str, str], experiment_id: str) -> str:
         """A child run with its params; inside batched(run) the params wait for the run's one log_batch."""
-        experiment_id = experiment_id or self.store.get(parent_id).experiment_id
         with signals.shielded():
             run_id = self.store.create(experiment_id, name, {PARENT_TAG: parent_id, **process_tags()})
             self.open_runs.append(run_id)
@@ -290,15 +289,14 @@ def saying_what_was_saved(ctx: Context):
     except Exception as error:  # noqa: BLE001
         if not hasattr(error, "amrepro_store_seconds"):
             raise
-        if ctx.outcome_path is None and not ctx.kept and not ctx.unkept:  # nothing computed yet: store unusable
+        if not ctx.kept and not ctx.unkept:  # nothing computed yet: the store is unusable
             raise AmreproError(store_problem(error, ctx.uri) + ".") from None
         raise StoreLost(f"{store_problem(error, ctx.uri)}; {_what_was_saved(ctx)}") from None
 
 
 def _what_was_saved(ctx: Context) -> str:
-    path = ctx.outcome_path
-    kept = [p for p in (ctx.kept or ([path] if path is not None else [])) if Path(p).exists()]
-    if not (ctx.n_finished or ctx.n_stopped or ctx.n_unended or path or ctx.unkept):
+    kept = [p for p in ctx.kept if Path(p).exists()]
+    if not (ctx.n_finished or ctx.n_stopped or ctx.n_unended or ctx.kept or ctx.unkept):
         return "nothing was logged yet."
     text = (f"{ctx.n_finished} finished run(s) kept, {ctx.n_stopped} unfinished run(s) marked {ctx.stopped_as} in "
             f"{ctx.uri}.")
@@ -326,13 +324,3 @@ def read_seeds(run_id: str, store=None):
         report.errors.print(f"note: {reader.note}", soft_wrap=True, markup=False)
     return parent, seeds
 
-
-def read_family(run_id: str, store=None):
-    """(reader, parent run, selected seed runs) of a run id (layout.RunReader.family), its note printed."""
-    from .layout import RunReader
-
-    reader = RunReader(store or Store())
-    parent, selected = reader.family(run_id)
-    if reader.note:
-        report.errors.print(f"note: {reader.note}", soft_wrap=True, markup=False)
-    return reader, parent, selected

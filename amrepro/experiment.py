@@ -45,11 +45,6 @@ class Prepared:
     width: int = 0  # the site's width
     per_row: bool = False  # read with per-row indices even alone: one of prepare_many's batch (a sweep's)
 
-    @property
-    def reader(self):
-        """A site reader (to enter) of this target's rows alone: x [rows, pos, d_model] -> act [rows, pos]."""
-        return batch_reader([self])
-
 
 @dataclass
 class Outcome:

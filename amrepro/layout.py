@@ -30,7 +30,7 @@ import numpy as np
 
 from . import report, signals
 from .config import AmreproError, Config, NoResult
-from .ownership import HOST_TAG, PID_START_TAG, PID_TAG, owner_alive, refuse_live  # process tags: amrepro.host, .pid, .pid_start
+from .tracking import HOST_TAG, PID_TAG, owner_alive, refuse_live  # process tags: amrepro.host, amrepro.pid
 
 # --- names ------------------------------------------------------------------------------------------------
 TAG_LIMIT = 5000  # characters MLflow keeps of a tag value
@@ -130,19 +130,28 @@ def log_outcome(ctx, parent: str, experiment_id: str, outcome, frozen: bytes, re
                 f"{path}. Press Ctrl-C again to stop (`amrepro log {path}` logs the rest later).")
 
     with signals.logging_phase(progress), report.logging_progress(config.runs, len(done)) as advance:
-        for r in range(config.runs):
-            if r in done:
-                continue
-            log_seed_run(ctx, parent, experiment_id, outcome, r)
+        def logged_one() -> None:
             count["logged"] += 1
             advance()
-        log_parent_run(ctx, parent, outcome, frozen)
-        with signals.shielded():  # a parent that is ended has no outcome file left, whenever a Ctrl-C comes
-            ctx.end(parent, "FAILED" if outcome.summary["statistics"] is None else "FINISHED")
-            ctx.logged(parent)
+
+        log_runs(ctx, parent, experiment_id, outcome, frozen, skip=done, on_run=logged_one)
     if outcome.summary["statistics"] is None:
         raise NoResult(f"all {config.runs} runs diverged ({outcome.diverged[0]}), so there is nothing to "
                        "compare; lower --lr or --l2. The runs are marked FAILED.")
+
+
+def log_runs(ctx, parent: str, experiment_id: str, outcome, frozen: bytes, skip=(), on_run=None) -> None:
+    """Every seed run (but the run indices in skip), then the parent, and its end (FAILED when every run
+    diverged); its outcome file goes. on_run() after each seed run."""
+    for r in range(outcome.config.runs):
+        if r not in skip:
+            log_seed_run(ctx, parent, experiment_id, outcome, r)
+            if on_run is not None:
+                on_run()
+    log_parent_run(ctx, parent, outcome, frozen)
+    with signals.shielded():  # a parent that is ended has no outcome file left, whenever a Ctrl-C comes
+        ctx.end(parent, "FAILED" if outcome.summary["statistics"] is None else "FINISHED")
+        ctx.logged(parent)
 
 
 def log_seed_run(ctx, parent: str, experiment_id: str, outcome, r: int) -> None:

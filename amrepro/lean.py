@@ -29,7 +29,7 @@ from . import signals
 from .config import AmreproError
 from .printable import token_repr
 from .layout import ERROR_TAG, NOTE_TAG, PIP_FREEZE as FREEZE, RUN_NAME_TAG, SHA256_PREFIX, SPECIFICITY_TAG, SUMMARY, \
-    TAG_LIMIT, VERDICT_TAG, DASHBOARD, HEADLINE_TAG
+    TAG_LIMIT, VERDICT_TAG, DASHBOARD, HEADLINE_TAG, json_bytes
 
 LAYOUT_TAG = "amrepro.layout"  # on lean parents (and a sweep run): "lean"; absent means "seeds"
 LAYOUTS = ("seeds", "lean")
@@ -55,7 +55,7 @@ def layout_of(run) -> str:
 # --- writer -----------------------------------------------------------------------------------------------
 def start_target(ctx, experiment_id: str, run_name: str, tags: dict[str, str]) -> str:
     """A lean target parent, created with every tag in one request (its params come with its results)."""
-    from .ownership import process_tags
+    from .tracking import process_tags
 
     with signals.shielded():  # a run that exists is in open_runs, whenever a Ctrl-C comes
         run_id = ctx.write(ctx.store.create, experiment_id, run_name,
@@ -64,21 +64,18 @@ def start_target(ctx, experiment_id: str, run_name: str, tags: dict[str, str]) -
     return run_id
 
 
-def log_target(ctx, parent: str, outcome, frozen: bytes, params: dict[str, str] | None = None,
-               after_upload=None) -> None:
-    """Log an outcome into its lean parent and end it: one artifact upload, one log_batch, set_terminated.
-    params: the parent's params when they are not logged yet (a sweep's target). after_upload(): tests only."""
+def log_target(ctx, parent: str, outcome, frozen: bytes, params: dict[str, str] | None = None) -> None:
+    """Log an outcome into its lean parent and end it: one artifact upload, one log_batch, set_terminated; its
+    outcome file goes. params: the parent's params when they are not logged yet (a sweep's target)."""
     from . import dashboard, features, layout, report
     from .headline import headline
 
     s = outcome.summary
     files = {ARTIFACT: seeds_npz(outcome), TABLE: table_json(seed_table(outcome)),
-             SUMMARY: json.dumps(s, indent=2, ensure_ascii=False).encode(), FREEZE: frozen,
+             SUMMARY: json_bytes(s), FREEZE: frozen,
              DASHBOARD: dashboard.page(outcome, layout.run_name(outcome.config)),  # its page, as the seeds layout
              **features.file_artifacts(outcome.target)}  # a direction's .npy, a small SAE: as the seeds layout
     ctx.store.upload(parent, files)  # one request (over HTTP: one per file)
-    if after_upload is not None:
-        after_upload()
     tags = {SHA256_PREFIX + path: hashlib.sha256(data).hexdigest() for path, data in files.items()}
     tags.update(features.target_tags(outcome.target))  # a feature: what it reads, its file's sha256
     tags[HEADLINE_TAG] = headline(s)  # the sweep's index dashboard shows it
@@ -99,8 +96,9 @@ def log_target(ctx, parent: str, outcome, frozen: bytes, params: dict[str, str] 
     room = min(ROW_BUDGET, BATCH_ENTITIES - len(params) - len(tags)) - len(scalars)
     metrics = [(k, float(v), 0) for k, v in scalars.items()] + chart_curves(outcome.result, room)
     ctx.store.log_batch(parent, params, tags, metrics)  # one request (MLflow would split a larger batch)
-    with signals.shielded():
+    with signals.shielded():  # an ended parent has no outcome file left, whenever a Ctrl-C comes
         ctx.end(parent, "FAILED" if s["statistics"] is None else "FINISHED")
+        ctx.logged(parent)
 
 
 def curve_steps(epochs: int, points: int) -> np.ndarray:
@@ -257,12 +255,11 @@ def flagged(columns: dict[str, list]) -> list[str]:
 
 
 def log_run(ctx, parent: str, outcome, frozen: bytes) -> None:
-    """`amrepro run --layout lean` (and `amrepro log` of its outcome file): log_target, then the outcome file
-    goes, as commands.log_outcome does for the seeds layout."""
+    """`amrepro run --layout lean` (and `amrepro log` of its outcome file): log_target, as layout.log_outcome
+    does for the seeds layout."""
     from .config import NoResult
 
     log_target(ctx, parent, outcome, frozen)
-    ctx.logged(parent)
     if outcome.summary["statistics"] is None:
         raise NoResult(f"all {outcome.config.runs} runs diverged ({outcome.diverged[0]}), so there is nothing to "
                        "compare; lower --lr or --l2. The run is marked FAILED.")

@@ -68,6 +68,11 @@ def install() -> None:
     signal.signal(signal.SIGTERM, _handler)
 
 
+def words(interrupt: BaseException) -> str:
+    """What stopped a command, as the error tag of the runs it ends."""
+    return "terminated (SIGTERM)" if isinstance(interrupt, Terminated) else "interrupted (Ctrl-C)"
+
+
 def as_raised(interrupt: KeyboardInterrupt) -> KeyboardInterrupt:
     """The exception the last signal raised: Ray turns any exception of a handler run inside ray.wait/get
     into a plain KeyboardInterrupt, which would make a SIGTERM exit 130."""

@@ -106,12 +106,6 @@ def cross_target(targets: list[TargetRuns], seed: int = 0, n_perm: int = 1999) -
     return out
 
 
-def corpus_levels(acts) -> dict:
-    """acts [windows, T] mean activation of every corpus window for every target: max and 99th percentile [T]."""
-    acts = np.asarray(acts, dtype=np.float64)
-    return {"max": acts.max(axis=0), "p99": np.percentile(acts, 99, axis=0), "n_windows": int(acts.shape[0])}
-
-
 def against_corpus(decoded, corpus_max: float, corpus_p99: float) -> dict:
     """Whether the best and the median seed's decoded activation beat the corpus max and its 99th percentile."""
     best, median = float(np.max(decoded)), float(np.median(decoded))

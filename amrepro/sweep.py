@@ -19,6 +19,7 @@ import re
 import zlib
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -27,6 +28,7 @@ from .config import AmreproError, Config, _unquote
 from .nulls import binomial_tail
 from .stats import ALPHA, CLAIMS, PRIMARY, REGISTRY, REPRODUCIBILITY
 from .targets import ALL_SITES, Target, check_target
+from .tracking import short
 
 MAX_RETRIES = 3  # Ray restarts of a dead worker, and retries of the chunk it held
 KILL_WAIT_SECONDS = 30  # after Ctrl-C/SIGTERM, how long the killed workers are waited for
@@ -103,36 +105,44 @@ def chunk_size(n_targets: int, workers: int, requested: int = 0) -> int:
 
 
 # --- the worker -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Job:
+    """What every worker of a sweep is given (Ray sends it to each actor): the science and where to log it."""
+    config: Config
+    uri: str
+    experiment_id: str
+    sweep_id: str
+    frozen: bytes  # pip freeze, logged with every target
+    layout: str  # what each target logs: "lean" or "seeds" (lean.py, layout.py)
+
+
 class Worker:
     """Loads the model once, then runs chunks of targets: one batch each, logged target by target."""
 
-    def __init__(self, config: Config, uri: str, experiment_id: str, sweep_id: str, frozen: bytes, lm=None,
-                 target_layout: str = "seeds", keep: bool = False):
+    def __init__(self, job: Job, lm=None, keep: bool = False):
         from .context import Context, environment_tags
         from .experiment import setup_device
         from .model import load_model
 
-        device = setup_device(config)
-        self.config, self.experiment_id, self.sweep_id, self.frozen = config, experiment_id, sweep_id, frozen
-        self.target_layout = target_layout  # "lean" or "seeds": what each target logs (lean.py, layout.py)
-        self.lm = lm or load_model(config.model, device)
-        self.ctx = Context(uri=uri)
+        self.job, device = job, setup_device(job.config)  # determinism and threads, in this process too (workers 0)
+        self.lm = lm or load_model(job.config.model, device)
+        self.ctx = Context(uri=job.uri)
         self.env = environment_tags(self.lm)
         # --workers 0 keeps each target's outcome file, as `amrepro run` does (a store that fails: exit 3, then
         # `amrepro log FILE`); a Ray worker keeps none: Ray recomputes a dead worker's chunk
         self.keep = keep
 
     def run_chunk(self, names: list[str]) -> dict:
-        """Optimize and log the targets of a chunk that have no FINISHED parent yet: {"logged": names,
-        "seconds": {"science": the null's pool + optimize + decode + statistics, "tracking": lookups, run creation,
-        logging}}."""
+        """Optimize and log the targets of a chunk that have no FINISHED parent yet: {"logged": names, "study":
+        their study.TargetRuns, "seconds": {"science": the null's pool + optimize + decode + statistics,
+        "tracking": lookups, run creation, logging}}."""
         import time
         from .context import saying_what_was_saved
         from .experiment import execute_many, prepare_many
 
-        ctx, started = self.ctx, time.perf_counter()
+        ctx, job, started = self.ctx, self.job, time.perf_counter()
         found: dict[str, list] = {}
-        for run in layout.sweep_parents(ctx.store, self.sweep_id, self.experiment_id):
+        for run in layout.sweep_parents(ctx.store, job.sweep_id, job.experiment_id):
             found.setdefault(run.tags.get(layout.TARGET_TAG), []).append(run)
         todo = []
         for name in names:
@@ -144,56 +154,38 @@ class Worker:
                                f"interrupted (pid {run.tags.get(layout.PID_TAG)}); the target was redone")
             todo.append(Target.parse(name))
         before = time.perf_counter()
-        preps = prepare_many(self.config, todo, self.lm)  # science too: it draws and decodes the null's starts
+        preps = prepare_many(job.config, todo, self.lm)  # science too: it draws and decodes the null's starts
         science = time.perf_counter() - before
-        batch = layout.batch_tag([p.target for p in preps]) if preps else ""
+        tags = {**self.env, layout.SWEEP_TAG: job.sweep_id, layout.PARENT_TAG: job.sweep_id,
+                layout.BATCH_TAG: layout.batch_tag([p.target for p in preps]) if preps else ""}
         # an exception ends this chunk's open runs FAILED (a dead process leaves them to discard()); with keep, a
         # store that fails after the science is StoreLost naming the kept files
         with saying_what_was_saved(ctx) if self.keep else nullcontext(), ctx:
-            parents = [self._start(p, {**self.env, layout.SWEEP_TAG: self.sweep_id, layout.TARGET_TAG: p.target.name,
-                                       layout.BATCH_TAG: batch, layout.PARENT_TAG: self.sweep_id}) for p in preps]
+            parents = [self._start(p.config, {**tags, layout.TARGET_TAG: p.target.name}) for p in preps]
             before = time.perf_counter()
             outcomes = execute_many(preps)
             science += time.perf_counter() - before
             paths = {}
-            for parent, prep, outcome in zip(parents, preps, outcomes):
+            for parent, outcome in zip(parents, outcomes):  # every outcome file first, then the logging
                 if self.keep:
-                    tags = {**self.env, **({lean.LAYOUT_TAG: "lean"} if self.target_layout == "lean" else {})}
-                    ctx.keep(outcome, parent, self.experiment_id, prep.config.to_params(), tags, self.frozen)
+                    kept = {**self.env, **({lean.LAYOUT_TAG: "lean"} if job.layout == "lean" else {})}
+                    ctx.keep(outcome, parent, job.experiment_id, outcome.config.to_params(), kept, job.frozen)
                     paths[parent] = ctx.outcome_path
             for parent, outcome in zip(parents, outcomes):
                 ctx.outcome_path = paths.get(parent)
-                self._log(parent, outcome)
+                if job.layout == "lean":  # as `amrepro run` logs it; then its outcome file (--workers 0) goes
+                    lean.log_target(ctx, parent, outcome, job.frozen, params=outcome.config.to_params())
+                else:
+                    layout.log_runs(ctx, parent, job.experiment_id, outcome, job.frozen)
         return {"logged": [p.target.name for p in preps], "study": [study.record(o) for o in outcomes],
                 "seconds": {"science": science, "tracking": time.perf_counter() - started - science}}
 
-    def _start(self, prep, tags: dict[str, str]) -> str:
+    def _start(self, config: Config, tags: dict[str, str]) -> str:
         """A target parent, before its science: lean, one create_run with every tag; seeds, as `amrepro run`."""
-        if self.target_layout == "lean":
-            return lean.start_target(self.ctx, self.experiment_id, layout.run_name(prep.config), tags)
-        return self.ctx.start_parent(prep.config.to_params(), tags, run_name=layout.run_name(prep.config),
-                                     experiment_id=self.experiment_id)
-
-    def _log(self, parent: str, outcome) -> None:
-        """What `amrepro run` logs (layout.log_seed_run, log_parent_run; lean: lean.log_target); then its outcome
-        file (--workers 0) goes."""
-        if self.target_layout == "lean":
-            lean.log_target(self.ctx, parent, outcome, self.frozen, params=outcome.config.to_params())
-            self.ctx.logged(parent)
-            return
-        for r in range(outcome.config.runs):
-            layout.log_seed_run(self.ctx, parent, self.experiment_id, outcome, r)
-        layout.log_parent_run(self.ctx, parent, outcome, self.frozen)
-        no_result = outcome.summary["statistics"] is None
-        with signals.shielded():  # an ended parent has no outcome file left
-            self.ctx.end(parent, "FAILED" if no_result else "FINISHED")
-            self.ctx.logged(parent)
-
-
-# --- running the chunks -----------------------------------------------------------------------------------
-def default_threads(workers: int, cpus: float) -> int:
-    """torch threads per worker: the cores shared out, at least one (more threads than cores only spin)."""
-    return max(1, int(cpus // max(workers, 1)))
+        if self.job.layout == "lean":
+            return lean.start_target(self.ctx, self.job.experiment_id, layout.run_name(config), tags)
+        return self.ctx.start_parent(config.to_params(), tags, run_name=layout.run_name(config),
+                                     experiment_id=self.job.experiment_id)
 
 
 # --- before anything exists: the workers fit, the cluster answers ----------------------------------------
@@ -268,8 +260,7 @@ def start_ray(address: str | None, workers: int, threads: int):
             ray.init(num_cpus=workers * threads, include_dashboard=False, logging_level=logging.ERROR,
                      log_to_driver=False)
     except Exception as error:  # noqa: BLE001 - ConnectionError, a bad address, ...
-        raise AmreproError(f"cannot start or join Ray{' at ' + address if address else ''}: "
-                           f"{str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__}") from None
+        raise AmreproError(f"cannot start or join Ray{' at ' + address if address else ''}: {short(error)}") from None
     finally:
         # ray.init replaces the SIGTERM handler with its own (a native stack dump, exit 134, every run left
         # RUNNING): amrepro's come back, so SIGTERM and Ctrl-C end the sweep as with --workers 0
@@ -277,14 +268,13 @@ def start_ray(address: str | None, workers: int, threads: int):
     return ray
 
 
-def run_chunks(work: list[list[Target]], config: Config, uri: str, experiment_id: str, sweep_id: str,
-               frozen: bytes, workers: int, lm=None, on_chunk: Callable[[list[str], list], None] | None = None,
-               target_layout: str = "seeds") -> tuple[list[str], dict[str, float]]:
+def run_chunks(work: list[list[Target]], job: Job, workers: int, lm=None,
+               on_chunk: Callable[[list], None] | None = None) -> tuple[list[str], dict[str, float]]:
     """Every chunk, in this process (workers 0) or on `workers` Ray actors (Ray already started). Returns one
     sentence per chunk that failed for good (its targets stay for --resume), and the workers' seconds of science
-    and of tracking, summed over chunks; on_chunk(names, records) after each chunk (records: the study.TargetRuns of
-    the targets it logged)."""
-    names = [[t.name for t in chunk] for chunk in work]
+    and of tracking, summed over chunks; on_chunk(records) after each chunk (records: the study.TargetRuns of the
+    targets it logged)."""
+    queue = [[t.name for t in chunk] for chunk in work]
     failures: list[str] = []
     seconds = {"science": 0.0, "tracking": 0.0}
 
@@ -292,11 +282,11 @@ def run_chunks(work: list[list[Target]], config: Config, uri: str, experiment_id
         for key in seconds:
             seconds[key] += out["seconds"][key]
         if on_chunk:
-            on_chunk(out["logged"], out["study"])
+            on_chunk(out["study"])
 
     if workers == 0:
-        worker = Worker(config, uri, experiment_id, sweep_id, frozen, lm=lm, target_layout=target_layout, keep=True)
-        for chunk in names:
+        worker = Worker(job, lm=lm, keep=True)
+        for chunk in queue:
             done(worker.run_chunk(chunk))
         return failures, seconds
     import ray
@@ -304,14 +294,32 @@ def run_chunks(work: list[list[Target]], config: Config, uri: str, experiment_id
     # on GPUs, workers share them out (4 workers on 1 GPU: 0.25 each), so one worker's logging overlaps another's
     # optimization; "auto" uses a GPU when the cluster has one, as the worker's own resolve_device would
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
-    gpus = min(1.0, cluster_gpus / workers) if config.device != "cpu" and cluster_gpus else 0
-    remote = ray.remote(Worker).options(num_cpus=max(config.threads, 1), num_gpus=gpus, max_restarts=MAX_RETRIES,
-                                        max_task_retries=MAX_RETRIES)
-    actors = [remote.remote(config, uri, experiment_id, sweep_id, frozen, target_layout=target_layout)
-              for _ in range(min(workers, len(names)))]
+    gpus = min(1.0, cluster_gpus / workers) if job.config.device != "cpu" and cluster_gpus else 0
+    remote = ray.remote(Worker).options(num_cpus=max(job.config.threads, 1), num_gpus=gpus,
+                                        max_restarts=MAX_RETRIES, max_task_retries=MAX_RETRIES)
+    actors = [remote.remote(job) for _ in range(min(workers, len(queue)))]
     pending: dict = {}  # chunk in flight -> (its actor, its names)
+
+    def give(actor) -> None:
+        if queue:
+            chunk = queue.pop(0)
+            pending[actor.run_chunk.remote(chunk)] = (actor, chunk)
+
     try:
-        _drive(actors, list(names), pending, done, failures)
+        for actor in actors:  # a chunk to every actor, and the next one whenever it is done
+            give(actor)
+        while pending:
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            actor, chunk = pending.pop(ref)
+            try:
+                done(ray.get(ref))
+            except ray.exceptions.RayActorError as error:  # dead more than MAX_RETRIES times: give its chunk up
+                failures.append(f"a worker died {MAX_RETRIES + 1} times on {chunk[0]}..{chunk[-1]}: "
+                                f"{_first_line(error)}")
+                continue  # the actor is gone for good; the others take the rest of the queue
+            except ray.exceptions.RayTaskError as error:
+                failures.append(f"{chunk[0]}..{chunk[-1]} failed: {_first_line(error.cause if error.cause else error)}")
+            give(actor)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the workers stop now (killed, never restarted), and are waited
         with signals.ignored():  # for (their chunks fail once they are dead), so that none writes after the
             for actor in actors:  # caller has ended the runs they left open (commands.sweep)
@@ -319,36 +327,13 @@ def run_chunks(work: list[list[Target]], config: Config, uri: str, experiment_id
             if pending:
                 ray.wait(list(pending), num_returns=len(pending), timeout=KILL_WAIT_SECONDS)
         raise
+    if queue:  # every worker died for good
+        failures.append(f"{sum(len(c) for c in queue)} targets were not started: no worker was left")
     return failures, seconds
 
 
-def _drive(actors: list, queue: list[list[str]], pending: dict, done: Callable[[dict], None],
-           failures: list[str]) -> None:
-    """Give every actor a chunk, and the next one whenever it is done, until the queue is empty."""
-    import ray
-
-    for actor in actors:
-        if queue:
-            chunk = queue.pop(0)
-            pending[actor.run_chunk.remote(chunk)] = (actor, chunk)
-    while pending:
-        (ref,), _ = ray.wait(list(pending), num_returns=1)
-        actor, chunk = pending.pop(ref)
-        try:
-            done(ray.get(ref))
-        except ray.exceptions.RayActorError as error:  # dead more than MAX_RETRIES times: give its chunk up
-            failures.append(f"a worker died {MAX_RETRIES + 1} times on {chunk[0]}..{chunk[-1]}: {_first_line(error)}")
-            continue  # the actor is gone for good; the others take the rest of the queue
-        except ray.exceptions.RayTaskError as error:
-            failures.append(f"{chunk[0]}..{chunk[-1]} failed: {_first_line(error.cause if error.cause else error)}")
-        if queue:
-            next_chunk = queue.pop(0)
-            pending[actor.run_chunk.remote(next_chunk)] = (actor, next_chunk)
-    if queue:  # every worker died for good
-        failures.append(f"{sum(len(c) for c in queue)} targets were not started: no worker was left")
-
-
 def _first_line(error: BaseException) -> str:
+    """The last line of a worker's error: Ray puts the traceback first."""
     lines = [line for line in str(error).strip().splitlines() if line.strip()]
     return (lines[-1] if lines else type(error).__name__)[:300]
 
@@ -396,30 +381,24 @@ def summary(columns: dict[str, list]) -> tuple[dict[str, float], str]:
     n = len(with_stats)
     metrics = {"sweep/n_targets": n_targets, "sweep/n_finished": columns["status"].count("FINISHED"),
                "sweep/n_with_statistics": n, "sweep/alpha_per_target": ALPHA}
-    counted = {}  # claim -> (targets claimed, targets with the flag)
+    words = []
     for stat in CLAIMS:
         # a target logged before this claim existed has no flag: it is not counted, for this claim only
         logged = [i for i in with_stats if columns[stat.claim][i] is not None]
-        k, m = counted[stat.claim] = (sum(columns[stat.claim][i] == 1.0 for i in logged), len(logged))
+        k, m = sum(columns[stat.claim][i] == 1.0 for i in logged), len(logged)
         metrics[f"sweep/n_{stat.claim}"] = k
         if m:
             metrics[f"sweep/frac_{stat.claim}"] = k / m
-            metrics[f"sweep/pvalue_{stat.claim}"] = binomial_tail(k, m, ALPHA)
+            p = metrics[f"sweep/pvalue_{stat.claim}"] = binomial_tail(k, m, ALPHA)
+            verdict = ("more targets than the per-target alpha lets chance explain" if p < ALPHA else
+                       "within what chance gives at the per-target alpha")
+            words.append(f"{stat.claim.replace('_', ' ')} ({stat.label}): {k}/{m} targets ({k / m:.0%}; by chance "
+                         f"about {ALPHA:.0%}, binomial p = {p:.2g}): {verdict}")
     any_claim = sum(any(columns[s.claim][i] == 1.0 for s in REPRODUCIBILITY) for i in with_stats)
     metrics["sweep/n_any_above_chance"] = any_claim
-    if n:
-        metrics["sweep/frac_any_above_chance"] = any_claim / n
     if not n:
         return metrics, f"no target of {n_targets} has statistics yet."
-    words = []
-    for stat in CLAIMS:
-        (k, m), p = counted[stat.claim], metrics.get(f"sweep/pvalue_{stat.claim}")
-        if p is None:
-            continue
-        verdict = ("more targets than the per-target alpha lets chance explain" if p < ALPHA else
-                   "within what chance gives at the per-target alpha")
-        words.append(f"{stat.claim.replace('_', ' ')} ({stat.label}): {k}/{m} targets ({k / m:.0%}; by chance about "
-                     f"{ALPHA:.0%}, binomial p = {p:.2g}): {verdict}")
+    metrics["sweep/frac_any_above_chance"] = any_claim / n
     return metrics, f"{n} of {n_targets} targets with statistics. " + "; ".join(words) + "."
 
 

@@ -161,7 +161,7 @@ def failing_log_batch(monkeypatch, when):
 
 def owned_by(store, run_id: str, pid: int, host: str | None = None) -> None:
     """The run RUNNING again, its process tags naming pid (on this host unless host)."""
-    from amrepro.ownership import HOST, _process_start
+    from amrepro.tracking import HOST, _process_start
 
     client = MlflowClient(store)
     client.update_run(run_id, "RUNNING")

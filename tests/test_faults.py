@@ -159,7 +159,7 @@ def test_stopped_while_logging_keeps_the_results_for_amrepro_log(tiny_gpt2, stor
 
 def _foreign_running_runs(store):
     """A live run of another process on this host (this test process), and one of another host."""
-    from amrepro.ownership import process_tags
+    from amrepro.tracking import process_tags
 
     client = MlflowClient(store)
     live = client.create_run("0", run_name="live", tags=process_tags()).info.run_id
@@ -200,7 +200,7 @@ def test_sigkill_leftovers_are_ended_by_doctor(tiny_gpt2, store, tmp_path):
 
 
 def test_the_next_run_ends_sigkill_leftovers_of_this_host(tiny_gpt2, store, tmp_path):
-    from amrepro.ownership import HOST
+    from amrepro.tracking import HOST
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     client = MlflowClient(store)  # what a SIGKILLed `amrepro run` leaves: a RUNNING run whose process is gone

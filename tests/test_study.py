@@ -99,13 +99,6 @@ def test_study_counts_the_layer_and_beats_the_corpus_where_it_should():
     assert set(row) == set(study.COLUMNS)
 
 
-def test_corpus_levels_per_target():
-    acts = np.array([[1.0, -1.0], [3.0, 0.0], [2.0, 5.0]])  # [windows, T]
-    levels = study.corpus_levels(acts)
-    np.testing.assert_allclose(levels["max"], [3.0, 5.0])
-    np.testing.assert_allclose(levels["p99"], np.percentile(acts, 99, axis=0))
-
-
 def test_corpus_of_every_target_at_once_is_each_window_read_alone(tiny_gpt2, tmp_path):
     """yardsticks: one streamed pass and one forward per batch for all targets of a site gives each target's
     yardstick; its max is the max over every window read alone (computed directly)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from .. import report
 from ..context import Context, gone_reason
 from ..layout import HOST_TAG, PID_TAG, end_leftover, leftovers
-from ..ownership import HOST
+from ..tracking import HOST
 
 
 def doctor(all_hosts: bool = False) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from .. import lean, outcome_file, report
 from ..context import Context, gone_reason
 from ..layout import LOGGED_FROM_TAG, PARENT_TAG, end_leftover, log_outcome, run_name
-from ..ownership import owner_alive, refuse_live_id
+from ..tracking import owner_alive, refuse_live_id
 from ..secrets import redact
 
 
@@ -21,6 +21,7 @@ def log_file(path: str, force: bool = False) -> None:
     refuse_live_id(ctx.store, saved.parent_id, f"`amrepro log {path}`", force)  # its `run` may still be logging
     with ctx.session(attach=False, leftovers=False):
         ctx.outcome_path = Path(path)
+        ctx.kept.append(ctx.outcome_path)
         parent, experiment_id = ctx.reopen(saved.parent_id)
         if parent is None:
             experiment_id = _experiment(ctx, saved)

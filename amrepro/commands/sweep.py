@@ -17,26 +17,11 @@ from .. import lean, report, signals
 from .. import sweep as sw
 from ..config import AmreproError, Config
 from ..context import Context
-from ..layout import DASHBOARD, HEADLINE_TAG
-from ..ownership import refuse_live
-from ..layout import (ERROR_TAG, KIND_TAG, METHODS_TAG, NOTE_TAG, PARENT_TAG, PID_TAG, RAY_ADDRESS_TAG, STUDY_FIGURE,
-                      STUDY_JSON, STUDY_TABLE, STUDY_TAG, STUDY_TARGETS, SWEEP_MAP, SWEEP_TABLE, TAG_LIMIT, TARGET_TAG,
-                      VERDICT_TAG, WORKERS_TAG, RunReader, children, json_bytes, run_name, sweep_parents)
-
-
-@dataclasses.dataclass
-class Plan:
-    config: Config
-    lm: object  # the model loaded in this process: workers 0 use it; Ray workers load their own
-    targets: list  # every target of the sweep, in order
-    done: set  # names of targets with a FINISHED parent
-    work: list  # chunks of the targets to run
-    sweep_id: str
-    experiment_id: str
-    frozen: bytes  # pip freeze
-    ray: object  # the ray module when started, else None
-    layout: str  # what each target logs: "lean" or "seeds" (lean.py)
-    corpus: dict | None  # target name -> (corpus max, 99th percentile), with --corpus
+from ..layout import (DASHBOARD, ERROR_TAG, HEADLINE_TAG, KIND_TAG, METHODS_TAG, NOTE_TAG, PARENT_TAG, PID_TAG,
+                      RAY_ADDRESS_TAG, STUDY_FIGURE, STUDY_JSON, STUDY_TABLE, STUDY_TAG, STUDY_TARGETS, SWEEP_MAP,
+                      SWEEP_TABLE, TAG_LIMIT, TARGET_TAG, VERDICT_TAG, WORKERS_TAG, RunReader, children, json_bytes,
+                      run_name, sweep_parents)
+from ..tracking import refuse_live
 
 
 def sweep(config: Config, spec: str, workers: int = 0, ray_address: str | None = None, chunk: int = 0,
@@ -49,6 +34,9 @@ def sweep(config: Config, spec: str, workers: int = 0, ray_address: str | None =
     many-method sweep; shared: what its method sweeps share (the model, the corpus levels). Returns the sweep/*
     metrics, the study of the targets this invocation ran, and the workers' seconds of science."""
     from .. import corpus
+    from ..model import load_model, resolve_device
+    from ..readers import site_width
+    from ..targets import Target
 
     corpus_file = corpus.check(corpus_path) if corpus_path else None  # missing, a FIFO, a device: before runs
     shared = {} if shared is None else shared
@@ -66,72 +54,85 @@ def sweep(config: Config, spec: str, workers: int = 0, ray_address: str | None =
     if chunk < 0:
         raise AmreproError(f"--chunk must be 0 (automatic) or more, got {chunk}.")
     with ctx.session(attach=not resume and parent is None):
-        plan = _plan(ctx, config, spec, workers, ray_address, chunk, resume, layout, corpus_file, corpus_path,
-                     parent, shared)
-        started, count, records = time.perf_counter(), {"done": len(plan.done)}, []
+        # plan: every check, the targets, the corpus levels, the sweep run, what is left to do
+        if "lm" not in shared:
+            shared["lm"] = load_model(config.model, resolve_device(config.device), note=report.note)
+        lm = shared["lm"]
+        width = functools.cache(lambda block, site: site_width(lm, Target(block, site, 0)))  # one probe per site
+        targets = sw.parse_targets(spec, width, lm.n_layers, config.seed)
+        config, ray = _start_workers(lm, targets, config, workers, ray_address, chunk, resume)
+        if corpus_file is not None and "corpus" not in shared:  # scored before any run: a bad file costs none
+            started = time.perf_counter()
+            shared["corpus"] = _corpus_levels(lm, targets, corpus_file, config)
+            shared["corpus_seconds"] = time.perf_counter() - started
+        job = _open(ctx, lm, config, spec, workers, ray_address, resume, layout, corpus_path, parent)
+        done = {r.tags.get(TARGET_TAG) for r in sweep_parents(ctx.store, job.sweep_id, job.experiment_id)
+                if r.status == "FINISHED"}
+        todo = [t for t in targets if t.name not in done]
+        work = sw.chunks(todo, sw.chunk_size(len(todo), workers, chunk))
+        where = (f"{workers} Ray workers ({config.threads} thread{'' if config.threads == 1 else 's'} each)"
+                 if workers else "this process")
+        report.console.print(f"sweep run {job.sweep_id}: {len(targets)} targets x {config.runs} seeds, {len(done)} "
+                             f"already done, {len(todo)} to run in {len(work)} batch{'' if len(work) == 1 else 'es'} "
+                             f"on {where}.", soft_wrap=True, markup=False)
 
-        def on_chunk(names: list[str], ran: list) -> None:
+        # run the chunks
+        started, records = time.perf_counter(), []  # records: the study.TargetRuns of the targets logged
+
+        def on_chunk(ran: list) -> None:
             records.extend(ran)
-            count["done"] += len(names)
-            report.console.print(f"  {count['done']}/{len(plan.targets)} targets logged", soft_wrap=True, markup=False)
+            report.console.print(f"  {len(done) + len(records)}/{len(targets)} targets logged", soft_wrap=True,
+                                 markup=False)
 
         try:
-            failures, seconds = sw.run_chunks(plan.work, plan.config, ctx.uri, plan.experiment_id, plan.sweep_id,
-                                              plan.frozen, workers, lm=plan.lm if not workers else None,
-                                              on_chunk=on_chunk, target_layout=plan.layout)
+            failures, seconds = sw.run_chunks(work, job, workers, lm=None if workers else lm, on_chunk=on_chunk)
         except KeyboardInterrupt as interrupt:  # the workers are stopped (run_chunks); their open runs end here
             interrupt = signals.as_raised(interrupt)
             with signals.ignored():
-                _end_unfinished(ctx, plan, interrupt)
+                _end_unfinished(ctx, job, done, interrupt)
             raise interrupt from None
         finally:
-            if plan.ray is not None:
-                plan.ray.shutdown()
-        metrics, result = _summarize(ctx, plan, workers, failures, seconds, time.perf_counter() - started,
-                                     count["done"] - len(plan.done), records)
+            if ray is not None:
+                ray.shutdown()
+
+        metrics, result = _summarize(ctx, job, targets, done, records, shared.get("corpus"), workers, seconds,
+                                     time.perf_counter() - started)
+        if failures:
+            ctx.log(job.sweep_id, tags={ERROR_TAG: "; ".join(failures)[:TAG_LIMIT]})
+        ctx.end(job.sweep_id, "FAILED" if failures else "FINISHED")
     if failures:
-        raise AmreproError(f"{len(failures)} batch(es) of sweep run {plan.sweep_id} failed ({failures[0]}); "
-                           f"`amrepro sweep --resume {plan.sweep_id}` runs the targets that are not done.")
+        raise AmreproError(f"{len(failures)} batch(es) of sweep run {job.sweep_id} failed ({failures[0]}); "
+                           f"`amrepro sweep --resume {job.sweep_id}` runs the targets that are not done.")
     return metrics, result, seconds["science"]
 
 
-def _plan(ctx: Context, config: Config, spec: str, workers: int, ray_address: str | None, chunk: int,
-          resume: str | None, layout: str, corpus_file=None, corpus_path: str = "", parent: str | None = None,
-          shared: dict | None = None) -> Plan:
-    from ..model import load_model, resolve_device
-    from ..provenance import pip_freeze
-    from ..readers import site_width
-    from ..targets import Target
-
-    ray, shared = None, {} if shared is None else shared
-    if "lm" not in shared:
-        shared["lm"] = load_model(config.model, resolve_device(config.device), note=report.note)
-    lm = shared["lm"]
-    width = functools.cache(lambda block, site: site_width(lm, Target(block, site, 0)))  # one probe per site
-    targets = sw.parse_targets(spec, width, lm.n_layers, config.seed)
+def _start_workers(lm, targets: list, config: Config, workers: int, ray_address: str | None, chunk: int,
+                   resume: str | None):
+    """(config, the ray module or None): the workers checked against this machine's memory and cores (of a
+    cluster: its cores, once joined), or this process's batch against its memory, before any run exists; with
+    workers and --threads 0, the cores shared out (logged, so --resume keeps it); Ray started or joined."""
     remote = bool(ray_address or os.environ.get("RAY_ADDRESS"))
-    if not remote:  # this machine's memory and cores, before Ray starts; of a cluster, only its cores (once joined)
-        workers_note = sw.check_workers(lm, targets, config, workers, chunk, os.cpu_count() or 1, local=True)
-    if not workers:  # a batch of chunk x runs rows in this process: refused before any run exists
+    ray, cpus = None, os.cpu_count() or 1
+    if workers and remote:
+        ray = sw.start_ray(ray_address, workers, 1)
+        cpus = int(ray.cluster_resources().get("CPU", workers))
+    note = sw.check_workers(lm, targets, config, workers, chunk, cpus, local=not remote)  # before a local Ray
+    if not workers:  # a batch of chunk x runs rows in this process
         _check_batch_memory(lm, targets, config, chunk)
-    if workers and not resume and not config.threads:  # the cores shared out; logged, so --resume keeps it
-        if remote:
-            ray = sw.start_ray(ray_address, workers, 1)
-            cpus = ray.cluster_resources().get("CPU", workers)
-        else:
-            cpus = os.cpu_count() or 1
-        config = dataclasses.replace(config, threads=sw.default_threads(workers, cpus))
-    if workers and ray is None:
+    if workers and not resume and not config.threads:  # more threads than cores only spin
+        config = dataclasses.replace(config, threads=max(1, cpus // workers))
+    if workers and not remote:
         ray = sw.start_ray(ray_address, workers, max(config.threads, 1))
-    if remote:
-        workers_note = sw.check_workers(lm, targets, config, workers, chunk,
-                                        int(ray.cluster_resources().get("CPU", workers)) if ray else 1, local=False)
-    if workers_note:
-        report.errors.print(workers_note, soft_wrap=True, markup=False)
-    if corpus_file is not None and "corpus" not in shared:  # scored before any run: a bad file costs none
-        started = time.perf_counter()
-        shared["corpus"] = _corpus_levels(lm, targets, corpus_file, config)
-        shared["corpus_seconds"] = time.perf_counter() - started
+    if note:
+        report.errors.print(note, soft_wrap=True, markup=False)
+    return config, ray
+
+
+def _open(ctx: Context, lm, config: Config, spec: str, workers: int, ray_address: str | None, resume: str | None,
+          layout: str, corpus_path: str, parent: str | None) -> sw.Job:
+    """The sweep run, new (under parent, for a many-method sweep) or reopened (--resume), as the workers' Job."""
+    from ..provenance import pip_freeze
+
     frozen = pip_freeze()
     if resume:
         sweep_id, experiment_id = ctx.reopen(resume)
@@ -144,17 +145,8 @@ def _plan(ctx: Context, config: Config, spec: str, workers: int, ray_address: st
                                                  **({PARENT_TAG: parent} if parent else {})},
                                                 f"sweep {run_name(config).rsplit(' ', 2)[0]} {spec} x{config.runs}")
     ctx.log(sweep_id, tags={WORKERS_TAG: str(workers), RAY_ADDRESS_TAG: ray_address or
-                                os.environ.get("RAY_ADDRESS", "local" if workers else "none")})
-    done = {r.tags.get(TARGET_TAG) for r in sweep_parents(ctx.store, sweep_id, experiment_id)
-            if r.status == "FINISHED"}
-    todo = [t for t in targets if t.name not in done]
-    work = sw.chunks(todo, sw.chunk_size(len(todo), workers, chunk))
-    where = (f"{workers} Ray workers ({config.threads} thread{'' if config.threads == 1 else 's'} each)"
-             if workers else "this process")
-    report.console.print(f"sweep run {sweep_id}: {len(targets)} targets x {config.runs} seeds, {len(done)} already "
-                         f"done, {len(todo)} to run in {len(work)} batch{'' if len(work) == 1 else 'es'} on "
-                         f"{where}.", soft_wrap=True, markup=False)
-    return Plan(config, lm, targets, done, work, sweep_id, experiment_id, frozen, ray, layout, shared.get("corpus"))
+                            os.environ.get("RAY_ADDRESS", "local" if workers else "none")})
+    return sw.Job(config, ctx.uri, experiment_id, sweep_id, frozen, layout)
 
 
 def _check_batch_memory(lm, targets: list, config: Config, chunk: int) -> None:
@@ -170,52 +162,46 @@ def _check_batch_memory(lm, targets: list, config: Config, chunk: int) -> None:
                            f"(--chunk).") from None
 
 
-def _end_unfinished(ctx: Context, plan: Plan, interrupt: KeyboardInterrupt) -> None:
+def _end_unfinished(ctx: Context, job: sw.Job, done: set, interrupt: KeyboardInterrupt) -> None:
     """After Ctrl-C or SIGTERM: the target parents and seed runs that this invocation's workers made, in other
     processes (Ray) or in a Context of their own (workers 0), counted into ctx's message, so that it says what
     the store holds; those still RUNNING (a killed Ray worker ends nothing) are ended KILLED."""
     pid = str(os.getpid())
-    message = "terminated (SIGTERM)" if isinstance(interrupt, signals.Terminated) else "interrupted (Ctrl-C)"
     try:
-        parents = sweep_parents(ctx.store, plan.sweep_id, plan.experiment_id)
+        parents = sweep_parents(ctx.store, job.sweep_id, job.experiment_id)
     except Exception:  # noqa: BLE001 - the store may be what failed; the sweep run is still ended by ctx
         return
     for parent in parents:
-        if parent.tags.get(TARGET_TAG) in plan.done:
+        if parent.tags.get(TARGET_TAG) in done:
             continue  # finished by an earlier invocation
         try:
-            family = [parent, *children(ctx.store, parent.id, plan.experiment_id)]
+            family = [parent, *children(ctx.store, parent.id, job.experiment_id)]
         except Exception:  # noqa: BLE001
             family = [parent]
         for run in family:
             if run.status == "RUNNING":
-                try:
-                    ctx.store.set_tag(run.id, ERROR_TAG, message)
-                    ctx.store.end(run.id, "KILLED")
-                    ctx.n_stopped += 1
-                except Exception:  # noqa: BLE001
-                    ctx.n_unended += 1
+                ctx.stop(run.id, "KILLED", signals.words(interrupt))
             elif run.status == "FINISHED":
                 ctx.n_finished += 1
             elif run.tags.get(PID_TAG) == pid:  # ended KILLED by the in-process worker's own Context just now
                 ctx.n_stopped += 1
 
 
-def _summarize(ctx, plan: Plan, workers: int, failures: list[str], seconds: dict, wall: float,
-               n_run: int, records: list) -> tuple[dict[str, float], dict]:
+def _summarize(ctx, job: sw.Job, targets: list, done: set, records: list, corpus: dict | None, workers: int,
+               seconds: dict, wall: float) -> tuple[dict[str, float], dict]:
     """The sweep run's table (one row per target, read back from the store, so a resumed sweep has every
     target), its sweep/* metrics, the verdict over targets, the map, the study of the targets this invocation ran
-    (records: their study.TargetRuns) and where the time went; then its end."""
+    (records: their study.TargetRuns; corpus: the levels of --corpus) and where the time went."""
     from .. import dashboard, figures, study
 
-    sweep_id, experiment_id = plan.sweep_id, plan.experiment_id
+    sweep_id, experiment_id = job.sweep_id, job.experiment_id
     summing = time.perf_counter()
     parents = {}
     for run in sweep_parents(ctx.store, sweep_id, experiment_id):
         name = run.tags.get(TARGET_TAG)
         if name not in parents or run.status == "FINISHED":
             parents[name] = run
-    columns = sw.table(plan.targets, parents)
+    columns = sw.table(targets, parents)
     metrics, words = sw.summary(columns)
     ctx.store.log_table(sweep_id, columns, SWEEP_TABLE)
     with ctx.batched(sweep_id):  # a --resume logs them again: the UI shows the latest
@@ -224,15 +210,15 @@ def _summarize(ctx, plan: Plan, workers: int, failures: list[str], seconds: dict
     ctx.store.log_figure(sweep_id, figures.sweep_map(columns), SWEEP_MAP)
     headlines = {name: run.tags.get(HEADLINE_TAG, "") for name, run in parents.items()}
     index = dashboard.sweep_rows(columns, experiment_id, headlines)  # one row per target, linking to its page
-    ctx.log_artifacts(sweep_id, {DASHBOARD: dashboard.render_index(f"sweep of {len(plan.targets)} targets", "target",
+    ctx.log_artifacts(sweep_id, {DASHBOARD: dashboard.render_index(f"sweep of {len(targets)} targets", "target",
                                                                    index).encode()})
     report.console.print(words, soft_wrap=True, markup=False)
-    if plan.layout == "lean":
+    if job.layout == "lean":
         _log_flagged_figures(ctx, columns)
-    order = {t.name: k for k, t in enumerate(plan.targets)}
-    result = study.study(sorted(records, key=lambda r: order[r.name]), plan.corpus, seed=plan.config.seed)
+    order = {t.name: k for k, t in enumerate(targets)}
+    result = study.study(sorted(records, key=lambda r: order[r.name]), corpus, seed=job.config.seed)
     result["layer"]["note"] = f"the {len(records)} targets run by this invocation" + (
-        f" ({len(plan.done)} done by an earlier one are not in it)" if plan.done else "")
+        f" ({len(done)} done by an earlier one are not in it)" if done else "")
     study_words = study.words(result)
     ctx.log_artifacts(sweep_id, {STUDY_JSON: json_bytes(result)})
     ctx.store.log_table(sweep_id, study.target_columns(result), STUDY_TARGETS)
@@ -244,16 +230,14 @@ def _summarize(ctx, plan: Plan, workers: int, failures: list[str], seconds: dict
     # workers, loading models, scheduling; idle workers) as a share of the workers' wall time
     slots = max(workers, 1) * wall
     ctx.log_metrics(sweep_id, {"time/wall_seconds": wall, "time/science_seconds": seconds["science"],
-                                   "time/tracking_seconds": seconds["tracking"], "time/summary_seconds": summing,
-                                   "time/share_science": seconds["science"] / slots if slots else 0.0})
-    # n_run: the targets logged by this invocation (a batch that failed is not counted as throughput)
+                               "time/tracking_seconds": seconds["tracking"], "time/summary_seconds": summing,
+                               "time/share_science": seconds["science"] / slots if slots else 0.0})
+    # the targets logged by this invocation (a batch that failed is not counted as throughput)
+    n_run = len(records)
     report.console.print(f"{n_run} targets in {wall:.0f} s ({3600 * n_run / wall:.0f} targets/hour); of the "
                          f"workers' time {seconds['science'] / slots:.0%} science, "
                          f"{seconds['tracking'] / slots:.0%} tracking, the rest Ray and model loading.",
                          soft_wrap=True, markup=False)
-    if failures:
-        ctx.log(sweep_id, tags={ERROR_TAG: "; ".join(failures)[:TAG_LIMIT]})
-    ctx.end(sweep_id, "FAILED" if failures else "FINISHED")
     return metrics, result
 
 
