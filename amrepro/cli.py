@@ -74,6 +74,14 @@ def _guard(module: str, function: str, *args):
             signal.signal(signal.SIGTERM, saved[1])
 
 
+def _refuse(text: str) -> None:
+    """Bad input the options alone show: one sentence, exit 2, before anything is imported."""
+    from .report import errors
+
+    errors.print(f"error: {text}", soft_wrap=True, markup=False)
+    raise typer.Exit(2)
+
+
 def with_config(*, exclude: tuple[str, ...] = ()):
     """Give a command one Typer option per Config field (default and help from the field, so the CLI cannot
     drift from Config), collected into one Config passed as its `config` argument."""
@@ -158,16 +166,9 @@ def sweep(
     seed, as `amrepro run`); a table, sweep/* metrics, a map and the study of the layer (study.py) on the sweep
     run."""
     if not targets and not resume:
-        from .report import errors
-
-        errors.print("error: --targets is required (or --resume SWEEP_RUN_ID).", soft_wrap=True, markup=False)
-        raise typer.Exit(2)
+        _refuse("--targets is required (or --resume SWEEP_RUN_ID).")
     if methods and resume:
-        from .report import errors
-
-        errors.print("error: --methods starts a new study; --resume continues one sweep run: give one of them.",
-                     soft_wrap=True, markup=False)
-        raise typer.Exit(2)
+        _refuse("--methods starts a new study; --resume continues one sweep run: give one of them.")
     if methods:
         _guard("commands.sweep", "sweep_methods", config, targets, methods, corpus, workers, ray_address or None,
                chunk, experiment or None, layout)

@@ -20,9 +20,9 @@ import numpy as np
 
 from . import outcome_file, report, signals
 from .config import AmreproError
-from .layout import (ERROR_TAG, HOST_TAG, PARENT_TAG, PID_TAG, RUN_NAME_TAG, SHA256_PREFIX, TAG_LIMIT, end_leftover,
-                     leftovers)
-from .tracking import Store, StoreLost, process_tags, quick_http_failure, short, store_problem
+from .layout import (ERROR_TAG, HOST_TAG, PARENT_TAG, PID_TAG, REPRODUCES_TAG, RUN_INDEX, RUN_NAME_TAG, SHA256_PREFIX,
+                     TAG_LIMIT, TARGET_NAME)
+from .tracking import Store, StoreLost, owner_alive, process_tags, quick_http_failure, short, store_problem
 
 
 def environment_tags(lm) -> dict[str, str]:
@@ -255,6 +255,19 @@ class Context:
         """Write files (relative path -> bytes) as artifacts, each with a sha256/<path> integrity tag."""
         self.store.upload(run_id, files)
         self.log(run_id, tags={SHA256_PREFIX + path: hashlib.sha256(data).hexdigest() for path, data in files.items()})
+
+
+# --- runs a killed amrepro left RUNNING --------------------------------------------------------------------
+def leftovers(store) -> list[tuple[object, bool | None]]:
+    """Every RUNNING amrepro run of the store (process tags, a reproduction, a parent or a seed run), with
+    owner_alive(): False = its process is gone."""
+    return [(r, owner_alive(r.tags)) for r in store.search(None, "attributes.status = 'RUNNING'")
+            if HOST_TAG in r.tags or REPRODUCES_TAG in r.tags or TARGET_NAME in r.params or RUN_INDEX in r.params]
+
+
+def end_leftover(store, run, why: str) -> None:
+    store.set_tag(run.id, ERROR_TAG, why)
+    store.end(run.id, "KILLED")
 
 
 def end_leftovers(ctx: Context) -> None:

@@ -148,7 +148,10 @@ def log_runs(ctx, parent: str, experiment_id: str, outcome, frozen: bytes, skip=
             log_seed_run(ctx, parent, experiment_id, outcome, r)
             if on_run is not None:
                 on_run()
-    log_parent_run(ctx, parent, outcome, frozen)
+    with ctx.batched(parent):  # everything of the parent but its end; an all-diverged outcome says so as its error
+        _log_parent(ctx, parent, outcome, frozen)
+        if outcome.summary["statistics"] is None:
+            ctx.log(parent, tags={ERROR_TAG: f"all {outcome.config.runs} runs diverged"})
     with signals.shielded():  # a parent that is ended has no outcome file left, whenever a Ctrl-C comes
         ctx.end(parent, "FAILED" if outcome.summary["statistics"] is None else "FINISHED")
         ctx.logged(parent)
@@ -166,14 +169,6 @@ def log_seed_run(ctx, parent: str, experiment_id: str, outcome, r: int) -> None:
         if why:
             ctx.log(child, tags={ERROR_TAG: f"diverged: {why}"})
     ctx.end(child, "FAILED" if why else "FINISHED")
-
-
-def log_parent_run(ctx, parent: str, outcome, frozen: bytes) -> None:
-    """Everything of the parent but its end, batched; an all-diverged outcome says so as its error."""
-    with ctx.batched(parent):
-        _log_parent(ctx, parent, outcome, frozen)
-        if outcome.summary["statistics"] is None:
-            ctx.log(parent, tags={ERROR_TAG: f"all {outcome.config.runs} runs diverged"})
 
 
 def _log_child(ctx, run_id: str, outcome, r: int) -> None:
@@ -274,21 +269,6 @@ def children(store, parent_id: str, experiment_id: str) -> list:
 def sweep_parents(store, sweep_id: str, experiment_id: str) -> list:
     """Every live (not deleted) target parent of a sweep: how a worker finds a target before creating it."""
     return store.search([experiment_id], f"tags.`{SWEEP_TAG}` = '{sweep_id}'")
-
-
-def made_by_amrepro(run) -> bool:
-    return (HOST_TAG in run.tags or REPRODUCES_TAG in run.tags or TARGET_NAME in run.params
-            or RUN_INDEX in run.params)
-
-
-def leftovers(store) -> list[tuple[object, bool | None]]:
-    """Every RUNNING amrepro run of the store, with owner_alive(): False = its process is gone."""
-    return [(r, owner_alive(r.tags)) for r in store.search(None, "attributes.status = 'RUNNING'") if made_by_amrepro(r)]
-
-
-def end_leftover(store, run, why: str) -> None:
-    store.set_tag(run.id, ERROR_TAG, why)
-    store.end(run.id, "KILLED")
 
 
 def discard(store, run, why: str) -> None:

@@ -29,7 +29,7 @@ from . import signals
 from .config import AmreproError
 from .printable import token_repr
 from .layout import ERROR_TAG, NOTE_TAG, PIP_FREEZE as FREEZE, RUN_NAME_TAG, SHA256_PREFIX, SPECIFICITY_TAG, SUMMARY, \
-    TAG_LIMIT, VERDICT_TAG, DASHBOARD, HEADLINE_TAG, json_bytes
+    TAG_LIMIT, VERDICT_TAG, DASHBOARD, HEADLINE_TAG, json_bytes, log_outcome
 
 LAYOUT_TAG = "amrepro.layout"  # on lean parents (and a sweep run): "lean"; absent means "seeds"
 LAYOUTS = ("seeds", "lean")
@@ -254,13 +254,14 @@ def flagged(columns: dict[str, list]) -> list[str]:
             and any(columns[stat.claim][i] == 1.0 for stat in REPRODUCIBILITY)]
 
 
-def log_run(ctx, parent: str, outcome, frozen: bytes) -> None:
-    """`amrepro run --layout lean` (and `amrepro log` of its outcome file): log_target, as layout.log_outcome
-    does for the seeds layout."""
+def log_run(ctx, parent: str, experiment_id: str, outcome, frozen: bytes, layout: str, resume: bool = False) -> None:
+    """`amrepro run` (and `amrepro log` of its outcome file) in either layout: lean, log_target; seeds,
+    layout.log_outcome (resume: see there). No result (every run diverged) is NoResult, once all is logged."""
     from .config import NoResult
 
+    if layout != "lean":
+        return log_outcome(ctx, parent, experiment_id, outcome, frozen, resume)
     log_target(ctx, parent, outcome, frozen)
     if outcome.summary["statistics"] is None:
         raise NoResult(f"all {outcome.config.runs} runs diverged ({outcome.diverged[0]}), so there is nothing to "
                        "compare; lower --lr or --l2. The run is marked FAILED.")
-

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import features, layout, lean, signals, study
-from .config import AmreproError, Config, _unquote
+from .config import AmreproError, Config
 from .nulls import binomial_tail
 from .stats import ALPHA, CLAIMS, PRIMARY, REGISTRY, REPRODUCIBILITY
 from .targets import ALL_SITES, Target, check_target
@@ -400,20 +400,3 @@ def summary(columns: dict[str, list]) -> tuple[dict[str, float], str]:
         return metrics, f"no target of {n_targets} has statistics yet."
     metrics["sweep/frac_any_above_chance"] = any_claim / n
     return metrics, f"{n} of {n_targets} targets with statistics. " + "; ".join(words) + "."
-
-
-def sweep_params(config: Config, spec: str) -> dict[str, str]:
-    """The sweep run's params: every hyperparameter but the target, and the targets' SPEC."""
-    params = {k: v for k, v in config.to_params().items() if k not in ("target", "target_name", "layer", "dim")}
-    params["targets"] = spec
-    return params
-
-
-def config_from_sweep(params: dict[str, str]) -> tuple[Config, str]:
-    """Inverse of sweep_params, for --resume."""
-    if "targets" not in params:
-        raise AmreproError("the run has no 'targets' param: it is not a sweep run made by amrepro sweep.")
-    default = Config()
-    config = Config.from_params({**params, "target": "", "layer": str(default.layer), "dim": str(default.dim)})
-    return config, _unquote(params["targets"])  # `mlflow run -e sweep` logs it shell-quoted
-

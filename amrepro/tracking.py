@@ -40,23 +40,19 @@ class StoreLost(Exception):
 
 def store_problem(error: BaseException, uri: str) -> str:
     """One sentence for an exception a store call raised (credentials in the URI or the error redacted)."""
-    return redact(_store_problem(error, uri))
-
-
-def _store_problem(error: BaseException, uri: str) -> str:
     text = str(error)
     found = re.search(r"[^\n]*(readonly database|read-only file system|permission denied)[^\n]*", text, re.IGNORECASE)
     if found:
         why = re.sub(r"^\(\w+\.\w+\) ", "", found.group(0).strip())[:200]  # drop "(sqlite3.OperationalError) "
-        return f"the MLflow tracking store at {uri} is read-only, so amrepro cannot log to it ({why})"
+        return redact(f"the MLflow tracking store at {uri} is read-only, so amrepro cannot log to it ({why})")
     seconds = getattr(error, "amrepro_store_seconds", None)
     if uri.startswith(("http://", "https://")) and re.search(
             r"Max retries exceeded|Connection refused|timed out|ConnectionError|Failed to establish", text):
-        return (f"the MLflow tracking server at {uri} did not answer"
-                + (f" for {seconds:.0f} s" if seconds is not None else "")
-                + f" (MLFLOW_HTTP_REQUEST_MAX_RETRIES={os.environ.get('MLFLOW_HTTP_REQUEST_MAX_RETRIES')}, "
-                  f"MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR={os.environ.get('MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR')})")
-    return f"the MLflow tracking store at {uri} failed: {short(error)}"
+        return redact(f"the MLflow tracking server at {uri} did not answer"
+                      + (f" for {seconds:.0f} s" if seconds is not None else "")
+                      + f" (MLFLOW_HTTP_REQUEST_MAX_RETRIES={os.environ.get('MLFLOW_HTTP_REQUEST_MAX_RETRIES')}, "
+                        f"MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR={os.environ.get('MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR')})")
+    return redact(f"the MLflow tracking store at {uri} failed: {short(error)}")
 
 
 def short(error: BaseException | None) -> str:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from .. import report
-from ..context import Context, gone_reason
-from ..layout import HOST_TAG, PID_TAG, end_leftover, leftovers
+from ..context import Context, end_leftover, gone_reason, leftovers
+from ..layout import HOST_TAG, PID_TAG
 from ..tracking import HOST
 
 

@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 
 from .. import lean, outcome_file, report
-from ..context import Context, gone_reason
-from ..layout import LOGGED_FROM_TAG, PARENT_TAG, end_leftover, log_outcome, run_name
+from ..context import Context, end_leftover, gone_reason
+from ..layout import LOGGED_FROM_TAG, PARENT_TAG, run_name
 from ..tracking import owner_alive, refuse_live_id
 from ..secrets import redact
 
@@ -28,11 +28,8 @@ def log_file(path: str, force: bool = False) -> None:
             config = saved.outcome.config
             parent = ctx.start_parent(saved.params, {**saved.tags, LOGGED_FROM_TAG: saved.parent_id},
                                           run_name=run_name(config), experiment_id=experiment_id)
-        if saved.tags.get(lean.LAYOUT_TAG) == "lean":
-            lean.log_run(ctx, parent, saved.outcome, saved.pip_freeze)
-        else:
-            log_outcome(ctx, parent, experiment_id, saved.outcome, saved.pip_freeze,
-                        resume=parent == saved.parent_id)
+        lean.log_run(ctx, parent, experiment_id, saved.outcome, saved.pip_freeze, lean.layout_of(saved),
+                     resume=parent == saved.parent_id)
         _end_dead_top(ctx, parent)
     report.console.print(f"logged {saved.outcome.config.runs} runs into parent run {parent} in {ctx.uri}; "
                          f"{path} was removed.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from .. import lean, report
 from ..config import Config
 from ..context import Context
-from ..layout import log_outcome, run_name
+from ..layout import run_name
 
 
 def run(config: Config, experiment: str | None = None, layout: str = "seeds"):
@@ -33,8 +33,5 @@ def run(config: Config, experiment: str | None = None, layout: str = "seeds"):
         ctx.keep(outcome, parent, experiment_id, config.to_params(), env, frozen)
         ctx.log(parent, tags=kernel)  # after the file: a store that fails here loses nothing
         report.print_outcome(outcome, parent, ctx.uri)
-        if layout == "lean":
-            lean.log_run(ctx, parent, outcome, frozen)
-        else:
-            log_outcome(ctx, parent, experiment_id, outcome, frozen)
+        lean.log_run(ctx, parent, experiment_id, outcome, frozen, layout)
     return outcome

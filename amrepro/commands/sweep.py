@@ -15,7 +15,7 @@ import time
 
 from .. import lean, report, signals
 from .. import sweep as sw
-from ..config import AmreproError, Config
+from ..config import AmreproError, Config, _unquote
 from ..context import Context
 from ..layout import (DASHBOARD, ERROR_TAG, HEADLINE_TAG, KIND_TAG, METHODS_TAG, NOTE_TAG, PARENT_TAG, PID_TAG,
                       RAY_ADDRESS_TAG, STUDY_FIGURE, STUDY_JSON, STUDY_TABLE, STUDY_TAG, STUDY_TARGETS, SWEEP_MAP,
@@ -43,7 +43,7 @@ def sweep(config: Config, spec: str, workers: int = 0, ray_address: str | None =
     ctx = Context(experiment)
     if resume:
         resumed = RunReader(ctx.store).run(resume)
-        config, spec = sw.config_from_sweep(resumed.params)
+        config, spec = _config_from_sweep(resumed.params)
         layout = lean.layout_of(resumed)  # the sweep's own
         refuse_live([resumed, *sweep_parents(ctx.store, resume, resumed.experiment_id)],
                     f"`amrepro sweep --resume {resume}`", force)
@@ -140,13 +140,29 @@ def _open(ctx: Context, lm, config: Config, spec: str, workers: int, ray_address
             raise AmreproError(f"sweep run {resume} is FINISHED (or deleted): every target was done.")
     else:
         ctx.describe(lm, busy_note=False)
-        sweep_id, experiment_id = ctx.start_top({**sw.sweep_params(config, spec), "corpus": corpus_path},
+        sweep_id, experiment_id = ctx.start_top({**_sweep_params(config, spec), "corpus": corpus_path},
                                                 {KIND_TAG: "sweep", lean.LAYOUT_TAG: layout,
                                                  **({PARENT_TAG: parent} if parent else {})},
                                                 f"sweep {run_name(config).rsplit(' ', 2)[0]} {spec} x{config.runs}")
     ctx.log(sweep_id, tags={WORKERS_TAG: str(workers), RAY_ADDRESS_TAG: ray_address or
                             os.environ.get("RAY_ADDRESS", "local" if workers else "none")})
     return sw.Job(config, ctx.uri, experiment_id, sweep_id, frozen, layout)
+
+
+def _sweep_params(config: Config, spec: str) -> dict[str, str]:
+    """The sweep run's params: every hyperparameter but the target, and the targets' SPEC."""
+    params = {k: v for k, v in config.to_params().items() if k not in ("target", "target_name", "layer", "dim")}
+    params["targets"] = spec
+    return params
+
+
+def _config_from_sweep(params: dict[str, str]) -> tuple[Config, str]:
+    """Inverse of _sweep_params, for --resume."""
+    if "targets" not in params:
+        raise AmreproError("the run has no 'targets' param: it is not a sweep run made by amrepro sweep.")
+    default = Config()
+    config = Config.from_params({**params, "target": "", "layer": str(default.layer), "dim": str(default.dim)})
+    return config, _unquote(params["targets"])  # `mlflow run -e sweep` logs it shell-quoted
 
 
 def _check_batch_memory(lm, targets: list, config: Config, chunk: int) -> None:
@@ -294,7 +310,7 @@ def sweep_methods(config: Config, spec: str, methods_text: str, corpus_path: str
     ctx = Context(experiment)
     rows, results, shared = [], {}, {}
     with ctx.session():
-        params = {k: v for k, v in sw.sweep_params(config, spec).items() if k != "method"}
+        params = {k: v for k, v in _sweep_params(config, spec).items() if k != "method"}
         top, _ = ctx.start_top({**params, "methods": ",".join(names), "corpus": corpus_path},
                                {KIND_TAG: "study", METHODS_TAG: ",".join(names)},
                                f"study {','.join(names)} {spec} x{config.runs}")
