@@ -99,9 +99,7 @@ def chunks(targets: list[Target], size: int) -> list[list[Target]]:
 
 def chunk_size(n_targets: int, workers: int, requested: int = 0) -> int:
     """requested, else enough chunks to keep every worker busy, at most CHUNK_MAX targets each."""
-    if requested:
-        return requested
-    return max(1, min(CHUNK_MAX, math.ceil(n_targets / max(workers, 1))))
+    return requested or max(1, min(CHUNK_MAX, math.ceil(n_targets / max(workers, 1))))
 
 
 # --- the worker -------------------------------------------------------------------------------------------
