@@ -115,8 +115,7 @@ def compare(config: Config, methods_text: str, corpus_path: str = "", experiment
             if xent is not None:
                 scalars["xent/final_mean"] = float(xent.mean())
             ctx.log_metrics(method_run, scalars)
-            report.console.print(f"[bold]{m}[/]: " + report.summary_lines(outcome.summary)[0]
-                                 if outcome.summary.get("statistics") else f"{m}: no result", soft_wrap=True)
+            report.print_method(m, outcome)  # its headline and its seeds' tokens
             if yard is not None:  # the method's dashboard shows the corpus windows and histogram
                 outcome.summary["corpus"] = yard
             log_outcome(ctx, method_run, experiment_id, outcome, frozen)

@@ -77,15 +77,17 @@ def logging_progress(runs: int, done: int = 0):
         yield lambda: progress.advance(task)
 
 
-def token_table(outcome):
+def token_table(outcome, title: str = ""):
     """The decoded tokens, one row per seed, each token whole (repr, so spaces and escapes show). When a table
-    of whole tokens is wider than the console, one line per seed instead of cut tokens."""
+    of whole tokens is wider than the console, one line per seed instead of cut tokens. title: by default
+    'Decoded tokens (<target>)'."""
+    title = title or f"Decoded tokens ({outcome.target.name})"
     n_pos = len(outcome.tokens[0])
     widest = max((len(token_repr(t, i)) for r, row in enumerate(outcome.tokens) if r not in outcome.diverged
                   for t, i in zip(row, outcome.ids[r])), default=8)
     if 8 + n_pos * (widest + 3) + 30 > console.width:
-        return _token_lines(outcome)
-    table = Table(title=f"Decoded tokens ({outcome.target.name})", header_style="bold")
+        return _token_lines(outcome, title)
+    table = Table(title=title, header_style="bold")
     table.add_column("seed", justify="right")
     for p in range(n_pos):
         table.add_column(f"pos {p}", no_wrap=True, min_width=min(widest, 40))
@@ -105,10 +107,10 @@ def token_table(outcome):
     return table
 
 
-def _token_lines(outcome) -> Group:
+def _token_lines(outcome, title: str) -> Group:
     """One entry per seed, wrapped by us only between tokens (rich would break inside "' The'")."""
     counts = {row["id"]: row["count"] for row in outcome.summary.get("counts", [])}
-    lines = [Text(f"Decoded tokens ({outcome.target.name}), repeated tokens in yellow", style="bold")]
+    lines = [Text(f"{title}, repeated tokens in yellow", style="bold")]
     for r, seed in enumerate(outcome.result.seeds):
         if r in outcome.diverged:
             lines.append(Text(f"seed {seed}: ").append("diverged", style="red"))
@@ -222,6 +224,14 @@ def print_outcome(outcome, parent_id: str | None, uri: str | None) -> None:
     console.print(_escape(outcome.summary["statistics"]["verdict"]), soft_wrap=True)
     if parent_id:
         console.print(f"MLflow parent run {parent_id} ({len(outcome.result.seeds)} child runs) in {uri}")
+
+
+def print_method(method: str, outcome) -> None:
+    """`amrepro compare`, after each method: its verdict in one line and its seeds' tokens, as `amrepro run`
+    shows them (the full statistics of every method: the table at the end and each method run's page)."""
+    console.print(f"[bold]{method}[/]: {_escape(headline(outcome.summary) or 'see its run page for the verdict')}",
+                  soft_wrap=True)
+    console.print(token_table(outcome, f"{method}: decoded tokens ({outcome.target.name})"))
 
 
 def _escape(text: str) -> str:

@@ -379,7 +379,7 @@ def summary(columns: dict[str, list]) -> tuple[dict[str, float], str]:
     n = len(with_stats)
     metrics = {"sweep/n_targets": n_targets, "sweep/n_finished": columns["status"].count("FINISHED"),
                "sweep/n_with_statistics": n, "sweep/alpha_per_target": ALPHA}
-    words = []
+    above, within = [], []  # the claims whose count chance explains poorly, and the others
     for stat in CLAIMS:
         # a target logged before this claim existed has no flag: it is not counted, for this claim only
         logged = [i for i in with_stats if columns[stat.claim][i] is not None]
@@ -388,13 +388,14 @@ def summary(columns: dict[str, list]) -> tuple[dict[str, float], str]:
         if m:
             metrics[f"sweep/frac_{stat.claim}"] = k / m
             p = metrics[f"sweep/pvalue_{stat.claim}"] = binomial_tail(k, m, ALPHA)
-            verdict = ("more targets than the per-target alpha lets chance explain" if p < ALPHA else
-                       "within what chance gives at the per-target alpha")
-            words.append(f"{stat.claim.replace('_', ' ')} ({stat.label}): {k}/{m} targets ({k / m:.0%}; by chance "
-                         f"about {ALPHA:.0%}, binomial p = {p:.2g}): {verdict}")
+            (above if p < ALPHA else within).append(f"{stat.label} {k}/{m} ({k / m:.0%}, p = {p:.2g})")
     any_claim = sum(any(columns[s.claim][i] == 1.0 for s in REPRODUCIBILITY) for i in with_stats)
     metrics["sweep/n_any_above_chance"] = any_claim
     if not n:
         return metrics, f"no target of {n_targets} has statistics yet."
     metrics["sweep/frac_any_above_chance"] = any_claim / n
-    return metrics, f"{n} of {n_targets} targets with statistics. " + "; ".join(words) + "."
+    # the chance level and the test said once, then each group of claims once
+    groups = " ".join(f"{head}: {'; '.join(claims)}." for head, claims in
+                      (("More targets than chance explains", above), ("Within chance", within)) if claims)
+    return metrics, (f"{n} of {n_targets} targets with statistics; chance alone passes about {ALPHA:.0%} of targets "
+                     f"per claim (p: one-sided binomial test against that). {groups}")

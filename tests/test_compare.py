@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 
 from amrepro import corpus
 from amrepro.model import load_model
+from amrepro.printable import token_repr
 from amrepro.readers import HookedReader
 from amrepro.targets import Target
 from conftest import SMOL, smollm2_gguf
@@ -41,6 +42,13 @@ def test_compare_layout_reads_back_from_mlflow(tiny_gpt2, store):
         assert [c.data.params["seed"] for c in seeds] == ["0", "1"]
         assert all(c.info.status == "FINISHED" for c in seeds)
     client = MlflowClient(store)
+    # the terminal: each method's one-line verdict, then each seed's tokens on its own row, as `run` prints them
+    for name, run in method_runs.items():
+        block = result.output.split(f"{name}: {run.data.tags['amrepro.headline']}\n")[1]
+        for seed in children_of(store, run.info.run_id):
+            logged = json.loads(Path(client.download_artifacts(seed.info.run_id, "tokens.json")).read_text())
+            shown = [token_repr(t, i) for t, i in zip(logged["tokens"], logged["ids"])]
+            assert any(all(s in line for s in shown) for line in block.splitlines()[:8]), (name, shown, block)
     table = json.loads(Path(client.download_artifacts(top.info.run_id, "compare.json")).read_text())
     rows = {r["method"]: r for r in table["rows"]}
     assert list(rows) == ["adam", "gcg", "epo", "corpus"]

@@ -1,6 +1,7 @@
 """dashboard.html as a user opens it: inside MLflow's own UI (a real `mlflow server`), on the parent run's Artifacts
 tab, in headless Chromium. The page must render there (MLflow shows .html artifacts in a sandboxed iframe), with
-no console errors, its headline verdict and the seeds' tokens visible.
+no console errors, its headline verdict and the seeds' tokens visible; so must a compare's index page, its rows
+linking to each method's page.
 
 Skips with the reason where Debian's chromium + chromium-driver or selenium are missing. The screenshot goes to
 the test's folder (the README's docs/ui_dashboard.png comes from docs/screenshots.py, on a real model)."""
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from helpers import free_port, logged_run, start_mlflow_server
+from helpers import all_runs, cli, free_port, logged_run, start_mlflow_server
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
@@ -34,11 +35,39 @@ def _browser():
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
 
-def test_dashboard_shows_in_the_mlflow_ui_with_its_verdict_and_tokens(tiny_gpt2, store, tmp_path):
+def _frame_showing(driver, wait, element_id: str):
+    """Switch into MLflow's artifact iframe once it holds element_id: after a route change the previous
+    artifact's frame can linger a moment."""
+    from selenium.common.exceptions import WebDriverException
+    from selenium.webdriver.common.by import By
+
+    def ready(d):
+        d.switch_to.default_content()
+        for frame in d.find_elements(By.CSS_SELECTOR, "iframe.mlflow-html-iframe"):
+            try:
+                d.switch_to.frame(frame)
+                if d.find_elements(By.ID, element_id):
+                    return True
+            except WebDriverException:  # a frame replaced while we looked
+                pass
+            d.switch_to.default_content()
+        return False
+
+    wait.until(ready)
+
+
+def test_dashboard_and_compare_index_show_in_the_mlflow_ui(tiny_gpt2, store, tmp_path):
     driver = _browser()  # skips before any run or server exists
     server = None
     try:
         parent, children = logged_run(store, tiny_gpt2, runs=3, epochs=8)
+        # a compare in the same store, for its index page: the smallest that has two rows
+        result = cli("compare", "--model", tiny_gpt2, "--methods", "adam,pez", "--runs", "2", "--epochs", "4",
+                     "--steps", "2", "--dim", "3", "--lr", "0.01")
+        assert result.exit_code == 0, result.output
+        (top,) = [r for r in all_runs(store) if "amrepro.compare" in r.data.tags]
+        methods = {r.data.params["method"]: r for r in all_runs(store)
+                   if r.data.tags.get("mlflow.parentRunId") == top.info.run_id}
         client = MlflowClient(store)
         tokens = json.loads(Path(client.download_artifacts(children[0].info.run_id, "tokens.json")).read_text())
         port = free_port()
@@ -68,6 +97,21 @@ def test_dashboard_shows_in_the_mlflow_ui_with_its_verdict_and_tokens(tiny_gpt2,
                          for t, i in zip(tokens["tokens"], tokens["ids"])]
         assert all(chip.is_displayed() for chip in seed_row.find_elements(By.CSS_SELECTOR, ".chip"))
         assert driver.find_elements(By.CSS_SELECTOR, "svg polyline")  # the curves are drawn
+        driver.switch_to.default_content()
+        # the compare's index: one visible row per method, its name a link to that method's dashboard in this UI
+        driver.get(f"{base}/#/experiments/{top.info.experiment_id}/runs/{top.info.run_id}/artifacts/dashboard.html")
+        _frame_showing(driver, wait, "index")
+        links = driver.find_elements(By.CSS_SELECTOR, "#index a.run")
+        assert [a.text for a in links] == ["adam", "pez"] and all(a.is_displayed() for a in links)
+        for link, run in zip(links, (methods["adam"], methods["pez"])):
+            route = f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}/artifacts/dashboard.html"
+            assert link.get_attribute("href") == f"{base}/{route}"
+        rows = driver.find_elements(By.CSS_SELECTOR, "#index tr")[1:]
+        assert [r.find_elements(By.TAG_NAME, "td")[1].text for r in rows] == \
+            [methods[m].data.tags["amrepro.headline"] for m in ("adam", "pez")]
+        links[0].click()  # the sandboxed frame cannot open it: the page says so and shows the address to copy
+        assert driver.find_element(By.ID, "address").is_displayed()
+        assert driver.find_element(By.ID, "url").text == links[0].get_attribute("href")
         driver.switch_to.default_content()
         # Two 404s that are not the page's: the UI probes an endpoint only a server with its auth app has
         # (users/current), and Chromium asks /health for a /favicon.ico. Every other error, and any from the

@@ -87,3 +87,20 @@ def test_run_description_names_the_null_and_reads_an_older_summary():
     outcome.summary = {"statistics": {k: v for k, v in s.items() if k != "observed"}}
     text = report.markdown_summary(outcome)
     assert "| unique tokens | 20/20 |" in text and "repeats across runs" not in text
+
+
+def test_compare_prints_each_methods_headline_and_tokens_with_the_ids_of_unprintable_ones(monkeypatch):
+    """`amrepro compare`, after each method (issue 20 §3): its one-line verdict, then its seeds' tokens as `run`
+    prints them, two half-character tokens told apart by their ids."""
+    from amrepro.headline import headline
+    from test_metrics import stats_for
+
+    outcome = _Outcome([["\ufffd", " a", "b"], ["\ufffd", "\ufffd", "d"]])  # ids [[0, 1, 2], [0, 4, 5]]
+    outcome.summary.update(statistics=stats_for(outcome.ids), seeds=[0, 1])
+    out = Console(width=120, record=True, file=open("/dev/null", "w"))
+    monkeypatch.setattr(report, "console", out)
+    report.print_method("gcg", outcome)
+    lines = out.export_text().splitlines()
+    assert lines[0] == f"gcg: {headline(outcome.summary)}" and headline(outcome.summary)
+    rows = [line for line in lines if "'\\ufffd'" in line or "'�'" in line]
+    assert len(rows) == 2 and "(id 0)" in rows[0] and "' a'" in rows[0] and "(id 4)" in rows[1]

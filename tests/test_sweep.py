@@ -52,6 +52,27 @@ def _sweep_runs(uri):
     return sweep, parents
 
 
+def test_the_sweep_summary_says_the_chance_level_once_and_groups_the_claims():
+    """The one line a sweep prints (and tags as its verdict): the chance level and the binomial test said once,
+    each claim once, grouped into those above chance and those within it (issue 20 §3: the same clause was
+    repeated for every claim)."""
+    from amrepro.stats import CLAIMS
+    from amrepro.sweep import summary
+
+    n = 8
+    columns = {"target": [f"t{i}" for i in range(n)], "status": ["FINISHED"] * n}
+    for stat in CLAIMS:  # every target claims agreement; one target of 8 claims each of the others
+        columns[stat.claim] = [1.0] * n if stat.claim == "agreement_above_chance" else [1.0] + [0.0] * (n - 1)
+    metrics, words = summary(columns)
+    assert words.count("5%") == 1 and words.count("binomial") == 1 and words.count("chance explains") == 1
+    p = {s.claim: f"{metrics[f'sweep/pvalue_{s.claim}']:.2g}" for s in CLAIMS}
+    above, within = words.split("More targets than chance explains: ")[1].split(". Within chance: ")
+    assert above == f"positional agreement 8/8 (100%, p = {p['agreement_above_chance']})"
+    assert within.rstrip(".").split("; ") == [f"{s.label} 1/8 ({1 / 8:.0%}, p = {p[s.claim]})"
+                                              for s in CLAIMS if s.claim != "agreement_above_chance"]
+    assert words.startswith("8 of 8 targets with statistics; chance alone passes about 5% of targets per claim")
+
+
 def test_sweep_layout_reads_back(tiny_gpt2, store, monkeypatch):
     result = cli("sweep", "--model", tiny_gpt2, "--targets", SPEC, *ARGS)
     assert result.exit_code == 0, result.output
