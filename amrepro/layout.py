@@ -14,7 +14,8 @@ back. Users' scripts depend on these names: they never change.
 - `amrepro sweep --methods a,b`: a top run (amrepro.kind = study) with one sweep run per method under it, each as
   above, and the study table (STUDY_* below);
 - `amrepro compare`: a top run tagged amrepro.compare, one parent per method under it (compare.py);
-- `amrepro reproduce`: a run tagged amrepro.reproduces = the run it re-ran, nested under it.
+- `amrepro reproduce`: a run tagged amrepro.reproduces = the run it re-ran, its description linking that run's
+  parent; not nested (before, it was nested under that parent: such runs still read as reproductions).
 """
 
 from __future__ import annotations
@@ -312,7 +313,7 @@ class RunReader:
         and says so in self.note; one with none says what happened instead of "not made by amrepro"."""
         run = self.run(run_id)
         original = run.tags.get(REPRODUCES_TAG)
-        if original:  # nested under the run it re-ran, but it is a comparison, not a seed run
+        if original:  # a comparison, not a seed run (older ones are nested under the parent they re-ran)
             raise AmreproError(f"run {run_id} is a reproduction of run {original} (see its reproduction.json); "
                                f"decode or reproduce {original} itself.")
         if COMPARE_TAG in run.tags:  # its children are method runs, each a parent of seed runs

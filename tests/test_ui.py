@@ -1,5 +1,5 @@
 """What a user sees in the MLflow UI: tokens as a column, a readable parent page, a token table, run names,
-the model-training experiment, reproductions nested under what they reproduce."""
+the model-training experiment, reproductions that link what they reproduce."""
 
 import json
 from pathlib import Path
@@ -54,13 +54,20 @@ def test_parent_page_has_description_token_table_and_no_duplicate_metrics(logged
     assert sum(row["count"] for row in summary["counts"]) == 15
 
 
-def test_reproduction_is_nested_under_the_run_it_reproduces(logged):
+def test_a_reproduction_is_a_top_level_run_whose_page_links_the_run_it_reproduces(logged):
+    """Not nested: MLflow's UI would fetch the older parent of this newest run onto its first page, showing it with
+    the reproduction and without its seeds (issue 20 §3, docs/mlflow.md "Finding the seeds"). A reproduction
+    logged nested, as before, still reads: it is no seed of its parent, and decode/reproduce refuse it."""
     uri, parent, _ = logged
     result = cli("reproduce", parent.info.run_id)
     assert result.exit_code == 0, result.output
     (rerun,) = [r for r in all_runs(uri) if r.data.tags.get("amrepro.reproduces") == parent.info.run_id]
-    assert rerun.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert "mlflow.parentRunId" not in rerun.data.tags
+    route = f"(#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id})"
+    assert f"[{parent.info.run_name}]{route}" in rerun.data.tags["mlflow.note.content"]
+    MlflowClient(uri).set_tag(rerun.info.run_id, "mlflow.parentRunId", parent.info.run_id)  # the old layout
     assert len(children_of(uri, parent.info.run_id)) == 3  # the seeds alone: the re-run is no seed
+    assert cli("decode", parent.info.run_id).exit_code == 0
     for command in ("decode", "reproduce"):
         result = cli(command, rerun.info.run_id)
         assert result.exit_code == 2 and "is a reproduction of run" in result.output, result.output

@@ -9,7 +9,7 @@ import numpy as np
 from .. import lean, report
 from ..config import AmreproError, Config
 from ..context import Context, environment_tags, read_seeds
-from ..layout import (BATCH_SEED, BATCH_TAG, PARENT_TAG, REPRODUCES_TAG, REPRODUCTION, REPRODUCTION_VERDICT_TAG,
+from ..layout import (BATCH_SEED, BATCH_TAG, NOTE_TAG, REPRODUCES_TAG, REPRODUCTION, REPRODUCTION_VERDICT_TAG,
                       RUN_INDEX, SEED, WEIGHTS_TAG, batch_targets, json_bytes)
 from ..targets import Target
 
@@ -46,10 +46,13 @@ def reproduce(run_id: str, device: str | None = None, tolerance: float = 1e-4) -
         env_now = environment_tags(preps[0].lm)
         weights = (parent.tags.get(WEIGHTS_TAG), env_now[WEIGHTS_TAG])
         differences = {k: (logged_env.get(k, "?"), env_now[k]) for k in _NUMERIC_ENV if logged_env.get(k) != env_now[k]}
-        new_run = ctx.start_parent(config.to_params(), {**env_now, REPRODUCES_TAG: run_id,
-                                                            # nested under the parent it re-ran, in the UI
-                                                            PARENT_TAG: parent.id},
-                                       run_name=f"reproduce {run_id[:8]}", experiment_id=parent.experiment_id)
+        # not nested under the parent (mlflow.parentRunId): the UI would fetch an older parent onto its first
+        # page for this newest run, without its seeds (docs/mlflow.md, "Finding the seeds"); its page links there
+        new_run = ctx.start_parent(config.to_params(), {**env_now, REPRODUCES_TAG: run_id, NOTE_TAG: (
+            f"Reproduces run {run_id} by re-running the batch of [{parent.name or parent.id}](#/experiments/"
+            f"{parent.experiment_id}/runs/{parent.id}): the verdict is the tag `{REPRODUCTION_VERDICT_TAG}`, each "
+            f"seed's comparison {REPRODUCTION}.")},
+            run_name=f"reproduce {run_id[:8]}", experiment_id=parent.experiment_id)
         with report.epoch_progress(config.n_steps, config.runs) as on_epoch:
             outcome = experiment.execute_many(preps, on_epoch)[targets.index(own)]
         rows = []
