@@ -23,9 +23,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
-from pathlib import Path
 
 import numpy as np
 
@@ -75,13 +73,7 @@ def json_bytes(obj) -> bytes:
 
 def run_name(config: Config) -> str:
     """'{model} {target} x{runs}': what a parent is, readable in the MLflow runs table."""
-    model = config.model
-    if os.path.exists(os.path.expanduser(model)):  # a local folder or file: its name (and its folder's if generic)
-        path = Path(model.rstrip("/"))
-        model = path.name.removesuffix(".gguf")
-        if model.lower() in ("model", "models", "checkpoint", "snapshot", "final", "hf"):
-            model = f"{path.parent.name}/{model}"
-    return f"{model} {config.target_name} x{config.runs}"
+    return f"{report.model_label(config.model)} {config.target_name} x{config.runs}"
 
 
 def child_params(config: Config, r: int) -> dict[str, str]:

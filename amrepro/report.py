@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 from rich.console import Console, Group
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -283,6 +284,17 @@ def token_columns(outcome) -> dict[str, list]:
     return columns
 
 
+def model_label(model: str) -> str:
+    """A model as a reader names it: a Hub id as it is; a local folder or file by its name (and its folder's if
+    the name is generic), not the full path of the machine that ran it."""
+    if not os.path.exists(os.path.expanduser(model)):
+        return model
+    path = Path(model.rstrip("/"))
+    name = path.name.removesuffix(".gguf")
+    return f"{path.parent.name}/{name}" if name.lower() in ("model", "models", "checkpoint", "snapshot", "final",
+                                                            "hf") else name
+
+
 def markdown_summary(outcome) -> str:
     """The parent run's description (tag mlflow.note.content, rendered as markdown on its page)."""
     c, stats = outcome.config, outcome.summary["statistics"]
@@ -292,7 +304,7 @@ def markdown_summary(outcome) -> str:
                                          "positional_agreement": stats["positional_agreement"]}
     line = headline(outcome.summary)  # the verdict in one line leads; the detail follows
     lines = [*([f"### {line}", ""] if line else []),
-             f"**{c.model}**, `{outcome.target.name}`, {len(outcome.result.seeds)} seeds x {c.n_steps} "
+             f"**{model_label(c.model)}**, `{outcome.target.name}`, {len(outcome.result.seeds)} seeds x {c.n_steps} "
              f"{c.step_unit}", "", f"**Verdict.** {stats['verdict']}", "",
              f"| statistic | observed | chance: {primary} | p | chance: uniform | p |", "|---|---|---|---|---|---|"]
     for stat in (s for s in REGISTRY if s.key in observed):

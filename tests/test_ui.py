@@ -42,6 +42,8 @@ def test_parent_page_has_description_token_table_and_no_duplicate_metrics(logged
     client = MlflowClient(uri)
     note = parent.data.tags["mlflow.note.content"]
     assert parent.data.tags["verdict"][:200] in note and "| statistic | observed |" in note
+    model = parent.data.params["model"]  # a local folder: the description names it, not this machine's path to it
+    assert f"**{Path(model.rstrip('/')).name}**" in note and model not in note
     assert children[0].data.tags["tokens"].split(" | ")[0].replace("|", "\\|") in note
     table = json.loads(Path(client.download_artifacts(parent.info.run_id, "token_grid.json")).read_text())
     assert table["columns"][:2] == ["seed", "pos 0"] and len(table["data"]) == 3
