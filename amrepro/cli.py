@@ -11,7 +11,8 @@ import sys
 
 import typer
 
-from .config import AmreproError, Config, NoResult, help_for
+from .config import AmreproError, Config, help_for
+from .errors import NoResult
 from .methods import names as method_names
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,

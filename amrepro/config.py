@@ -12,7 +12,7 @@ import math
 import shlex
 from dataclasses import dataclass, field
 
-from .errors import AmreproError, NoResult  # noqa: F401 (re-exported: the commands import them from here)
+from .errors import AmreproError
 from .methods import spec, specs
 
 LR_MAX = 1e37  # float32 max is 3.4e38; Adam divides lr by 1 - beta1 = 0.1 on its first step

@@ -1,5 +1,5 @@
-"""The two ways a command ends without a traceback. Apart from config.py (which re-exports them) so that the
-method registry, which Config reads, can raise them without importing Config back."""
+"""The two ways a command ends without a traceback. Apart from config.py (which also hands out AmreproError) so
+that the method registry, which Config reads, can raise them without importing Config back."""
 
 
 class AmreproError(Exception):

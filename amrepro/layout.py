@@ -28,7 +28,8 @@ import re
 import numpy as np
 
 from . import report, signals
-from .config import AmreproError, Config, NoResult
+from .config import AmreproError, Config
+from .errors import NoResult
 from .tracking import HOST_TAG, PID_TAG, owner_alive, refuse_live  # process tags: amrepro.host, amrepro.pid
 
 # --- names ------------------------------------------------------------------------------------------------

@@ -257,7 +257,7 @@ def flagged(columns: dict[str, list]) -> list[str]:
 def log_run(ctx, parent: str, experiment_id: str, outcome, frozen: bytes, layout: str, resume: bool = False) -> None:
     """`amrepro run` (and `amrepro log` of its outcome file) in either layout: lean, log_target; seeds,
     layout.log_outcome (resume: see there). No result (every run diverged) is NoResult, once all is logged."""
-    from .config import NoResult
+    from .errors import NoResult
 
     if layout != "lean":
         return log_outcome(ctx, parent, experiment_id, outcome, frozen, resume)
