@@ -3,10 +3,12 @@
     python bench/bench.py                      # the full benchmark (a few minutes on 2 CPU cores)
     python bench/bench.py --epochs 10 --repeats 2 --skip-full-run    # smoke run, < 1 minute
     python bench/bench.py --device cuda        # the same figures on a GPU
+    python bench/bench.py --epochs 10 --repeats 1 --full-epochs 20 --out /tmp/bench.json   # + a short full run
 
 One process, one run. The model is GPT-2 small's shape (GPT2Config() defaults) with random weights -- the cost
 does not depend on the weight values -- saved with save_pretrained and loaded through amrepro.model.load_model,
-so the engine runs its real code path. Figures (printed as a table, written to bench/results/latest.json):
+so the engine runs its real code path. Figures (printed as a table, written to --out, by default
+bench/results/latest.json):
 
 - ms per seed-step: one Adam step of one seed. Reference: bench/reference.py (the notebook: full 12-layer HF
   forward with hidden_states, batch 1, weights left trainable). Engine: amrepro.optimize.optimize with the
@@ -21,9 +23,13 @@ so the engine runs its real code path. Figures (printed as a table, written to b
   50-row step can approach; the first is the machine's peak.
 - the GEMM kernel: amrepro.kernels chooses it by measurement (the engine line names it); --kernel all also
   times the engine with each kernel forced, interleaved, to check that the probe picked the fastest.
-- MLflow share: `amrepro.commands.run` end to end (RUNS x 500 epochs) on a fresh sqlite store in a temp
-  folder, with the Tracker's methods timed by wrapping them from here. The store is created (and mlflow
-  imported) once before the timed run; those one-off costs are reported on their own lines.
+- the full run: `amrepro run` (amrepro.commands.run.run, the seeds layout, RUNS x 500 epochs) in this process
+  on a fresh sqlite store in a temp folder, its wall time split by wrapping, from here, the functions that do
+  each part (run_parts): the MLflow share (every method of tracking.Store, the only code that talks to the
+  store), the figures (figures.render: building and PNG rendering; their upload is MLflow's), the dashboard
+  (dashboard.page), the science (experiment.prepare and execute), provenance, the outcome file, and the rest.
+  The store is created (and mlflow imported) once before the timed run; those one-off costs are reported on
+  their own lines. --full-epochs shortens it for a quick check; tests/test_bench.py runs it on a tiny model.
 - peak RSS of each phase (VmHWM, reset between phases where Linux allows), `amrepro --help` start-up time.
 
 Noise: on a shared 2-core VM a busy neighbour stalls every 2-thread OpenMP kernel (load average is recorded
@@ -39,6 +45,8 @@ import argparse
 import contextlib
 import functools
 import gc
+import importlib
+import io
 import json
 import os
 import platform
@@ -245,16 +253,37 @@ class Reference:
 
 
 # --- the full run with MLflow -------------------------------------------------------------------------------------
-TRACKER_METHODS = ("__init__", "check", "attach_mlflow_run", "start_parent", "start_child", "end", "log_metrics",
-                   "log_tags", "log_artifacts", "log_figure", "__exit__")
+def store_methods() -> list[str]:
+    """The methods of amrepro.tracking.Store, the only code that talks to MLflow: connecting and every public
+    method (listed from the class, so that a method added later is timed too)."""
+    import inspect
+
+    from amrepro.tracking import Store
+
+    return ["__init__"] + [name for name, fn in vars(Store).items() if inspect.isfunction(fn) and not name.startswith("_")]
+
+
+def run_parts() -> dict[str, tuple[object, list[str]]]:
+    """What a full run's wall time is split into: part -> (module or class, the functions timed). `amrepro run`
+    looks each of them up on its module when it calls it, so wrapping the module's attribute times every call.
+    The parts do not nest; the rest of the wall time is "other" (Context's bookkeeping, hashing, printing)."""
+    from amrepro import dashboard, experiment, figures, outcome_file, provenance, tracking
+
+    return {"mlflow": (tracking.Store, store_methods()),  # every store request, the figures' upload included
+            "science": (experiment, ["prepare", "execute"]),  # load, optimize, decode, statistics and nulls
+            "figures": (figures, ["render"]),  # building the seeds layout's figures and rendering their PNGs
+            "dashboard": (dashboard, ["page"]),  # dashboard.html
+            "provenance": (provenance, ["environment", "pip_freeze"]),
+            "outcome_file": (outcome_file, ["save"])}  # the results kept on disk until the last store write
 
 
 @contextlib.contextmanager
 def timing_wrappers(targets: dict[str, tuple[object, list[str]]]):
-    """Wrap obj.attr for every (obj, attrs) in targets so that calls add their seconds to times[group][attr];
-    nested calls within one group count once (in the outermost); a group may measure a part of another.
-    Restores everything on exit."""
+    """Wrap obj.attr for every (obj, attrs) in targets so that calls add their seconds to times[group][attr] and
+    count in calls[group]; nested calls within one group count once (in the outermost). A name the object does
+    not have is an AttributeError: the bench no longer matches amrepro. Restores everything on exit."""
     times: dict[str, dict[str, float]] = {group: {} for group in targets}
+    calls = {group: 0 for group in targets}
     depth = {group: 0 for group in targets}
     saved = []
 
@@ -262,6 +291,7 @@ def timing_wrappers(targets: dict[str, tuple[object, list[str]]]):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             depth[group] += 1
+            calls[group] += 1
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
@@ -271,69 +301,64 @@ def timing_wrappers(targets: dict[str, tuple[object, list[str]]]):
                     times[group][name] = times[group].get(name, 0.0) + time.perf_counter() - start
         return wrapper
 
-    for group, (obj, names) in targets.items():
-        for name in names:
-            present = name in vars(obj) if isinstance(obj, type) else hasattr(obj, name)
-            if present:  # e.g. a Tracker method another version of amrepro does not have
-                saved.append((obj, name, getattr(obj, name)))
-                setattr(obj, name, wrap(group, name, getattr(obj, name)))
     try:
-        yield times
+        for group, (obj, names) in targets.items():
+            for name in names:
+                fn = getattr(obj, name)
+                saved.append((obj, name, fn))
+                setattr(obj, name, wrap(group, name, fn))
+        yield times, calls
     finally:
         for obj, name, fn in reversed(saved):
             setattr(obj, name, fn)
 
 
-def full_run(model: str, device: str, runs: int, layer: int, dim: int, n_tokens: int, epochs: int) -> dict:
-    """`amrepro run` (commands.run) end to end on a fresh sqlite store, with its time split by component."""
-    import amrepro.commands as commands
-    import amrepro.report as report
-    from amrepro import tracking
+def full_run(model: str, device: str, runs: int, layer: int, dim: int, n_tokens: int, epochs: int,
+             uri: str | None = None) -> dict:
+    """`amrepro run` (amrepro.commands.run.run, the seeds layout) in this process, on a fresh sqlite store in a
+    temp folder (uri: a given store instead; tests pass one whose tables exist), its wall time split into
+    run_parts(). A part that was never called means amrepro moved it: an error, not a 0 in the figures."""
+    from amrepro.commands.run import run
+    from amrepro.tracking import Store
 
     folder = Path(tempfile.mkdtemp(prefix="amrepro-bench-run-"))
     keep_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID",
-                                                "MLFLOW_EXPERIMENT_NAME")}
+                                                "MLFLOW_EXPERIMENT_NAME", "AMREPRO_OUTCOMES")}
     keep_cwd = os.getcwd()
     try:
-        os.chdir(folder)  # ./mlruns artifacts land in the temp folder
+        os.chdir(folder)  # ./mlruns artifacts and ./amrepro-outcomes land in the temp folder
         for key in keep_env:
             os.environ.pop(key, None)
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
+        os.environ["MLFLOW_TRACKING_URI"] = uri or f"sqlite:///{folder / 'mlflow.db'}"
         start = time.perf_counter()
-        import mlflow  # noqa: F401  (paid once per `amrepro run` process; reported on its own)
+        importlib.import_module("mlflow")  # paid once per `amrepro run` process; reported on its own
         import_s = time.perf_counter() - start
         start = time.perf_counter()
-        tracker = tracking.Tracker()  # connects, creating the store's tables: once per store, not per run
-        getattr(tracker, "check", lambda: None)()  # (older Trackers connect in check())
+        Store()  # a fresh sqlite store creates its tables: once per store, not per run (the run's Store connects)
         store_s = time.perf_counter() - start
 
         config = Config(model=model, layer=layer, dim=dim, runs=runs, epochs=epochs, n_tokens=n_tokens,
                         device=device)
-        quiet, report.console.quiet = report.console.quiet, True  # no progress bar / token table in the bench
-        targets = {"mlflow": (tracking.Tracker, list(TRACKER_METHODS)),
-                   "provenance": (commands, ["environment", "pip_freeze"]),
-                   "science": (commands, ["prepare", "execute"])}
-        if hasattr(commands, "figures"):
-            targets["figures"] = (commands.figures, ["all_figures"])
-        import matplotlib.figure  # log_figure renders PNGs with savefig: matplotlib's time inside MLflow's
-
-        targets["savefig"] = (matplotlib.figure.Figure, ["savefig"])
         reset_peak_rss()
-        try:
-            with timing_wrappers(targets) as times:
-                wall = timed(lambda: commands.run(config), torch.device(device))
-        finally:
-            report.console.quiet = quiet
+        # no progress lines or token table (stdout); warnings still reach stderr
+        with timing_wrappers(run_parts()) as (times, calls), contextlib.redirect_stdout(io.StringIO()):
+            wall = timed(lambda: run(config), torch.device(device))
         rss = peak_rss_mb()
+        never = [group for group, n in calls.items() if n == 0]
+        if never:
+            raise RuntimeError(f"`amrepro run` never called the functions timed as {', '.join(never)}: update "
+                               "bench/bench.py's run_parts() to where amrepro does that work now.")
+        logged = Store().search(None, "attributes.status = 'FINISHED'")
         mlflow_s = sum(times["mlflow"].values())
-        savefig_s = sum(times.pop("savefig").values())  # a part of the mlflow time, not a part of its own
-        parts = {group: round(sum(t.values()), 3) for group, t in times.items()}
-        parts["other"] = round(wall - sum(parts.values()), 3)
+        parts = {group: sum(t.values()) for group, t in times.items()}
+        parts["other"] = wall - sum(parts.values())
         return {"wall_s": wall, "mlflow_s": mlflow_s, "mlflow_share": mlflow_s / wall,
                 "mlflow_share_with_import": (mlflow_s + import_s) / (wall + import_s),
-                "mlflow_share_without_png_rendering": (mlflow_s - savefig_s) / wall, "png_rendering_s": savefig_s,
-                "mlflow_by_method_s": {k: round(v, 3) for k, v in sorted(times["mlflow"].items(), key=lambda kv: -kv[1])},
-                "parts_s": parts, "mlflow_import_s": import_s, "store_creation_s": store_s, "peak_rss_mb": rss}
+                "mlflow_by_method_s": {k: round(v, 4) for k, v in sorted(times["mlflow"].items(), key=lambda kv: -kv[1])},
+                "parts_s": {k: round(v, 4) for k, v in parts.items()},
+                "shares": {k: round(v / wall, 4) for k, v in parts.items()}, "calls": calls,
+                "runs_finished": len(logged), "mlflow_import_s": import_s, "store_creation_s": store_s,
+                "peak_rss_mb": rss}
     finally:
         os.chdir(keep_cwd)
         for key, value in keep_env.items():
@@ -512,11 +537,12 @@ def print_table(out: dict, args) -> None:
         table.add_row(f"engine ms / seed-step, {k} forced", f"{ms:.2f}", "")
     if "full_run" in out:
         f = out["full_run"]
-        table.add_row(f"amrepro run {args.runs} x {args.full_epochs} wall s", f"{f['wall_s']:.1f}", ", ".join(f"{k} {v:.1f}" for k, v in f["parts_s"].items()))
+        table.add_row(f"amrepro run {args.runs} x {args.full_epochs} wall s", f"{f['wall_s']:.1f}",
+                      ", ".join(f"{k} {v:.1f} s" for k, v in f["parts_s"].items()))
         table.add_row("MLflow share of the run", f"{100 * f['mlflow_share']:.1f}%",
                       f"<= 5%; {100 * f['mlflow_share_with_import']:.1f}% with `import mlflow` "
-                      f"({f['mlflow_import_s']:.1f} s), {100 * f['mlflow_share_without_png_rendering']:.1f}% "
-                      f"without log_figure's PNG rendering ({f['png_rendering_s']:.1f} s)")
+                      f"({f['mlflow_import_s']:.1f} s)")
+        table.add_row("shares of the run", "", ", ".join(f"{k} {100 * v:.1f}%" for k, v in f["shares"].items()))
         table.add_row("new sqlite store (once per store)", f"{f['store_creation_s']:.1f} s", "not in the share")
         table.add_row("peak RSS, amrepro run (MB)", f"{f['peak_rss_mb']:.0f}", "")
     table.add_row("peak RSS, engine alone (MB)", f"{out['engine_peak_rss_mb']:.0f}", "model + packed weights")
