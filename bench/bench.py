@@ -261,7 +261,8 @@ def store_methods() -> list[str]:
 
     from amrepro.tracking import Store
 
-    return ["__init__"] + [name for name, fn in vars(Store).items() if inspect.isfunction(fn) and not name.startswith("_")]
+    public = [name for name, fn in vars(Store).items() if inspect.isfunction(fn) and not name.startswith("_")]
+    return ["__init__", *public]
 
 
 def run_parts() -> dict[str, tuple[object, list[str]]]:
@@ -355,7 +356,8 @@ def full_run(model: str, device: str, runs: int, layer: int, dim: int, n_tokens:
         parts["other"] = wall - sum(parts.values())
         return {"wall_s": wall, "mlflow_s": mlflow_s, "mlflow_share": mlflow_s / wall,
                 "mlflow_share_with_import": (mlflow_s + import_s) / (wall + import_s),
-                "mlflow_by_method_s": {k: round(v, 4) for k, v in sorted(times["mlflow"].items(), key=lambda kv: -kv[1])},
+                "mlflow_by_method_s": {k: round(v, 4) for k, v in sorted(times["mlflow"].items(),
+                                                                          key=lambda kv: -kv[1])},
                 "parts_s": {k: round(v, 4) for k, v in parts.items()},
                 "shares": {k: round(v / wall, 4) for k, v in parts.items()}, "calls": calls,
                 "runs_finished": len(logged), "mlflow_import_s": import_s, "store_creation_s": store_s,

@@ -20,5 +20,5 @@ def test_full_run_times_every_part_of_amrepro_run(tiny_gpt2, store, monkeypatch)
     # full_run raises when a part was never called; each part also took measurable time inside the wall
     assert all(out["parts_s"][part] > 0 for part in ("mlflow", "science", "figures", "dashboard")), out["parts_s"]
     assert {"create", "log_batch", "upload", "end"} <= set(out["mlflow_by_method_s"])
-    assert 0 < out["mlflow_share"] < 1 and abs(sum(out["parts_s"].values()) - out["wall_s"]) < 1e-3
+    assert 0 < out["mlflow_share"] < 1 and out["parts_s"]["other"] >= 0  # the parts do not overlap
     assert Store.log_batch is before  # the wrappers are gone
