@@ -37,7 +37,7 @@ import torch  # noqa: E402
 
 from bench import gemm_roofline, kernel_rates, timed, write_model  # noqa: E402
 from amrepro.config import Config  # noqa: E402
-from amrepro.experiment import prepare  # noqa: E402
+from amrepro.experiment import batch_reader, prepare  # noqa: E402
 from amrepro.methods.candidates import Candidates  # noqa: E402
 from amrepro.methods.problem import Problem  # noqa: E402
 
@@ -69,11 +69,11 @@ def bench(model: str, name: str, args, device: torch.device) -> dict:
     config = Config(model=model, layer=args.layer, dim=args.dim, runs=args.runs, n_tokens=args.n_tokens,
                     device=device.type, method="gcg", candidates=args.candidates)
     prep = prepare(config)
-    lm = prep.lm
+    lm, site = prep.lm, batch_reader([prep])  # the reader `amrepro run` optimizes through
     ids = torch.randint(lm.embedding.shape[0], (args.runs, args.candidates, args.n_tokens),
                         generator=torch.Generator().manual_seed(0))
-    reader_kind = type(prep.reader).__name__
-    with prep.reader as reader, Candidates(Problem(lm, reader, config.seeds, config)) as score:
+    reader_kind = type(site).__name__
+    with site as reader, Candidates(Problem(lm, reader, config.seeds, config)) as score:
         score.activation(ids)  # warm-up: packs the weights (once per run)
         seconds = [timed(lambda: score.activation(ids), device) for _ in range(args.repeats)]
     step = statistics.median(seconds)
@@ -83,7 +83,7 @@ def bench(model: str, name: str, args, device: torch.device) -> dict:
     d_mlp = getattr(hf, "intermediate_size", None) or getattr(hf, "n_inner", None) or 4 * lm.d_model
     shape = shape_roofline(n * args.n_tokens, lm.d_model, d_mlp, device, args.repeats)
     rate = n * flops / step / 1e9
-    return {"model": name, "reader": reader_kind, "kernel": getattr(prep.reader, "kernel", None), "candidates_per_step": n, "step_s_median": step,
+    return {"model": name, "reader": reader_kind, "kernel": getattr(site, "kernel", None), "candidates_per_step": n, "step_s_median": step,
             "step_s_all": seconds, "candidates_per_s": n / step, "gflop_per_candidate": flops / 1e9,
             "gflops": rate, "roofline_same_shape": shape, "fraction_of_same_shape_roofline": rate / shape["gflops"]}
 

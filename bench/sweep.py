@@ -53,7 +53,7 @@ def ratio(model: str, layer: int, targets: int, runs: int, epochs: int, repeats:
     import torch
 
     from amrepro.config import Config
-    from amrepro.experiment import prepare
+    from amrepro.experiment import batch_reader, prepare
     from amrepro.model import load_model
     from amrepro.objectives import reference_loss
     from amrepro.optimize import optimize
@@ -78,7 +78,7 @@ def ratio(model: str, layer: int, targets: int, runs: int, epochs: int, repeats:
     many = site_reader(lm, chosen[0], index=[t.index for t in chosen for _ in range(runs)])
     ones, manys = [], []
     for _ in range(repeats):
-        ones.append(run(single.reader, runs) / runs)
+        ones.append(run(batch_reader([single]), runs) / runs)
         manys.append(run(many, targets * runs) / (targets * runs))
     ratios = [m / o for m, o in zip(manys, ones)]
     return {"threads": torch.get_num_threads(), "epochs": epochs, "repeats": repeats,
@@ -183,7 +183,8 @@ def tracking(model: str, layer: int, targets: int, runs: int, epochs: int, layou
             "requests": dict(counter.calls.most_common()), "store": str(folder)}
 
 
-def sweep(model: str, layer: int, targets: int, runs: int, epochs: int, workers: int, layout: str = "lean") -> dict:
+def sweep(model: str, layer: int, targets: int, runs: int, epochs: int, workers: int, layout: str = "lean",
+          device: str = "cpu") -> dict:
     folder = Path(tempfile.mkdtemp(prefix="amrepro-sweep-bench-"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
     os.chdir(folder)
