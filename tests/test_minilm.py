@@ -17,7 +17,7 @@ import torch
 
 from amrepro.config import Config
 from amrepro.decode import nearest_tokens
-from amrepro.experiment import execute, prepare
+from amrepro.experiment import batch_reader, execute, prepare
 from amrepro.metrics import reproducibility_stats
 from amrepro.model import load_model
 from amrepro.readers import HookedReader
@@ -118,7 +118,7 @@ def test_am_far_exceeds_real_text(lm, experiment, untrained_ids):
     prep, outcome = experiment
     ordinary = torch.tensor(sorted(set(range(lm.embedding.shape[0])) - set(untrained_ids.tolist())))
     sample = ordinary[torch.randint(len(ordinary), (512, 5), generator=torch.Generator().manual_seed(0))]
-    with prep.reader as reader, torch.no_grad():
+    with batch_reader([prep]) as reader, torch.no_grad():
         random_act = reader(lm.embedding[sample]).mean(dim=1)  # [512]
     final = outcome.result.final_activation  # [runs]
     assert final.min() > random_act.max()

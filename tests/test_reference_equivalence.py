@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from amrepro.config import Config
-from amrepro.experiment import prepare
+from amrepro.experiment import batch_reader, prepare
 from amrepro.objectives import reference_loss
 from amrepro.optimize import optimize
 from amrepro.seeding import initial_embeddings
@@ -44,7 +44,7 @@ def engine(model_path, layer, dim, distort=None):
     config = Config(model=model_path, layer=layer, dim=dim, runs=3, epochs=EPOCHS, n_tokens=5, device="cpu", seed=7)
     prep = prepare(config)
     start = initial_embeddings(config.seeds, config.n_tokens, prep.lm.embedding_std(), prep.lm.d_model)
-    with prep.reader as reader:
+    with batch_reader([prep]) as reader:
         read = reader if distort is None else (lambda x: distort(reader(x), x))
         result = optimize(read, start, reference_loss(config.l2), config.seeds,
                           config.epochs, config.lr, prep.lm.device)
