@@ -281,7 +281,7 @@ class Store:
             else:
                 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-                self._call(get_artifact_repository(uri, tracking_uri=self.uri).log_artifacts, folder)
+                self._call(lambda: get_artifact_repository(uri, tracking_uri=self.uri).log_artifacts(folder))
 
     def download(self, run_id: str, path: str) -> bytes:
         with open(self._call("download_artifacts", run_id, path), "rb") as f:

@@ -206,7 +206,7 @@ def fresh_store(kind: str, name: str):
 
 
 def tracking(model: str, layer: int, targets: int, runs: int, epochs: int, layout: str, store: str = "sqlite") -> dict:
-    """An in-process sweep (workers 0) of `targets` targets in one batch, every store request counted."""
+    """An in-process sweep (workers 0) of `targets` targets in one batch on a fresh store, every request counted."""
     with fresh_store(store, f"tracking-{layout}") as (uri, sql):
         os.environ["MLFLOW_TRACKING_URI"] = uri
         from amrepro.commands.sweep import sweep as run_sweep
@@ -289,7 +289,7 @@ def main() -> None:
     parser.add_argument("--skip-ratio", action="store_true")
     parser.add_argument("--skip-sweep", action="store_true")
     parser.add_argument("--store", default="sqlite", choices=("sqlite", "team"),
-                        help="team: PostgreSQL 15 + `mlflow server` over HTTP (results under tracking_team, sweep_team)")
+                        help="team: PostgreSQL 15 + `mlflow server` over HTTP (results: tracking_team, sweep_team)")
     parser.add_argument("--name", default="", help="appended to the results' keys (a repeat kept beside the first)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "sweep.json"))
     args = parser.parse_args()
