@@ -22,7 +22,7 @@ def _sweep_runs(uri):
 def test_lean_sweep_target_reads_back_decodes_and_reproduces(tiny_gpt2, store, monkeypatch):
     from mlflow.tracking._tracking_service.client import TrackingServiceClient
 
-    from amrepro.sweep import Worker
+    from amrepro import lean
 
     # the store requests of the targets' own logging (each one HTTP request to a team server)
     calls, in_log = [], []
@@ -34,17 +34,17 @@ def test_lean_sweep_target_reads_back_decodes_and_reproduces(tiny_gpt2, store, m
             return original(self, *args, **kwargs)
         return counted
 
-    def logging(self, *args):
+    def logging(*args, **kwargs):
         in_log.append(True)
         try:
-            return log(self, *args)
+            return log(*args, **kwargs)
         finally:
             in_log.clear()
 
     for name in ("get_run", "log_batch", "set_terminated", "log_artifacts"):
         monkeypatch.setattr(TrackingServiceClient, name, counting(name, getattr(TrackingServiceClient, name)))
-    log = Worker._log
-    monkeypatch.setattr(Worker, "_log", logging)
+    log = lean.log_target
+    monkeypatch.setattr(lean, "log_target", logging)
     result = cli("sweep", "--model", tiny_gpt2, "--targets", SPEC, *ARGS)  # lean: the sweep's default
     assert result.exit_code == 0, result.output
     # per target one log_batch and one set_terminated; the upload goes straight to the artifact location that
