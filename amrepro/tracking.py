@@ -13,7 +13,7 @@ import re
 import socket
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 from . import signals
@@ -63,8 +63,15 @@ def short(error: BaseException | None) -> str:
 @contextmanager
 def quick_http_failure():
     """A store that is down should fail in seconds, not after MLflow's minutes of retries."""
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
+    with _environment(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10"):
+        yield
+
+
+@contextmanager
+def _environment(**values: str):
+    """Environment variables set for the block (MLflow reads its settings from them at each call), then restored."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
         yield
     finally:
@@ -152,12 +159,19 @@ class Store:
                     raise AmreproError(store_problem(error, uri) + ".") from None
                 raise AmreproError(redact(f"cannot use the MLflow tracking store at {uri}: {short(error)}")) from None
         self._client, self.uri = client, uri
+        # runs this Store created: where their artifacts go, and those with a parent run (a sweep's targets, seed
+        # runs). Over HTTP each saves a request: an upload need not ask the server for the run's artifact location,
+        # and ending a child need not fetch the run again for MLflow's "View run ... at" line (printed for the runs
+        # a user opens, not once per target and seed)
+        self._artifact_uris: dict[str, str] = {}
+        self._children: set[str] = set()
 
-    def _call(self, name: str, *args, **kwargs):
+    def _call(self, name, *args, **kwargs):
+        """A client method by name (or any callable), uninterruptible, its duration kept on a failure."""
         start = time.monotonic()
         with signals.shielded():
             try:
-                return getattr(self._client, name)(*args, **kwargs)
+                return (getattr(self._client, name) if isinstance(name, str) else name)(*args, **kwargs)
             except Exception as error:
                 error.amrepro_store_seconds = time.monotonic() - start
                 raise
@@ -216,7 +230,11 @@ class Store:
                                                max_results=50000)]
 
     def create(self, experiment_id: str, name: str | None, tags: dict[str, str]) -> str:
-        return self._call("create_run", experiment_id, run_name=name, tags=tags).info.run_id
+        info = self._call("create_run", experiment_id, run_name=name, tags=tags).info
+        self._artifact_uris[info.run_id] = info.artifact_uri
+        if "mlflow.parentRunId" in tags:
+            self._children.add(info.run_id)
+        return info.run_id
 
     def log_batch(self, run_id: str, params: dict, tags: dict, metrics: list[tuple[str, float, int]]) -> None:
         """params and tags name -> value, metrics (key, value, step): one request (MLflow splits it into its own
@@ -235,7 +253,11 @@ class Store:
         self._call("delete_tag", run_id, key)
 
     def end(self, run_id: str, status: str) -> None:
-        self._call("set_terminated", run_id, status=status)
+        quiet = run_id in self._children and "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT" not in os.environ
+        with _environment(MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT="true") if quiet else nullcontext():
+            self._call("set_terminated", run_id, status=status)
+        self._children.discard(run_id)
+        self._artifact_uris.pop(run_id, None)  # held for open runs only (a later upload looks it up)
 
     def restart(self, run_id: str) -> None:
         """Mark an ended run RUNNING again."""
@@ -253,7 +275,13 @@ class Store:
                 os.makedirs(os.path.dirname(os.path.join(folder, path)) or folder, exist_ok=True)
                 with open(os.path.join(folder, path), "wb") as f:
                     f.write(data)
-            self._call("log_artifacts", run_id, folder)
+            uri = self._artifact_uris.get(run_id)
+            if uri is None:  # a run made elsewhere (`mlflow run`'s, a reopened one): MLflow looks its location up
+                self._call("log_artifacts", run_id, folder)
+            else:
+                from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+                self._call(lambda: get_artifact_repository(uri, tracking_uri=self.uri).log_artifacts(folder))
 
     def download(self, run_id: str, path: str) -> bytes:
         with open(self._call("download_artifacts", run_id, path), "rb") as f:

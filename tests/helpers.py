@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import pwd
+import shutil
 import sqlite3
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -116,8 +120,6 @@ def start_mlflow_server(backend_uri: str, folder: Path, port: int, timeout: floa
     appended to folder/server.log; returns the process once /health answers (its own process group: kill it
     with os.killpg, workers included). Fails at once, with the log, if the server exits first. args: more
     options (`--app-name basic-auth`); env: more environment variables."""
-    import os
-    import subprocess
     import sys
     import time
     import urllib.request
@@ -141,6 +143,51 @@ def start_mlflow_server(backend_uri: str, folder: Path, port: int, timeout: floa
             raise AssertionError(f"mlflow server did not start (exit code {proc.poll()}); its log:\n"
                                  + (folder / "server.log").read_text()[-4000:])
         time.sleep(0.2)
+
+
+PG = Path("/usr/lib/postgresql/15/bin")  # Debian's postgresql-15
+
+
+class Postgres:
+    """initdb into a temp folder as the `postgres` user (initdb refuses root), listening on 127.0.0.1 only.
+    fsync off for tests; bench/sweep.py keeps PostgreSQL's default (on), as a team's server would."""
+
+    def __init__(self, fsync: bool = False):
+        self.fsync = fsync
+        self.folder = Path(tempfile.mkdtemp(prefix="amrepro-pg-"))
+        self.port = free_port()
+        self.user = pwd.getpwnam("postgres") if os.getuid() == 0 else None
+        if self.user:
+            os.chown(self.folder, self.user.pw_uid, self.user.pw_gid)
+        self.uri = f"postgresql://postgres@127.0.0.1:{self.port}/mlflow"
+
+    def _run(self, *args):
+        def demote():
+            os.setgid(self.user.pw_gid)
+            os.setuid(self.user.pw_uid)
+
+        out = subprocess.run([str(PG / args[0]), *args[1:]], preexec_fn=demote if self.user else None, cwd=self.folder,
+                             env={"PATH": os.environ["PATH"], "LC_ALL": "C"}, capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out.stdout
+
+    def start(self):
+        data = self.folder / "data"
+        self._run("initdb", "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync")
+        self._run("pg_ctl", "-D", str(data), "-l", str(self.folder / "log"), "-w", "-o",
+                  f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.folder}"
+                  + ("" if self.fsync else " -c fsync=off"), "start")
+        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "mlflow")
+
+    def sql(self, query: str) -> str:
+        return self._run("psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-d", "mlflow", "-At",
+                         "-c", query).strip()
+
+    def remove(self):
+        if (self.folder / "data" / "postmaster.pid").exists():
+            self._run("pg_ctl", "-D", str(self.folder / "data"), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def failing_log_batch(monkeypatch, when):

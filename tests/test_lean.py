@@ -19,9 +19,37 @@ def _sweep_runs(uri):
     return sweep, [r for r in runs if r.data.tags.get("amrepro.sweep") == sweep.info.run_id]
 
 
-def test_lean_sweep_target_reads_back_decodes_and_reproduces(tiny_gpt2, store):
+def test_lean_sweep_target_reads_back_decodes_and_reproduces(tiny_gpt2, store, monkeypatch):
+    from mlflow.tracking._tracking_service.client import TrackingServiceClient
+
+    from amrepro import lean
+
+    # the store requests of the targets' own logging (each one HTTP request to a team server)
+    calls, in_log = [], []
+
+    def counting(name, original):
+        def counted(self, *args, **kwargs):
+            if in_log:
+                calls.append(name)
+            return original(self, *args, **kwargs)
+        return counted
+
+    def logging(*args, **kwargs):
+        in_log.append(True)
+        try:
+            return log(*args, **kwargs)
+        finally:
+            in_log.clear()
+
+    for name in ("get_run", "log_batch", "set_terminated", "log_artifacts"):
+        monkeypatch.setattr(TrackingServiceClient, name, counting(name, getattr(TrackingServiceClient, name)))
+    log = lean.log_target
+    monkeypatch.setattr(lean, "log_target", logging)
     result = cli("sweep", "--model", tiny_gpt2, "--targets", SPEC, *ARGS)  # lean: the sweep's default
     assert result.exit_code == 0, result.output
+    # per target one log_batch and one set_terminated; the upload goes straight to the artifact location that
+    # create_run returned (no get_run, nor MlflowClient.log_artifacts' lookup of it)
+    assert sorted(calls) == sorted(["log_batch", "set_terminated"] * 3)
     sweep, parents = _sweep_runs(store)
     assert sweep.info.status == "FINISHED" and sweep.data.tags["amrepro.layout"] == "lean" and len(parents) == 3
     client = MlflowClient(store)

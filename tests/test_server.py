@@ -85,8 +85,9 @@ def test_server_killed_mid_run_back_or_gone(server, tiny_gpt2, tmp_path, monkeyp
     assert path.is_file()
 
     server.start()
-    _, err = back.communicate(timeout=300)
+    out, err = back.communicate(timeout=300)
     assert back.returncode == 0, err
+    assert out.count("View run") == 1  # MLflow's link for the run a user opens, not one (and a request) per seed
     client = MlflowClient(server.uri)
     first = parents["150"]
     children = children_of(server.uri, first.info.run_id)

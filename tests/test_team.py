@@ -4,10 +4,6 @@ The sweep still completes: exact counts of parents, seed runs and metric points,
 
 import json
 import os
-import pwd
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,54 +11,14 @@ from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
 from forked import Amrepro
-from helpers import free_port, start_mlflow_server
+from helpers import PG, Postgres, free_port, start_mlflow_server
 
-PG = Path("/usr/lib/postgresql/15/bin")
 # 4 targets on two sites: 2 chunks of 2, one per worker, and the dead worker's chunk is run again. Every chunk has 2
 # targets, so the dying worker dies in its first chunk, after its first target (at its RUNS + 1-th seed run):
 # exactly one parent is left unfinished. (A worker that died in a later chunk would leave that whole chunk's
 # parents, which are all created before its science.)
 TARGETS, N_TARGETS = "blocks.4.hook_resid_pre[0:2],blocks.6.mlp.hook_post[random:2]", 4
 RUNS, EPOCHS = 2, 10
-
-
-class Postgres:
-    """initdb into a temp folder as the `postgres` user (initdb refuses root), listening on 127.0.0.1 only."""
-
-    def __init__(self):
-        self.folder = Path(tempfile.mkdtemp(prefix="amrepro-pg-"))
-        self.port = free_port()
-        self.user = pwd.getpwnam("postgres") if os.getuid() == 0 else None
-        if self.user:
-            os.chown(self.folder, self.user.pw_uid, self.user.pw_gid)
-        self.uri = f"postgresql://postgres@127.0.0.1:{self.port}/mlflow"
-
-    def _run(self, *args):
-        def demote():
-            os.setgid(self.user.pw_gid)
-            os.setuid(self.user.pw_uid)
-
-        out = subprocess.run([str(PG / args[0]), *args[1:]], preexec_fn=demote if self.user else None, cwd=self.folder,
-                             env={"PATH": os.environ["PATH"], "LC_ALL": "C"}, capture_output=True, text=True,
-                             timeout=60)
-        assert out.returncode == 0, out.stdout + out.stderr
-        return out.stdout
-
-    def start(self):
-        data = self.folder / "data"
-        self._run("initdb", "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync")
-        self._run("pg_ctl", "-D", str(data), "-l", str(self.folder / "log"), "-w", "-o",
-                  f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.folder} -c fsync=off", "start")
-        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "mlflow")
-
-    def sql(self, query: str) -> str:
-        return self._run("psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-d", "mlflow", "-At",
-                         "-c", query).strip()
-
-    def remove(self):
-        if (self.folder / "data" / "postmaster.pid").exists():
-            self._run("pg_ctl", "-D", str(self.folder / "data"), "-m", "immediate", "-w", "stop")
-        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 @pytest.fixture
