@@ -191,7 +191,7 @@ def test_a_sweep_logs_to_an_authenticated_server_only_with_credentials(tiny_gpt2
     result = cli(*args)
     assert result.exit_code == 0, result.output
     assert password not in result.output
-    runs = [r for r in all_runs(uri)  # read with the same credentials from the environment
-            if r.info.experiment_id == MlflowClient(uri).get_experiment_by_name("auth").experiment_id]
+    auth = MlflowClient(uri).get_experiment_by_name("auth").experiment_id  # read with the credentials from the env
+    runs = [r for r in all_runs(uri) if r.info.experiment_id == auth]
     assert sum(r.data.tags.get("amrepro.target", "").startswith("blocks.4") for r in runs) == 2
     assert all(r.info.status == "FINISHED" for r in runs)
