@@ -20,7 +20,7 @@ os.environ.setdefault("DO_NOT_TRACK", "true")  # no MLflow telemetry threads (ke
 # Files whose tests wait on other processes (servers, subprocesses), run one long conversion or long end-to-end
 # sweeps run first, so that the other worker fills the suite's tail with short tests instead of one worker
 # finishing alone.
-EARLY = ("test_team.py", "test_server.py", "test_auth.py", "test_dashboard_browser.py", "test_llama.py",
+EARLY = ("test_team.py", "test_server.py", "test_dashboard_browser.py", "test_llama.py",
          "test_compare.py", "test_faults.py", "test_reproduce.py", "test_mlproject.py", "test_sweep.py", "test_lean.py")
 
 
