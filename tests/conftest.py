@@ -101,6 +101,19 @@ def smollm2_gguf() -> str:
 
 
 SMOL = pytest.mark.xdist_group("smollm2")  # one worker runs these: the conversion happens once in the suite
+SMALL_POOL = 512  # decoded start vectors in the primary null's pool for the real-weight end-to-end tests
+
+
+@pytest.fixture
+def small_null_pool(monkeypatch):
+    """The decoded-starts null's pool at 512 start vectors instead of 4096 (nulls.POOL_SIZE), for the end-to-end
+    commands on real weights: decoding 4096 vectors against SmolLM2's 49152 x 576 embedding costs ~3.7 s of CPU
+    per command (most of `amrepro run` on it). Those tests check the command end to end, not the null's precision
+    (tests/test_nulls.py and tests/test_metrics.py do); the pool is still decoded from the real vocabulary."""
+    from amrepro import nulls
+
+    monkeypatch.setattr(nulls, "POOL_SIZE", SMALL_POOL)
+    return SMALL_POOL
 
 
 @pytest.fixture(scope="session")

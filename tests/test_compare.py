@@ -105,7 +105,7 @@ def test_corpus_scores_every_window(tiny_gpt2):
 
 
 @SMOL
-def test_short_compare_of_all_four_methods_on_smollm2(smol, store):
+def test_short_compare_of_all_four_methods_on_smollm2(smol, store, small_null_pool):
     result = cli("compare", "--model", smollm2_gguf(), "--methods", "adam,pez,gcg,epo", "--corpus", CORPUS,
                  "--runs", "2", "--layer", "2", "--dim", "5", "--epochs", "5", "--steps", "2", "--epo-steps", "1",
                  "--topk", "16", "--candidates", "8", "--population", "2", "--device", "cpu")

@@ -421,14 +421,15 @@ def test_outcome_file_keeps_no_password(tiny_gpt2, store, monkeypatch, tmp_path)
 
 def test_a_password_in_the_tracking_uri_is_never_printed(tiny_gpt2, tmp_path):
     """A store that is down, named with a password: amrepro's sentence names the store, never the password
-    (stdout and stderr of a real process, where MLflow's own lines and logs go too). MLflow's own error
-    message repeats the URI, password and all. (A PostgreSQL URI is redacted by the same code, but MLflow
-    retries a PostgreSQL store that is down for about two minutes: too slow for the suite.)"""
+    (stdout and stderr of a separate process, its file descriptors 1 and 2, where MLflow's own lines and logs go
+    too; forked from tests/forked.py's server, which spares the ~3 s of CPU a new interpreter spends importing).
+    MLflow's own error message repeats the URI, password and all. (A PostgreSQL URI is redacted by the same code,
+    but MLflow retries a PostgreSQL store that is down for about two minutes: too slow for the suite.)"""
     scheme = "http"
     uri = f"{scheme}://amrepro:S3CRET-PW@127.0.0.1:{free_port()}/mlflow"
-    proc = subprocess.run([sys.executable, "-m", "amrepro", "run", "--model", tiny_gpt2, "--epochs", "2", "--dim", "3"],
-                          env=_env(uri), cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    output = proc.stdout + proc.stderr
+    proc = _start(uri, tmp_path, "run", "--model", tiny_gpt2, "--epochs", "2", "--dim", "3")
+    stdout, stderr = proc.communicate(timeout=120)
+    output = stdout + stderr
     assert proc.returncode == 2, output
     assert "S3CRET" not in output and f"{scheme}://amrepro:***@127.0.0.1:" in output
 

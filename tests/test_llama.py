@@ -182,7 +182,7 @@ def test_smollm2_is_a_trained_lm_that_knows_paris(smol):
 
 
 @SMOL
-def test_amrepro_run_on_the_gguf_end_to_end(smol, store):
+def test_amrepro_run_on_the_gguf_end_to_end(smol, store, small_null_pool):
     result = cli("run", "--model", smollm2_gguf(), "--runs", "2", "--epochs", "3", "--layer", "2", "--dim", "5",
                  "--device", "cpu")
     assert result.exit_code == 0, result.output
@@ -192,3 +192,4 @@ def test_amrepro_run_on_the_gguf_end_to_end(smol, store):
     assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
     assert len(children_of(store, parent.info.run_id)) == 2
     assert parent.data.params["model"] == smollm2_gguf() and "/10 tokens are unique." in result.output
+    assert parent.data.metrics["null/decoded_starts/pool_size"] == small_null_pool  # the null ran, on the small pool

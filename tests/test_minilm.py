@@ -62,9 +62,17 @@ def untrained_ids(lm) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def experiment(lm):
+    """3 runs of 80 epochs. The decoded-starts null's pool is 512 vectors (conftest.small_null_pool: 4096 against
+    the 30522 x 384 vocabulary cost ~1.5 s of CPU); no test here reads the null."""
+    from amrepro import nulls
+    from conftest import SMALL_POOL
+
     config = Config(model=minilm_path(), target=TARGET, runs=3, epochs=80, lr=0.01, device="cpu")
-    prep = prepare(config, lm=lm)
-    return prep, execute(prep)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(nulls, "POOL_SIZE", SMALL_POOL)
+        prep = prepare(config, lm=lm)
+        assert prep.start_pool[0].size == SMALL_POOL
+        return prep, execute(prep)
 
 
 def test_loads_as_a_trained_bert(lm, untrained_ids):
