@@ -104,8 +104,9 @@ def test_residual_sites_are_hidden_states_on_real_weights(lm):
 
 def test_the_decoder_avoids_untrained_rows(lm, untrained_ids):
     """Nearest-cosine decoding of random directions lands on [unused]/special rows far less often than their
-    3.3% share of the vocabulary (measured: 0.08%; a freshly initialized BERT gives 3.5%)."""
-    directions = torch.randn(1, 4000, 384, generator=torch.Generator().manual_seed(0)) * lm.embedding_std()
+    3.3% share of the vocabulary (measured on 4000 directions: 0.08%; a freshly initialized BERT gives 3.5%).
+    1000 directions: the bound is 6 hits; measured 0 here, and 26 against a random N(0, 0.02) embedding."""
+    directions = torch.randn(1, 1000, 384, generator=torch.Generator().manual_seed(0)) * lm.embedding_std()
     ids, _ = nearest_tokens(directions, lm.embedding)
     share = len(untrained_ids) / lm.embedding.shape[0]
     assert torch.isin(ids, untrained_ids).float().mean() < share / 5
