@@ -2,9 +2,10 @@
 back. Users' scripts depend on these names: they never change.
 
 - top run of `amrepro run` (the one `mlflow run` created, via MLFLOW_RUN_ID, or a new one): every hyperparameter
-  as a param, environment tags env.* and model.*, metrics stats/* (n_unique_tokens, n_tokens_total, ...),
-  pvalue/*, verdict/*, runs/ok and runs/diverged, the verdict and the description as tags, summary.json,
-  token_grid.json, the pip freeze and the figures;
+  as a param, environment tags env.* and model.*, the headline metrics only (parent_metrics.py: every statistic,
+  exact, is in summary.json; the sweep table's in the tag amrepro.table_row), each seed's per-epoch curves
+  `act/target/seed-N`, `loss/total/seed-N` (parent_metrics.chart_curves), the verdict and the description as tags,
+  summary.json, token_grid.json, the pip freeze and the figures;
 - one seed run per seed under it (tag mlflow.parentRunId, named seed-N): params incl. its own seed, run_index
   and batch_seed, per-epoch metrics loss/total and act/target (step = epoch), act/final, act/decoded, loss/final,
   artifacts embeddings/initial.npy, embeddings/final.npy, tokens.json, each with a sha256/<path> tag;
@@ -60,8 +61,6 @@ SWEEP_TABLE, SWEEP_MAP, REPRODUCTION = "sweep_table.json", "sweep_map.png", "rep
 # the table study_table.json (one row per method), the figure study.png and metrics study/<method>/<column>
 STUDY_JSON, STUDY_TARGETS, STUDY_TABLE, STUDY_FIGURE = "study.json", "study_targets.json", "study_table.json", "study.png"
 STUDY_TAG, METHODS_TAG = "study", "amrepro.methods"
-
-
 def npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, np.ascontiguousarray(array))
@@ -166,7 +165,7 @@ def log_seed_run(ctx, parent: str, experiment_id: str, outcome, r: int) -> None:
 
 
 def _log_child(ctx, run_id: str, outcome, r: int) -> None:
-    from . import metrics
+    from . import metrics, parent_metrics
     from .printable import token_repr
 
     result = outcome.result
@@ -179,18 +178,18 @@ def _log_child(ctx, run_id: str, outcome, r: int) -> None:
                                      "act/target": result.activation[:epoch, r].numpy()})
         ctx.log_artifacts(run_id, files)
         return
-    ctx.log_metrics(run_id,
-                        scalars={"act/final": float(result.final_activation[r]),
-                                 "act/decoded": float(outcome.decoded_activation[r]),
-                                 "loss/final": float(result.loss[-1, r]),
-                                 # statistics hold the finite runs only: run r is their entry number ok[:r].sum()
-                                 **metrics.child_metrics(outcome.summary["statistics"], int(outcome.ok[:r].sum()))},
+    scalars = {"act/final": float(result.final_activation[r]), "act/decoded": float(outcome.decoded_activation[r]),
+               "loss/final": float(result.loss[-1, r]),
+               # statistics hold the finite runs only: run r is their entry number ok[:r].sum()
+               **metrics.child_metrics(outcome.summary["statistics"], int(outcome.ok[:r].sum()))}
+    # rounded for the runs table (exact: the parent's summary.json per_run lists; loss/final: loss/total's last step)
+    ctx.log_metrics(run_id, scalars={k: parent_metrics.shown(v) for k, v in scalars.items()},
                         history={"loss/total": result.loss[:, r].numpy(), "act/target": result.activation[:, r].numpy(),
                                  **{key: values[:, r].numpy() for key, values in result.history.items()}})
     files[TOKENS] = json_bytes({"ids": [int(i) for i in outcome.ids[r]], "tokens": outcome.tokens[r]})
     # the tokens as a column of the MLflow runs table, and the seed's colour of the figures in the UI's charts
-    shown = (token_repr(t, i) for t, i in zip(outcome.tokens[r], outcome.ids[r]))  # '\ufffd' tokens with their id
-    ctx.log(run_id, tags={TOKENS_TAG: " | ".join(shown), COLOR_TAG: _seed_color(r, len(result.seeds))})
+    readable = (token_repr(t, i) for t, i in zip(outcome.tokens[r], outcome.ids[r]))  # '\ufffd' tokens with their id
+    ctx.log(run_id, tags={TOKENS_TAG: " | ".join(readable), COLOR_TAG: _seed_color(r, len(result.seeds))})
     spike = (outcome.summary.get("loss_spikes") or [None] * (r + 1))[r]
     if spike is not None:  # the seed row says it
         ctx.log(run_id, tags={UNSTABLE_TAG: f"loss spike at epoch {spike['epoch']} "
@@ -207,30 +206,31 @@ def _seed_color(r: int, runs: int) -> str:
 
 
 def _log_parent(ctx, run_id: str, outcome, frozen: bytes | None) -> None:
-    from . import dashboard, features, figures
+    from . import dashboard, features, figures, parent_metrics
     from .headline import headline
     from .provenance import pip_freeze
     from .specificity import specificity_words
 
     s = outcome.summary
-    counts = {"runs/diverged": len(outcome.diverged), "runs/ok": s["n_runs_ok"]}
+    headline_metrics = parent_metrics.logged(outcome)
+    # the headline figures, and the seeds' curves that MLflow's chart view shows first (sections sort by name:
+    # act/target, loss/total before null/..., pvalue, runs, stats), within the lean layout's row budget
+    ctx.log(run_id, metrics=[(k, v, 0) for k, v in headline_metrics.items()]
+            + parent_metrics.chart_curves(outcome.result, parent_metrics.ROW_BUDGET - len(headline_metrics)))
     ctx.log_artifacts(run_id, {SUMMARY: json_bytes(s), PIP_FREEZE: frozen if frozen is not None else pip_freeze(),
                                DASHBOARD: dashboard.page(outcome, run_name(outcome.config)),
                                **features.file_artifacts(outcome.target)})  # a direction's .npy, a small SAE
     ctx.log(run_id, tags={**features.target_tags(outcome.target),  # a feature: what it reads, its file's sha256
-                          HEADLINE_TAG: headline(s)})
+                          HEADLINE_TAG: headline(s), **parent_metrics.table_row(outcome)})
     if s["statistics"] is None:  # every run diverged: no statistic exists, and none is logged
-        ctx.log_metrics(run_id, counts)
         ctx.log(run_id, tags={VERDICT_TAG: f"no result: all {len(outcome.diverged)} runs diverged"})
         return
-    ctx.log_metrics(run_id, {**counts, **s["statistics"]["metrics"]})  # stats/n_unique_tokens etc.: once each
     ctx.log(run_id, tags={VERDICT_TAG: s["statistics"]["verdict"][:TAG_LIMIT],
                               # the run page's description: the verdict, statistics and tokens, cut at TAG_LIMIT
                               # characters by report.markdown_summary (summary.json holds everything)
                               NOTE_TAG: report.markdown_summary(outcome)})
     ctx.store.log_table(run_id, report.token_columns(outcome), TOKEN_GRID)
-    if outcome.specificity is not None:  # --controls
-        ctx.log_metrics(run_id, outcome.specificity["metrics"])
+    if outcome.specificity is not None:  # --controls (its p-values are headline metrics, the rest in summary.json)
         ctx.log(run_id, tags={SPECIFICITY_TAG: specificity_words(outcome.specificity)[:TAG_LIMIT]})
     result, ok = outcome.result, outcome.ok
     log_figures(ctx, run_id, figures.figure_makers(

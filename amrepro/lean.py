@@ -2,9 +2,10 @@
 
 What a lean target parent holds (tag amrepro.layout = lean):
 - params: every hyperparameter, as a seeds-layout parent; tags: env.*, verdict, description, sha256/<path>;
-- metrics: the parent statistics (stats/*, pvalue/*, verdict/*, what sweep.table reads) and, for the UI's
-  charts, each seed's per-epoch curves `<key>/seed-<seed>` (act/target/seed-3, loss/total/seed-3) downsampled
-  to at most MAX_POINTS epochs (step = the true epoch); the whole target stays within ROW_BUDGET metric rows;
+- metrics: what every target parent logs (parent_metrics.py): the headline figures (every statistic is in
+  summary.json, what sweep.table reads also in the tag amrepro.table_row) and, for the UI's charts, each seed's
+  per-epoch curves `<key>/seed-<seed>` (act/target/seed-3, loss/total/seed-3), at most 50 epochs each (step = the
+  true epoch), to 4 significant digits (seeds.npz has the exact histories); within ROW_BUDGET metric rows;
 - artifacts: seeds.npz (every seed's initial and final embeddings, decoded token ids, full per-epoch
   histories: what `decode`, `reproduce` and `figures` read), seed_table.json (one row per seed, in the format
   of MlflowClient.log_table, so the UI shows it as a table), summary.json, environment/pip-freeze.txt.
@@ -27,6 +28,7 @@ import numpy as np
 
 from . import signals
 from .config import AmreproError
+from .parent_metrics import ROW_BUDGET, chart_curves
 from .printable import token_repr
 from .layout import ERROR_TAG, NOTE_TAG, PIP_FREEZE as FREEZE, RUN_NAME_TAG, SHA256_PREFIX, SPECIFICITY_TAG, SUMMARY, \
     TAG_LIMIT, VERDICT_TAG, DASHBOARD, HEADLINE_TAG, json_bytes, log_outcome
@@ -35,8 +37,6 @@ LAYOUT_TAG = "amrepro.layout"  # on lean parents (and a sweep run): "lean"; abse
 LAYOUTS = ("seeds", "lean")
 ARTIFACT, TABLE = "seeds.npz", "seed_table.json"
 LOGGED_ARTIFACTS_TAG = "mlflow.loggedArtifacts"  # what MlflowClient.log_table sets: the UI shows these as tables
-MAX_POINTS = 50  # epochs kept per chart curve: a chart of 50 points reads like one of 500
-ROW_BUDGET = 1000  # metric rows per target
 BATCH_ENTITIES = 1000  # MLflow's log_batch limit (metrics + params + tags) per request; params, tags: 100 each
 FIGURES_TAG = "amrepro.figures"  # on a lean parent whose figures were drawn: their paths
 FLAGGED_MAX = 16  # figures a sweep renders by itself, at most (the rest: `amrepro figures RUN_ID`)
@@ -67,7 +67,7 @@ def start_target(ctx, experiment_id: str, run_name: str, tags: dict[str, str]) -
 def log_target(ctx, parent: str, outcome, frozen: bytes, params: dict[str, str] | None = None) -> None:
     """Log an outcome into its lean parent and end it: one artifact upload, one log_batch, set_terminated; its
     outcome file goes. params: the parent's params when they are not logged yet (a sweep's target)."""
-    from . import dashboard, features, layout, report
+    from . import dashboard, features, layout, parent_metrics, report
     from .headline import headline
 
     s = outcome.summary
@@ -79,18 +79,17 @@ def log_target(ctx, parent: str, outcome, frozen: bytes, params: dict[str, str] 
     tags = {SHA256_PREFIX + path: hashlib.sha256(data).hexdigest() for path, data in files.items()}
     tags.update(features.target_tags(outcome.target))  # a feature: what it reads, its file's sha256
     tags[HEADLINE_TAG] = headline(s)  # the sweep's index dashboard shows it
+    tags.update(parent_metrics.table_row(outcome))  # the sweep table's statistics, exact
     tags[LOGGED_ARTIFACTS_TAG] = json.dumps([{"path": TABLE, "type": "table"}])  # what log_table sets
-    scalars = {"runs/diverged": len(outcome.diverged), "runs/ok": s["n_runs_ok"]}
+    scalars = parent_metrics.logged(outcome)  # the headline figures; every statistic is in summary.json
     if s["statistics"] is None:
         tags.update({VERDICT_TAG: f"no result: all {len(outcome.diverged)} runs diverged",
                      ERROR_TAG: f"all {outcome.config.runs} runs diverged"})
     else:
         from .specificity import specificity_words
 
-        scalars.update(s["statistics"]["metrics"])
         tags.update({VERDICT_TAG: s["statistics"]["verdict"][:TAG_LIMIT], NOTE_TAG: report.markdown_summary(outcome)})
         if outcome.specificity is not None:
-            scalars.update(outcome.specificity["metrics"])
             tags[SPECIFICITY_TAG] = specificity_words(outcome.specificity)[:TAG_LIMIT]
     params = params or {}
     room = min(ROW_BUDGET, BATCH_ENTITIES - len(params) - len(tags)) - len(scalars)
@@ -99,38 +98,6 @@ def log_target(ctx, parent: str, outcome, frozen: bytes, params: dict[str, str] 
     with signals.shielded():  # an ended parent has no outcome file left, whenever a Ctrl-C comes
         ctx.end(parent, "FAILED" if s["statistics"] is None else "FINISHED")
         ctx.logged(parent)
-
-
-def curve_steps(epochs: int, points: int) -> np.ndarray:
-    """At most `points` epochs, evenly spread, the first and the last always kept (the final value is exact)."""
-    return np.unique(np.round(np.linspace(0, epochs - 1, min(points, epochs))).astype(int))
-
-
-def chart_curves(result, room: int) -> list[tuple[str, float, int]]:
-    """(key, value, epoch) rows of the per-epoch histories, within `room` rows: per seed `<key>/seed-<seed>`
-    with up to MAX_POINTS epochs each; when even 2 points per seed do not fit (hundreds of seeds), one mean
-    curve per key instead. A diverged seed's curve stops before its divergence (NaN is no point)."""
-    histories = {"loss/total": result.loss.numpy(), "act/target": result.activation.numpy(),
-                 **{k: v.numpy() for k, v in result.history.items()}}  # each [epochs, runs]
-    runs = len(result.seeds)
-    points = min(MAX_POINTS, room // max(1, runs * len(histories)))
-    rows: list[tuple[str, float, int]] = []
-    if points >= 2:
-        for key, values in histories.items():
-            steps = curve_steps(values.shape[0], points)
-            for r, seed in enumerate(result.seeds):
-                stop = int(result.diverged_at[r])
-                kept = steps[steps < stop] if stop >= 0 else steps
-                rows += [(f"{key}/seed-{seed}", float(values[e, r]), int(e)) for e in kept
-                         if np.isfinite(values[e, r])]
-        return rows
-    points = min(MAX_POINTS, room // max(1, len(histories)))
-    ok = (result.diverged_at < 0).numpy()
-    for key, values in histories.items():
-        if points >= 2 and ok.any():
-            mean = values[:, ok].mean(axis=1)  # [epochs]
-            rows += [(f"{key}/mean", float(mean[e]), int(e)) for e in curve_steps(len(mean), points)]
-    return rows
 
 
 def seeds_npz(outcome) -> bytes:

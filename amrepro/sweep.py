@@ -23,10 +23,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import features, layout, lean, signals, study
+from . import features, layout, lean, parent_metrics, signals, study
 from .config import AmreproError, Config
 from .nulls import binomial_tail
-from .stats import ALPHA, CLAIMS, PRIMARY, REGISTRY, REPRODUCIBILITY
+from .stats import ALPHA, CLAIMS, REPRODUCIBILITY
 from .targets import ALL_SITES, Target, check_target
 from .tracking import short
 
@@ -337,25 +337,13 @@ def _first_line(error: BaseException) -> str:
 
 
 # --- the sweep run's table, metrics and map ---------------------------------------------------------------
-def _table_columns() -> dict[str, str]:
-    """sweep_table.json's columns -> the parent metric each reads: every statistic of the registry with its
-    p-value under the primary null, the activations, and every verdict flag."""
-    columns = {"n_tokens_total": "stats/n_tokens_total"}
-    for stat in REGISTRY:
-        columns[stat.sweep_column or stat.column] = stat.metric
-        columns[stat.p_column] = stat.pvalue_metric(PRIMARY)
-    columns.update({"final_activation": "stats/final_activation_mean",
-                    "decoded_activation": "stats/decoded_activation_mean",
-                    "projection_gap": "stats/projection_gap_mean"})
-    return {**columns, **{stat.claim: f"verdict/{stat.claim}" for stat in CLAIMS}}
-
-
-TABLE_COLUMNS = _table_columns()  # a test checks that a run logs every metric named here
+TABLE_COLUMNS = parent_metrics.TABLE_COLUMNS  # sweep_table.json's columns -> the parent metric each reads
 
 
 def table(targets: list[Target], parents: dict[str, object]) -> dict[str, list]:
     """One row per target of the sweep, in its order: the parent run and its statistics (None where the run has
-    not logged it: not run, all seeds diverged, a single seed, or logged before the statistic existed)."""
+    not logged it: not run, all seeds diverged, a single seed, or logged before the statistic existed), read by
+    parent_metrics.read: the tag amrepro.table_row, or the metrics of a parent logged before it existed."""
     columns: dict[str, list] = {"target": [], "parent_run_id": [], "status": []}
     columns.update({name: [] for name in TABLE_COLUMNS})
     for target in targets:
@@ -363,8 +351,9 @@ def table(targets: list[Target], parents: dict[str, object]) -> dict[str, list]:
         columns["target"].append(target.name)
         columns["parent_run_id"].append(run.id if run else None)
         columns["status"].append(run.status if run else "NOT RUN")
+        figures = parent_metrics.read(run) if run else {}
         for name, key in TABLE_COLUMNS.items():
-            value = run.metrics.get(key) if run else None
+            value = figures.get(key)
             columns[name].append(None if value is None else float(value))
     return columns
 

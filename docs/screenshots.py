@@ -77,9 +77,9 @@ WIDTHS = {"attributes.`Run Name`": 260, "params.`seed`": 70, "tags.`tokens`": 42
 # `sweep` and `compare`: the middle level (target parents, method runs) and their seed runs in one table.
 TREE_COLUMNS = {
     "sweep": ["tags.`amrepro.target`", "metrics.`stats/n_unique_tokens`", "metrics.`pvalue/unique_decoded_starts`",
-              "metrics.`stats/positional_agreement`", "metrics.`act/final`"],
+              "metrics.`pvalue/cross_run_repeats_decoded_starts`", "metrics.`act/final`"],
     "compare": ["params.`method`", "metrics.`stats/n_unique_tokens`", "metrics.`pvalue/unique_decoded_starts`",
-                "metrics.`stats/positional_agreement`", "metrics.`stats/jaccard_mean`"],
+                "metrics.`pvalue/cross_run_repeats_decoded_starts`", "metrics.`stats/decoded_activation_max`"],
 }
 TREE_WIDTHS = {command: {"attributes.`Run Name`": 400 if command == "compare" else 330,
                          columns[0]: 90 if command == "compare" else 190, **{c: 185 for c in columns[1:]}}

@@ -50,7 +50,8 @@ def test_run_logs_parent_and_one_child_per_seed(tiny_gpt2, store):
     # issue 5: statistics with baselines in summary.json, as parent metrics, in the terminal; figures in the UI
     stats = summary["statistics"]
     assert stats["n_unique_tokens"] == p.metrics["stats/n_unique_tokens"]
-    assert p.metrics["stats/positional_agreement"] == pytest.approx(stats["positional_agreement"])
+    assert p.metrics["stats/cross_run_repeats"] == stats["metrics"]["stats/cross_run_repeats"]
+    assert stats["metrics"]["stats/positional_agreement"] == pytest.approx(stats["positional_agreement"])
     assert "null/decoded_starts/unique_mean" in p.metrics and p.tags["verdict"] == stats["verdict"]
     assert "pvalue/unique_decoded_starts" in p.metrics and len(stats["nulls"]["decoded_starts"]["hub_tokens"]) == 20
     assert "Reproducibility statistics" in result.output and "Verdict:" in result.output

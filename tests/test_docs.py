@@ -149,3 +149,11 @@ def test_mlflow_page_lists_every_stats_metric_a_parent_logs():
     documented = set().union(*(_expand_braces(n) for n in re.findall(r"`(stats/[^`]+)`", MLFLOW_PAGE)))
     assert logged - documented == set(), "stats/ metrics missing from docs/mlflow.md"
     assert documented - logged - {"stats/*"} == set(), "docs/mlflow.md names stats/ metrics that are not logged"
+
+
+def test_mlflow_page_lists_the_parents_headline_metrics():
+    from amrepro.parent_metrics import HEADLINE_METRICS
+
+    section = MLFLOW_PAGE.split("## The parent's metrics and charts", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"`([a-z_]+/[a-z_/]+)`", section.split("| headline metric |", 1)[1].split("\n\n", 1)[0]))
+    assert listed == set(HEADLINE_METRICS) and len(HEADLINE_METRICS) <= 13

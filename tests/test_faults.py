@@ -152,7 +152,7 @@ def test_stopped_while_logging_keeps_the_results_for_amrepro_log(tiny_gpt2, stor
     assert parent.info.status == "FINISHED" and "error" not in parent.data.tags
     assert sorted(int(c.data.params["run_index"]) for c in children) == list(range(30))
     assert all(c.info.status == "FINISHED" for c in children)
-    assert "verdict" in parent.data.tags and "stats/positional_agreement" in parent.data.metrics
+    assert "verdict" in parent.data.tags and "stats/n_unique_tokens" in parent.data.metrics
 
 
 # --- item 5: SIGKILL leftovers ----------------------------------------------------------------------------
@@ -326,7 +326,7 @@ def test_a_figure_that_fails_costs_only_itself(tiny_gpt2, store, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "warning: the figure figures/token_grid.png of run" in result.output and "Traceback" not in result.output
     (parent,) = _parents(store)
-    assert parent.info.status == "FINISHED" and "stats/positional_agreement" in parent.data.metrics
+    assert parent.info.status == "FINISHED" and "stats/n_unique_tokens" in parent.data.metrics
     assert "figures/token_grid.png: ValueError: There are 267" in parent.data.tags["amrepro.figures_failed"]
     logged = {a.path for a in MlflowClient(store).list_artifacts(parent.info.run_id, "figures")}
     assert "figures/curves.png" in logged and "figures/token_grid.png" not in logged

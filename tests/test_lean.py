@@ -57,7 +57,7 @@ def test_lean_sweep_target_reads_back_decodes_and_reproduces(tiny_gpt2, store, m
     parent = [p for p in parents if "," in p.data.tags["amrepro.batch"]][0]  # optimized in a batch of two
     assert parent.info.status == "FINISHED" and parent.data.tags["amrepro.layout"] == "lean"
     assert parent.data.params["target_name"] == parent.data.tags["amrepro.target"]
-    assert "stats/positional_agreement" in parent.data.metrics  # what the sweep table reads
+    assert "stats/n_unique_tokens" in parent.data.metrics and "stats/positional_agreement" not in parent.data.metrics
     # the UI's charts: one curve per seed, the true epochs, within the row budget
     curve = client.get_metric_history(parent.info.run_id, "act/target/seed-1")
     assert [m.step for m in curve] == list(range(8))
@@ -138,7 +138,7 @@ def test_lean_sweep_killed_worker_doctor_and_resume(tiny_gpt2, store, tmp_path):
 def test_chart_curves_stay_within_the_row_budget():
     import torch
 
-    from amrepro.lean import MAX_POINTS, chart_curves, curve_steps
+    from amrepro.parent_metrics import MAX_POINTS, chart_curves, curve_steps
     from amrepro.optimize import Result
 
     steps = curve_steps(500, MAX_POINTS)

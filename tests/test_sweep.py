@@ -75,6 +75,31 @@ def test_the_sweep_summary_says_the_chance_level_once_and_groups_the_claims():
     assert words.startswith("8 of 8 targets with statistics; chance alone passes about 5% of targets per claim")
 
 
+def test_sweep_table_reads_parents_logged_before_and_after_the_headline_metrics(capsys):
+    """Parents logged before issue 20 have every statistic as a metric; newer ones have the headline metrics,
+    rounded, and the sweep table's statistics exact in the tag amrepro.table_row: both give the same exact row."""
+    from amrepro.parent_metrics import HEADLINE_METRICS, TABLE_ROW_TAG, shown
+    from amrepro.sweep import TABLE_COLUMNS, table
+    from amrepro.tracking import RunRecord
+
+    exact = {key: k + 1 / 7 for k, key in enumerate(TABLE_COLUMNS.values())}  # 9+ decimals, as logged before
+    exact.update({key: 1.0 for key in TABLE_COLUMNS.values() if key.startswith("verdict/")})
+    headline = {k: shown(v) for k, v in exact.items() if k in HEADLINE_METRICS}
+    old = RunRecord("old", "1", "old", "FINISHED", "active", {}, {}, {**exact, "runs/ok": 2.0})
+    new = RunRecord("new", "1", "new", "FINISHED", "active", {}, {TABLE_ROW_TAG: json.dumps(exact)}, headline)
+    edited = RunRecord("edited", "1", "edited", "FINISHED", "active", {}, {TABLE_ROW_TAG: "{not json"}, headline)
+    targets = [Target(4, "hook_resid_pre", i) for i in range(4)]
+    columns = table(targets, {t.name: run for t, run in zip(targets, (old, new, edited))})
+    assert columns["status"] == ["FINISHED", "FINISHED", "FINISHED", "NOT RUN"]
+    assert headline["stats/n_unique_tokens"] != exact["stats/n_unique_tokens"]  # the metric is rounded
+    for name, key in TABLE_COLUMNS.items():
+        assert columns[name][0] == columns[name][1] == exact[key]  # exact, whichever way the parent was logged
+        assert columns[name][3] is None
+    # a tag edited by hand: that row keeps the run's headline metrics, and the sweep says why
+    assert columns["agreement"][2] is None and columns["n_unique_tokens"][2] == headline["stats/n_unique_tokens"]
+    assert "amrepro.table_row of run edited is not JSON" in capsys.readouterr().err
+
+
 def test_sweep_layout_reads_back(tiny_gpt2, store, monkeypatch):
     result = cli("sweep", "--model", tiny_gpt2, "--targets", SPEC, *ARGS)
     assert result.exit_code == 0, result.output
@@ -88,20 +113,22 @@ def test_sweep_layout_reads_back(tiny_gpt2, store, monkeypatch):
         assert parent.info.status == "FINISHED" and parent.data.tags["mlflow.parentRunId"] == sweep.info.run_id
         assert Config.from_params(parent.data.params) == Config(model=tiny_gpt2, target=target, runs=2, epochs=8, lr=0.05)
         assert parent.info.run_name == f"tiny-gpt2 {target} x2"
-        assert "stats/positional_agreement" in parent.data.metrics and "sha256/summary.json" in parent.data.tags
+        assert "stats/n_unique_tokens" in parent.data.metrics and "sha256/summary.json" in parent.data.tags
         kids = children_of(store, parent.info.run_id)
         assert [c.data.params["seed"] for c in kids] == ["0", "1"] and all(c.info.status == "FINISHED" for c in kids)
         assert len(client.get_metric_history(kids[0].info.run_id, "loss/total")) == 8
     table = json.loads(Path(client.download_artifacts(sweep.info.run_id, "sweep_table.json")).read_text())
     rows = {row[table["columns"].index("target")]: dict(zip(table["columns"], row)) for row in table["data"]}
     assert list(rows) == names
+    exact = {p.info.run_id: json.loads(Path(client.download_artifacts(p.info.run_id, "summary.json")).read_text())
+             ["statistics"]["metrics"] for p in parents}  # every statistic; the parent's metrics: the headline
     for parent in parents:
         row = rows[parent.data.tags["amrepro.target"]]
         assert row["parent_run_id"] == parent.info.run_id
         # (log_table writes JSON with 10 decimals)
-        assert row["agreement"] == pytest.approx(parent.data.metrics["stats/positional_agreement"], abs=1e-9)
-        assert row["p_jaccard"] == pytest.approx(parent.data.metrics["pvalue/jaccard_decoded_starts"], abs=1e-9)
-    claimed = sum(p.data.metrics["verdict/agreement_above_chance"] for p in parents)
+        assert row["agreement"] == pytest.approx(exact[parent.info.run_id]["stats/positional_agreement"], abs=1e-9)
+        assert row["p_jaccard"] == pytest.approx(exact[parent.info.run_id]["pvalue/jaccard_decoded_starts"], abs=1e-9)
+    claimed = sum(m["verdict/agreement_above_chance"] for m in exact.values())
     assert sweep.data.metrics["sweep/n_targets"] == 3
     assert sweep.data.metrics["sweep/frac_agreement_above_chance"] == claimed / 3
     assert "targets with statistics" in sweep.data.tags["verdict"]

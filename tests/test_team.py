@@ -115,8 +115,10 @@ def test_sweep_on_ray_and_postgres_survives_a_dead_worker(tiny_gpt2, postgres, s
     assert dead[0].data.tags["amrepro.target"] in names
     assert postgres.sql("select count(*) from runs where status = 'RUNNING'") == "0"
 
-    # every metric point once: histories of EPOCHS points, everything else one point, counted in PostgreSQL itself
-    expected = sum(len(r.data.metrics) + (2 * (EPOCHS - 1) if "run_index" in r.data.params else 0) for r in runs)
+    # every metric point once: histories of EPOCHS points (a seed's two, a parent's curve of each seed: key
+    # <history>/seed-N), everything else one point, counted in PostgreSQL itself
+    expected = sum(len(r.data.metrics) + (2 * (EPOCHS - 1) if "run_index" in r.data.params else 0)
+                   + (EPOCHS - 1) * sum("/seed-" in key for key in r.data.metrics) for r in runs)
     active = f"r.lifecycle_stage = 'active' and r.experiment_id = {int(experiment)}"
     assert int(postgres.sql(f"select count(*) from metrics m join runs r on m.run_uuid = r.run_uuid where {active}")) \
         == expected

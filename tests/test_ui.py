@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from amrepro.parent_metrics import HEADLINE_METRICS
+from amrepro.sweep import TABLE_COLUMNS
 from helpers import all_runs, children_of, cli, logged_run
 
 
@@ -49,11 +51,36 @@ def test_parent_page_has_description_token_table_and_no_duplicate_metrics(logged
     assert table["columns"][:2] == ["seed", "pos 0"] and len(table["data"]) == 3
     assert [row[0] for row in table["data"]] == [0, 1, 2]
     assert "n_unique_tokens" not in parent.data.metrics and "unique_fraction" not in parent.data.metrics
-    assert {"stats/n_unique_tokens", "stats/n_tokens_total", "stats/unique_fraction"} <= set(parent.data.metrics)
     summary = json.loads(Path(client.download_artifacts(parent.info.run_id, "summary.json")).read_text())
     repeated = {row["id"] for row in summary["repeated"]}
     assert not repeated & {row["id"] for row in summary["unique"]}  # "unique" lists no repeated token
     assert sum(row["count"] for row in summary["counts"]) == 15
+
+
+def test_parent_charts_open_on_the_seeds_curves_and_a_dozen_headline_figures(logged):
+    """Issue 20: the parent's metrics are the headline figures (rounded for the eye) and each seed's curves, whose
+    chart sections (MLflow 3.17: the key up to its last '/', sorted by name) come first; the rest is in summary.json."""
+    uri, parent, children = logged
+    client = MlflowClient(uri)
+    keys = set(parent.data.metrics)
+    seeds = [c.data.params["seed"] for c in children]
+    curves = {f"{key}/seed-{seed}" for key in ("act/target", "loss/total") for seed in seeds}
+    assert keys - curves == set(HEADLINE_METRICS) - {"pvalue/specificity_jaccard", "pvalue/specificity_cosine"}
+    assert curves <= keys and len(keys - curves) <= 12
+    assert [m.step for m in client.get_metric_history(parent.info.run_id, f"act/target/seed-{seeds[0]}")] == list(range(8))
+    sections = sorted({k.rsplit("/", 1)[0] for k in keys})
+    assert sections[:2] == ["act/target", "loss/total"]
+    # the exact figures are in summary.json, under the same names; the metrics are them to 4 significant digits
+    exact = json.loads(Path(client.download_artifacts(parent.info.run_id, "summary.json")).read_text())
+    exact = exact["statistics"]["metrics"]
+    assert {"stats/positional_agreement", "pvalue/jaccard_decoded_starts", "verdict/agreement_above_chance"} <= set(exact)
+    for key in keys - curves - {"runs/ok", "runs/diverged"}:
+        assert parent.data.metrics[key] == float(f"{exact[key]:.4g}")
+    assert parent.data.metrics["stats/n_tokens_total"] == exact["stats/n_tokens_total"] == 15  # counts: exact
+    # what a sweep's table reads, exact, in one tag (a run search returns it: no download per target)
+    assert json.loads(parent.data.tags["amrepro.table_row"]) == {k: exact[k] for k in TABLE_COLUMNS.values()}
+    act = children[0].data.metrics["act/final"]
+    assert act == float(f"{act:.4g}")  # the runs table's seed rows: 4 significant digits too
 
 
 def test_a_reproduction_is_a_top_level_run_whose_page_links_the_run_it_reproduces(logged):
