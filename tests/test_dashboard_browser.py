@@ -1,7 +1,7 @@
 """dashboard.html as a user opens it: inside MLflow's own UI (a real `mlflow server`), on the parent run's Artifacts
 tab, in headless Chromium. The page must render there (MLflow shows .html artifacts in a sandboxed iframe), with
 no console errors, its headline verdict and the seeds' tokens visible; so must a compare's index page, its rows
-linking to each method's page.
+linking to each method's page, and a sweep's, its rows linking to each target's page.
 
 Skips with the reason where Debian's chromium + chromium-driver or selenium are missing. The screenshot goes to
 the test's folder (the README's docs/ui_dashboard.png comes from docs/screenshots.py, on a real model)."""
@@ -72,6 +72,13 @@ def test_dashboard_and_compare_index_show_in_the_mlflow_ui(tiny_gpt2, store, tmp
         (top,) = [r for r in all_runs(store) if "amrepro.compare" in r.data.tags]
         methods = {r.data.params["method"]: r for r in all_runs(store)
                    if r.data.tags.get("mlflow.parentRunId") == top.info.run_id}
+        # and a sweep of two targets, for its index page (rows: targets, links: each target parent's dashboard)
+        result = cli("sweep", "--model", tiny_gpt2, "--targets", "blocks.1.hook_resid_pre[0:2]", "--runs", "2",
+                     "--epochs", "4", "--experiment", "browser-sweep")
+        assert result.exit_code == 0, result.output
+        swept = [r for r in all_runs(store) if "amrepro.target" in r.data.tags]
+        (sweep,) = [r for r in all_runs(store) if r.info.run_id == swept[0].data.tags["amrepro.sweep"]]
+        targets = {r.data.tags["amrepro.target"]: r for r in swept}
         client = MlflowClient(store)
         tokens = json.loads(Path(client.download_artifacts(children[0].info.run_id, "tokens.json")).read_text())
         port = free_port()
@@ -116,6 +123,16 @@ def test_dashboard_and_compare_index_show_in_the_mlflow_ui(tiny_gpt2, store, tmp
         links[0].click()  # the sandboxed frame cannot open it: the page says so and shows the address to copy
         assert driver.find_element(By.ID, "address").is_displayed()
         assert driver.find_element(By.ID, "url").text == links[0].get_attribute("href")
+        driver.switch_to.default_content()
+        # the sweep's index: one visible row per target, linking to that target parent's dashboard
+        driver.get(f"{base}/#/experiments/{sweep.info.experiment_id}/runs/{sweep.info.run_id}/artifacts/dashboard.html")
+        _frame_showing(driver, wait, "index")
+        links = driver.find_elements(By.CSS_SELECTOR, "#index a.run")
+        assert sorted(a.text for a in links) == sorted(targets) and all(a.is_displayed() for a in links)
+        for link in links:
+            run = targets[link.text]
+            route = f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}/artifacts/dashboard.html"
+            assert link.get_attribute("href") == f"{base}/{route}"
         driver.switch_to.default_content()
         # Two 404s that are not the page's: the UI probes an endpoint only a server with its auth app has
         # (users/current), and Chromium asks /health for a /favicon.ico. Every other error, and any from the
