@@ -88,20 +88,6 @@ def wait_for(predicate, proc=None, timeout=120, what="condition"):
         time.sleep(0.1)
 
 
-def processes_with(marker: str) -> list[int]:
-    """Pids of the live processes whose environment holds marker (a command's Ray daemons and workers inherit
-    it from its environment; a zombie has no environment left and is not counted)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                if marker.encode() in f.read():
-                    found.append(int(entry))
-        except (OSError, ValueError):
-            continue
-    return found
-
-
 def copy_store(template: Path, db: Path, artifacts: str | None = None, keep_locations: bool = False) -> str:
     """A copy of the empty store at db (its Default experiment's artifacts in ./mlruns/0 next to it, where MLflow
     puts them when it creates the store from that folder, or at `artifacts`); returns its URI.

@@ -16,7 +16,7 @@ from amrepro.config import AmreproError, Config
 from amrepro.sweep import chunks, parse_targets
 from amrepro.targets import Target
 from forked import Amrepro
-from helpers import all_runs, children_of, cli, failing_log_batch, owned_by, processes_with, wait_for
+from helpers import all_runs, children_of, cli, failing_log_batch, owned_by, wait_for
 
 SPEC = "blocks.4.hook_resid_pre[0:2],blocks.5.mlp.hook_post[random:1]"
 ARGS = ["--runs", "2", "--epochs", "8", "--lr", "0.05", "--layout", "seeds"]  # lean: tests/test_lean.py
@@ -297,6 +297,19 @@ def test_a_store_that_fails_while_a_sweep_logs_keeps_the_target_for_amrepro_log(
 
 
 # --- issue 17 §2: SIGTERM with Ray workers keeps the guarantees of --workers 0 -----------------------------
+def _processes_with(marker: str) -> list[int]:
+    """Pids of the live processes whose environment holds marker (the driver's Ray processes inherit it)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if marker.encode() in f.read():
+                    found.append(int(entry))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
 def test_sigterm_under_ray_kills_every_run_and_the_workers_then_resume_finishes(tiny_gpt2, store, tmp_path):
     """ray.init installs its own SIGTERM handler (a native stack dump, exit 134, the target parents that the
     workers made left RUNNING). SIGTERM to the driver of a 2-worker sweep must exit 143, end every unfinished
@@ -339,7 +352,7 @@ def test_sigterm_under_ray_kills_every_run_and_the_workers_then_resume_finishes(
     said = " ".join(stderr.split())
     assert (f"terminated (SIGTERM): {statuses.count('FINISHED')} finished run(s) kept, "
             f"{statuses.count('KILLED')} unfinished run(s) marked KILLED") in said, said
-    wait_for(lambda: not processes_with(marker), timeout=60, what="the Ray workers and raylet to exit")
+    wait_for(lambda: not _processes_with(marker), timeout=60, what="the Ray workers and raylet to exit")
 
     result = cli("sweep", "--resume", sweep.info.run_id)
     assert result.exit_code == 0, result.output

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
 from forked import Amrepro
-from helpers import PG, Postgres, all_runs, cli, free_port, processes_with, start_mlflow_server, wait_for
+from helpers import PG, Postgres, all_runs, cli, free_port, start_mlflow_server
 
 pytestmark = pytest.mark.xdist_group("team")  # the tests share the module's server
 
@@ -79,17 +79,12 @@ def test_sweep_on_ray_and_postgres_survives_a_dead_worker(tiny_gpt2, postgres, s
     env.update(MLFLOW_TRACKING_URI=server, HF_HUB_OFFLINE="1", AMREPRO_TEST_EXIT_AFTER_CHILDREN=str(RUNS + 1),
                AMREPRO_TEST_EXIT_MARKER=str(tmp_path / "worker-died"),
                PYTHONPATH=os.pathsep.join([str(Path(__file__).parent / "worker_exit"), *filter(None, [env.get("PYTHONPATH")])]))
-    marker = f"AMREPRO_TEST_RAY_MARK={tmp_path}"  # inherited by every process the sweep starts (Ray's too)
-    env["AMREPRO_TEST_RAY_MARK"] = str(tmp_path)
     # the driver is forked from the tests' fork server (forked.py: no second import of torch and MLflow); the Ray
     # workers are Ray's own processes
     driver = Amrepro(["sweep", "--model", tiny_gpt2, "--targets", TARGETS, "--runs", str(RUNS), "--epochs", str(EPOCHS),
                       "--lr", "0.01", "--workers", "2", "--chunk", "2", "--layout", "seeds"], env, tmp_path)
     stdout, stderr = driver.communicate(timeout=400)
     assert driver.returncode == 0, stdout[-3000:] + stderr[-3000:]
-    # nothing the sweep started outlives it: its Ray workers are killed before Ray's daemons are stopped (left to
-    # ray.shutdown, each worker noticed its raylet was gone and exited on its own 4-40 s later, using CPU)
-    wait_for(lambda: not processes_with(marker), timeout=2, what="the sweep's Ray workers and daemons to exit")
     assert (tmp_path / "worker-died").exists()  # a worker did die mid-chunk (after its first target, 1 seed run in)
     assert "on 2 Ray workers (1 thread each)" in stdout
     assert password not in stdout + stderr
