@@ -141,8 +141,6 @@ def test_a_large_corpus_is_streamed_with_bounded_memory(tiny_gpt2, tmp_path, mon
     """Pieces of 3000 characters and at most 2000 activations kept exactly (the real limits, shrunk): the file's
     ~40000 windows are scored across pieces (windows that straddle two pieces included), the top windows and the
     99th percentile are still exact, yet no more than the top 1% of the activations is ever held beyond 2000."""
-    import numpy as np
-
     lines = [" ".join(f"w{(7 * i + j) % 97}" for j in range(i % 9 + 1)) for i in range(3000)]
     text = "\n".join(lines) + "\n"
     (tmp_path / "big.txt").write_text(text)

@@ -5,12 +5,14 @@ a trained LM that completes "The capital of France is" with " Paris", and `amrep
 The GGUF tests share one converted cache (session fixture): the ~15 s conversion happens once in the suite."""
 
 import hashlib
+import json
 import os
 import tomllib
 from pathlib import Path
 
 import pytest
 import torch
+from mlflow import MlflowClient
 
 from amrepro.config import Config
 from amrepro.experiment import execute, prepare
@@ -192,4 +194,5 @@ def test_amrepro_run_on_the_gguf_end_to_end(smol, store, small_null_pool):
     assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
     assert len(children_of(store, parent.info.run_id)) == 2
     assert parent.data.params["model"] == smollm2_gguf() and "/10 tokens are unique." in result.output
-    assert parent.data.metrics["null/decoded_starts/pool_size"] == small_null_pool  # the null ran, on the small pool
+    summary = json.loads(Path(MlflowClient(store).download_artifacts(parent.info.run_id, "summary.json")).read_text())
+    assert summary["statistics"]["metrics"]["null/decoded_starts/pool_size"] == small_null_pool  # on the small pool

@@ -10,7 +10,6 @@ import textwrap
 import tomllib
 from pathlib import Path
 
-import pytest
 import typer
 import yaml
 from mlflow import MlflowClient
