@@ -232,6 +232,8 @@ def _log_parent(ctx, run_id: str, outcome, frozen: bytes | None) -> None:
     ctx.store.log_table(run_id, report.token_columns(outcome), TOKEN_GRID)
     if outcome.specificity is not None:  # --controls (its p-values are headline metrics, the rest in summary.json)
         ctx.log(run_id, tags={SPECIFICITY_TAG: specificity_words(outcome.specificity)[:TAG_LIMIT]})
+    if not outcome.config.figures:  # --figures false: `amrepro figures RUN_ID` draws them from the runs later
+        return
     result, ok = outcome.result, outcome.ok
     log_figures(ctx, run_id, figures.figure_makers(
         result.loss.numpy()[:, ok], result.activation.numpy()[:, ok], [s for s, keep in zip(result.seeds, ok) if keep],
@@ -252,6 +254,26 @@ def log_figures(ctx, run_id: str, makers: dict) -> None:
         for path, why in failed.items():
             report.errors.print(f"warning: the figure {path} of run {run_id} could not be drawn ({why}); "
                                 "everything else is logged.", soft_wrap=True, markup=False)
+
+
+def figure_makers(reader, run_id: str) -> dict:
+    """The figures of a seeds-layout target parent (an `amrepro run` parent, a sweep target, a compare's method
+    run), from what it logged: each finished seed run's per-epoch history, act/final, act/decoded and
+    tokens.json, and the parent's summary.json (the hub tokens). As the run drew them, diverged runs left out."""
+    from . import figures
+
+    parent, seeds = reader.family(run_id)
+    stats = reader.json(parent, SUMMARY).get("statistics")
+    if stats is None:
+        raise AmreproError(f"run {parent.id} has no result (all its runs diverged): there is nothing to draw.")
+    histories = {key: np.array([reader.store.history(c.id, key) for c in seeds]).T  # [epochs, runs]
+                 for key in ("loss/total", "act/target")}
+    grids = [reader.json(c, TOKENS) for c in seeds]
+    return figures.figure_makers(histories["loss/total"], histories["act/target"], [int(c.params[SEED]) for c in seeds],
+                                 [g["tokens"] for g in grids], np.array([g["ids"] for g in grids]),  # [runs, pos]
+                                 np.array([c.metrics["act/final"] for c in seeds]),
+                                 np.array([c.metrics["act/decoded"] for c in seeds]),
+                                 hubs=stats["nulls"]["decoded_starts"])
 
 
 # --- queries ----------------------------------------------------------------------------------------------
