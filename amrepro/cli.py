@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from .config import AmreproError, Config, help_for
+from .config import FIGURES_ENV, AmreproError, Config, help_for, parse_bool
 from .errors import NoResult
 from .methods import names as method_names
 
@@ -87,16 +87,20 @@ def with_config(*, exclude: tuple[str, ...] = ()):
     """Give a command one Typer option per Config field (default and help from the field, so the CLI cannot
     drift from Config), collected into one Config passed as its `config` argument."""
     fields = [f for f in dataclasses.fields(Config) if f.name not in exclude]
-    types = {"str": str, "int": int, "float": float}
+    types = {"str": str, "int": int, "float": float, "bool": str}  # bool: a value, see _option
 
     def decorate(command):
         own = [p for p in inspect.signature(command).parameters.values() if p.name != "config"]
         options = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=types[str(f.type)],
-                                     default=typer.Option(f.default, help=help_for(f.name))) for f in fields]
+                                     default=_option(f)) for f in fields]
 
         @functools.wraps(command)
         def wrapper(**kwargs):
-            config = Config(**{f.name: kwargs.pop(f.name) for f in fields})
+            values = {f.name: kwargs.pop(f.name) for f in fields}
+            for f in fields:
+                if f.type == "bool":
+                    values[f.name] = _yes_no(f.name, values[f.name])
+            config = Config(**values)
             return command(config=config, **kwargs)
 
         wrapper.__signature__ = inspect.Signature(own + options)
@@ -104,6 +108,24 @@ def with_config(*, exclude: tuple[str, ...] = ()):
         return wrapper
 
     return decorate
+
+
+def _option(field) -> typer.Option:
+    """A field's option. A bool one takes a value, true or false (`--figures false`: what MLproject's
+    `--figures {figures}` passes; a flag could not be), and --figures reads its default from AMREPRO_FIGURES:
+    the one place that reads that variable."""
+    if field.type != "bool":
+        return typer.Option(field.default, help=help_for(field.name))
+    return typer.Option(str(field.default).lower(), help=help_for(field.name), metavar="true|false",
+                        envvar=FIGURES_ENV if field.name == "figures" else None, show_envvar=False)
+
+
+def _yes_no(name: str, value: str) -> bool:
+    parsed = parse_bool(value)
+    if parsed is None:
+        source = f" (from {FIGURES_ENV})" if name == "figures" and os.environ.get(FIGURES_ENV) == value else ""
+        _refuse(f"--{name.replace('_', '-')} must be true or false (or 1/0, yes/no, on/off), got {value!r}{source}.")
+    return parsed
 
 
 _LAYOUT_HELP = ("What a target logs: 'seeds' = a parent with one child run per seed and its figures; 'lean' = "
@@ -179,9 +201,10 @@ def sweep(
 
 
 @app.command()
-def figures(run_id: str = typer.Argument(..., help="A lean target parent run id (e.g. from a sweep's table).")):
-    """Draw a lean target's figures (curves, token grid, token frequency, projection gap, hub tokens) from its
-    logged artifacts and log them into that run."""
+def figures(run_id: str = typer.Argument(..., help="A target's parent run id: an `amrepro run` run, a sweep's "
+                                                     "target (e.g. from its table), a compare's method run.")):
+    """Draw a target's figures (curves, token grid, token frequency, projection gap, hub tokens) from its logged
+    results and log them into that run: a lean target's, or those a --figures false run left out."""
     _guard("commands.figures", "figures", run_id)
 
 

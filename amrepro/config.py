@@ -19,6 +19,9 @@ LR_MAX = 1e37  # float32 max is 3.4e38; Adam divides lr by 1 - beta1 = 0.1 on it
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed and MLflow's integer params stay exact below this
 
 
+FIGURES_ENV = "AMREPRO_FIGURES"  # the default of --figures (cli.with_config reads it, as click's envvar)
+
+
 def _f(default, help: str):
     return field(default=default, metadata={"help": help})
 
@@ -58,6 +61,10 @@ class Config:
     corpus_max_tokens: int = _f(1_000_000, "compare/sweep --corpus: score the windows of at most this many tokens of "
                                            "the corpus (its start; 0: the whole file). Time grows with it, one "
                                            "forward per window; memory does not (the file is streamed).")
+    figures: bool = _f(True, "Draw each target's five PNG figures (curves, token grid, ...) at the end of the run "
+                             "(off: `amrepro figures RUN_ID` draws them later; the statistics, tables and "
+                             "dashboard.html are logged all the same). Default from the environment variable "
+                             f"{FIGURES_ENV} (0/false/off) when set.")
 
     @property
     def target_name(self) -> str:
@@ -130,6 +137,9 @@ class Config:
                     continue
                 raise AmreproError(f"the run has no '{f.name}' param: it was not made by amrepro run.")
             kind = type(f.default)
+            if kind is bool:  # bool("False") is True: the spellings str() logs, and click's
+                kwargs[f.name] = _boolean(f.name, params[f.name])
+                continue
             try:
                 kwargs[f.name] = kind(_unquote(params[f.name]) if kind is str else params[f.name])
             except ValueError:
@@ -140,7 +150,21 @@ class Config:
 
 # Fields added after the first release: runs logged before them are read with the field's default.
 _ADDED_LATER = frozenset({"threads", "controls", "method", "steps", "epo_steps", "topk", "candidates", "population", "pez_lr",
-                          "corpus_max_tokens"})
+                          "corpus_max_tokens", "figures"})
+
+
+def parse_bool(value: str) -> bool | None:
+    """A yes/no option or param as written (true/false, 1/0, yes/no, on/off, any case); None if it is none."""
+    return {"true": True, "1": True, "yes": True, "on": True,
+            "false": False, "0": False, "no": False, "off": False}.get(_unquote(value).strip().lower())
+
+
+def _boolean(name: str, value: str) -> bool:
+    parsed = parse_bool(value)
+    if parsed is None:
+        raise AmreproError(f"the run's param {name}={value!r} is not true or false: it was edited or not made by "
+                           "amrepro run.")
+    return parsed
 
 
 def _unquote(value: str) -> str:

@@ -232,6 +232,8 @@ def _log_parent(ctx, run_id: str, outcome, frozen: bytes | None) -> None:
     ctx.store.log_table(run_id, report.token_columns(outcome), TOKEN_GRID)
     if outcome.specificity is not None:  # --controls (its p-values are headline metrics, the rest in summary.json)
         ctx.log(run_id, tags={SPECIFICITY_TAG: specificity_words(outcome.specificity)[:TAG_LIMIT]})
+    if not outcome.config.figures:  # --figures false: `amrepro figures RUN_ID` draws them from the runs later
+        return
     result, ok = outcome.result, outcome.ok
     log_figures(ctx, run_id, figures.figure_makers(
         result.loss.numpy()[:, ok], result.activation.numpy()[:, ok], [s for s, keep in zip(result.seeds, ok) if keep],
@@ -252,6 +254,32 @@ def log_figures(ctx, run_id: str, makers: dict) -> None:
         for path, why in failed.items():
             report.errors.print(f"warning: the figure {path} of run {run_id} could not be drawn ({why}); "
                                 "everything else is logged.", soft_wrap=True, markup=False)
+
+
+def figure_makers(reader, run_id: str) -> dict:
+    """The figures of a seeds-layout target parent (an `amrepro run` parent, a sweep target, a compare's method
+    run), from what it logged: each finished seed run's per-epoch history and tokens.json, and the parent's
+    summary.json (exact final and decoded activations, the hub tokens). As the run drew them, diverged runs left
+    out."""
+    from . import figures
+
+    parent, seeds = reader.family(run_id)
+    summary = reader.json(parent, SUMMARY)
+    stats = summary.get("statistics")
+    if stats is None:
+        raise AmreproError(f"run {parent.id} has no result (all its runs diverged): there is nothing to draw.")
+    histories = {key: np.array([reader.store.history(c.id, key) for c in seeds]).T  # [epochs, runs]
+                 for key in ("loss/total", "act/target")}
+    grids = [reader.json(c, TOKENS) for c in seeds]
+    # the exact activations are summary.json's per_run lists (the seed runs' act/* metrics are rounded), which
+    # hold the finite runs only: run r is their entry r minus the runs before it that diverged
+    diverged = [d["run_index"] for d in summary.get("diverged") or []]
+    entries = [int(c.params[RUN_INDEX]) - sum(d < int(c.params[RUN_INDEX]) for d in diverged) for c in seeds]
+    return figures.figure_makers(histories["loss/total"], histories["act/target"], [int(c.params[SEED]) for c in seeds],
+                                 [g["tokens"] for g in grids], np.array([g["ids"] for g in grids]),  # [runs, pos]
+                                 np.array(stats["final_activation"]["per_run"])[entries],
+                                 np.array(stats["decoded_activation"]["per_run"])[entries],
+                                 hubs=stats["nulls"]["decoded_starts"])
 
 
 # --- queries ----------------------------------------------------------------------------------------------

@@ -229,6 +229,10 @@ class Store:
         return [_record(r) for r in self._call("search_runs", experiment_ids, filter_string=filter_string,
                                                max_results=50000)]
 
+    def history(self, run_id: str, key: str) -> list[float]:
+        """Every value of a metric, by step (a seed run's per-epoch loss/total, act/target)."""
+        return [m.value for m in sorted(self._call("get_metric_history", run_id, key), key=lambda m: m.step)]
+
     def create(self, experiment_id: str, name: str | None, tags: dict[str, str]) -> str:
         info = self._call("create_run", experiment_id, run_name=name, tags=tags).info
         self._artifact_uris[info.run_id] = info.artifact_uri

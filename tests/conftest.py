@@ -11,6 +11,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the networ
 # machine run several times faster without thread spin. Tests about threads set their own count.
 os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["MKL_NUM_THREADS"] = "1"
+# Every `amrepro` command of the suite, forked children included (tests/forked.py copies the environment),
+# skips the five matplotlib PNGs per target: ~60% of the CPU of a tiny-model run. The tests about figures
+# pass --figures true (or call `amrepro figures`); a Config built in Python keeps its default, figures on.
+os.environ["AMREPRO_FIGURES"] = "0"
 os.environ.setdefault("DO_NOT_TRACK", "true")  # no MLflow telemetry threads (kept by subprocesses' env filters)
 
 # Nothing heavy at import: with xdist, the controller process imports this file only for its hooks, and torch

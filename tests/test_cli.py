@@ -15,6 +15,53 @@ from forked import Amrepro
 from helpers import all_runs, children_of, cli
 
 
+def _artifacts(client, run_id: str, path: str | None = None) -> dict[str, int]:
+    """Every artifact of a run, recursively: path -> size."""
+    found = {}
+    for a in client.list_artifacts(run_id, path):
+        found.update(_artifacts(client, run_id, a.path) if a.is_dir else {a.path: a.file_size})
+    return found
+
+
+def test_figures_false_logs_no_png_and_amrepro_figures_draws_them_later(tiny_gpt2, store, monkeypatch):
+    """--figures false: the statistics, tables and dashboard are all there, no PNG; `amrepro figures RUN_ID` then
+    draws, from the seed runs, the very PNGs the run would have drawn (byte for byte: the same data in)."""
+    from amrepro import figures
+
+    drawn = {}
+    render = figures.render
+    monkeypatch.setattr(figures, "render", lambda makers: drawn.setdefault(len(drawn), render(makers)))
+    monkeypatch.delenv("AMREPRO_FIGURES")  # the option's own default: on
+    args = ("run", "--model", tiny_gpt2, "--runs", "2", "--epochs", "3", "--dim", "3", "--n-tokens", "2")
+    assert cli(*args).exit_code == 0 and len(drawn) == 1  # figures on: drawn by the run (kept to compare below)
+    monkeypatch.setenv("AMREPRO_FIGURES", "off")  # the default of --figures, as conftest sets it for the suite
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    assert len(drawn) == 1  # not a figure was drawn
+    client = MlflowClient(store)
+    (parent,) = [r for r in all_runs(store) if "mlflow.parentRunId" not in r.data.tags
+                 and r.data.params["figures"] == "False"]
+    logged = _artifacts(client, parent.info.run_id)
+    assert not [p for p in logged if p.endswith(".png")]
+    assert {"summary.json", "dashboard.html", "token_grid.json", "environment/pip-freeze.txt"} <= set(logged)
+    assert "stats/n_unique_tokens" in parent.data.metrics and "pvalue/unique_decoded_starts" in parent.data.metrics
+    assert parent.data.tags["verdict"] and "amrepro.figures_failed" not in parent.data.tags
+    for seed in children_of(store, parent.info.run_id):
+        assert not [p for p in _artifacts(client, seed.info.run_id) if p.endswith(".png")]
+
+    later = cli("figures", parent.info.run_id)
+    assert later.exit_code == 0, later.output
+    pngs = {p for p in _artifacts(client, parent.info.run_id) if p.endswith(".png")}
+    assert pngs == set(drawn[0][0]) == {f"figures/{n}.png" for n in ("curves", "token_grid", "token_frequency",
+                                                                     "projection_gap", "hub_tokens")}
+    for path, png in drawn[0][0].items():
+        assert Path(client.download_artifacts(parent.info.run_id, path)).read_bytes() == png, path
+    # a seed run is not a target: one sentence, exit 2
+    seed_run = children_of(store, parent.info.run_id)[0]
+    refused = cli("figures", seed_run.info.run_id)
+    assert refused.exit_code == 2 and "not a target parent" in refused.output
+
+
 def test_help_does_not_import_torch_or_mlflow():
     """`amrepro --help` stays instant because it imports neither (bench/bench.py times it)."""
     code = ("import sys\nfrom amrepro.cli import app\nfrom typer.testing import CliRunner\n"
@@ -30,7 +77,7 @@ def test_help_does_not_import_torch_or_mlflow():
 
 def test_run_logs_parent_and_one_child_per_seed(tiny_gpt2, store):
     result = cli("run", "--model", tiny_gpt2, "--runs", "2", "--epochs", "500", "--dim", "3", "--seed", "4",
-                 "--device", "cpu")
+                 "--device", "cpu", "--figures", "true")  # on, whatever AMREPRO_FIGURES (conftest: off) says
     assert result.exit_code == 0, result.output
     assert "/10 tokens are unique." in result.output
     client = MlflowClient(store)

@@ -75,6 +75,15 @@ def test_compare_layout_reads_back_from_mlflow(tiny_gpt2, store):
     assert again.exit_code == 0 and "reproduced: bit-identical" in again.output, again.output
     refused = cli("reproduce", top.info.run_id)
     assert refused.exit_code == 2 and "is an `amrepro compare` run" in refused.output
+    # the suite's AMREPRO_FIGURES=0 (conftest): no method run drew its figures; `amrepro figures` draws one's
+    # from its seed runs, and refuses the compare's top run
+    gcg = method_runs["gcg"].info.run_id
+    assert all(not client.list_artifacts(run.info.run_id, "figures") for run in method_runs.values())
+    assert cli("figures", gcg).exit_code == 0
+    assert {a.path for a in client.list_artifacts(gcg, "figures")} == {
+        f"figures/{n}.png" for n in ("curves", "token_grid", "token_frequency", "projection_gap", "hub_tokens")}
+    refused = cli("figures", top.info.run_id)
+    assert refused.exit_code == 2 and "not a target parent" in refused.output
 
 
 @pytest.mark.parametrize("args, message", [

@@ -322,7 +322,7 @@ def test_a_figure_that_fails_costs_only_itself(tiny_gpt2, store, monkeypatch):
     def broken(*args):
         raise ValueError("There are 267 color bins including extensions, but ncolors = 256")
     monkeypatch.setattr(figures, "token_grid", broken)
-    result = cli("run", "--model", tiny_gpt2, "--runs", "2", "--epochs", "2", "--dim", "3")
+    result = cli("run", "--model", tiny_gpt2, "--runs", "2", "--epochs", "2", "--dim", "3", "--figures", "true")
     assert result.exit_code == 0, result.output
     assert "warning: the figure figures/token_grid.png of run" in result.output and "Traceback" not in result.output
     (parent,) = _parents(store)

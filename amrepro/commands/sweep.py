@@ -229,7 +229,7 @@ def _summarize(ctx, job: sw.Job, targets: list, done: set, records: list, corpus
     ctx.log_artifacts(sweep_id, {DASHBOARD: dashboard.render_index(f"sweep of {len(targets)} targets", "target",
                                                                    index).encode()})
     report.console.print(words, soft_wrap=True, markup=False)
-    if job.layout == "lean":
+    if job.layout == "lean" and job.config.figures:  # --figures false: none; `amrepro figures RUN_ID` draws them
         _log_flagged_figures(ctx, columns)
     order = {t.name: k for k, t in enumerate(targets)}
     result = study.study(sorted(records, key=lambda r: order[r.name]), corpus, seed=job.config.seed)
