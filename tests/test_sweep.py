@@ -111,7 +111,8 @@ def test_sweep_layout_reads_back(tiny_gpt2, store, monkeypatch):
     for parent in parents:  # what `amrepro run --target T` logs, nested under the sweep run
         target = parent.data.tags["amrepro.target"]
         assert parent.info.status == "FINISHED" and parent.data.tags["mlflow.parentRunId"] == sweep.info.run_id
-        assert Config.from_params(parent.data.params) == Config(model=tiny_gpt2, target=target, runs=2, epochs=8, lr=0.05)
+        assert Config.from_params(parent.data.params) == Config(model=tiny_gpt2, target=target, runs=2, epochs=8, lr=0.05,
+                                                                figures=False)  # the suite's AMREPRO_FIGURES=0
         assert parent.info.run_name == f"tiny-gpt2 {target} x2"
         assert "stats/n_unique_tokens" in parent.data.metrics and "sha256/summary.json" in parent.data.tags
         kids = children_of(store, parent.info.run_id)
@@ -320,9 +321,10 @@ def test_sigterm_under_ray_kills_every_run_and_the_workers_then_resume_finishes(
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["AMREPRO_TEST_RAY_MARK"] = str(tmp_path)
     # 3 one-target chunks for 2 workers: two held when the signal comes, one never started; --resume redoes all 3
-    # in one batch (one site)
+    # in one batch (one site). 4000 epochs: ~4 s of science per target on a quiet AMD EPYC (300 took 0.36 s), so
+    # that both workers hold a parent at once although Ray starts them a second or two apart
     spec = "blocks.4.hook_resid_pre[0:3]"
-    driver = Amrepro(["sweep", "--model", tiny_gpt2, "--targets", spec, "--runs", "2", "--epochs", "300",
+    driver = Amrepro(["sweep", "--model", tiny_gpt2, "--targets", spec, "--runs", "2", "--epochs", "4000",
                       "--lr", "0.01", "--workers", "2", "--chunk", "1", "--layout", "seeds"], env, tmp_path)
     client = MlflowClient(store)
 
