@@ -321,10 +321,11 @@ def test_sigterm_under_ray_kills_every_run_and_the_workers_then_resume_finishes(
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["AMREPRO_TEST_RAY_MARK"] = str(tmp_path)
     # 3 one-target chunks for 2 workers: two held when the signal comes, one never started; --resume redoes all 3
-    # in one batch (one site). 4000 epochs: ~4 s of science per target on a quiet AMD EPYC (300 took 0.36 s), so
-    # that both workers hold a parent at once although Ray starts them a second or two apart
+    # in one batch (one site). A parent is RUNNING while its science and its logging run: 1000 epochs (~1.2 s of
+    # science on a quiet AMD EPYC) and its figures (~1 s), so that both workers hold one at once although Ray
+    # starts them a second apart (with 300 epochs and no figures the window was too short on a quiet machine)
     spec = "blocks.4.hook_resid_pre[0:3]"
-    driver = Amrepro(["sweep", "--model", tiny_gpt2, "--targets", spec, "--runs", "2", "--epochs", "4000",
+    driver = Amrepro(["sweep", "--model", tiny_gpt2, "--targets", spec, "--runs", "2", "--epochs", "1000", "--figures", "true",
                       "--lr", "0.01", "--workers", "2", "--chunk", "1", "--layout", "seeds"], env, tmp_path)
     client = MlflowClient(store)
 
