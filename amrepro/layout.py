@@ -17,6 +17,9 @@ back. Users' scripts depend on these names: they never change.
 - `amrepro compare`: a top run tagged amrepro.compare, one parent per method under it (compare.py);
 - `amrepro reproduce`: a run tagged amrepro.reproduces = the run it re-ran, its description linking that run's
   parent; not nested (before, it was nested under that parent: such runs still read as reproductions).
+
+Over 400 lines on purpose: the names, their writers and their readers stay in one file, so that a name changes
+in one place (split, the writers would import the names back and the readers would need both).
 """
 
 from __future__ import annotations
