@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from .config import FIGURES_ENV, AmreproError, Config, help_for, parse_bool
+from .config import AmreproError, Config, help_for, parse_bool
 from .errors import NoResult
 from .methods import names as method_names
 
@@ -99,7 +99,7 @@ def with_config(*, exclude: tuple[str, ...] = ()):
             values = {f.name: kwargs.pop(f.name) for f in fields}
             for f in fields:
                 if f.type == "bool":
-                    values[f.name] = _yes_no(f.name, values[f.name])
+                    values[f.name] = _yes_no(f, values[f.name])
             config = Config(**values)
             return command(config=config, **kwargs)
 
@@ -111,20 +111,23 @@ def with_config(*, exclude: tuple[str, ...] = ()):
 
 
 def _option(field) -> typer.Option:
-    """A field's option. A bool one takes a value, true or false (`--figures false`: what MLproject's
-    `--figures {figures}` passes; a flag could not be), and --figures reads its default from AMREPRO_FIGURES:
-    the one place that reads that variable."""
+    """A field's option, its default from the environment variable the field names (metadata "env"; the one
+    place that reads it, e.g. AMREPRO_FIGURES for --figures). A bool one takes a value, true or false
+    (`--figures false`: what MLproject's `--figures {figures}` passes; a flag could not be)."""
+    env = field.metadata.get("env")
     if field.type != "bool":
-        return typer.Option(field.default, help=help_for(field.name))
+        return typer.Option(field.default, help=help_for(field.name), envvar=env, show_envvar=False)
     return typer.Option(str(field.default).lower(), help=help_for(field.name), metavar="true|false",
-                        envvar=FIGURES_ENV if field.name == "figures" else None, show_envvar=False)
+                        envvar=env, show_envvar=False)
 
 
-def _yes_no(name: str, value: str) -> bool:
+def _yes_no(field, value: str) -> bool:
     parsed = parse_bool(value)
     if parsed is None:
-        source = f" (from {FIGURES_ENV})" if name == "figures" and os.environ.get(FIGURES_ENV) == value else ""
-        _refuse(f"--{name.replace('_', '-')} must be true or false (or 1/0, yes/no, on/off), got {value!r}{source}.")
+        env = field.metadata.get("env")
+        source = f" (from {env})" if env and os.environ.get(env) == value else ""
+        _refuse(f"--{field.name.replace('_', '-')} must be true or false (or 1/0, yes/no, on/off), got "
+                f"{value!r}{source}.")
     return parsed
 
 

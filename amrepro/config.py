@@ -22,8 +22,10 @@ SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed and MLflow's integer params 
 FIGURES_ENV = "AMREPRO_FIGURES"  # the default of --figures (cli.with_config reads it, as click's envvar)
 
 
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
+def _f(default, help: str, env: str | None = None):
+    """A Config field: its default, its help text and, where set, the environment variable that gives the CLI
+    option its default."""
+    return field(default=default, metadata={"help": help, "env": env})
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ class Config:
     figures: bool = _f(True, "Draw each target's five PNG figures (curves, token grid, ...) at the end of the run "
                              "(off: `amrepro figures RUN_ID` draws them later; the statistics, tables and "
                              "dashboard.html are logged all the same). Default from the environment variable "
-                             f"{FIGURES_ENV} (0/false/off) when set.")
+                             f"{FIGURES_ENV} (0/false/off) when set.", env=FIGURES_ENV)
 
     @property
     def target_name(self) -> str:

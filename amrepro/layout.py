@@ -64,6 +64,8 @@ SWEEP_TABLE, SWEEP_MAP, REPRODUCTION = "sweep_table.json", "sweep_map.png", "rep
 # the table study_table.json (one row per method), the figure study.png and metrics study/<method>/<column>
 STUDY_JSON, STUDY_TARGETS, STUDY_TABLE, STUDY_FIGURE = "study.json", "study_targets.json", "study_table.json", "study.png"
 STUDY_TAG, METHODS_TAG = "study", "amrepro.methods"
+
+
 def npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, np.ascontiguousarray(array))
