@@ -38,17 +38,6 @@ def _environment():
                        lstrip_blocks=True)
 
 
-def _hex(colors) -> list[str]:
-    return ["#%02x%02x%02x" % tuple(int(round(255 * c)) for c in rgba[:3]) for rgba in colors]
-
-
-def seed_hex(n: int) -> list[str]:
-    """The seeds' colours of the figures and of MLflow's charts (figures.seed_colors)."""
-    from .figures import seed_colors
-
-    return _hex(seed_colors(n))
-
-
 def heat(value: float | None, scale: float) -> str:
     """A background for an activation: orange for positive, blue for negative, opacity |value| / scale (at most
     0.85, so black text stays readable); transparent for None or a zero scale."""
@@ -138,12 +127,10 @@ def _chips(tokens, ids, values, scale: float, others=None) -> list[dict]:
     out = []
     for p, (text, token_id) in enumerate(zip(tokens, ids)):
         value = None if values is None else float(values[p])
-        other = None if others is None else float(others[p])
         tip = f"pos {p}, id {int(token_id)}: activation {_num(value)}"
         if others is not None:
-            tip += f" as a token, {_num(other)} as the optimized vector"
-        out.append({"text": token_repr(text, token_id), "color": heat(value, scale), "value": _num(value),
-                    "other": _num(other), "tip": tip})
+            tip += f" as a token, {_num(float(others[p]))} as the optimized vector"
+        out.append({"text": token_repr(text, token_id), "color": heat(value, scale), "value": _num(value), "tip": tip})
     return out
 
 
@@ -152,13 +139,17 @@ def render(summary: dict, loss, activation, final_activation, decoded_activation
     """The target page. summary: summary.json (seeds, tokens, token_ids, statistics, diverged, loss_spikes,
     promoted_logits and, from `compare --corpus`, corpus); loss, activation [epochs, runs]; final_activation,
     decoded_activation [runs]; positions {"tokens", "final"} [runs, pos] (the activation at each position)."""
+    from matplotlib.colors import to_hex
+
+    from .figures import seed_colors
+
     seeds, tokens, ids = summary["seeds"], summary["tokens"], summary["token_ids"]
     loss, activation = np.asarray(loss, dtype=float), np.asarray(activation, dtype=float)  # [epochs, runs]
-    colors = seed_hex(len(seeds))
+    colors = [to_hex(c) for c in seed_colors(len(seeds))]  # the figures' and MLflow's charts' seed colours
     diverged = {d["run_index"]: d["reason"] for d in summary.get("diverged") or []}
     spikes = summary.get("loss_spikes") or [None] * len(seeds)
-    at_tokens = None if not positions or "tokens" not in positions else np.asarray(positions["tokens"], float)
-    at_final = None if not positions or "final" not in positions else np.asarray(positions["final"], float)
+    positions = {k: np.asarray(v, float) for k, v in (positions or {}).items()}  # [runs, pos] each
+    at_tokens, at_final = positions.get("tokens"), positions.get("final")
     corpus, logits = summary.get("corpus"), summary.get("promoted_logits")
     ok = [r for r in range(len(seeds)) if r not in diverged]
 
@@ -227,15 +218,12 @@ def page(outcome, title: str = "") -> bytes:
                   outcome.decoded_activation, positions, title=title).encode()
 
 
-def run_link(experiment_id: str, run_id: str, artifact: str = "dashboard.html") -> str:
-    """The MLflow UI's route to a run's artifact, relative to the UI's root (any host): its hash route."""
-    return f"#/experiments/{experiment_id}/runs/{run_id}/artifacts/{artifact}"
-
-
 def render_index(title: str, kind: str, rows: list[dict]) -> str:
     """The index of a compare (kind 'method') or sweep (kind 'target') run: one row per method or target, each
     {name, run_id, experiment_id, headline, unique, agreement, p_agreement, act}, linking to its dashboard."""
-    view_rows = [{**row, "link": run_link(row["experiment_id"], row["run_id"]) if row.get("run_id") else None,
+    # a link is the MLflow UI's hash route to the row's dashboard, relative to the UI's root (any host)
+    view_rows = [{**row, "link": f"#/experiments/{row['experiment_id']}/runs/{row['run_id']}/artifacts/dashboard.html"
+                  if row.get("run_id") else None,
                   **{k: _num(row.get(k)) for k in ("agreement", "p_agreement", "act")},
                   "unique": row.get("unique") or "n/a"} for row in rows]
     return _environment().get_template("index.html.j2").render(title=title, kind=kind, rows=view_rows)
@@ -243,12 +231,12 @@ def render_index(title: str, kind: str, rows: list[dict]) -> str:
 
 def index_row(name: str, run_id: str, experiment_id: str, summary: dict) -> dict:
     """A row of render_index from a target's summary.json."""
+    row = {"name": name, "run_id": run_id, "experiment_id": experiment_id, "headline": headline(summary)}
     stats = summary.get("statistics")
     if not stats:
-        return {"name": name, "run_id": run_id, "experiment_id": experiment_id, "headline": headline(summary)}
+        return row
     null = stats["nulls"].get("decoded_starts") or {}
-    return {"name": name, "run_id": run_id, "experiment_id": experiment_id, "headline": headline(summary),
-            "unique": f"{stats['n_unique_tokens']}/{stats['n_tokens_total']}",
+    return {**row, "unique": f"{stats['n_unique_tokens']}/{stats['n_tokens_total']}",
             "agreement": stats["positional_agreement"],
             "p_agreement": (null.get("positional_agreement") or {}).get("pvalue"),
             "act": stats["decoded_activation"]["mean"]}

@@ -25,12 +25,6 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def _occurrences(ids: np.ndarray) -> np.ndarray:
-    """For each cell, how often its token occurs in the whole matrix: [runs, pos]."""
-    _, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
-    return counts[inverse.reshape(ids.shape)]
-
-
 def seed_colors(n: int) -> list:
     """n distinct colours: matplotlib's default cycle repeats after 10 seeds, which makes seed 0 and seed 10
     look like one run. tab10/tab20 up to 20 seeds, then evenly spaced samples of a perceptual colormap."""
@@ -65,17 +59,17 @@ def token_grid(tokens, ids, seeds):
     """The runs x positions decoded tokens as a table, each cell coloured by how often its token occurs
     anywhere in the grid (1 = unique): repetition across seeds stands out."""
     ids = np.asarray(ids)  # [runs, pos]
-    runs, pos = ids.shape
-    counts = _occurrences(ids)  # [runs, pos]
-    fig = _figure(max(4.0, 1.5 * pos + 2.0), max(2.5, 0.42 * runs + 1.4))
-    ax = fig.subplots()
-    # counts are whole numbers: one colour per count, and a colour bar with integer ticks only
+    from matplotlib import colormaps
     from matplotlib.colors import BoundaryNorm
 
-    # one colour per count from a map resampled to exactly that many: BoundaryNorm refuses more bins than
-    # colours, and a fixed 256 broke the figure (and all logging after it) once a token occurred 256 times
-    from matplotlib import colormaps
-
+    runs, pos = ids.shape
+    _, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
+    counts = counts[inverse.reshape(ids.shape)]  # [runs, pos]: how often each cell's token occurs in the grid
+    fig = _figure(max(4.0, 1.5 * pos + 2.0), max(2.5, 0.42 * runs + 1.4))
+    ax = fig.subplots()
+    # counts are whole numbers: one colour per count from a map resampled to exactly that many (BoundaryNorm
+    # refuses more bins than colours, and a fixed 256 broke the figure, and all logging after it, once a token
+    # occurred 256 times), and a colour bar with integer ticks only
     top = max(2, int(counts.max()))
     norm = BoundaryNorm(np.arange(0.5, top + 1.5), ncolors=top)
     image = ax.imshow(counts, cmap=colormaps["YlOrRd"].resampled(top), norm=norm, aspect="auto")
@@ -168,31 +162,22 @@ def figure_makers(loss, activation, seeds, tokens, ids, final_activation, decode
     return makers
 
 
-def all_figures(*args, **kwargs) -> dict:
-    """Every figure, built, keyed by its artifact path (arguments as figure_makers)."""
-    return {path: make() for path, make in figure_makers(*args, **kwargs).items()}
-
-
-def png_bytes(fig, dpi: float | None = None) -> bytes:
-    """A figure rendered as PNG (Agg), as MLflow's log_figure would save it."""
+def render(makers: dict) -> tuple[dict[str, bytes], dict[str, str]]:
+    """Build and render each figure on its own, as PNG (Agg), as MLflow's log_figure would save it: (path -> PNG
+    bytes of those that rendered, path -> why each other one failed, in one line). A figure is a view of results
+    that are already computed: one that cannot be drawn must never cost the statistics, the tables or the seeds
+    that are logged beside it."""
     import io
     import warnings
 
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():  # a token in a script the font lacks is drawn as a box, not an error
-        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
-        fig.savefig(buffer, format="png", dpi=dpi or "figure")
-    return buffer.getvalue()
-
-
-def render(makers: dict) -> tuple[dict[str, bytes], dict[str, str]]:
-    """Build and render each figure on its own: (path -> PNG bytes of those that rendered, path -> why each
-    other one failed, in one line). A figure is a view of results that are already computed: one that cannot
-    be drawn must never cost the statistics, the tables or the seeds that are logged beside it."""
     rendered, failed = {}, {}
     for path, make in makers.items():
         try:
-            rendered[path] = png_bytes(make())
+            figure, buffer = make(), io.BytesIO()
+            with warnings.catch_warnings():  # a token in a script the font lacks is drawn as a box, not an error
+                warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+                figure.savefig(buffer, format="png", dpi="figure")
+            rendered[path] = buffer.getvalue()
         except Exception as error:  # noqa: BLE001 - any drawing failure costs only this figure
             failed[path] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
     return rendered, failed
@@ -239,7 +224,7 @@ def sweep_map(columns: dict[str, list]):
         values = np.array([np.nan if v is None else v for v in columns[key]], dtype=float)  # [targets]
         if how == "log":
             values = -np.log10(np.clip(values, 1e-300, 1.0))
-        low, high = np.nanmin(values) if np.isfinite(values).any() else 0.0, np.nanmax(values) if np.isfinite(values).any() else 1.0
+        low, high = (np.nanmin(values), np.nanmax(values)) if np.isfinite(values).any() else (0.0, 1.0)
         matrix[row] = (values - low) / (high - low) if high > low else np.where(np.isfinite(values), 0.5, np.nan)
     fig = _figure(min(4 + 0.18 * n, 40), 4.2)
     ax = fig.subplots()
