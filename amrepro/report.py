@@ -313,7 +313,7 @@ def markdown_summary(outcome) -> str:
               "|---" * (len(outcome.tokens[0]) + 2) + "|"]
     for r, (seed, row) in enumerate(zip(outcome.result.seeds, _grid(outcome))):
         cells = ["(diverged)"] * len(outcome.tokens[r]) + ["n/a"] if row is None else \
-            [f"`{t}`".replace("|", "\\|") for t in row] + [_activations(outcome, r)[0]]
+            [f"`{t}`".replace("|", "\\|") for t in row] + [f"{float(outcome.result.final_activation[r]):.3f}"]
         lines.append(f"| {seed} | " + " | ".join(cells) + " |")
     return "\n".join(lines)[:5000]
 
