@@ -30,10 +30,8 @@ def seed_colors(n: int) -> list:
     look like one run. tab10/tab20 up to 20 seeds, then evenly spaced samples of a perceptual colormap."""
     from matplotlib import colormaps
 
-    if n <= 10:
-        return [colormaps["tab10"](i) for i in range(n)]
     if n <= 20:
-        return [colormaps["tab20"](i) for i in range(n)]
+        return [colormaps["tab10" if n <= 10 else "tab20"](i) for i in range(n)]
     return [colormaps["turbo"](x) for x in np.linspace(0.05, 0.95, n)]
 
 
@@ -44,11 +42,11 @@ def curves(loss, activation, seeds):
     ax_loss, ax_act = fig.subplots(1, 2, sharex=True)
     epochs = np.arange(loss.shape[0])
     colors = seed_colors(len(seeds))
-    for r, seed in enumerate(seeds):
-        ax_loss.plot(epochs, loss[:, r], lw=1, color=colors[r], label=f"seed {seed}")
-        ax_act.plot(epochs, activation[:, r], lw=1, color=colors[r], label=f"seed {seed}")
-    ax_loss.set(title="loss", xlabel="epoch", ylabel="loss")
-    ax_act.set(title="mean target activation", xlabel="epoch", ylabel="activation")
+    for ax, values, title, label in ((ax_loss, loss, "loss", "loss"),
+                                     (ax_act, activation, "mean target activation", "activation")):
+        for r, seed in enumerate(seeds):
+            ax.plot(epochs, values[:, r], lw=1, color=colors[r], label=f"seed {seed}")
+        ax.set(title=title, xlabel="epoch", ylabel=label)
     if len(seeds) <= 12:  # beyond that the legend is longer than the plot
         fig.legend(*ax_act.get_legend_handles_labels(), loc="outside right upper", fontsize="small")
     fig.suptitle(f"{len(seeds)} seeds")
@@ -124,7 +122,7 @@ def projection_gap(final_activation, decoded_activation, seeds):
     return fig
 
 
-def hub_tokens(hubs: list[dict], pool_size: int, vocab_size: int, pool_distinct: int | None = None):
+def hub_tokens(hubs: list[dict], pool_size: int, vocab_size: int, pool_distinct: int):
     """The hub tokens of the decoded-starts null: how often random start vectors decode to each of the most
     frequent tokens (count on each bar), against the 1/vocab_size that uniform tokens would give. The title
     compares the distinct tokens of the pool with what uniform tokens give: the top of a small pool is noisy,
@@ -137,11 +135,10 @@ def hub_tokens(hubs: list[dict], pool_size: int, vocab_size: int, pool_distinct:
     ax.axvline(1.0 / vocab_size, color="black", lw=1, ls="--", label=f"uniform: 1/{vocab_size}")
     ax.set_yticks(range(len(hubs)), labels, parse_math=False)
     ax.invert_yaxis()  # most frequent on top
-    title = f"hub tokens of nearest-token decoding (top {len(hubs)}, count on each bar)"
-    if pool_distinct is not None:
-        uniform = vocab_size * (1 - (1 - 1 / vocab_size) ** pool_size)  # expected distinct among uniform tokens
-        title += f"\n{pool_distinct} distinct tokens among the starts; uniform tokens: {uniform:.0f}"
-    ax.set(xlabel=f"frequency among {pool_size} decoded random starts", title=title)
+    uniform = vocab_size * (1 - (1 - 1 / vocab_size) ** pool_size)  # expected distinct among uniform tokens
+    ax.set(xlabel=f"frequency among {pool_size} decoded random starts",
+           title=f"hub tokens of nearest-token decoding (top {len(hubs)}, count on each bar)\n"
+                 f"{pool_distinct} distinct tokens among the starts; uniform tokens: {uniform:.0f}")
     ax.legend(fontsize="small", loc="lower right")
     return fig
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rich.console import Console, Group
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 from .headline import headline
@@ -80,6 +80,10 @@ def _grid(outcome) -> list[list[str] | None]:
             for r, row in enumerate(outcome.tokens)]
 
 
+def _right(*headers: str, **options) -> list[Column]:
+    return [Column(header, justify="right", **options) for header in headers]
+
+
 def _activations(outcome, r: int) -> tuple[str, str]:
     return f"{float(outcome.result.final_activation[r]):.3f}", f"{float(outcome.decoded_activation[r]):.3f}"
 
@@ -97,12 +101,8 @@ def token_table(outcome, title: str = ""):
     widest = max((len(t) for row in grid if row for t in row), default=8)
     if 8 + n_pos * (widest + 3) + 30 > console.width:
         return _token_lines(outcome, title, styled)
-    table = Table(title=title, header_style="bold")
-    table.add_column("seed", justify="right")
-    for p in range(n_pos):
-        table.add_column(f"pos {p}", no_wrap=True, min_width=min(widest, 40))
-    table.add_column("act (final)", justify="right")
-    table.add_column("act (tokens)", justify="right")
+    positions = (Column(f"pos {p}", no_wrap=True, min_width=min(widest, 40)) for p in range(n_pos))
+    table = Table(*_right("seed"), *positions, *_right("act (final)", "act (tokens)"), title=title, header_style="bold")
     for r, (seed, row) in enumerate(zip(outcome.result.seeds, styled)):
         if row is None:
             table.add_row(str(seed), *(["[red]diverged[/]"] + [""] * (n_pos - 1)), "n/a", "n/a")
@@ -152,12 +152,11 @@ def stats_table(stats: dict) -> Table:
     baseline."""
     nulls, initial, boot = stats["nulls"], stats["baselines"]["initial_tokens"], stats["bootstrap"]
     ds, un, name = nulls.get(PRIMARY), nulls["uniform"], primary_name(stats)
-    table = Table(title="Reproducibility statistics (95% intervals)", header_style="bold")
     # One line per row from ~110 columns on; a narrower terminal breaks cells at their spaces and folds (never
     # crops) a number that does not fit.
-    table.add_column("statistic", overflow="fold")
-    for column in ("observed", "bootstrap", f"chance: {name}", "p", "chance: uniform", "p", "initial"):
-        table.add_column(column, justify="right", overflow="fold")
+    table = Table(Column("statistic", overflow="fold"), *_right("observed", "bootstrap", f"chance: {name}", "p",
+                                                                "chance: uniform", "p", "initial", overflow="fold"),
+                  title="Reproducibility statistics (95% intervals)", header_style="bold")
     table.caption = (f"bootstrap: runs resampled. chance: {un['n_draws']} Monte Carlo draws of {name} (the primary "
                      "null: the method's own starts, decoded as its results are) or of uniformly random tokens. p: "
                      "one-sided (unique: as few or fewer; others: as large or larger). initial: the runs' "
@@ -179,14 +178,12 @@ def stats_table(stats: dict) -> Table:
         return "n/a" if not isinstance(d, dict) or d.get(key) is None else f"{d[key]:.2g}"
 
     for stat in REGISTRY:
-        value, first = stats["observed"][stat.key], initial.get(stat.key)
-        shown = num(value, 0 if stat.count else stat.digits)
-        if stat.key == "n_unique":  # the reference's format
-            shown = f"{value}/{stats['n_tokens_total']}"
-        ends, digits, own = (0 if stat.count else stat.digits), (2 if stat.count else 4), ds[stat.key] if ds else None
+        value, own = stats["observed"][stat.key], ds[stat.key] if ds else None
+        ends, digits = (0 if stat.count else stat.digits), (2 if stat.count else 4)
+        shown = f"{value}/{stats['n_tokens_total']}" if stat.key == "n_unique" else num(value, ends)  # as the reference
         table.add_row(stat.label, shown, interval(boot.get(stat.key), 2) if stat.key in boot else "",
                       chance(own, digits, ends), p(own), chance(un[stat.key], digits, ends), p(un[stat.key]),
-                      num(first, ends))
+                      num(initial.get(stat.key), ends))
     table.add_row("unique fraction", num(stats["unique_fraction"]), interval(boot.get("unique_fraction"), 2),
                   "", "", "", "", num(initial.get("unique_fraction")))
     kept = stats["start_token_kept"]  # a row's cells left out are blank (rich)
@@ -237,12 +234,11 @@ def _escape(text: str) -> str:
 
 def print_decoded(run_id: str, rows) -> None:
     """rows: (seed, tokens, matches the logged tokens.json)."""
-    table = Table(title=f"Tokens re-derived from the logged final embeddings of {run_id}", header_style="bold")
-    table.add_column("seed", justify="right")
-    table.add_column("tokens")
-    table.add_column("= tokens.json")
+    table = Table(*_right("seed"), "tokens", "= tokens.json",
+                  title=f"Tokens re-derived from the logged final embeddings of {run_id}", header_style="bold")
     for seed, tokens, match in rows:
-        table.add_row(str(seed), _escape(" | ".join(repr(t) for t in tokens)), "[green]yes[/]" if match else "[red]NO[/]")
+        table.add_row(str(seed), _escape(" | ".join(repr(t) for t in tokens)),
+                      "[green]yes[/]" if match else "[red]NO[/]")
     console.print(table)
     bad = sum(not match for _, _, match in rows)
     console.print("all tokens match the logged tokens.json." if not bad
@@ -250,9 +246,8 @@ def print_decoded(run_id: str, rows) -> None:
 
 
 def print_reproduction(run_id: str, rows: list[dict], differences: dict, verdict: str, new_run: str) -> None:
-    table = Table(title=f"Reproducing {run_id}", header_style="bold")
-    for column in ("seed", "initial identical", "final identical", "max |delta| final", "tokens identical"):
-        table.add_column(column, justify="right")
+    table = Table(*_right("seed", "initial identical", "final identical", "max |delta| final", "tokens identical"),
+                  title=f"Reproducing {run_id}", header_style="bold")
     yes = lambda ok: "[green]yes[/]" if ok else "[red]no[/]"  # noqa: E731
     for row in rows:
         table.add_row(str(row["seed"]), yes(row["initial_identical"]), yes(row["final_identical"]),
@@ -326,10 +321,9 @@ def _num(x, digits: int = 3, missing: str = "n/a") -> str:
 
 def print_compare(rows: list[dict], top_run: str, uri: str) -> None:
     """`amrepro compare`: one row per method (and the corpus), p-values under each method's own start null."""
-    table = Table(title="methods compared (p: under each method's own start distribution; p unif: uniform tokens)")
     stat_heads = [h for s in REGISTRY for h in (s.label, "p", *(["p unif"] if s.uniform_column else []))]
-    for name in ("method", "act mean", "act best", "p99", *stat_heads, "xent", "wall s"):
-        table.add_column(name, justify="left" if name == "method" else "right")
+    table = Table("method", *_right("act mean", "act best", "p99", *stat_heads, "xent", "wall s"),
+                  title="methods compared (p: under each method's own start distribution; p unif: uniform tokens)")
 
     def f(x, digits=3):
         return _num(x, digits, "-")
