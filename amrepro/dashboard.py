@@ -8,8 +8,8 @@ same-origin, no top-level navigation. So the page carries everything inline (CSS
 files, no CDN) and needs no script; the index pages' one script only turns their links into absolute ones.
 
 render() and render_index() are pure: plain data in (the summary.json dict, arrays of curves), HTML out, through
-the Jinja2 templates in templates/ (autoescaped: token strings are arbitrary text). page() and index_page() gather
-that data from an Outcome or from runs' rows. Nothing here talks to MLflow.
+the Jinja2 templates in templates/ (autoescaped: token strings are arbitrary text). page() gathers that data from an
+Outcome, index_row() and sweep_rows() from runs' summaries or a sweep's table. Nothing here talks to MLflow.
 """
 
 from __future__ import annotations
@@ -65,9 +65,9 @@ def _ticks(low: float, high: float, n: int = 5) -> list[float]:
     return [float(v) + 0.0 for v in np.arange(np.ceil(low / step) * step, high + step * 1e-9, step)]  # no -0
 
 
-def downsample(n: int, keep=(), points: int = CURVE_POINTS) -> np.ndarray:
-    """Indices 0..n-1 thinned to about `points`, always with the first, the last and those in keep (spikes)."""
-    picked = np.linspace(0, n - 1, min(n, points)).round().astype(int)
+def downsample(n: int, keep=()) -> np.ndarray:
+    """Indices 0..n-1 thinned to about CURVE_POINTS, always with the first, the last and those in keep (spikes)."""
+    picked = np.linspace(0, n - 1, min(n, CURVE_POINTS)).round().astype(int)
     return np.unique(np.concatenate([picked, np.asarray([k for k in keep if 0 <= k < n], dtype=int)]))
 
 
@@ -76,7 +76,8 @@ def panel(curves, title: str, marks=()) -> dict:
     dropped), marks [(colour, epoch, y, label)] as circles."""
     p = PANEL
     w, h = p["width"] - p["left"] - p["right"], p["height"] - p["top"] - p["bottom"]
-    values = np.concatenate([np.asarray(ys, dtype=float) for _, ys in curves]) if curves else np.zeros(1)
+    curves = [(color, np.asarray(ys, dtype=float)) for color, ys in curves]
+    values = np.concatenate([ys for _, ys in curves]) if curves else np.zeros(1)
     finite = values[np.isfinite(values)]
     low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     if high <= low:
@@ -85,11 +86,8 @@ def panel(curves, title: str, marks=()) -> dict:
     x = lambda e: p["left"] + w * e / (n - 1)  # noqa: E731
     y = lambda v: p["top"] + h * (high - v) / (high - low)  # noqa: E731
     keep = [epoch for _, epoch, _, _ in marks]
-    lines = []
-    for color, ys in curves:
-        ys = np.asarray(ys, dtype=float)
-        idx = [i for i in downsample(len(ys), keep) if np.isfinite(ys[i])]
-        lines.append({"color": color, "points": " ".join(f"{x(i):.1f},{y(ys[i]):.1f}" for i in idx)})
+    lines = [{"color": color, "points": " ".join(f"{x(i):.1f},{y(ys[i]):.1f}" for i in downsample(len(ys), keep)
+                                                 if np.isfinite(ys[i]))} for color, ys in curves]
     return {**p, "title": title, "lines": lines,
             "x_ticks": [{"at": x(t), "label": f"{t:g}"} for t in _ticks(0, n - 1) if t == int(t)],
             "y_ticks": [{"at": y(t), "label": f"{t:.3g}"} for t in _ticks(low, high)],
@@ -104,9 +102,8 @@ def histogram(corpus: dict, seeds: list[dict]) -> dict:
     counts = np.asarray(corpus["histogram"]["counts"], dtype=float)  # [bins]
     edges = np.asarray(corpus["histogram"]["edges"], dtype=float)  # [bins + 1]
     w, h = p["width"] - p["left"] - p["right"], p["height"] - p["top"] - p["bottom"]
-    low, high = float(edges[0]), float(edges[-1])
     marks = [s["act_tokens"] for s in seeds if s["act_tokens"] is not None]
-    low, high = min([low, *marks]), max([high, *marks])
+    low, high = min([float(edges[0]), *marks]), max([float(edges[-1]), *marks])
     if high <= low:
         low, high = low - 0.5, high + 0.5
     x = lambda v: p["left"] + w * (v - low) / (high - low)  # noqa: E731
@@ -153,11 +150,9 @@ def render(summary: dict, loss, activation, final_activation, decoded_activation
     corpus, logits = summary.get("corpus"), summary.get("promoted_logits")
     ok = [r for r in range(len(seeds)) if r not in diverged]
 
-    def scale_of(*arrays) -> float:
-        values = np.concatenate([np.abs(np.asarray(a, dtype=float)).ravel() for a in arrays if a is not None]
-                                or [np.zeros(1)])
-        values = values[np.isfinite(values)]
-        return float(values.max()) if values.size else 0.0
+    def scale_of(*arrays) -> float:  # the largest finite |activation|, 0 for none
+        values = np.abs(np.concatenate([np.asarray(a, dtype=float).ravel() for a in arrays if a is not None] or [[]]))
+        return float(values[np.isfinite(values)].max(initial=0.0))
 
     # real tokens (the seeds' and the corpus windows') share one colour scale; the optimized vectors have theirs
     token_scale = scale_of(None if at_tokens is None else at_tokens[ok],
