@@ -13,10 +13,10 @@ import numpy as np
 LABEL_LIMIT = 18  # characters of a token label before it is shortened with an ellipsis
 
 
-def token_label(text: str, limit: int = LABEL_LIMIT) -> str:
-    """repr() of a token (quotes show leading spaces, escapes show newlines), shortened to limit characters."""
+def token_label(text: str) -> str:
+    """repr() of a token (quotes show leading spaces, escapes show newlines), shortened to LABEL_LIMIT characters."""
     shown = repr(text)
-    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
+    return shown if len(shown) <= LABEL_LIMIT else shown[: LABEL_LIMIT - 1] + "…"
 
 
 def _figure(width: float, height: float):
@@ -72,11 +72,9 @@ def token_grid(tokens, ids, seeds):
     norm = BoundaryNorm(np.arange(0.5, top + 1.5), ncolors=top)
     image = ax.imshow(counts, cmap=colormaps["YlOrRd"].resampled(top), norm=norm, aspect="auto")
     fontsize = 9 if runs <= 20 and pos <= 10 else 6
-    for r in range(runs):
-        for p in range(pos):
-            dark = counts[r, p] > 0.6 * max(2, counts.max())  # white text on the darkest cells
-            ax.text(p, r, token_label(tokens[r][p]), ha="center", va="center", fontsize=fontsize,
-                    color="white" if dark else "black", parse_math=False)
+    for (r, p), count in np.ndenumerate(counts):
+        ax.text(p, r, token_label(tokens[r][p]), ha="center", va="center", fontsize=fontsize,
+                color="white" if count > 0.6 * top else "black", parse_math=False)  # white on the darkest cells
     ax.set_xticks(range(pos), [f"pos {p}" for p in range(pos)])
     ax.set_yticks(range(runs), [f"seed {s}" for s in seeds])
     ax.set_title(f"decoded tokens: {np.unique(ids).size}/{ids.size} unique")
@@ -160,10 +158,9 @@ def figure_makers(loss, activation, seeds, tokens, ids, final_activation, decode
 
 
 def render(makers: dict) -> tuple[dict[str, bytes], dict[str, str]]:
-    """Build and render each figure on its own, as PNG (Agg), as MLflow's log_figure would save it: (path -> PNG
-    bytes of those that rendered, path -> why each other one failed, in one line). A figure is a view of results
-    that are already computed: one that cannot be drawn must never cost the statistics, the tables or the seeds
-    that are logged beside it."""
+    """Build each figure and render it as MLflow's log_figure would (PNG, Agg), on its own: (path -> PNG bytes, path
+    -> why it failed, in one line). A figure is a view of results already computed: one that cannot be drawn must
+    never cost the statistics, the tables or the seeds logged beside it."""
     import io
     import warnings
 
@@ -231,7 +228,8 @@ def sweep_map(columns: dict[str, list]):
     image = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, vmin=0, vmax=1, aspect="auto", interpolation="nearest")
     for row, key in ((0, "agreement_above_chance"), (1, "jaccard_above_chance"), (4, "unique_below_chance")):
         hits = [t for t, v in enumerate(columns[key]) if v == 1.0]
-        ax.scatter(hits, [row] * len(hits), marker="o", s=14, color="red", label="claimed by the verdict" if row == 0 else None)
+        ax.scatter(hits, [row] * len(hits), marker="o", s=14, color="red",
+                   label="claimed by the verdict" if row == 0 else None)
     ax.set_yticks(range(len(SWEEP_MAP_ROWS)), [label for _, label, _ in SWEEP_MAP_ROWS])
     if n <= 40:
         ax.set_xticks(range(n), columns["target"], rotation=90, fontsize="x-small", parse_math=False)

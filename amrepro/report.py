@@ -90,8 +90,7 @@ def _activations(outcome, r: int) -> tuple[str, str]:
 
 def token_table(outcome, title: str = ""):
     """The decoded tokens, one row per seed, each token whole (repr, so spaces and escapes show). When a table
-    of whole tokens is wider than the console, one line per seed instead of cut tokens. title: by default
-    'Decoded tokens (<target>)'."""
+    of whole tokens is wider than the console, one line per seed instead of cut tokens."""
     title = title or f"Decoded tokens ({outcome.target.name})"
     grid, n_pos = _grid(outcome), len(outcome.tokens[0])
     repeated = {row["id"] for row in outcome.summary.get("counts", []) if row["count"] > 1}
@@ -147,9 +146,8 @@ def primary_name(stats: dict) -> str:
 
 
 def stats_table(stats: dict) -> Table:
-    """Observed statistics (stats.REGISTRY, in its order) with their bootstrap interval, next to the two chance
-    levels (the method's own starts first: the primary null) with their one-sided p-values, and the un-optimized
-    baseline."""
+    """Observed statistics (stats.REGISTRY order) with their bootstrap interval, the two chance levels (the primary
+    null, the method's own starts, first) with their one-sided p-values, and the un-optimized baseline."""
     nulls, initial, boot = stats["nulls"], stats["baselines"]["initial_tokens"], stats["bootstrap"]
     ds, un, name = nulls.get(PRIMARY), nulls["uniform"], primary_name(stats)
     # One line per row from ~110 columns on; a narrower terminal breaks cells at their spaces and folds (never
