@@ -200,7 +200,7 @@ def render(summary: dict, loss, activation, final_activation, decoded_activation
                                          token_scale)} for w in corpus["top"]],
         }
     if logits:
-        view["logits"] = {end: [{"text": token_repr(t["token"], t["id"]), "id": t["id"], "value": _num(t["logit"])}
+        view["logits"] = {end: [{"text": token_repr(t["token"], t["id"]), "value": _num(t["logit"])}
                                 for t in logits[end]] for end in ("top", "bottom")}
     return _environment().get_template("dashboard.html.j2").render(**view)
 
