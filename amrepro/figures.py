@@ -56,10 +56,10 @@ def curves(loss, activation, seeds):
 def token_grid(tokens, ids, seeds):
     """The runs x positions decoded tokens as a table, each cell coloured by how often its token occurs
     anywhere in the grid (1 = unique): repetition across seeds stands out."""
-    ids = np.asarray(ids)  # [runs, pos]
     from matplotlib import colormaps
     from matplotlib.colors import BoundaryNorm
 
+    ids = np.asarray(ids)  # [runs, pos]
     runs, pos = ids.shape
     _, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
     counts = counts[inverse.reshape(ids.shape)]  # [runs, pos]: how often each cell's token occurs in the grid
