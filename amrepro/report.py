@@ -163,17 +163,15 @@ def stats_table(stats: dict) -> Table:
     def num(x, digits=3):
         return "n/a" if x is None else f"{x:.{digits}f}"
 
+    # d: a dict of mean, low, high and pvalue, as nulls.interval gives them; None where there is none
     def interval(d, digits):
-        if not isinstance(d, dict) or d.get("low") is None:
-            return "n/a"
-        return f"[{num(d['low'], digits)}, {num(d['high'], digits)}]"
+        return "n/a" if not d or d.get("low") is None else f"[{num(d['low'], digits)}, {num(d['high'], digits)}]"
 
     def chance(d, digits, ends):
-        missing = not isinstance(d, dict) or d.get("mean") is None
-        return "n/a" if missing else f"{num(d['mean'], digits)} {interval(d, ends)}"
+        return "n/a" if not d or d.get("mean") is None else f"{num(d['mean'], digits)} {interval(d, ends)}"
 
     def p(d, key="pvalue"):
-        return "n/a" if not isinstance(d, dict) or d.get(key) is None else f"{d[key]:.2g}"
+        return "n/a" if not d or d.get(key) is None else f"{d[key]:.2g}"
 
     for stat in REGISTRY:
         value, own = stats["observed"][stat.key], ds[stat.key] if ds else None
