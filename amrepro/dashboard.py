@@ -8,8 +8,8 @@ same-origin, no top-level navigation. So the page carries everything inline (CSS
 files, no CDN) and needs no script; the index pages' one script only turns their links into absolute ones.
 
 render() and render_index() are pure: plain data in (the summary.json dict, arrays of curves), HTML out, through
-the Jinja2 templates in templates/ (autoescaped: token strings are arbitrary text). page() and index_page() gather
-that data from an Outcome or from runs' rows. Nothing here talks to MLflow.
+the Jinja2 templates in templates/ (autoescaped: token strings are arbitrary text). page() gathers that data from an
+Outcome, index_row() and sweep_rows() from runs' summaries or a sweep's table. Nothing here talks to MLflow.
 """
 
 from __future__ import annotations
@@ -36,17 +36,6 @@ def _environment():
     return Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"), undefined=StrictUndefined,
                        autoescape=select_autoescape(default=True, default_for_string=True), trim_blocks=True,
                        lstrip_blocks=True)
-
-
-def _hex(colors) -> list[str]:
-    return ["#%02x%02x%02x" % tuple(int(round(255 * c)) for c in rgba[:3]) for rgba in colors]
-
-
-def seed_hex(n: int) -> list[str]:
-    """The seeds' colours of the figures and of MLflow's charts (figures.seed_colors)."""
-    from .figures import seed_colors
-
-    return _hex(seed_colors(n))
 
 
 def heat(value: float | None, scale: float) -> str:
@@ -76,9 +65,9 @@ def _ticks(low: float, high: float, n: int = 5) -> list[float]:
     return [float(v) + 0.0 for v in np.arange(np.ceil(low / step) * step, high + step * 1e-9, step)]  # no -0
 
 
-def downsample(n: int, keep=(), points: int = CURVE_POINTS) -> np.ndarray:
-    """Indices 0..n-1 thinned to about `points`, always with the first, the last and those in keep (spikes)."""
-    picked = np.linspace(0, n - 1, min(n, points)).round().astype(int)
+def downsample(n: int, keep=()) -> np.ndarray:
+    """Indices 0..n-1 thinned to about CURVE_POINTS, always with the first, the last and those in keep (spikes)."""
+    picked = np.linspace(0, n - 1, min(n, CURVE_POINTS)).round().astype(int)
     return np.unique(np.concatenate([picked, np.asarray([k for k in keep if 0 <= k < n], dtype=int)]))
 
 
@@ -87,7 +76,8 @@ def panel(curves, title: str, marks=()) -> dict:
     dropped), marks [(colour, epoch, y, label)] as circles."""
     p = PANEL
     w, h = p["width"] - p["left"] - p["right"], p["height"] - p["top"] - p["bottom"]
-    values = np.concatenate([np.asarray(ys, dtype=float) for _, ys in curves]) if curves else np.zeros(1)
+    curves = [(color, np.asarray(ys, dtype=float)) for color, ys in curves]
+    values = np.concatenate([ys for _, ys in curves]) if curves else np.zeros(1)
     finite = values[np.isfinite(values)]
     low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     if high <= low:
@@ -96,11 +86,8 @@ def panel(curves, title: str, marks=()) -> dict:
     x = lambda e: p["left"] + w * e / (n - 1)  # noqa: E731
     y = lambda v: p["top"] + h * (high - v) / (high - low)  # noqa: E731
     keep = [epoch for _, epoch, _, _ in marks]
-    lines = []
-    for color, ys in curves:
-        ys = np.asarray(ys, dtype=float)
-        idx = [i for i in downsample(len(ys), keep) if np.isfinite(ys[i])]
-        lines.append({"color": color, "points": " ".join(f"{x(i):.1f},{y(ys[i]):.1f}" for i in idx)})
+    lines = [{"color": color, "points": " ".join(f"{x(i):.1f},{y(ys[i]):.1f}" for i in downsample(len(ys), keep)
+                                                 if np.isfinite(ys[i]))} for color, ys in curves]
     return {**p, "title": title, "lines": lines,
             "x_ticks": [{"at": x(t), "label": f"{t:g}"} for t in _ticks(0, n - 1) if t == int(t)],
             "y_ticks": [{"at": y(t), "label": f"{t:.3g}"} for t in _ticks(low, high)],
@@ -115,9 +102,8 @@ def histogram(corpus: dict, seeds: list[dict]) -> dict:
     counts = np.asarray(corpus["histogram"]["counts"], dtype=float)  # [bins]
     edges = np.asarray(corpus["histogram"]["edges"], dtype=float)  # [bins + 1]
     w, h = p["width"] - p["left"] - p["right"], p["height"] - p["top"] - p["bottom"]
-    low, high = float(edges[0]), float(edges[-1])
     marks = [s["act_tokens"] for s in seeds if s["act_tokens"] is not None]
-    low, high = min([low, *marks]), max([high, *marks])
+    low, high = min([float(edges[0]), *marks]), max([float(edges[-1]), *marks])
     if high <= low:
         low, high = low - 0.5, high + 0.5
     x = lambda v: p["left"] + w * (v - low) / (high - low)  # noqa: E731
@@ -138,12 +124,10 @@ def _chips(tokens, ids, values, scale: float, others=None) -> list[dict]:
     out = []
     for p, (text, token_id) in enumerate(zip(tokens, ids)):
         value = None if values is None else float(values[p])
-        other = None if others is None else float(others[p])
         tip = f"pos {p}, id {int(token_id)}: activation {_num(value)}"
         if others is not None:
-            tip += f" as a token, {_num(other)} as the optimized vector"
-        out.append({"text": token_repr(text, token_id), "color": heat(value, scale), "value": _num(value),
-                    "other": _num(other), "tip": tip})
+            tip += f" as a token, {_num(float(others[p]))} as the optimized vector"
+        out.append({"text": token_repr(text, token_id), "color": heat(value, scale), "value": _num(value), "tip": tip})
     return out
 
 
@@ -152,21 +136,23 @@ def render(summary: dict, loss, activation, final_activation, decoded_activation
     """The target page. summary: summary.json (seeds, tokens, token_ids, statistics, diverged, loss_spikes,
     promoted_logits and, from `compare --corpus`, corpus); loss, activation [epochs, runs]; final_activation,
     decoded_activation [runs]; positions {"tokens", "final"} [runs, pos] (the activation at each position)."""
+    from matplotlib.colors import to_hex
+
+    from .figures import seed_colors
+
     seeds, tokens, ids = summary["seeds"], summary["tokens"], summary["token_ids"]
     loss, activation = np.asarray(loss, dtype=float), np.asarray(activation, dtype=float)  # [epochs, runs]
-    colors = seed_hex(len(seeds))
+    colors = [to_hex(c) for c in seed_colors(len(seeds))]  # the figures' and MLflow's charts' seed colours
     diverged = {d["run_index"]: d["reason"] for d in summary.get("diverged") or []}
     spikes = summary.get("loss_spikes") or [None] * len(seeds)
-    at_tokens = None if not positions or "tokens" not in positions else np.asarray(positions["tokens"], float)
-    at_final = None if not positions or "final" not in positions else np.asarray(positions["final"], float)
+    positions = {k: np.asarray(v, float) for k, v in (positions or {}).items()}  # [runs, pos] each
+    at_tokens, at_final = positions.get("tokens"), positions.get("final")
     corpus, logits = summary.get("corpus"), summary.get("promoted_logits")
     ok = [r for r in range(len(seeds)) if r not in diverged]
 
-    def scale_of(*arrays) -> float:
-        values = np.concatenate([np.abs(np.asarray(a, dtype=float)).ravel() for a in arrays if a is not None]
-                                or [np.zeros(1)])
-        values = values[np.isfinite(values)]
-        return float(values.max()) if values.size else 0.0
+    def scale_of(*arrays) -> float:  # the largest finite |activation|, 0 for none
+        values = np.abs(np.concatenate([np.asarray(a, dtype=float).ravel() for a in arrays if a is not None] or [[]]))
+        return float(values[np.isfinite(values)].max(initial=0.0))
 
     # real tokens (the seeds' and the corpus windows') share one colour scale; the optimized vectors have theirs
     token_scale = scale_of(None if at_tokens is None else at_tokens[ok],
@@ -214,7 +200,7 @@ def render(summary: dict, loss, activation, final_activation, decoded_activation
                                          token_scale)} for w in corpus["top"]],
         }
     if logits:
-        view["logits"] = {end: [{"text": token_repr(t["token"], t["id"]), "id": t["id"], "value": _num(t["logit"])}
+        view["logits"] = {end: [{"text": token_repr(t["token"], t["id"]), "value": _num(t["logit"])}
                                 for t in logits[end]] for end in ("top", "bottom")}
     return _environment().get_template("dashboard.html.j2").render(**view)
 
@@ -227,15 +213,12 @@ def page(outcome, title: str = "") -> bytes:
                   outcome.decoded_activation, positions, title=title).encode()
 
 
-def run_link(experiment_id: str, run_id: str, artifact: str = "dashboard.html") -> str:
-    """The MLflow UI's route to a run's artifact, relative to the UI's root (any host): its hash route."""
-    return f"#/experiments/{experiment_id}/runs/{run_id}/artifacts/{artifact}"
-
-
 def render_index(title: str, kind: str, rows: list[dict]) -> str:
     """The index of a compare (kind 'method') or sweep (kind 'target') run: one row per method or target, each
     {name, run_id, experiment_id, headline, unique, agreement, p_agreement, act}, linking to its dashboard."""
-    view_rows = [{**row, "link": run_link(row["experiment_id"], row["run_id"]) if row.get("run_id") else None,
+    # a link is the MLflow UI's hash route to the row's dashboard, relative to the UI's root (any host)
+    view_rows = [{**row, "link": f"#/experiments/{row['experiment_id']}/runs/{row['run_id']}/artifacts/dashboard.html"
+                  if row.get("run_id") else None,
                   **{k: _num(row.get(k)) for k in ("agreement", "p_agreement", "act")},
                   "unique": row.get("unique") or "n/a"} for row in rows]
     return _environment().get_template("index.html.j2").render(title=title, kind=kind, rows=view_rows)
@@ -243,12 +226,12 @@ def render_index(title: str, kind: str, rows: list[dict]) -> str:
 
 def index_row(name: str, run_id: str, experiment_id: str, summary: dict) -> dict:
     """A row of render_index from a target's summary.json."""
+    row = {"name": name, "run_id": run_id, "experiment_id": experiment_id, "headline": headline(summary)}
     stats = summary.get("statistics")
     if not stats:
-        return {"name": name, "run_id": run_id, "experiment_id": experiment_id, "headline": headline(summary)}
+        return row
     null = stats["nulls"].get("decoded_starts") or {}
-    return {"name": name, "run_id": run_id, "experiment_id": experiment_id, "headline": headline(summary),
-            "unique": f"{stats['n_unique_tokens']}/{stats['n_tokens_total']}",
+    return {**row, "unique": f"{stats['n_unique_tokens']}/{stats['n_tokens_total']}",
             "agreement": stats["positional_agreement"],
             "p_agreement": (null.get("positional_agreement") or {}).get("pvalue"),
             "act": stats["decoded_activation"]["mean"]}

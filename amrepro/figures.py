@@ -13,10 +13,10 @@ import numpy as np
 LABEL_LIMIT = 18  # characters of a token label before it is shortened with an ellipsis
 
 
-def token_label(text: str, limit: int = LABEL_LIMIT) -> str:
-    """repr() of a token (quotes show leading spaces, escapes show newlines), shortened to limit characters."""
+def token_label(text: str) -> str:
+    """repr() of a token (quotes show leading spaces, escapes show newlines), shortened to LABEL_LIMIT characters."""
     shown = repr(text)
-    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
+    return shown if len(shown) <= LABEL_LIMIT else shown[: LABEL_LIMIT - 1] + "…"
 
 
 def _figure(width: float, height: float):
@@ -25,21 +25,13 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def _occurrences(ids: np.ndarray) -> np.ndarray:
-    """For each cell, how often its token occurs in the whole matrix: [runs, pos]."""
-    _, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
-    return counts[inverse.reshape(ids.shape)]
-
-
 def seed_colors(n: int) -> list:
     """n distinct colours: matplotlib's default cycle repeats after 10 seeds, which makes seed 0 and seed 10
     look like one run. tab10/tab20 up to 20 seeds, then evenly spaced samples of a perceptual colormap."""
     from matplotlib import colormaps
 
-    if n <= 10:
-        return [colormaps["tab10"](i) for i in range(n)]
     if n <= 20:
-        return [colormaps["tab20"](i) for i in range(n)]
+        return [colormaps["tab10" if n <= 10 else "tab20"](i) for i in range(n)]
     return [colormaps["turbo"](x) for x in np.linspace(0.05, 0.95, n)]
 
 
@@ -50,11 +42,11 @@ def curves(loss, activation, seeds):
     ax_loss, ax_act = fig.subplots(1, 2, sharex=True)
     epochs = np.arange(loss.shape[0])
     colors = seed_colors(len(seeds))
-    for r, seed in enumerate(seeds):
-        ax_loss.plot(epochs, loss[:, r], lw=1, color=colors[r], label=f"seed {seed}")
-        ax_act.plot(epochs, activation[:, r], lw=1, color=colors[r], label=f"seed {seed}")
-    ax_loss.set(title="loss", xlabel="epoch", ylabel="loss")
-    ax_act.set(title="mean target activation", xlabel="epoch", ylabel="activation")
+    for ax, values, title, label in ((ax_loss, loss, "loss", "loss"),
+                                     (ax_act, activation, "mean target activation", "activation")):
+        for r, seed in enumerate(seeds):
+            ax.plot(epochs, values[:, r], lw=1, color=colors[r], label=f"seed {seed}")
+        ax.set(title=title, xlabel="epoch", ylabel=label)
     if len(seeds) <= 12:  # beyond that the legend is longer than the plot
         fig.legend(*ax_act.get_legend_handles_labels(), loc="outside right upper", fontsize="small")
     fig.suptitle(f"{len(seeds)} seeds")
@@ -64,27 +56,25 @@ def curves(loss, activation, seeds):
 def token_grid(tokens, ids, seeds):
     """The runs x positions decoded tokens as a table, each cell coloured by how often its token occurs
     anywhere in the grid (1 = unique): repetition across seeds stands out."""
-    ids = np.asarray(ids)  # [runs, pos]
-    runs, pos = ids.shape
-    counts = _occurrences(ids)  # [runs, pos]
-    fig = _figure(max(4.0, 1.5 * pos + 2.0), max(2.5, 0.42 * runs + 1.4))
-    ax = fig.subplots()
-    # counts are whole numbers: one colour per count, and a colour bar with integer ticks only
+    from matplotlib import colormaps
     from matplotlib.colors import BoundaryNorm
 
-    # one colour per count from a map resampled to exactly that many: BoundaryNorm refuses more bins than
-    # colours, and a fixed 256 broke the figure (and all logging after it) once a token occurred 256 times
-    from matplotlib import colormaps
-
+    ids = np.asarray(ids)  # [runs, pos]
+    runs, pos = ids.shape
+    _, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
+    counts = counts[inverse.reshape(ids.shape)]  # [runs, pos]: how often each cell's token occurs in the grid
+    fig = _figure(max(4.0, 1.5 * pos + 2.0), max(2.5, 0.42 * runs + 1.4))
+    ax = fig.subplots()
+    # counts are whole numbers: one colour per count from a map resampled to exactly that many (BoundaryNorm
+    # refuses more bins than colours, and a fixed 256 broke the figure, and all logging after it, once a token
+    # occurred 256 times), and a colour bar with integer ticks only
     top = max(2, int(counts.max()))
     norm = BoundaryNorm(np.arange(0.5, top + 1.5), ncolors=top)
     image = ax.imshow(counts, cmap=colormaps["YlOrRd"].resampled(top), norm=norm, aspect="auto")
     fontsize = 9 if runs <= 20 and pos <= 10 else 6
-    for r in range(runs):
-        for p in range(pos):
-            dark = counts[r, p] > 0.6 * max(2, counts.max())  # white text on the darkest cells
-            ax.text(p, r, token_label(tokens[r][p]), ha="center", va="center", fontsize=fontsize,
-                    color="white" if dark else "black", parse_math=False)
+    for (r, p), count in np.ndenumerate(counts):
+        ax.text(p, r, token_label(tokens[r][p]), ha="center", va="center", fontsize=fontsize,
+                color="white" if count > 0.6 * top else "black", parse_math=False)  # white on the darkest cells
     ax.set_xticks(range(pos), [f"pos {p}" for p in range(pos)])
     ax.set_yticks(range(runs), [f"seed {s}" for s in seeds])
     ax.set_title(f"decoded tokens: {np.unique(ids).size}/{ids.size} unique")
@@ -130,7 +120,7 @@ def projection_gap(final_activation, decoded_activation, seeds):
     return fig
 
 
-def hub_tokens(hubs: list[dict], pool_size: int, vocab_size: int, pool_distinct: int | None = None):
+def hub_tokens(hubs: list[dict], pool_size: int, vocab_size: int, pool_distinct: int):
     """The hub tokens of the decoded-starts null: how often random start vectors decode to each of the most
     frequent tokens (count on each bar), against the 1/vocab_size that uniform tokens would give. The title
     compares the distinct tokens of the pool with what uniform tokens give: the top of a small pool is noisy,
@@ -143,11 +133,10 @@ def hub_tokens(hubs: list[dict], pool_size: int, vocab_size: int, pool_distinct:
     ax.axvline(1.0 / vocab_size, color="black", lw=1, ls="--", label=f"uniform: 1/{vocab_size}")
     ax.set_yticks(range(len(hubs)), labels, parse_math=False)
     ax.invert_yaxis()  # most frequent on top
-    title = f"hub tokens of nearest-token decoding (top {len(hubs)}, count on each bar)"
-    if pool_distinct is not None:
-        uniform = vocab_size * (1 - (1 - 1 / vocab_size) ** pool_size)  # expected distinct among uniform tokens
-        title += f"\n{pool_distinct} distinct tokens among the starts; uniform tokens: {uniform:.0f}"
-    ax.set(xlabel=f"frequency among {pool_size} decoded random starts", title=title)
+    uniform = vocab_size * (1 - (1 - 1 / vocab_size) ** pool_size)  # expected distinct among uniform tokens
+    ax.set(xlabel=f"frequency among {pool_size} decoded random starts",
+           title=f"hub tokens of nearest-token decoding (top {len(hubs)}, count on each bar)\n"
+                 f"{pool_distinct} distinct tokens among the starts; uniform tokens: {uniform:.0f}")
     ax.legend(fontsize="small", loc="lower right")
     return fig
 
@@ -168,31 +157,21 @@ def figure_makers(loss, activation, seeds, tokens, ids, final_activation, decode
     return makers
 
 
-def all_figures(*args, **kwargs) -> dict:
-    """Every figure, built, keyed by its artifact path (arguments as figure_makers)."""
-    return {path: make() for path, make in figure_makers(*args, **kwargs).items()}
-
-
-def png_bytes(fig, dpi: float | None = None) -> bytes:
-    """A figure rendered as PNG (Agg), as MLflow's log_figure would save it."""
+def render(makers: dict) -> tuple[dict[str, bytes], dict[str, str]]:
+    """Build each figure and render it as MLflow's log_figure would (PNG, Agg), on its own: (path -> PNG bytes, path
+    -> why it failed, in one line). A figure is a view of results already computed: one that cannot be drawn must
+    never cost the statistics, the tables or the seeds logged beside it."""
     import io
     import warnings
 
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():  # a token in a script the font lacks is drawn as a box, not an error
-        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
-        fig.savefig(buffer, format="png", dpi=dpi or "figure")
-    return buffer.getvalue()
-
-
-def render(makers: dict) -> tuple[dict[str, bytes], dict[str, str]]:
-    """Build and render each figure on its own: (path -> PNG bytes of those that rendered, path -> why each
-    other one failed, in one line). A figure is a view of results that are already computed: one that cannot
-    be drawn must never cost the statistics, the tables or the seeds that are logged beside it."""
     rendered, failed = {}, {}
     for path, make in makers.items():
         try:
-            rendered[path] = png_bytes(make())
+            figure, buffer = make(), io.BytesIO()
+            with warnings.catch_warnings():  # a token in a script the font lacks is drawn as a box, not an error
+                warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+                figure.savefig(buffer, format="png", dpi="figure")
+            rendered[path] = buffer.getvalue()
         except Exception as error:  # noqa: BLE001 - any drawing failure costs only this figure
             failed[path] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
     return rendered, failed
@@ -239,7 +218,7 @@ def sweep_map(columns: dict[str, list]):
         values = np.array([np.nan if v is None else v for v in columns[key]], dtype=float)  # [targets]
         if how == "log":
             values = -np.log10(np.clip(values, 1e-300, 1.0))
-        low, high = np.nanmin(values) if np.isfinite(values).any() else 0.0, np.nanmax(values) if np.isfinite(values).any() else 1.0
+        low, high = (np.nanmin(values), np.nanmax(values)) if np.isfinite(values).any() else (0.0, 1.0)
         matrix[row] = (values - low) / (high - low) if high > low else np.where(np.isfinite(values), 0.5, np.nan)
     fig = _figure(min(4 + 0.18 * n, 40), 4.2)
     ax = fig.subplots()
@@ -249,7 +228,8 @@ def sweep_map(columns: dict[str, list]):
     image = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, vmin=0, vmax=1, aspect="auto", interpolation="nearest")
     for row, key in ((0, "agreement_above_chance"), (1, "jaccard_above_chance"), (4, "unique_below_chance")):
         hits = [t for t, v in enumerate(columns[key]) if v == 1.0]
-        ax.scatter(hits, [row] * len(hits), marker="o", s=14, color="red", label="claimed by the verdict" if row == 0 else None)
+        ax.scatter(hits, [row] * len(hits), marker="o", s=14, color="red",
+                   label="claimed by the verdict" if row == 0 else None)
     ax.set_yticks(range(len(SWEEP_MAP_ROWS)), [label for _, label, _ in SWEEP_MAP_ROWS])
     if n <= 40:
         ax.set_xticks(range(n), columns["target"], rotation=90, fontsize="x-small", parse_math=False)
@@ -285,7 +265,6 @@ def study(rows: list[dict], cvs: dict[str, list[float]]):
     # (every seed alike) is drawn at 1e-3
     data = [[max(v, 1e-3) for v in cvs.get(m, []) if v is not None] or [np.nan] for m in methods]
     right.boxplot(data, vert=False, positions=y, widths=0.5)
-    right.set_xscale("log")
-    right.set(yticks=y, yticklabels=methods, xlabel="seed spread: CV of the decoded activation per target (log)")
+    right.set(xscale="log", yticks=y, yticklabels=methods, xlabel="seed spread: CV of the decoded activation per target (log)")
     right.invert_yaxis()
     return fig

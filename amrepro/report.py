@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rich.console import Console, Group
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 from .headline import headline
@@ -43,17 +43,13 @@ def note(text: str) -> None:
 def epoch_progress(epochs: int, runs: int):
     """Yields on_epoch(epoch) for the optimization loop: a live bar in a terminal, plain lines otherwise (a
     redirected stdout sees no bar until the end, so a long run would look dead)."""
-    if not console.is_terminal:
-        yield _plain_progress(epochs, runs)
+    if console.is_terminal:
+        columns = (TextColumn(f"[bold]optimizing {runs} runs"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("epochs"), TimeElapsedColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=console, transient=False) as progress:
+            task = progress.add_task("optimize", total=epochs)
+            yield lambda epoch: progress.update(task, completed=epoch + 1)
         return
-    columns = (TextColumn(f"[bold]optimizing {runs} runs"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("epochs"), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("optimize", total=epochs)
-        yield lambda epoch: progress.update(task, completed=epoch + 1)
-
-
-def _plain_progress(epochs: int, runs: int):
     start = last = time.monotonic()
     step = max(1, epochs // 10)
 
@@ -66,7 +62,7 @@ def _plain_progress(epochs: int, runs: int):
             print(f"optimizing {runs} runs: epoch {done}/{epochs} ({100 * done // epochs}%), "
                   f"{now - start:.0f} s elapsed, ~{left:.0f} s left", flush=True)
 
-    return on_epoch
+    yield on_epoch
 
 
 @contextmanager
@@ -78,48 +74,52 @@ def logging_progress(runs: int, done: int = 0):
         yield lambda: progress.advance(task)
 
 
+def _grid(outcome) -> list[list[str] | None]:
+    """Each run's tokens as token_repr shows them (an unprintable one with its id); None for a diverged run."""
+    return [None if r in outcome.diverged else [token_repr(t, i) for t, i in zip(row, outcome.ids[r])]
+            for r, row in enumerate(outcome.tokens)]
+
+
+def _right(*headers: str, **options) -> list[Column]:
+    return [Column(header, justify="right", **options) for header in headers]
+
+
+def _activations(outcome, r: int) -> tuple[str, str]:
+    return f"{float(outcome.result.final_activation[r]):.3f}", f"{float(outcome.decoded_activation[r]):.3f}"
+
+
 def token_table(outcome, title: str = ""):
     """The decoded tokens, one row per seed, each token whole (repr, so spaces and escapes show). When a table
-    of whole tokens is wider than the console, one line per seed instead of cut tokens. title: by default
-    'Decoded tokens (<target>)'."""
+    of whole tokens is wider than the console, one line per seed instead of cut tokens."""
     title = title or f"Decoded tokens ({outcome.target.name})"
-    n_pos = len(outcome.tokens[0])
-    widest = max((len(token_repr(t, i)) for r, row in enumerate(outcome.tokens) if r not in outcome.diverged
-                  for t, i in zip(row, outcome.ids[r])), default=8)
+    grid, n_pos = _grid(outcome), len(outcome.tokens[0])
+    repeated = {row["id"] for row in outcome.summary.get("counts", []) if row["count"] > 1}
+    # per run: (token, its style), None for a diverged run
+    styled = [None if row is None else [(t, "bold yellow" if int(i) in repeated else "")
+                                        for t, i in zip(row, outcome.ids[r])] for r, row in enumerate(grid)]
+    widest = max((len(t) for row in grid if row for t in row), default=8)
     if 8 + n_pos * (widest + 3) + 30 > console.width:
-        return _token_lines(outcome, title)
-    table = Table(title=title, header_style="bold")
-    table.add_column("seed", justify="right")
-    for p in range(n_pos):
-        table.add_column(f"pos {p}", no_wrap=True, min_width=min(widest, 40))
-    table.add_column("act (final)", justify="right")
-    table.add_column("act (tokens)", justify="right")
-    counts = {row["id"]: row["count"] for row in outcome.summary.get("counts", [])}
-    for r, seed in enumerate(outcome.result.seeds):
-        if r in outcome.diverged:
+        return _token_lines(outcome, title, styled)
+    positions = (Column(f"pos {p}", no_wrap=True, min_width=min(widest, 40)) for p in range(n_pos))
+    table = Table(*_right("seed"), *positions, *_right("act (final)", "act (tokens)"), title=title, header_style="bold")
+    for r, (seed, row) in enumerate(zip(outcome.result.seeds, styled)):
+        if row is None:
             table.add_row(str(seed), *(["[red]diverged[/]"] + [""] * (n_pos - 1)), "n/a", "n/a")
-            continue
-        cells = []
-        for token_id, text in zip(outcome.ids[r], outcome.tokens[r]):
-            shown = token_repr(text, token_id)
-            cells.append(f"[bold yellow]{_escape(shown)}[/]" if counts[int(token_id)] > 1 else _escape(shown))
-        table.add_row(_seed_cell(outcome, r), *cells, f"{float(outcome.result.final_activation[r]):.3f}",
-                      f"{float(outcome.decoded_activation[r]):.3f}")
+        else:
+            table.add_row(_seed_cell(outcome, r), *(f"[{style}]{_escape(t)}[/]" if style else _escape(t)
+                                                    for t, style in row), *_activations(outcome, r))
     return table
 
 
-def _token_lines(outcome, title: str) -> Group:
+def _token_lines(outcome, title: str, styled: list) -> Group:
     """One entry per seed, wrapped by us only between tokens (rich would break inside "' The'")."""
-    counts = {row["id"]: row["count"] for row in outcome.summary.get("counts", [])}
     lines = [Text(f"{title}, repeated tokens in yellow", style="bold")]
-    for r, seed in enumerate(outcome.result.seeds):
-        if r in outcome.diverged:
+    for r, (seed, row) in enumerate(zip(outcome.result.seeds, styled)):
+        if row is None:
             lines.append(Text(f"seed {seed}: ").append("diverged", style="red"))
             continue
-        pieces = [(token_repr(text, token_id), "bold yellow" if counts[int(token_id)] > 1 else "")
-                  for token_id, text in zip(outcome.ids[r], outcome.tokens[r])]
-        pieces.append((f"act {float(outcome.result.final_activation[r]):.3f} "
-                       f"(tokens {float(outcome.decoded_activation[r]):.3f})", "dim"))
+        final, decoded = _activations(outcome, r)
+        pieces = [*row, (f"act {final} (tokens {decoded})", "dim")]
         line = Text.from_markup(f"seed {_seed_cell(outcome, r)}: ")
         line.no_wrap, line.overflow = True, "ignore"
         for k, (piece, style) in enumerate(pieces):
@@ -140,30 +140,21 @@ def _seed_cell(outcome, r: int) -> str:
     return seed if spike is None else f"{seed} [yellow](spike at {spike['epoch']})[/]"
 
 
-def summary_lines(summary: dict) -> list[str]:
-    """The reference's format: 'N/M tokens are unique.', then each repeated token with its count."""
-    lines = [f"{summary['n_unique_tokens']}/{summary['n_tokens_total']} tokens are unique."]
-    lines += [f"  {row['token']!r} (id {row['id']}) appears {row['count']} times" for row in summary["repeated"]]
-    return lines
-
-
 def primary_name(stats: dict) -> str:
     """What the primary null is called: the method's own starts (methods.start_name, via the statistics)."""
     return stats["nulls"].get(PRIMARY, {}).get("name", "the method's starts")
 
 
 def stats_table(stats: dict) -> Table:
-    """Observed statistics (stats.REGISTRY, in its order) with their bootstrap interval, next to the two chance
-    levels (the method's own starts first: the primary null) with their one-sided p-values, and the un-optimized
-    baseline."""
+    """Observed statistics (stats.REGISTRY order) with their bootstrap interval, the two chance levels (the primary
+    null, the method's own starts, first) with their one-sided p-values, and the un-optimized baseline."""
     nulls, initial, boot = stats["nulls"], stats["baselines"]["initial_tokens"], stats["bootstrap"]
     ds, un, name = nulls.get(PRIMARY), nulls["uniform"], primary_name(stats)
-    table = Table(title="Reproducibility statistics (95% intervals)", header_style="bold")
     # One line per row from ~110 columns on; a narrower terminal breaks cells at their spaces and folds (never
     # crops) a number that does not fit.
-    table.add_column("statistic", overflow="fold")
-    for column in ("observed", "bootstrap", f"chance: {name}", "p", "chance: uniform", "p", "initial"):
-        table.add_column(column, justify="right", overflow="fold")
+    table = Table(Column("statistic", overflow="fold"), *_right("observed", "bootstrap", f"chance: {name}", "p",
+                                                                "chance: uniform", "p", "initial", overflow="fold"),
+                  title="Reproducibility statistics (95% intervals)", header_style="bold")
     table.caption = (f"bootstrap: runs resampled. chance: {un['n_draws']} Monte Carlo draws of {name} (the primary "
                      "null: the method's own starts, decoded as its results are) or of uniformly random tokens. p: "
                      "one-sided (unique: as few or fewer; others: as large or larger). initial: the runs' "
@@ -172,42 +163,38 @@ def stats_table(stats: dict) -> Table:
     def num(x, digits=3):
         return "n/a" if x is None else f"{x:.{digits}f}"
 
-    def interval(d, digits=3):
-        return "n/a" if not isinstance(d, dict) or d.get("low") is None else f"[{num(d['low'], digits)}, {num(d['high'], digits)}]"
+    # d: a dict of mean, low, high and pvalue, as nulls.interval gives them; None where there is none
+    def interval(d, digits):
+        return "n/a" if not d or d.get("low") is None else f"[{num(d['low'], digits)}, {num(d['high'], digits)}]"
 
-    def chance(d, digits=2, ends=2):
-        return f"{num(d['mean'], digits)} {interval(d, ends)}" if isinstance(d, dict) and d.get("mean") is not None else "n/a"
+    def chance(d, digits, ends):
+        return "n/a" if not d or d.get("mean") is None else f"{num(d['mean'], digits)} {interval(d, ends)}"
 
-    def p(d):
-        return "n/a" if not isinstance(d, dict) or d.get("pvalue") is None else f"{d['pvalue']:.2g}"
+    def p(d, key="pvalue"):
+        return "n/a" if not d or d.get(key) is None else f"{d[key]:.2g}"
 
     for stat in REGISTRY:
-        value, first = stats["observed"][stat.key], initial.get(stat.key)
-        shown = num(value, 0 if stat.count else stat.digits)
-        if stat.key == "n_unique":  # the reference's format
-            shown = f"{value}/{stats['n_tokens_total']}"
-        ends, digits, own = (0 if stat.count else stat.digits), (2 if stat.count else 4), ds[stat.key] if ds else None
+        value, own = stats["observed"][stat.key], ds[stat.key] if ds else None
+        ends, digits = (0 if stat.count else stat.digits), (2 if stat.count else 4)
+        shown = f"{value}/{stats['n_tokens_total']}" if stat.key == "n_unique" else num(value, ends)  # as the reference
         table.add_row(stat.label, shown, interval(boot.get(stat.key), 2) if stat.key in boot else "",
                       chance(own, digits, ends), p(own), chance(un[stat.key], digits, ends), p(un[stat.key]),
-                      num(first, ends))
+                      num(initial.get(stat.key), ends))
     table.add_row("unique fraction", num(stats["unique_fraction"]), interval(boot.get("unique_fraction"), 2),
                   "", "", "", "", num(initial.get("unique_fraction")))
-    kept = stats["start_token_kept"]
-    table.add_row("start token kept", num(kept["mean"]), "",
-                  "n/a" if kept["chance"] is None else f"{kept['chance']:.2g}",
-                  "n/a" if kept["pvalue"] is None else f"{kept['pvalue']:.2g}", "", "", "")
+    kept = stats["start_token_kept"]  # a row's cells left out are blank (rich)
+    table.add_row("start token kept", num(kept["mean"]), "", p(kept, "chance"), p(kept))
     # (bootstrap key, label, observed value)
     for key, label, observed in (("matched_cosine_mean", "matched cosine", stats["matched_cosine_mean"]),
                                  ("cosine_mean", "cosine to token", stats["cosine"]["mean"]),
                                  ("final_activation_mean", "activation", stats["final_activation"]["mean"]),
                                  ("projection_gap_mean", "projection gap", stats["projection_gap"]["mean"])):
-        table.add_row(label, num(observed), interval(boot.get(key), 2), "", "", "", "", "")
+        table.add_row(label, num(observed), interval(boot.get(key), 2))
     conv = stats.get("convergence")
     if conv is not None:
-        table.add_row(f"activation change, last {conv['window_epochs']} epochs", f"max {max(conv['per_run']):+.1%}",
-                      "", "", "", "", "", "")
+        table.add_row(f"activation change, last {conv['window_epochs']} epochs", f"max {max(conv['per_run']):+.1%}")
         table.add_row(f"runs still rising (> {conv['threshold']:.0%})",
-                      f"{conv['n_still_rising']}/{len(conv['per_run'])}", "", "", "", "", "", "")
+                      f"{conv['n_still_rising']}/{len(conv['per_run'])}")
     return table
 
 
@@ -219,8 +206,10 @@ def print_outcome(outcome, parent_id: str | None, uri: str | None) -> None:
         console.print(f"[bold red]No result:[/] all {len(outcome.diverged)} runs diverged; no statistic was computed.")
         return
     console.print(stats_table(outcome.summary["statistics"]))
-    for line in summary_lines(outcome.summary):
-        console.print(_escape(line))
+    s = outcome.summary  # the reference's format: 'N/M tokens are unique.', then each repeated token with its count
+    console.print(f"{s['n_unique_tokens']}/{s['n_tokens_total']} tokens are unique.")
+    for row in s["repeated"]:
+        console.print(_escape(f"  {row['token']!r} (id {row['id']}) appears {row['count']} times"))
     console.print(f"[bold]Verdict: {_escape(headline(outcome.summary) or 'see below')}[/]")  # one line, then the detail
     console.print(_escape(outcome.summary["statistics"]["verdict"]), soft_wrap=True)
     if parent_id:
@@ -241,12 +230,11 @@ def _escape(text: str) -> str:
 
 def print_decoded(run_id: str, rows) -> None:
     """rows: (seed, tokens, matches the logged tokens.json)."""
-    table = Table(title=f"Tokens re-derived from the logged final embeddings of {run_id}", header_style="bold")
-    table.add_column("seed", justify="right")
-    table.add_column("tokens")
-    table.add_column("= tokens.json")
+    table = Table(*_right("seed"), "tokens", "= tokens.json",
+                  title=f"Tokens re-derived from the logged final embeddings of {run_id}", header_style="bold")
     for seed, tokens, match in rows:
-        table.add_row(str(seed), _escape(" | ".join(repr(t) for t in tokens)), "[green]yes[/]" if match else "[red]NO[/]")
+        table.add_row(str(seed), _escape(" | ".join(repr(t) for t in tokens)),
+                      "[green]yes[/]" if match else "[red]NO[/]")
     console.print(table)
     bad = sum(not match for _, _, match in rows)
     console.print("all tokens match the logged tokens.json." if not bad
@@ -254,9 +242,8 @@ def print_decoded(run_id: str, rows) -> None:
 
 
 def print_reproduction(run_id: str, rows: list[dict], differences: dict, verdict: str, new_run: str) -> None:
-    table = Table(title=f"Reproducing {run_id}", header_style="bold")
-    for column in ("seed", "initial identical", "final identical", "max |delta| final", "tokens identical"):
-        table.add_column(column, justify="right")
+    table = Table(*_right("seed", "initial identical", "final identical", "max |delta| final", "tokens identical"),
+                  title=f"Reproducing {run_id}", header_style="bold")
     yes = lambda ok: "[green]yes[/]" if ok else "[red]no[/]"  # noqa: E731
     for row in rows:
         table.add_row(str(row["seed"]), yes(row["initial_identical"]), yes(row["final_identical"]),
@@ -272,15 +259,13 @@ def print_reproduction(run_id: str, rows: list[dict], differences: dict, verdict
 
 def token_columns(outcome) -> dict[str, list]:
     """The decoded-token grid as table columns (seed, pos 0..n-1, activations) for mlflow's log_table."""
-    n_pos = len(outcome.tokens[0])
+    grid = _grid(outcome)
     columns: dict[str, list] = {"seed": list(outcome.result.seeds)}
-    for p in range(n_pos):
-        columns[f"pos {p}"] = ["(diverged)" if r in outcome.diverged else token_repr(row[p], outcome.ids[r][p])
-                               for r, row in enumerate(outcome.tokens)]
-    columns["act (final)"] = [None if r in outcome.diverged else round(float(a), 4)
-                              for r, a in enumerate(outcome.result.final_activation)]
-    columns["act (tokens)"] = [None if r in outcome.diverged else round(float(a), 4)
-                               for r, a in enumerate(outcome.decoded_activation)]
+    for p in range(len(outcome.tokens[0])):
+        columns[f"pos {p}"] = ["(diverged)" if row is None else row[p] for row in grid]
+    for name, values in (("act (final)", outcome.result.final_activation),
+                         ("act (tokens)", outcome.decoded_activation)):
+        columns[name] = [None if r in outcome.diverged else round(float(a), 4) for r, a in enumerate(values)]
     return columns
 
 
@@ -317,29 +302,27 @@ def markdown_summary(outcome) -> str:
         lines.append(f"| {stat.label} | {shown} | " + " | ".join(cells) + " |")
     lines += ["", "| seed | " + " | ".join(f"pos {p}" for p in range(len(outcome.tokens[0]))) + " | act (final) |",
               "|---" * (len(outcome.tokens[0]) + 2) + "|"]
-    for r, seed in enumerate(outcome.result.seeds):
-        cells = ["(diverged)"] * len(outcome.tokens[r]) if r in outcome.diverged else \
-            [f"`{token_repr(t, i)}`".replace("|", "\\|") for t, i in zip(outcome.tokens[r], outcome.ids[r])]
-        act = "n/a" if r in outcome.diverged else f"{float(outcome.result.final_activation[r]):.3f}"
-        lines.append(f"| {seed} | " + " | ".join(cells) + f" | {act} |")
+    for r, (seed, row) in enumerate(zip(outcome.result.seeds, _grid(outcome))):
+        cells = ["(diverged)"] * len(outcome.tokens[r]) + ["n/a"] if row is None else \
+            [f"`{t}`".replace("|", "\\|") for t in row] + [f"{float(outcome.result.final_activation[r]):.3f}"]
+        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
     return "\n".join(lines)[:5000]
 
 
-def _num(x) -> str:
+def _num(x, digits: int = 3, missing: str = "n/a") -> str:
     if x is None:
-        return "n/a"
-    return f"{x:.3g}" if isinstance(x, float) else str(x)
+        return missing
+    return f"{x:.{digits}g}" if isinstance(x, float) else str(x)
 
 
 def print_compare(rows: list[dict], top_run: str, uri: str) -> None:
     """`amrepro compare`: one row per method (and the corpus), p-values under each method's own start null."""
-    table = Table(title="methods compared (p: under each method's own start distribution; p unif: uniform tokens)")
     stat_heads = [h for s in REGISTRY for h in (s.label, "p", *(["p unif"] if s.uniform_column else []))]
-    for name in ("method", "act mean", "act best", "p99", *stat_heads, "xent", "wall s"):
-        table.add_column(name, justify="left" if name == "method" else "right")
+    table = Table("method", *_right("act mean", "act best", "p99", *stat_heads, "xent", "wall s"),
+                  title="methods compared (p: under each method's own start distribution; p unif: uniform tokens)")
 
     def f(x, digits=3):
-        return "-" if x is None else (f"{x:.{digits}g}" if isinstance(x, float) else str(x))
+        return _num(x, digits, "-")
 
     for r in rows:
         cells = []

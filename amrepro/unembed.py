@@ -21,23 +21,14 @@ def target_direction(lm: LoadedModel, target) -> torch.Tensor | None:
     """The unit direction [d_model] the target reads in the residual stream, or None where it reads none."""
     from . import features
 
-    if target.site not in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post"):
+    if target.site not in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post") or target.kind == "sae":
         return None
     E, width = lm.embedding, lm.d_model
     if target.kind == "neuron":
         if not 0 <= target.index < width:
             return None
-        direction = torch.zeros(width, dtype=E.dtype, device=E.device)  # [d_model]
-        direction[target.index] = 1.0
-        return direction
-    if target.kind == "direction":
-        vector = features.load_direction(target.source, width)  # [d_model], unit norm
-    elif target.kind == "random":
-        seed = int(target.source.split(":", 1)[1])
-        vector = features.random_direction(seed, target.block, target.site, target.index, width)  # [d_model]
-    else:  # an SAE latent
-        return None
-    return torch.from_numpy(vector).to(E.device, E.dtype)
+        return torch.nn.functional.one_hot(torch.tensor(target.index), width).to(E.device, E.dtype)  # [d_model]
+    return features.readout([target], width).W[0].to(E.device, E.dtype)  # [d_model]: the row the run optimizes
 
 
 @torch.no_grad()

@@ -101,7 +101,8 @@ def test_all_figures_render_nasty_tokens_without_pyplot(grid):
     ids, tokens, seeds = grid
     before = plt.get_fignums()
     loss = np.random.default_rng(0).normal(size=(20, len(seeds)))
-    out = figures.all_figures(loss, -loss, seeds, tokens, ids, np.ones(len(seeds)), np.zeros(len(seeds)))
+    makers = figures.figure_makers(loss, -loss, seeds, tokens, ids, np.ones(len(seeds)), np.zeros(len(seeds)))
+    out = {path: make() for path, make in makers.items()}
     assert sorted(out) == ["figures/curves.png", "figures/projection_gap.png", "figures/token_frequency.png",
                            "figures/token_grid.png"]
     for fig in out.values():
