@@ -265,6 +265,7 @@ def study(rows: list[dict], cvs: dict[str, list[float]]):
     # (every seed alike) is drawn at 1e-3
     data = [[max(v, 1e-3) for v in cvs.get(m, []) if v is not None] or [np.nan] for m in methods]
     right.boxplot(data, vert=False, positions=y, widths=0.5)
-    right.set(xscale="log", yticks=y, yticklabels=methods, xlabel="seed spread: CV of the decoded activation per target (log)")
+    right.set(xscale="log", yticks=y, yticklabels=methods,
+              xlabel="seed spread: CV of the decoded activation per target (log)")
     right.invert_yaxis()
     return fig
