@@ -93,22 +93,18 @@ def _prepare(config: Config, targets: list[tuple[Config, Target]], lm: LoadedMod
     lm = lm or load_model(config.model, device, note=note)
     check_positions(lm, config.n_tokens)
     problem.check(config, lm)  # e.g. epo refuses an encoder
-    first = targets[0][1]
-    width = site_width(lm, first)  # one probe forward per batch
+    width = site_width(lm, targets[0][1])  # one probe forward per batch
     preps = []
     for one, target in targets:
         check_target(target, lm.n_layers, width)
         if target.source:  # its file (a direction, an SAE and its latent) against the site, before anything runs
             features.readout([target], width)
         preps.append(Prepared(one, lm, target, _controls(one, target, width), width=width, per_row=per_row))
-    rows = sum(config.runs * (1 + len(p.controls)) for p in preps)
-    check_memory(lm, first, config, rows=rows)
+    check_memory(lm, targets[0][1], config, rows=sum(config.runs * (1 + len(p.controls)) for p in preps))
     # the null's pool depends on the vocabulary, runs, n_tokens and seed, not on the target: drawn and decoded
     # once per batch (for GPT-2 a 20k x 50k matmul, seconds per target otherwise)
     pool = problem.start_pool(config, lm, nulls.pool_size(config.runs, config.n_tokens))
-    for prep in preps:
-        prep.start_pool = pool
-    return preps
+    return [dataclasses.replace(prep, start_pool=pool) for prep in preps]
 
 
 def setup_device(config: Config) -> torch.device:
@@ -160,20 +156,20 @@ def memory_needed(lm: LoadedModel, target: Target, config: Config) -> tuple[int,
     return per_run, per_pair
 
 
-def check_memory(lm: LoadedModel, target: Target, config: Config, rows: int | None = None) -> None:
+def check_memory(lm: LoadedModel, target: Target, config: Config, rows: int) -> None:
     """Refuse a --runs that cannot fit, with the largest one that would, instead of failing hours later.
-    rows: optimized rows when they are more than the runs (--controls: (1 + K) x runs)."""
+    rows: the optimized rows, (1 + K) x runs with --controls K."""
     available = _available_bytes(lm.device)
     if available is None:
         return
     per_run, per_pair = memory_needed(lm, target, config)
     budget = 0.8 * available  # leave room for the store, the figures and the rest of the machine
-    per_run *= (rows or config.runs) / config.runs  # each run brings its controls' rows along
-    if config.runs * per_run + config.runs**2 * per_pair <= budget:
+    per_run *= rows / config.runs  # each run brings its controls' rows along
+    need = config.runs * per_run + config.runs**2 * per_pair
+    if need <= budget:
         return
     # largest r with r * per_run + r^2 * per_pair <= budget
     fits = int((-per_run + (per_run**2 + 4 * per_pair * budget) ** 0.5) / (2 * per_pair))
-    need = config.runs * per_run + config.runs**2 * per_pair
     raise AmreproError(f"--runs {config.runs} needs about {need / 2**30:.1f} GiB on {lm.device.type} "
                        f"(optimization state and run-to-run statistics), but only {available / 2**30:.1f} GiB is "
                        f"available; at most about {max(fits, 1)} runs fit here.")
@@ -243,32 +239,28 @@ def outcome_of(prep: Prepared, result: Result, ids: torch.Tensor, cosine: torch.
     # A diverged run (NaN/inf) "decodes" to whatever argmax makes of NaN: it is left out of every statistic.
     diverged = {r: why for r in range(c.runs) if (why := result.divergence(r)) is not None}
     ok = np.array([r not in diverged for r in range(c.runs)])  # [runs]
-    if ok.any():
-        summary = metrics.unique_summary(ids.numpy()[ok], [t for t, keep in zip(tokens, ok) if keep])
-    else:
-        summary = {}
+    kept = [t for t, keep in zip(tokens, ok) if keep]
+    summary = metrics.unique_summary(ids.numpy()[ok], kept) if ok.any() else {}
     summary.update(target=prep.target.name, model=c.model, seeds=c.seeds, token_ids=ids.tolist(), tokens=tokens,
                    initial_token_ids=initial_ids.tolist(), n_runs_ok=int(ok.sum()),
-                   diverged=[{"seed": c.seeds[r], "run_index": r, "reason": why} for r, why in diverged.items()])
-    summary["method"] = c.method
-    summary["loss_spikes"] = spikes.loss_spikes(result.loss.numpy())  # [runs]: None, or the run's worst spike
-    summary["promoted_logits"] = promoted_logits(lm, prep.target)  # None unless a causal LM's residual direction
+                   diverged=[{"seed": c.seeds[r], "run_index": r, "reason": why} for r, why in diverged.items()],
+                   method=c.method,
+                   loss_spikes=spikes.loss_spikes(result.loss.numpy()),  # [runs]: None, or the run's worst spike
+                   promoted_logits=promoted_logits(lm, prep.target))  # None unless a causal LM's residual direction
     if result.frontier is not None:  # epo: each run's final population, activation against fluency
         summary["frontier"] = result.frontier
-    summary["statistics"] = stats = _statistics(prep, ids, result, decoded, cosine, initial_ids, ok) if ok.any() else None
-    if diverged and stats is not None:  # the verdict never hides runs it left out
-        stats["verdict"] = (f"{len(diverged)} of {c.runs} runs diverged and are left out; statistics "
-                            f"of the other {int(ok.sum())}. " + stats["verdict"])
-    unstable = spikes.spike_words(summary["loss_spikes"], c.seeds)
-    if unstable and stats is not None:
-        stats["verdict"] += " " + unstable
-    if spec is not None:
-        summary["specificity"] = spec
-        if stats is not None:
-            stats["verdict"] += " " + specificity_words(spec)
-    elif prep.controls:
-        summary["specificity"] = {"controls": [t.name for t in prep.controls],
-                                  "not_computed": "a target or control run diverged"}
+    stats = _statistics(prep, ids, result, decoded, cosine, initial_ids, ok) if ok.any() else None
+    summary["statistics"] = stats
+    if stats is not None:
+        if diverged:  # the verdict never hides runs it left out
+            stats["verdict"] = (f"{len(diverged)} of {c.runs} runs diverged and are left out; statistics "
+                                f"of the other {int(ok.sum())}. " + stats["verdict"])
+        for words in (spikes.spike_words(summary["loss_spikes"], c.seeds), spec and specificity_words(spec)):
+            if words:
+                stats["verdict"] += " " + words
+    if prep.controls:
+        summary["specificity"] = spec or {"controls": [t.name for t in prep.controls],
+                                          "not_computed": "a target or control run diverged"}
     return Outcome(c, prep.target, result, ids.numpy(), tokens, cosine.numpy(), decoded.numpy(), summary, diverged,
                    spec)
 

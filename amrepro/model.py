@@ -168,7 +168,6 @@ def _hub_revision(name: str, model) -> str:
 # --- GGUF: de-quantized to float32 once, then read back from a cache ----------------------------------------
 
 def gguf_cache_root() -> Path:
-    """$AMREPRO_CACHE/gguf, by default ~/.cache/amrepro/gguf."""
     return Path(os.environ.get("AMREPRO_CACHE") or "~/.cache/amrepro").expanduser() / "gguf"
 
 
@@ -238,10 +237,9 @@ def _gguf_parsed_once():
     # transformers imports both by name from gguf inside its functions, so replacing the module's attributes is
     # enough; a gguf release without one of them keeps the rest
     originals = {name: getattr(gguf, name) for name in ("GGUFReader", "get_tensor_name_map") if hasattr(gguf, name)}
-    replacements = {"GGUFReader": _plain_array_reader(originals["GGUFReader"])} if "GGUFReader" in originals else {}
     try:
         for name, original in originals.items():
-            setattr(gguf, name, functools.lru_cache(maxsize=None)(replacements.get(name, original)))
+            setattr(gguf, name, functools.cache(_plain_array_reader(original) if name == "GGUFReader" else original))
         yield
     finally:
         for name, original in originals.items():

@@ -80,11 +80,6 @@ def sample_pool(pool: np.ndarray, runs: int, pos: int, n_draws: int, rng: np.ran
     return pool[picks].reshape(n_draws, runs, pos)
 
 
-def sample_uniform(vocab_size: int, runs: int, pos: int, n_draws: int, rng: np.random.Generator) -> np.ndarray:
-    """[n_draws, runs, pos] token ids drawn uniformly from the vocabulary."""
-    return rng.integers(0, vocab_size, size=(n_draws, runs, pos))
-
-
 SPARSE_ABOVE = 100_000  # runs^2 * pos^2 per draw above which draws are counted token by token (_sparse_stats)
 
 
@@ -245,7 +240,7 @@ def null_models(ids: np.ndarray, vocab_size: int, start_pool: np.ndarray | None,
     ids = np.asarray(ids)
     runs, pos = ids.shape
     observed = draw_stats(ids[None])
-    uniform = sample_uniform(vocab_size, runs, pos, n_draws, np.random.default_rng([seed, 2]))
+    uniform = np.random.default_rng([seed, 2]).integers(0, vocab_size, size=(n_draws, runs, pos))
     out = {"uniform": {"description": "token ids drawn uniformly from the vocabulary",
                        **null_model(uniform, observed)},
            "events": {k: int(observed[k][0]) for k in dict.fromkeys(s.events for s in REGISTRY)}}

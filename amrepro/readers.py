@@ -8,7 +8,7 @@ blocks the target needs. Used as context managers, so no hook outlives a run.
 
 Both take an optional per-row `index` (a LongTensor [rows]): row r then reads index[r] of the target's site and
 block, so one batch optimizes several targets of a site (--controls; tests/test_controls.py pins each row to a
-reader of that index alone). Without it every row reads target.index, exactly as before.
+reader of that index alone). Without it every row reads target.index.
 
 FeatureReader reads a feature of the site (a direction, an SAE latent: features.py) through HookedReader's whole
 site; its per-row targets are given as Targets (one SAE, or directions), and its `index` is then each row's row
@@ -48,8 +48,7 @@ class HookedReader:
             check_target(target, lm.n_layers, width=target.index + 1)
         block = lm.blocks[target.block]
         self.module = block.get_submodule(path) if path else block
-        self._handle = None
-        self._site = None
+        self._handle = self._site = None
         self._reading = False
 
     def _capture(self, tensor) -> None:

@@ -27,8 +27,8 @@ def _chance(null: dict, digits: int, count: bool = False) -> str:
     """'mean [low, high]' of a null; the ends of a count's interval are counts."""
     if null.get("mean") is None:
         return "n/a"
-    ends = (f"{null['low']:.0f}", f"{null['high']:.0f}") if count else (f"{null['low']:.{digits}f}", f"{null['high']:.{digits}f}")
-    return f"{null['mean']:.{digits}f} [{ends[0]}, {ends[1]}]"
+    ends = 0 if count else digits
+    return f"{null['mean']:.{digits}f} [{null['low']:.{ends}f}, {null['high']:.{ends}f}]"
 
 
 def _significant(stats: dict, stat) -> bool:
@@ -51,19 +51,15 @@ def decisions(stats: dict) -> dict[str, bool]:
     }
 
 
-def verdict_metrics(stats: dict) -> dict[str, float]:
-    return {f"verdict/{k}": float(v) for k, v in decisions(stats).items()}
-
-
 def verdict(stats: dict) -> str:
     d, nulls, events = decisions(stats), stats["nulls"], stats["nulls"]["events"]
     ds, un = nulls.get(PRIMARY), nulls["uniform"]
     u, n, iu = stats["n_unique_tokens"], stats["n_tokens_total"], stats["baselines"]["initial_tokens"]["n_unique"]
     words = f"{u}/{n} tokens unique"
     if ds is None:
-        words += (f"; uniform tokens give {_chance(un['n_unique'], 2, count=True)}, p = {_p(un['n_unique']['pvalue'])}. No "
-                  "decoded-starts null was computed, so nothing is claimed about chance.")
-        return words
+        return words + (f"; uniform tokens give {_chance(un['n_unique'], 2, count=True)}, p = "
+                        f"{_p(un['n_unique']['pvalue'])}. No decoded-starts null was computed, so nothing is "
+                        "claimed about chance.")
     name = ds.get("name", "decoded random starts")  # the method's own starts: vectors decoded, or tokens
     words += (f"; {name} give {_chance(ds['n_unique'], 2, count=True)}, p = {_p(ds['n_unique']['pvalue'])}"
               f" (this few unique or fewer); uniform tokens {_chance(un['n_unique'], 2, count=True)}, "
