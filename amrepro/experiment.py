@@ -1,15 +1,14 @@
 """The experiment, without side effects: validate -> load -> optimize all seeds -> decode -> statistics.
 
-One path for one target and for many: `prepare_many` does every check that can fail on user input *before* any
-MLflow run exists and `execute_many` optimizes the targets' rows as ONE batch (one forward pass serves targets x
-seeds rows); a lone target (`amrepro run`, `prepare` / `execute`) is a batch of one. The batch reads one site,
-whose width is probed once; every target is checked once. Shared by run, compare, sweep and reproduce.
+One path for one target and for many (run, compare, sweep, reproduce): `prepare_many` checks each target once,
+probing the one site's width once, before any MLflow run exists; `execute_many` optimizes the targets' rows as ONE
+batch. A lone target (`prepare` / `execute`) is a batch of one.
 
-Row block t of a batch is what `amrepro run --target T_t` optimizes on its own: with --controls K its
-(1 + K) x runs rows, the target's runs first, then each control target's runs from the SAME seeds
-(specificity.py explains why). The rows never interact (Adam is elementwise, the forward is row-wise), so each
-target's share is its run alone up to the rounding of batched kernels (tests/test_batch.py); only a batch of the
-same shape is bit-identical, which is why a sweep's target parent records its batch (layout.BATCH_TAG).
+Row block t is what `amrepro run --target T_t` optimizes alone: with --controls K, (1 + K) x runs rows, the
+target's runs first, then each control's from the SAME seeds (specificity.py says why). Rows never interact (Adam
+is elementwise, the forward row-wise), so a target's share is its run alone up to the rounding of batched kernels
+(tests/test_batch.py); only a batch of the same shape is bit-identical, so a sweep's parent records its batch
+(layout.BATCH_TAG).
 """
 
 from __future__ import annotations
@@ -40,10 +39,10 @@ class Prepared:
     config: Config  # what `amrepro run` of this target alone would get
     lm: LoadedModel
     target: Target
-    controls: tuple[Target, ...] = ()  # --controls: the other targets of the site, read by rows runs.. of its share
+    controls: tuple[Target, ...]  # --controls: the other targets of the site, read by rows runs.. of its share
+    width: int  # the site's width
+    per_row: bool  # read with per-row indices even alone: one of prepare_many's batch (a sweep's)
     start_pool: tuple[np.ndarray, str] | None = None  # the primary null's pool and its description (once per batch)
-    width: int = 0  # the site's width
-    per_row: bool = False  # read with per-row indices even alone: one of prepare_many's batch (a sweep's)
 
 
 @dataclass
@@ -70,37 +69,34 @@ def prepare(config: Config, lm: LoadedModel | None = None, note: Callable[[str],
     loading the model has to say (e.g. a one-off GGUF conversion)."""
     config.validate()
     target = Target.parse(config.target_name)  # a typo in the name fails before the model loads
-    return _prepare(config, [(config, target)], lm, note, per_row=False)[0]
+    return prepare_many(config, [target], lm, note, alone=True)[0]
 
 
 def prepare_many(config: Config, targets: list[Target], lm: LoadedModel | None = None,
-                 note: Callable[[str], None] | None = None) -> list[Prepared]:
+                 note: Callable[[str], None] | None = None, alone: bool = False) -> list[Prepared]:
     """One Prepared per target, its Config config with --target set to it (as `amrepro run --target` would
-    have). The targets must share block and site: one batch reads one site."""
-    return _prepare(config, [(dataclasses.replace(config, target=t.name), t) for t in targets], lm, note, per_row=True)
-
-
-def _prepare(config: Config, targets: list[tuple[Config, Target]], lm: LoadedModel | None,
-             note: Callable[[str], None] | None, per_row: bool) -> list[Prepared]:
+    have). The targets must share block and site: one batch reads one site. alone: prepare's lone target, whose
+    config stays as given (--layer/--dim) and which is read with the single-target kernels."""
     config.validate()
     if not targets:
         return []
-    sites = {t.batch_key for _, t in targets}  # one site (and one SAE or direction file)
+    sites = {t.batch_key for t in targets}  # one site (and one SAE or direction file)
     if len(sites) > 1:
         raise AmreproError(f"one batch reads one site, got {len(sites)}: "
-                           f"{', '.join(sorted({t.prefix for _, t in targets}))}.")
+                           f"{', '.join(sorted({t.prefix for t in targets}))}.")
     device = setup_device(config)
     lm = lm or load_model(config.model, device, note=note)
     check_positions(lm, config.n_tokens)
     problem.check(config, lm)  # e.g. epo refuses an encoder
-    width = site_width(lm, targets[0][1])  # one probe forward per batch
+    width = site_width(lm, targets[0])  # one probe forward per batch
     preps = []
-    for one, target in targets:
+    for target in targets:
         check_target(target, lm.n_layers, width)
         if target.source:  # its file (a direction, an SAE and its latent) against the site, before anything runs
             features.readout([target], width)
-        preps.append(Prepared(one, lm, target, _controls(one, target, width), width=width, per_row=per_row))
-    check_memory(lm, targets[0][1], config, rows=sum(config.runs * (1 + len(p.controls)) for p in preps))
+        one = config if alone else dataclasses.replace(config, target=target.name)
+        preps.append(Prepared(one, lm, target, _controls(one, target, width), width, per_row=not alone))
+    check_memory(lm, targets[0], config, rows=sum(config.runs * (1 + len(p.controls)) for p in preps))
     # the null's pool depends on the vocabulary, runs, n_tokens and seed, not on the target: drawn and decoded
     # once per batch (for GPT-2 a 20k x 50k matmul, seconds per target otherwise)
     pool = problem.start_pool(config, lm, nulls.pool_size(config.runs, config.n_tokens))
@@ -180,7 +176,7 @@ def execute(prep: Prepared, on_epoch: Callable[[int], None] | None = None) -> Ou
 
 
 def execute_many(preps: list[Prepared], on_epoch: Callable[[int], None] | None = None) -> list[Outcome]:
-    """Optimize every target's rows as one batch; one Outcome per target, in the order of preps."""
+    """One Outcome per target, in the order of preps."""
     if not preps:
         return []
     c, lm = preps[0].config, preps[0].lm
@@ -202,7 +198,7 @@ def batch_reader(preps: list[Prepared]):
     per-row indices, which round differently on some sites: each keeps the reads its logged runs were made with."""
     index = [t for p in preps for t in (p.target, *p.controls) for _ in range(p.config.runs)]  # [rows] targets
     per_row = preps[0].per_row or len(set(index)) > 1
-    return site_reader(preps[0].lm, preps[0].target, index=index if per_row else None, width=preps[0].width or None)
+    return site_reader(preps[0].lm, preps[0].target, index=index if per_row else None, width=preps[0].width)
 
 
 def optimize_rows(lm: LoadedModel, reader, seeds: list[int], config: Config,

@@ -107,9 +107,8 @@ def pair_mean(matrix: np.ndarray, counts: np.ndarray | None = None) -> float:
 
 
 def token_stats(ids: np.ndarray) -> dict[str, float]:
-    """Every token statistic of one [runs, pos] matrix (stats.REGISTRY and the coincidence counts, by the very
-    arithmetic of the null draws, nulls.draw_stats) and the unique fraction: for data and baselines alike.
-    Pairwise statistics are NaN with a single run."""
+    """nulls.draw_stats of one [runs, pos] matrix (the very arithmetic of the null draws) and the unique
+    fraction: for data and baselines alike."""
     ids = np.asarray(ids)  # [runs, pos]
     values = {k: v[0].item() for k, v in nulls.draw_stats(ids[None]).items()}
     return {**values, "unique_fraction": values["n_unique"] / ids.size}
@@ -151,10 +150,8 @@ def start_token_kept(ids: np.ndarray, initial_ids: np.ndarray) -> np.ndarray:
 
 
 def convergence(activation) -> dict | None:
-    """Is the activation still rising at the end? Per run, the relative change over the last 10% of epochs,
-    (a_end - a_begin) / max(|a_begin|, |a_end|) (bounded in [-2, 2], defined even when one end is near 0), and
-    whether it exceeds STILL_RISING. activation [epochs, runs] is the logged per-epoch mean activation; None
-    with fewer than 2 epochs."""
+    """Is the activation still rising at the end? Per run, the relative change over the last 10% of epochs
+    ("definition" below: bounded in [-2, 2], defined even when one end is near 0); None with fewer than 2 epochs."""
     act = np.asarray(activation, dtype=float)  # [epochs, runs]
     epochs = act.shape[0]
     if epochs < 2:

@@ -112,7 +112,7 @@ def load_model(name: str, device: torch.device, note: Note | None = None) -> Loa
     hub = "offline" if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") else (
         "online" if _hub_reachable() else "unreachable")
     model, tokenizer = _from_pretrained(name, path, hub)
-    return _ready(name, model, tokenizer, device, source="hub", revision=_hub_revision(name, model))
+    return _ready(name, model, tokenizer, device, source="hub", revision=_hub_revision(name))
 
 
 def _from_pretrained(name: str, path: str, hub: str = "offline"):
@@ -149,11 +149,8 @@ def _ready(name, model, tokenizer, device, **provenance) -> LoadedModel:
                        **provenance)
 
 
-def _hub_revision(name: str, model) -> str:
+def _hub_revision(name: str) -> str:
     """The commit the Hub cache holds for this model (its snapshot folder is named by it), or ''."""
-    commit = getattr(model.config, "_commit_hash", None)
-    if commit:
-        return str(commit)
     try:
         from huggingface_hub import try_to_load_from_cache
 

@@ -1,8 +1,7 @@
 """Chance levels for statistics of decoded tokens, and one-sided Monte Carlo p-values.
 
-Two null models, each a distribution of every statistic of stats.REGISTRY (unique count, repeats across and
-within runs, positional agreement, pairwise Jaccard) over `n_draws` Monte Carlo draws of runs x n_tokens tokens:
-
+Two null models, each a distribution of every statistic of stats.REGISTRY over `n_draws` Monte Carlo draws of
+runs x n_tokens tokens:
 (a) uniform: token ids drawn uniformly from the vocabulary.
 (b) decoded starts (the primary null): the method's own starts, decoded exactly as its results are. For adam,
     N(0, std(E)) vectors i.i.d. as seeding.initial_embeddings draws them, decoded by max cosine to the embedding
@@ -12,18 +11,14 @@ within runs, positional agreement, pairwise Jaccard) over `n_draws` Monte Carlo 
 
 How (b) is sampled. Independent draws would decode n_draws * runs * n_tokens vectors (2000 x 50 vectors against
 a 50k x 768 vocabulary is ~8 TFLOP). Instead a POOL of K i.i.d. start vectors is decoded once (chunked matmuls),
-and every Monte Carlo draw takes runs * n_tokens DISTINCT pool entries (sampling without replacement). The pool
-entries are i.i.d., so any set of distinct entries is an exact sample of i.i.d. decoded starts
-(exchangeability): every draw has exactly the null distribution, no bias. Draws share pool entries, so they
-are not independent of one another: the p-values are conditional on the pool's hub frequencies, which adds
-Monte Carlo variance, not bias. (Sampling WITH replacement would be biased: a pool entry drawn twice in one
-draw fakes a repeat.) Cost on this project's shared 2-core CPU (bench/hubness.py --timing): decoding K = 4096
-vectors against a GPT-2-sized 50257 x 768 matrix took 3.2 s at load ~2 and 8-9 s at load ~7 (other jobs
-running); the 2 x 2000 draws and their statistics 0.1-0.4 s. The "under 2 s" aim would need K ~ 2048, which
-doubles the pool's sampling error of the hub frequencies; K = 4096 was kept.
-
-P-values are one-sided with add-one smoothing, p = (1 + #{draws at least as extreme}) / (1 + n_draws), so the
-smallest possible p is 1 / (1 + n_draws) and p is never 0.
+and every draw takes runs * n_tokens DISTINCT pool entries. The entries are i.i.d., so any set of distinct ones
+is an exact sample of i.i.d. decoded starts (exchangeability): no bias. Draws share pool entries, so the p-values
+are conditional on the pool's hub frequencies: Monte Carlo variance, not bias. (Sampling WITH replacement would
+be biased: an entry drawn twice in one draw fakes a repeat.) Cost on this project's shared 2-core CPU
+(bench/hubness.py --timing): decoding K = 4096 vectors against a GPT-2-sized 50257 x 768 matrix took 3.2 s at
+load ~2 and 8-9 s at load ~7 (other jobs running); the 2 x 2000 draws and their statistics 0.1-0.4 s. The
+"under 2 s" aim would need K ~ 2048, which doubles the pool's sampling error of the hub frequencies; K = 4096
+was kept.
 """
 
 from __future__ import annotations
@@ -113,14 +108,9 @@ def _sparse_stats(x: np.ndarray) -> tuple[int, int, int, float, int]:
 
 
 def draw_stats(draws: np.ndarray, max_cells: int = 20_000_000) -> dict[str, np.ndarray]:
-    """The token statistics of many [runs, pos] matrices at once: draws [D, runs, pos] -> {name: [D]}.
-
-    Every statistic of stats.REGISTRY and its coincidence count (agreeing run-pair positions, shared tokens
-    summed over run pairs), vectorized; the same definitions as metrics.pairwise_agreement / pairwise_jaccard
-    (pairs of different runs, Jaccard of token sets). The repeats (tokens minus unique ones) split exactly into
-    repeats within runs (a run's tokens minus its distinct ones, summed over runs) and repeats across runs (the
-    runs' distinct tokens minus the unique ones: a token held by k runs is k - 1 of them). Pairwise values are
-    NaN with a single run."""
+    """The token statistics of many [runs, pos] matrices at once: draws [D, runs, pos] -> {name: [D]}: every
+    statistic of stats.REGISTRY and its coincidence count, vectorized, with the definitions of
+    metrics.pairwise_agreement / pairwise_jaccard (pairs of different runs; NaN with a single run)."""
     draws = np.asarray(draws)
     D, runs, pos = draws.shape
     step = max(1, max_cells // max(1, runs * runs * pos * pos))  # draws per chunk: bounds the [d, r, r, p, p] mask
@@ -159,7 +149,9 @@ def draw_stats(draws: np.ndarray, max_cells: int = 20_000_000) -> dict[str, np.n
 
 
 def _repeats(values: dict[str, np.ndarray], n_tokens: int) -> dict[str, np.ndarray]:
-    """The repeats and their split, from n_unique and "held" (the runs' distinct tokens summed over runs)."""
+    """The repeats (tokens minus unique ones) split exactly into repeats within runs (a run's tokens minus its
+    distinct ones, summed over runs: n_tokens - held) and across runs (the runs' distinct tokens minus the unique
+    ones: a token held by k runs is k - 1 of them)."""
     held = values.pop("held")
     return {**values, "repeats": n_tokens - values["n_unique"], "within_run_repeats": n_tokens - held,
             "cross_run_repeats": held - values["n_unique"]}

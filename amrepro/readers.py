@@ -119,8 +119,8 @@ def site_width(lm: LoadedModel, target: Target) -> int:
         return probe.read_site(torch.zeros(1, 1, lm.d_model, device=lm.device)).shape[-1]
 
 
-def site_reader(lm: LoadedModel, target: Target, fast: bool = True,
-                index: torch.Tensor | Sequence[int] | None = None, width: int | None = None):
+def site_reader(lm: LoadedModel, target: Target, index: torch.Tensor | Sequence[int] | None = None,
+                width: int | None = None):
     """The fastest reader that supports this model and target (validated against the model). index: optional
     per-row indices [rows] of the same site and block (see the module docstring), or per-row Targets; width:
     the site's, when already probed."""
@@ -137,11 +137,10 @@ def site_reader(lm: LoadedModel, target: Target, fast: bool = True,
         index = torch.as_tensor(index, dtype=torch.long)
         for i in index.unique().tolist():
             check_target(Target(target.block, target.site, i), lm.n_layers, width)
-    if fast:
-        from .gpt2 import GPT2Reader
+    from .gpt2 import GPT2Reader
 
-        if GPT2Reader.supports(lm):
-            return GPT2Reader(lm, target, index)
+    if GPT2Reader.supports(lm):
+        return GPT2Reader(lm, target, index)
     return HookedReader(lm, target, index)
 
 

@@ -1,17 +1,12 @@
 """The verdict: what the statistics allow one to say, in words and as 0/1 metrics, from one set of rules.
 
-Every statistic of stats.REGISTRY with a claim decides one flag verdict/<claim>, and it is claimed only when
-BOTH hold:
-- its one-sided p-value under the primary null (the method's own starts, see nulls.py) is below ALPHA, and
-- at least MIN_EVENTS coincidences make it up (2 repeats across runs, 2 agreeing run-pair positions, 2 shared
-  tokens summed over run pairs, 2 repeats within runs).
-A single coincidence is named as one and never flips a verdict; without a primary null nothing is claimed. Every
-sentence names its null and gives p. The uniform null is reported beside it, never decides.
-
-The reference's unique count is reported with its chance levels, but its repeats mix two things: a token that
-recurs in different runs (seeds agree) and a run repeating a token inside its own sequence ('ynamic' 'ynamic',
-which says nothing about seeds). So "below chance" and verdict/unique_below_chance rest on the repeats across
-runs only; the repeats within runs get their own sentence, null and flag.
+Every statistic of stats.REGISTRY with a claim decides one flag verdict/<claim>, claimed only when BOTH its
+one-sided p-value under the primary null (the method's own starts, see nulls.py) is below ALPHA and at least
+MIN_EVENTS coincidences make it up. A single coincidence is named as one and never flips a verdict; without a
+primary null nothing is claimed. Every sentence names its null and gives p; the uniform null is reported beside
+it, never decides. The unique count's repeats mix seeds agreeing with runs repeating their own token ('ynamic'
+'ynamic'), so verdict/unique_below_chance rests on the repeats across runs only; the repeats within runs get
+their own sentence, null and flag.
 """
 
 from __future__ import annotations
