@@ -24,6 +24,7 @@ was kept.
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import numpy as np
 
@@ -97,12 +98,10 @@ def _sparse_stats(x: np.ndarray) -> tuple[int, int, int, float, int]:
     starts = np.flatnonzero(np.r_[True, token[1:] != token[:-1]])
     counts = np.diff(np.r_[starts, token.size])
     shared = int((counts * (counts - 1) // 2).sum())
-    inter: dict[tuple[int, int], int] = {}
+    inter: Counter[tuple[int, int]] = Counter()  # (run a, run b) -> tokens both hold
     for start, c in zip(starts[counts > 1], counts[counts > 1]):
         holders = run[start:start + c]
-        for i, j in zip(*np.triu_indices(c, k=1)):
-            key = (int(holders[i]), int(holders[j]))
-            inter[key] = inter.get(key, 0) + 1
+        inter.update((int(holders[i]), int(holders[j])) for i, j in zip(*np.triu_indices(c, k=1)))
     jaccard = sum(n / (size[a] + size[b] - n) for (a, b), n in inter.items())
     return n_unique, agreeing, shared, float(jaccard), int(size.sum())
 
@@ -113,22 +112,17 @@ def draw_stats(draws: np.ndarray, max_cells: int = 20_000_000) -> dict[str, np.n
     metrics.pairwise_agreement / pairwise_jaccard (pairs of different runs; NaN with a single run)."""
     draws = np.asarray(draws)
     D, runs, pos = draws.shape
-    step = max(1, max_cells // max(1, runs * runs * pos * pos))  # draws per chunk: bounds the [d, r, r, p, p] mask
-    out = {k: [] for k in ("n_unique", "positional_agreement", "jaccard_mean", "agreeing_positions",
-                           "shared_tokens", "held")}
-    upper = np.triu(np.ones((runs, runs), dtype=bool), k=1)  # [runs, runs]: each pair of different runs once
-    n_pairs = runs * (runs - 1) // 2
     if runs * runs * pos * pos > SPARSE_ABOVE:  # many runs: count tokens instead of comparing all pairs
-        stats = np.array([_sparse_stats(x) for x in draws], dtype=float).reshape(D, 5)  # [D, 5]
-        n_unique, agreeing, shared, held = (stats[:, k].astype(int) for k in (0, 1, 2, 4))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return _repeats({"n_unique": n_unique, "positional_agreement": agreeing / (n_pairs * pos),
-                             "jaccard_mean": stats[:, 3] / n_pairs, "agreeing_positions": agreeing,
-                             "shared_tokens": shared, "held": held}, runs * pos)
+        counts = np.array([_sparse_stats(x) for x in draws], dtype=float).reshape(D, 5)  # [D, 5]
+        n_unique, agreeing, shared, held = (counts[:, k].astype(int) for k in (0, 1, 2, 4))
+        return _statistics(n_unique, agreeing, shared, counts[:, 3], held, runs, pos)
+    step = max(1, max_cells // max(1, runs * runs * pos * pos))  # draws per chunk: bounds the [d, r, r, p, p] mask
+    upper = np.triu(np.ones((runs, runs), dtype=bool), k=1)  # [runs, runs]: each pair of different runs once
+    out = {k: [] for k in ("n_unique", "agreeing", "shared", "jaccard", "held")}  # each [d] per chunk
     for start in range(0, D, step):
         x = draws[start:start + step]  # [d, runs, pos]
         flat = np.sort(x.reshape(x.shape[0], -1), axis=1)  # [d, runs * pos]
-        n_unique = 1 + (np.diff(flat, axis=1) != 0).sum(axis=1)  # [d]
+        out["n_unique"].append(1 + (np.diff(flat, axis=1) != 0).sum(axis=1))
         agree = (x[:, :, None, :] == x[:, None, :, :]).sum(axis=-1)  # [d, runs, runs] positions equal
         # token x[a, p] is new in run a if no earlier position of run a holds it: the run's set, without repeats
         same = x[:, :, :, None] == x[:, :, None, :]  # [d, runs, pos, pos]
@@ -137,24 +131,23 @@ def draw_stats(draws: np.ndarray, max_cells: int = 20_000_000) -> dict[str, np.n
         inter = (first[:, :, None, :] & in_other).sum(axis=-1)  # [d, runs, runs] |A ∩ B|
         size = first.sum(axis=-1)  # [d, runs]
         jaccard = inter / (size[:, :, None] + size[:, None, :] - inter)  # [d, runs, runs]
-        agreeing, shared = agree[:, upper].sum(axis=1), inter[:, upper].sum(axis=1)  # [d] each
-        out["n_unique"].append(n_unique)
-        out["held"].append(size.sum(axis=-1))  # [d]: the runs' distinct tokens, summed over runs
-        out["agreeing_positions"].append(agreeing)
-        out["shared_tokens"].append(shared)
-        with np.errstate(invalid="ignore", divide="ignore"):  # one run: no pairs, NaN
-            out["positional_agreement"].append(agreeing / (n_pairs * pos))
-            out["jaccard_mean"].append(jaccard[:, upper].sum(axis=1) / n_pairs)
-    return _repeats({k: np.concatenate(v) for k, v in out.items()}, runs * pos)
+        out["agreeing"].append(agree[:, upper].sum(axis=1))
+        out["shared"].append(inter[:, upper].sum(axis=1))
+        out["jaccard"].append(jaccard[:, upper].sum(axis=1))
+        out["held"].append(size.sum(axis=-1))  # the runs' distinct tokens, summed over runs
+    return _statistics(*(np.concatenate(v) for v in out.values()), runs, pos)
 
 
-def _repeats(values: dict[str, np.ndarray], n_tokens: int) -> dict[str, np.ndarray]:
-    """The repeats (tokens minus unique ones) split exactly into repeats within runs (a run's tokens minus its
-    distinct ones, summed over runs: n_tokens - held) and across runs (the runs' distinct tokens minus the unique
-    ones: a token held by k runs is k - 1 of them)."""
-    held = values.pop("held")
-    return {**values, "repeats": n_tokens - values["n_unique"], "within_run_repeats": n_tokens - held,
-            "cross_run_repeats": held - values["n_unique"]}
+def _statistics(n_unique, agreeing, shared, jaccard_sum, held, runs: int, pos: int) -> dict[str, np.ndarray]:
+    """The statistics from the counts of each draw ([D] each). The repeats (tokens minus unique ones) split
+    exactly into repeats within runs (a run's tokens minus its distinct ones, summed over runs) and across runs
+    (the runs' distinct tokens, held, minus the unique ones: a token held by k runs is k - 1 of them)."""
+    n_pairs = runs * (runs - 1) // 2
+    with np.errstate(invalid="ignore", divide="ignore"):  # one run: no pairs, NaN
+        return {"n_unique": n_unique, "positional_agreement": agreeing / (n_pairs * pos),
+                "jaccard_mean": jaccard_sum / n_pairs, "agreeing_positions": agreeing, "shared_tokens": shared,
+                "repeats": runs * pos - n_unique, "within_run_repeats": runs * pos - held,
+                "cross_run_repeats": held - n_unique}
 
 
 def interval(values) -> dict:
