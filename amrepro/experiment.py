@@ -104,8 +104,7 @@ def prepare_many(config: Config, targets: list[Target], lm: LoadedModel | None =
 
 
 def setup_device(config: Config) -> torch.device:
-    """The config's device, made deterministic, with its CPU thread count: what every process that optimizes
-    (amrepro run, a sweep worker) does before loading the model."""
+    """The config's device, made deterministic, with its thread count: what an optimizing process does first."""
     device = resolve_device(config.device)
     configure_determinism(device)
     if config.threads:
@@ -226,8 +225,7 @@ def outcome_of(prep: Prepared, result: Result, ids: torch.Tensor, cosine: torch.
     spec = None
     if prep.controls:
         # NaN rows would poison every pairwise similarity: specificity needs every row finite
-        all_finite = bool((result.diverged_at < 0).all())
-        spec = _specificity(prep, ids, result) if all_finite else None
+        spec = _specificity(prep, ids, result) if (result.diverged_at < 0).all() else None
         n = c.runs  # from here on: the target's own rows only
         result, ids, cosine, decoded = result.rows(slice(n)), ids[:n], cosine[:n], decoded[:n]
     initial_ids, _ = nearest_tokens(result.initial, lm.embedding)  # [runs, pos]: the un-optimized baseline

@@ -101,8 +101,7 @@ def load_model(name: str, device: torch.device, note: Note | None = None) -> Loa
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise AmreproError(f"'{name}' is a folder but not a saved model (it has no config.json).")
-        model, tokenizer = _from_pretrained(name, path)
-        return _ready(name, model, tokenizer, device, source="folder")
+        return _ready(name, *_from_pretrained(name, path), device, source="folder")
     if os.path.exists(path):
         raise AmreproError(f"'{name}' is a file, not a model: --model takes a Hugging Face model id, a folder "
                            "written by save_pretrained, or a .gguf file.")
@@ -111,8 +110,7 @@ def load_model(name: str, device: torch.device, note: Note | None = None) -> Loa
     # An unreachable Hub would cost ~25 s of retries per file; probe it once, then use only the cache.
     hub = "offline" if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") else (
         "online" if _hub_reachable() else "unreachable")
-    model, tokenizer = _from_pretrained(name, path, hub)
-    return _ready(name, model, tokenizer, device, source="hub", revision=_hub_revision(name))
+    return _ready(name, *_from_pretrained(name, path, hub), device, source="hub", revision=_hub_revision(name))
 
 
 def _from_pretrained(name: str, path: str, hub: str = "offline"):

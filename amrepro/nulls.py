@@ -48,11 +48,9 @@ def pool_seed(seed: int) -> int:
 
 
 def decoded_start_pool(vocab, std: float, size: int, seed: int, chunk: int = 512) -> np.ndarray:
-    """Token ids [size] of `size` i.i.d. start vectors N(0, std) decoded by max cosine to the rows of vocab.
-
-    vocab [n_vocab, d_model] (a torch tensor, any device). The vectors are drawn like
-    seeding.initial_embeddings (float32 on the CPU from a torch.Generator, times std); the decoding is
-    decode.nearest_tokens' arithmetic (normalize both, matmul, max) with the vocabulary normalized once."""
+    """Token ids [size] of `size` i.i.d. start vectors N(0, std), drawn like seeding.initial_embeddings (float32
+    on the CPU from a torch.Generator), decoded by max cosine to the rows of vocab [n_vocab, d_model] (any device)
+    with decode.nearest_tokens' arithmetic, the vocabulary normalized once."""
     import torch  # only here: the rest of this module is numpy
 
     with torch.no_grad():
@@ -205,10 +203,8 @@ def binomial_tail(k: int, n: int, q: float) -> float:
 
 
 def null_model(draws: np.ndarray, observed: dict) -> dict:
-    """A null's intervals of every registry statistic and the observed statistics' p-values under it.
-
-    draws [D, runs, pos]; observed: draw_stats of the observed matrix (one draw), so that observed and null
-    values come from the same arithmetic."""
+    """A null's intervals of every registry statistic over draws [D, runs, pos], and the p-values under it of
+    observed: draw_stats of the observed matrix, the same arithmetic as the draws'."""
     values = draw_stats(draws)
     out = {"n_draws": int(draws.shape[0])}
     for stat in REGISTRY:

@@ -5,14 +5,13 @@ blocks the target needs. Used as context managers, so no hook outlives a run.
   stops the forward right there (TransformerLens' stop_at_layer, done with an exception).
 - GPT2Reader (gpt2.py) is the fast path for GPT-2: a functional forward on the same weights that also skips
   the part of the last block the target does not read. Tests pin it to HookedReader and to HF hidden_states.
+- FeatureReader reads a feature of the site (a direction, an SAE latent: features.py) through HookedReader's
+  whole site.
 
-Both take an optional per-row `index` (a LongTensor [rows]): row r then reads index[r] of the target's site and
-block, so one batch optimizes several targets of a site (--controls; tests/test_controls.py pins each row to a
-reader of that index alone). Without it every row reads target.index.
-
-FeatureReader reads a feature of the site (a direction, an SAE latent: features.py) through HookedReader's whole
-site; its per-row targets are given as Targets (one SAE, or directions), and its `index` is then each row's row
-of its Readout, so that methods can select rows for their candidates (FeatureReader.select).
+An optional per-row `index` [rows] makes row r read index[r] of the target's site and block, so one batch
+optimizes several targets of a site (--controls; tests/test_controls.py pins each row to a reader of that index
+alone). FeatureReader's per-row targets are Targets, and its `index` each row's row of its Readout, so that
+methods can select rows for their candidates (FeatureReader.select).
 """
 
 from __future__ import annotations

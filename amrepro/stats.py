@@ -1,14 +1,11 @@
 """The statistics registry: one row per statistic of the decoded tokens, and the thresholds every claim uses.
 
-It drives everything downstream, so a name is written once:
-- nulls.py gives every statistic here a distribution under each null and a one-sided p-value (direction below);
-- metrics.py logs its observed value, its coincidence count, its null intervals and p-values under the names
-  below (stats/*, null/<null>/<short>_{mean,low,high}, pvalue/<short>_<null>);
-- verdict.py turns each statistic that has a claim into a 0/1 flag verdict/<claim> and a sentence;
-- report.py, sweep.table and compare.row show them in this order, with these labels and columns.
-
-A new token statistic is one Statistic here plus its arithmetic in nulls.draw_stats, which computes every token
-statistic of the observed runs and of each null draw alike (the same code, so observed and chance compare).
+It drives everything downstream, so a name is written once: nulls.py gives every statistic a distribution under
+each null and a one-sided p-value (direction below); metrics.py logs its value, coincidence count, null intervals
+and p-values under the names below; verdict.py turns each claim into a 0/1 flag verdict/<claim> and a sentence;
+report.py, sweep.table and compare.row show them in this order, with these labels and columns. A new token
+statistic is one Statistic here plus its arithmetic in nulls.draw_stats, which computes the observed runs'
+statistics and each null draw's alike (the same code, so observed and chance compare).
 
 Direction: larger=True means a larger value is more agreement between runs, so p counts the null draws as large
 or larger; larger=False (the unique count) means a smaller value is. Events: the coincidences that make up the
