@@ -166,14 +166,6 @@ def gguf_cache_root() -> Path:
     return Path(os.environ.get("AMREPRO_CACHE") or "~/.cache/amrepro").expanduser() / "gguf"
 
 
-def _sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_gguf(name: str, note: Note):
     """(model, tokenizer, sha256 of the file). De-quantizing a GGUF file takes ~15 s, so the float32 model and
     its tokenizer are saved once into <cache>/<sha256> (keyed by content: a renamed or moved file still hits
@@ -184,10 +176,14 @@ def load_gguf(name: str, note: Note):
     path = os.path.expanduser(name)
     if not os.path.isfile(path):
         raise AmreproError(f"no GGUF file at '{name}': the local path does not exist or is not a file.")
+    digest = hashlib.sha256()
     with open(path, "rb") as file:
         if file.read(4) != b"GGUF":
             raise AmreproError(f"'{name}' is not a GGUF file (it does not start with the GGUF magic bytes).")
-    file_sha256 = _sha256_file(path)
+        file.seek(0)
+        for chunk in iter(lambda: file.read(1 << 22), b""):
+            digest.update(chunk)
+    file_sha256 = digest.hexdigest()
     cached = gguf_cache_root() / file_sha256
     if cached.is_dir():
         try:
@@ -200,10 +196,16 @@ def load_gguf(name: str, note: Note):
 
     note(f"converting {os.path.basename(path)} to float32 (once, ~15 s); cached in {cached}")
     folder, filename = os.path.split(os.path.abspath(path))
+    try:  # plain float32 Linear layers, even where transformers 5 would keep GGUF blocks packed for its own kernel
+        from transformers import GgufConfig
+
+        dequantized = {"quantization_config": GgufConfig(dequantize=True)}
+    except ImportError:  # older transformers always de-quantize and know no GgufConfig
+        dequantized = {}
     try:
         with _gguf_parsed_once():
             model = AutoModel.from_pretrained(folder, gguf_file=filename, dtype=torch.float32,
-                                              attn_implementation="eager", local_files_only=True, **_dequantized())
+                                              attn_implementation="eager", local_files_only=True, **dequantized)
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename, local_files_only=True)
     except Exception as error:  # noqa: BLE001 - gguf and transformers raise many kinds on a bad file
         raise AmreproError(f"could not read the GGUF file '{name}' (corrupt, truncated, or an architecture "
@@ -271,16 +273,6 @@ def write_atomically(folder: Path, write: Callable[[Path], object]) -> None:
             raise
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-
-
-def _dequantized() -> dict:
-    """Ask for plain float32 Linear layers even where a packed GGUF matmul kernel is available (transformers 5
-    keeps GGUF blocks packed then); older transformers always de-quantize and know no GgufConfig."""
-    try:
-        from transformers import GgufConfig
-    except ImportError:
-        return {}
-    return {"quantization_config": GgufConfig(dequantize=True)}
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
