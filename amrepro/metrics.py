@@ -193,14 +193,12 @@ def _flat_metrics(out: dict) -> dict[str, float]:
             flat[stat.pvalue_metric(null)] = nulls[null][stat.key]["pvalue"]
     for name in ("final_activation", "decoded_activation"):
         flat.update({f"stats/{name}_{k}": out[name][k] for k in ("mean", "std", "min", "max")})
-    if PRIMARY in nulls:
-        ds = nulls[PRIMARY]
+    if (ds := nulls.get(PRIMARY)) is not None:
         flat.update({"null/decoded_starts/start_token_kept_chance": ds["collision_probability"],
                      "null/decoded_starts/pool_size": ds["pool_size"],
                      "null/decoded_starts/pool_distinct": ds["pool_distinct"]})
     flat["null/n_draws"] = nulls["uniform"]["n_draws"]
-    if out["convergence"] is not None:
-        c = out["convergence"]
+    if (c := out["convergence"]) is not None:
         flat.update({"converge/act_rel_change_last10pct_mean": float(np.mean(c["per_run"])),
                      "converge/act_rel_change_last10pct_max": float(np.max(c["per_run"])),
                      "converge/frac_runs_still_rising": c["frac_still_rising"]})

@@ -223,10 +223,8 @@ def _gguf_parsed_once():
     `gguf.get_tensor_name_map(arch, n_blocks)` one map. transformers reads the file three times (config, weights,
     tokenizer; each read builds Python objects for the 49k-entry vocabulary) and builds the name map once per
     submodule: half of a SmolLM2 conversion (31 s -> 14 s here). The one reader also parses over a plain ndarray
-    view of its memory map: gguf slices np.memmap once per field part (~1.3 M slices for the vocabulary), and
-    each memmap slice runs numpy's Python-level subclass hooks (reader 2.0 -> 0.6 s of CPU, AMD EPYC). Both are
-    read-only and read the same bytes, so the converted model is byte-identical; the originals are put back
-    afterwards, even on an error."""
+    view of its memory map (_plain_array_reader: 2.0 -> 0.6 s of CPU, AMD EPYC). Both read the same bytes
+    read-only, so the converted model is byte-identical; the originals are put back afterwards, even on an error."""
     import functools
 
     import gguf
@@ -245,7 +243,8 @@ def _gguf_parsed_once():
 
 def _plain_array_reader(reader: type) -> type:
     """gguf's reader class, storing the np.memmap it opens as a plain ndarray view of the same mapping (the
-    view keeps the map open; its slices are plain ndarrays, without memmap's per-slice Python hooks)."""
+    view keeps the map open). gguf slices it once per field part (~1.3 M slices for the vocabulary), and a
+    memmap's slices run numpy's Python-level subclass hooks; a plain ndarray's do not."""
     import numpy as np
 
     class PlainArrayReader(reader):

@@ -190,12 +190,10 @@ def collision_probability(pool: np.ndarray) -> float:
 
 def binomial_tail(k: int, n: int, q: float) -> float:
     """P(X >= k) for X ~ Binomial(n, q): how often chance alone keeps k or more of n start tokens."""
-    if k <= 0:
+    if k <= 0 or q >= 1.0:
         return 1.0
     if q <= 0.0:
         return 0.0
-    if q >= 1.0:
-        return 1.0
     terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(q)
              + (n - i) * math.log1p(-q) for i in range(k, n + 1)]
     top = max(terms)

@@ -130,10 +130,8 @@ def site_reader(lm: LoadedModel, target: Target, index: torch.Tensor | Sequence[
         from .features import readout
 
         return FeatureReader(lm, target, readout(rows or [target], width), per_row=rows is not None)
-    if rows is not None:
-        index = [t.index for t in rows]
     if index is not None:
-        index = torch.as_tensor(index, dtype=torch.long)
+        index = torch.as_tensor([t.index for t in rows] if rows else index, dtype=torch.long)
         for i in index.unique().tolist():
             check_target(Target(target.block, target.site, i), lm.n_layers, width)
     from .gpt2 import GPT2Reader

@@ -68,12 +68,9 @@ def verdict(stats: dict) -> str:
         words += (f" Of the {events['repeats']} repeats, {across} {'is' if across == 1 else 'are'} {where[0]} and "
                   f"{within} {where[1]}; only repeats across runs say whether seeds agree.")
     single = stats["n_runs"] < 2
-    for stat in CLAIMS:
-        if stat.pairwise and single:
-            continue
-        if stat.supports == "method" and not events[stat.events]:
-            continue  # nothing to say about repeats that did not happen
-        words += _sentence(stats, stat, d[stat.claim], name)
+    for stat in CLAIMS:  # none about pairs of a single run, nor about repeats within runs that did not happen
+        if not (stat.pairwise and single) and (stat.supports != "method" or events[stat.events]):
+            words += _sentence(stats, stat, d[stat.claim], name)
     if single:
         words += " A single run has no run-to-run agreement to measure."
     words += _kept(stats["start_token_kept"], d)
