@@ -126,12 +126,9 @@ def _from_pretrained(name: str, path: str, hub: str = "offline"):
     except Exception as error:  # noqa: BLE001 - HF raises OSError, ValueError, HTTP errors...
         if os.path.isdir(path):
             raise AmreproError(f"could not load the model saved in '{name}': {_first_line(error)}") from None
-        if hub == "offline":
-            why = "HF_HUB_OFFLINE is set, so only the local cache was searched, and it is not there"
-        elif hub == "unreachable":
-            why = "the Hugging Face Hub is unreachable and the model is not in the local cache"
-        else:
-            why = f"the Hugging Face Hub has no such model or refused it ({_first_line(error)})"
+        why = {"offline": "HF_HUB_OFFLINE is set, so only the local cache was searched, and it is not there",
+               "unreachable": "the Hugging Face Hub is unreachable and the model is not in the local cache",
+               "online": f"the Hugging Face Hub has no such model or refused it ({_first_line(error)})"}[hub]
         # under `mlflow run` the user types -P model=PATH, not --model PATH
         option = "-P model=PATH" if os.environ.get("MLFLOW_RUN_ID") else "--model PATH"
         hint = "" if hub == "offline" else " (HF_HUB_OFFLINE=1 skips the Hub)"
