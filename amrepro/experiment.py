@@ -260,8 +260,7 @@ def outcome_of(prep: Prepared, result: Result, ids: torch.Tensor, cosine: torch.
 
 
 def _statistics(prep: Prepared, ids, result: Result, decoded, cosine, initial_ids, ok: np.ndarray) -> dict:
-    """metrics.reproducibility_stats of the finite runs (ok [runs]), against the primary null: the method's own
-    start distribution, decoded like the results (nulls.py)."""
+    """metrics.reproducibility_stats of the finite runs (ok [runs]), against the primary null (nulls.py)."""
     c, lm = prep.config, prep.lm
     pool, described = prep.start_pool
     stats = metrics.reproducibility_stats(

@@ -171,8 +171,7 @@ def _none_if_nan(stats: dict) -> dict:
 
 
 def _flat_metrics(out: dict) -> dict[str, float]:
-    """MLflow-ready float metrics with namespaced keys; statistics that do not exist (one run, no decoded-starts
-    null, one epoch) are left out."""
+    """MLflow-ready float metrics; statistics that do not exist (one run, no primary null, one epoch) are left out."""
     b, i, nulls, kept = out["bootstrap"], out["baselines"]["initial_tokens"], out["nulls"], out["start_token_kept"]
     flat = {
         "stats/unique_fraction": out["unique_fraction"], "stats/n_tokens_total": out["n_tokens_total"],
@@ -230,8 +229,7 @@ def reproducibility_stats(ids, final, final_activation, decoded_activation, cosi
     runs]: for the convergence diagnostic. seed seeds the n_boot resamples and n_null draws per null alike."""
     ids, initial_ids = np.asarray(ids), np.asarray(initial_ids)  # [runs, pos] each
     final, cosine = np.asarray(final, dtype=np.float64), np.asarray(cosine, dtype=np.float64)  # [runs, pos(, d)]
-    final_act = np.asarray(final_activation, dtype=np.float64)  # [runs]
-    decoded_act = np.asarray(decoded_activation, dtype=np.float64)  # [runs]
+    final_act, decoded_act = (np.asarray(a, dtype=np.float64) for a in (final_activation, decoded_activation))
     runs, pos = ids.shape
     if not (initial_ids.shape == cosine.shape == final.shape[:2] == ids.shape
             and final_act.shape == decoded_act.shape == (runs,)):

@@ -108,8 +108,7 @@ class FeatureReader(HookedReader):
         return FeatureReader(self.lm, self.target, self.readout.select(rows), per_row=True)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        site = self.read_site(x)  # [runs, pos, width]
-        return self.readout(site, self.index)  # [runs, pos]
+        return self.readout(self.read_site(x), self.index)  # [runs, pos, width] -> [runs, pos]
 
 
 def site_width(lm: LoadedModel, target: Target) -> int:
@@ -120,9 +119,8 @@ def site_width(lm: LoadedModel, target: Target) -> int:
 
 def site_reader(lm: LoadedModel, target: Target, index: torch.Tensor | Sequence[int] | None = None,
                 width: int | None = None):
-    """The fastest reader that supports this model and target (validated against the model). index: optional
-    per-row indices [rows] of the same site and block (see the module docstring), or per-row Targets; width:
-    the site's, when already probed."""
+    """The fastest reader for this model and target, validated against the model. index: per-row indices [rows]
+    of the same site and block (module docstring), or per-row Targets; width: the site's, when already probed."""
     width = width or site_width(lm, target)
     check_target(target, lm.n_layers, width)
     rows = list(index) if index is not None and len(index) and isinstance(index[0], Target) else None

@@ -73,9 +73,7 @@ def verdict(stats: dict) -> str:
             words += _sentence(stats, stat, d[stat.claim], name)
     if single:
         words += " A single run has no run-to-run agreement to measure."
-    words += _kept(stats["start_token_kept"], d)
-    words += _converged(stats.get("convergence"), d)
-    return words
+    return words + _kept(stats["start_token_kept"], d) + _converged(stats.get("convergence"), d)
 
 
 def _sentence(stats: dict, stat, claimed: bool, name: str) -> str:
