@@ -1,15 +1,14 @@
 """The experiment, without side effects: validate -> load -> optimize all seeds -> decode -> statistics.
 
-One path for one target and for many: `prepare_many` does every check that can fail on user input *before* any
-MLflow run exists and `execute_many` optimizes the targets' rows as ONE batch (one forward pass serves targets x
-seeds rows); a lone target (`amrepro run`, `prepare` / `execute`) is a batch of one. The batch reads one site,
-whose width is probed once; every target is checked once. Shared by run, compare, sweep and reproduce.
+One path for one target and for many (run, compare, sweep, reproduce): `prepare_many` checks each target once,
+probing the one site's width once, before any MLflow run exists; `execute_many` optimizes the targets' rows as ONE
+batch. A lone target (`prepare` / `execute`) is a batch of one.
 
-Row block t of a batch is what `amrepro run --target T_t` optimizes on its own: with --controls K its
-(1 + K) x runs rows, the target's runs first, then each control target's runs from the SAME seeds
-(specificity.py explains why). The rows never interact (Adam is elementwise, the forward is row-wise), so each
-target's share is its run alone up to the rounding of batched kernels (tests/test_batch.py); only a batch of the
-same shape is bit-identical, which is why a sweep's target parent records its batch (layout.BATCH_TAG).
+Row block t is what `amrepro run --target T_t` optimizes alone: with --controls K, (1 + K) x runs rows, the
+target's runs first, then each control's from the SAME seeds (specificity.py says why). Rows never interact (Adam
+is elementwise, the forward row-wise), so a target's share is its run alone up to the rounding of batched kernels
+(tests/test_batch.py); only a batch of the same shape is bit-identical, so a sweep's parent records its batch
+(layout.BATCH_TAG).
 """
 
 from __future__ import annotations
@@ -40,10 +39,10 @@ class Prepared:
     config: Config  # what `amrepro run` of this target alone would get
     lm: LoadedModel
     target: Target
-    controls: tuple[Target, ...] = ()  # --controls: the other targets of the site, read by rows runs.. of its share
+    controls: tuple[Target, ...]  # --controls: the other targets of the site, read by rows runs.. of its share
+    width: int  # the site's width
+    per_row: bool  # read with per-row indices even alone: one of prepare_many's batch (a sweep's)
     start_pool: tuple[np.ndarray, str] | None = None  # the primary null's pool and its description (once per batch)
-    width: int = 0  # the site's width
-    per_row: bool = False  # read with per-row indices even alone: one of prepare_many's batch (a sweep's)
 
 
 @dataclass
@@ -70,50 +69,42 @@ def prepare(config: Config, lm: LoadedModel | None = None, note: Callable[[str],
     loading the model has to say (e.g. a one-off GGUF conversion)."""
     config.validate()
     target = Target.parse(config.target_name)  # a typo in the name fails before the model loads
-    return _prepare(config, [(config, target)], lm, note, per_row=False)[0]
+    return prepare_many(config, [target], lm, note, alone=True)[0]
 
 
 def prepare_many(config: Config, targets: list[Target], lm: LoadedModel | None = None,
-                 note: Callable[[str], None] | None = None) -> list[Prepared]:
+                 note: Callable[[str], None] | None = None, alone: bool = False) -> list[Prepared]:
     """One Prepared per target, its Config config with --target set to it (as `amrepro run --target` would
-    have). The targets must share block and site: one batch reads one site."""
-    return _prepare(config, [(dataclasses.replace(config, target=t.name), t) for t in targets], lm, note, per_row=True)
-
-
-def _prepare(config: Config, targets: list[tuple[Config, Target]], lm: LoadedModel | None,
-             note: Callable[[str], None] | None, per_row: bool) -> list[Prepared]:
+    have). The targets must share block and site: one batch reads one site. alone: prepare's lone target, whose
+    config stays as given (--layer/--dim) and which is read with the single-target kernels."""
     config.validate()
     if not targets:
         return []
-    sites = {t.batch_key for _, t in targets}  # one site (and one SAE or direction file)
+    sites = {t.batch_key for t in targets}  # one site (and one SAE or direction file)
     if len(sites) > 1:
         raise AmreproError(f"one batch reads one site, got {len(sites)}: "
-                           f"{', '.join(sorted({t.prefix for _, t in targets}))}.")
+                           f"{', '.join(sorted({t.prefix for t in targets}))}.")
     device = setup_device(config)
     lm = lm or load_model(config.model, device, note=note)
     check_positions(lm, config.n_tokens)
     problem.check(config, lm)  # e.g. epo refuses an encoder
-    first = targets[0][1]
-    width = site_width(lm, first)  # one probe forward per batch
+    width = site_width(lm, targets[0])  # one probe forward per batch
     preps = []
-    for one, target in targets:
+    for target in targets:
         check_target(target, lm.n_layers, width)
         if target.source:  # its file (a direction, an SAE and its latent) against the site, before anything runs
             features.readout([target], width)
-        preps.append(Prepared(one, lm, target, _controls(one, target, width), width=width, per_row=per_row))
-    rows = sum(config.runs * (1 + len(p.controls)) for p in preps)
-    check_memory(lm, first, config, rows=rows)
+        one = config if alone else dataclasses.replace(config, target=target.name)
+        preps.append(Prepared(one, lm, target, _controls(one, target, width), width, per_row=not alone))
+    check_memory(lm, targets[0], config, rows=sum(config.runs * (1 + len(p.controls)) for p in preps))
     # the null's pool depends on the vocabulary, runs, n_tokens and seed, not on the target: drawn and decoded
     # once per batch (for GPT-2 a 20k x 50k matmul, seconds per target otherwise)
     pool = problem.start_pool(config, lm, nulls.pool_size(config.runs, config.n_tokens))
-    for prep in preps:
-        prep.start_pool = pool
-    return preps
+    return [dataclasses.replace(prep, start_pool=pool) for prep in preps]
 
 
 def setup_device(config: Config) -> torch.device:
-    """The config's device, made deterministic, with its CPU thread count: what every process that optimizes
-    (amrepro run, a sweep worker) does before loading the model."""
+    """The config's device, made deterministic, with its thread count: what an optimizing process does first."""
     device = resolve_device(config.device)
     configure_determinism(device)
     if config.threads:
@@ -160,20 +151,20 @@ def memory_needed(lm: LoadedModel, target: Target, config: Config) -> tuple[int,
     return per_run, per_pair
 
 
-def check_memory(lm: LoadedModel, target: Target, config: Config, rows: int | None = None) -> None:
+def check_memory(lm: LoadedModel, target: Target, config: Config, rows: int) -> None:
     """Refuse a --runs that cannot fit, with the largest one that would, instead of failing hours later.
-    rows: optimized rows when they are more than the runs (--controls: (1 + K) x runs)."""
+    rows: the optimized rows, (1 + K) x runs with --controls K."""
     available = _available_bytes(lm.device)
     if available is None:
         return
     per_run, per_pair = memory_needed(lm, target, config)
     budget = 0.8 * available  # leave room for the store, the figures and the rest of the machine
-    per_run *= (rows or config.runs) / config.runs  # each run brings its controls' rows along
-    if config.runs * per_run + config.runs**2 * per_pair <= budget:
+    per_run *= rows / config.runs  # each run brings its controls' rows along
+    need = config.runs * per_run + config.runs**2 * per_pair
+    if need <= budget:
         return
     # largest r with r * per_run + r^2 * per_pair <= budget
     fits = int((-per_run + (per_run**2 + 4 * per_pair * budget) ** 0.5) / (2 * per_pair))
-    need = config.runs * per_run + config.runs**2 * per_pair
     raise AmreproError(f"--runs {config.runs} needs about {need / 2**30:.1f} GiB on {lm.device.type} "
                        f"(optimization state and run-to-run statistics), but only {available / 2**30:.1f} GiB is "
                        f"available; at most about {max(fits, 1)} runs fit here.")
@@ -184,7 +175,7 @@ def execute(prep: Prepared, on_epoch: Callable[[int], None] | None = None) -> Ou
 
 
 def execute_many(preps: list[Prepared], on_epoch: Callable[[int], None] | None = None) -> list[Outcome]:
-    """Optimize every target's rows as one batch; one Outcome per target, in the order of preps."""
+    """One Outcome per target, in the order of preps."""
     if not preps:
         return []
     c, lm = preps[0].config, preps[0].lm
@@ -206,7 +197,7 @@ def batch_reader(preps: list[Prepared]):
     per-row indices, which round differently on some sites: each keeps the reads its logged runs were made with."""
     index = [t for p in preps for t in (p.target, *p.controls) for _ in range(p.config.runs)]  # [rows] targets
     per_row = preps[0].per_row or len(set(index)) > 1
-    return site_reader(preps[0].lm, preps[0].target, index=index if per_row else None, width=preps[0].width or None)
+    return site_reader(preps[0].lm, preps[0].target, index=index if per_row else None, width=preps[0].width)
 
 
 def optimize_rows(lm: LoadedModel, reader, seeds: list[int], config: Config,
@@ -234,8 +225,7 @@ def outcome_of(prep: Prepared, result: Result, ids: torch.Tensor, cosine: torch.
     spec = None
     if prep.controls:
         # NaN rows would poison every pairwise similarity: specificity needs every row finite
-        all_finite = bool((result.diverged_at < 0).all())
-        spec = _specificity(prep, ids, result) if all_finite else None
+        spec = _specificity(prep, ids, result) if (result.diverged_at < 0).all() else None
         n = c.runs  # from here on: the target's own rows only
         result, ids, cosine, decoded = result.rows(slice(n)), ids[:n], cosine[:n], decoded[:n]
     initial_ids, _ = nearest_tokens(result.initial, lm.embedding)  # [runs, pos]: the un-optimized baseline
@@ -243,39 +233,34 @@ def outcome_of(prep: Prepared, result: Result, ids: torch.Tensor, cosine: torch.
     # A diverged run (NaN/inf) "decodes" to whatever argmax makes of NaN: it is left out of every statistic.
     diverged = {r: why for r in range(c.runs) if (why := result.divergence(r)) is not None}
     ok = np.array([r not in diverged for r in range(c.runs)])  # [runs]
-    if ok.any():
-        summary = metrics.unique_summary(ids.numpy()[ok], [t for t, keep in zip(tokens, ok) if keep])
-    else:
-        summary = {}
+    kept = [t for t, keep in zip(tokens, ok) if keep]
+    summary = metrics.unique_summary(ids.numpy()[ok], kept) if ok.any() else {}
     summary.update(target=prep.target.name, model=c.model, seeds=c.seeds, token_ids=ids.tolist(), tokens=tokens,
                    initial_token_ids=initial_ids.tolist(), n_runs_ok=int(ok.sum()),
-                   diverged=[{"seed": c.seeds[r], "run_index": r, "reason": why} for r, why in diverged.items()])
-    summary["method"] = c.method
-    summary["loss_spikes"] = spikes.loss_spikes(result.loss.numpy())  # [runs]: None, or the run's worst spike
-    summary["promoted_logits"] = promoted_logits(lm, prep.target)  # None unless a causal LM's residual direction
+                   diverged=[{"seed": c.seeds[r], "run_index": r, "reason": why} for r, why in diverged.items()],
+                   method=c.method,
+                   loss_spikes=spikes.loss_spikes(result.loss.numpy()),  # [runs]: None, or the run's worst spike
+                   promoted_logits=promoted_logits(lm, prep.target))  # None unless a causal LM's residual direction
     if result.frontier is not None:  # epo: each run's final population, activation against fluency
         summary["frontier"] = result.frontier
-    summary["statistics"] = stats = _statistics(prep, ids, result, decoded, cosine, initial_ids, ok) if ok.any() else None
-    if diverged and stats is not None:  # the verdict never hides runs it left out
-        stats["verdict"] = (f"{len(diverged)} of {c.runs} runs diverged and are left out; statistics "
-                            f"of the other {int(ok.sum())}. " + stats["verdict"])
-    unstable = spikes.spike_words(summary["loss_spikes"], c.seeds)
-    if unstable and stats is not None:
-        stats["verdict"] += " " + unstable
-    if spec is not None:
-        summary["specificity"] = spec
-        if stats is not None:
-            stats["verdict"] += " " + specificity_words(spec)
-    elif prep.controls:
-        summary["specificity"] = {"controls": [t.name for t in prep.controls],
-                                  "not_computed": "a target or control run diverged"}
+    stats = _statistics(prep, ids, result, decoded, cosine, initial_ids, ok) if ok.any() else None
+    summary["statistics"] = stats
+    if stats is not None:
+        if diverged:  # the verdict never hides runs it left out
+            stats["verdict"] = (f"{len(diverged)} of {c.runs} runs diverged and are left out; statistics "
+                                f"of the other {int(ok.sum())}. " + stats["verdict"])
+        for words in (spikes.spike_words(summary["loss_spikes"], c.seeds), spec and specificity_words(spec)):
+            if words:
+                stats["verdict"] += " " + words
+    if prep.controls:
+        summary["specificity"] = spec or {"controls": [t.name for t in prep.controls],
+                                          "not_computed": "a target or control run diverged"}
     return Outcome(c, prep.target, result, ids.numpy(), tokens, cosine.numpy(), decoded.numpy(), summary, diverged,
                    spec)
 
 
 def _statistics(prep: Prepared, ids, result: Result, decoded, cosine, initial_ids, ok: np.ndarray) -> dict:
-    """metrics.reproducibility_stats of the finite runs (ok [runs]), against the primary null: the method's own
-    start distribution, decoded like the results (nulls.py)."""
+    """metrics.reproducibility_stats of the finite runs (ok [runs]), against the primary null (nulls.py)."""
     c, lm = prep.config, prep.lm
     pool, described = prep.start_pool
     stats = metrics.reproducibility_stats(

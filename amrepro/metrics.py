@@ -56,11 +56,8 @@ def pairwise_jaccard(ids: np.ndarray) -> np.ndarray:
     return inter / (size[:, None] + size[None, :] - inter)  # sets are never empty: pos >= 1
 
 
-def _cosine_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """[pos_a, pos_b] cosine similarities of the rows of a and b."""
-    a = a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
-    b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
-    return a @ b.T
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)  # a zero vector stays zero
 
 
 def _greedy_matching(sim: np.ndarray) -> float:
@@ -84,7 +81,7 @@ def pairwise_matched_cosine(final: np.ndarray) -> tuple[np.ndarray, str]:
     perms = np.array(list(itertools.permutations(range(pos)))) if exact else None  # [pos!, pos]
     out = np.ones((runs, runs))
     for a, b in itertools.combinations(range(runs), 2):
-        sim = _cosine_matrix(final[a], final[b])  # [pos, pos]
+        sim = _unit(final[a]) @ _unit(final[b]).T  # [pos, pos] cosines
         best = sim[np.arange(pos), perms].sum(axis=1).max() if exact else _greedy_matching(sim)
         out[a, b] = out[b, a] = best / pos
     method = ("exact: brute force over all pos! permutations (the optimal assignment)" if exact
@@ -94,8 +91,7 @@ def pairwise_matched_cosine(final: np.ndarray) -> tuple[np.ndarray, str]:
 
 def pairwise_positional_cosine(final: np.ndarray) -> np.ndarray:
     """[runs, runs]: mean cosine of two runs' final vectors at the same position (no matching)."""
-    final = np.asarray(final, dtype=np.float64)  # [runs, pos, d_model]
-    unit = final / np.maximum(np.linalg.norm(final, axis=-1, keepdims=True), 1e-12)
+    unit = _unit(np.asarray(final, dtype=np.float64))  # [runs, pos, d_model]
     return np.einsum("apd,bpd->abp", unit, unit).mean(axis=-1)  # [runs, runs]
 
 
@@ -111,9 +107,8 @@ def pair_mean(matrix: np.ndarray, counts: np.ndarray | None = None) -> float:
 
 
 def token_stats(ids: np.ndarray) -> dict[str, float]:
-    """Every token statistic of one [runs, pos] matrix (stats.REGISTRY and the coincidence counts, by the very
-    arithmetic of the null draws, nulls.draw_stats) and the unique fraction: for data and baselines alike.
-    Pairwise statistics are NaN with a single run."""
+    """nulls.draw_stats of one [runs, pos] matrix (the very arithmetic of the null draws) and the unique
+    fraction: for data and baselines alike."""
     ids = np.asarray(ids)  # [runs, pos]
     values = {k: v[0].item() for k, v in nulls.draw_stats(ids[None]).items()}
     return {**values, "unique_fraction": values["n_unique"] / ids.size}
@@ -155,10 +150,8 @@ def start_token_kept(ids: np.ndarray, initial_ids: np.ndarray) -> np.ndarray:
 
 
 def convergence(activation) -> dict | None:
-    """Is the activation still rising at the end? Per run, the relative change over the last 10% of epochs,
-    (a_end - a_begin) / max(|a_begin|, |a_end|) (bounded in [-2, 2], defined even when one end is near 0), and
-    whether it exceeds STILL_RISING. activation [epochs, runs] is the logged per-epoch mean activation; None
-    with fewer than 2 epochs."""
+    """Is the activation still rising at the end? Per run, the relative change over the last 10% of epochs
+    ("definition" below: bounded in [-2, 2], defined even when one end is near 0); None with fewer than 2 epochs."""
     act = np.asarray(activation, dtype=float)  # [epochs, runs]
     epochs = act.shape[0]
     if epochs < 2:
@@ -178,8 +171,7 @@ def _none_if_nan(stats: dict) -> dict:
 
 
 def _flat_metrics(out: dict) -> dict[str, float]:
-    """MLflow-ready float metrics with namespaced keys; statistics that do not exist (one run, no decoded-starts
-    null, one epoch) are left out."""
+    """MLflow-ready float metrics; statistics that do not exist (one run, no primary null, one epoch) are left out."""
     b, i, nulls, kept = out["bootstrap"], out["baselines"]["initial_tokens"], out["nulls"], out["start_token_kept"]
     flat = {
         "stats/unique_fraction": out["unique_fraction"], "stats/n_tokens_total": out["n_tokens_total"],
@@ -200,21 +192,19 @@ def _flat_metrics(out: dict) -> dict[str, float]:
             flat[stat.pvalue_metric(null)] = nulls[null][stat.key]["pvalue"]
     for name in ("final_activation", "decoded_activation"):
         flat.update({f"stats/{name}_{k}": out[name][k] for k in ("mean", "std", "min", "max")})
-    if PRIMARY in nulls:
-        ds = nulls[PRIMARY]
+    if (ds := nulls.get(PRIMARY)) is not None:
         flat.update({"null/decoded_starts/start_token_kept_chance": ds["collision_probability"],
                      "null/decoded_starts/pool_size": ds["pool_size"],
                      "null/decoded_starts/pool_distinct": ds["pool_distinct"]})
     flat["null/n_draws"] = nulls["uniform"]["n_draws"]
-    if out["convergence"] is not None:
-        c = out["convergence"]
+    if (c := out["convergence"]) is not None:
         flat.update({"converge/act_rel_change_last10pct_mean": float(np.mean(c["per_run"])),
                      "converge/act_rel_change_last10pct_max": float(np.max(c["per_run"])),
                      "converge/frac_runs_still_rising": c["frac_still_rising"]})
     for key, interval in b.items():
         if isinstance(interval, dict):
             flat.update({f"bootstrap/{key}_{k}": v for k, v in interval.items()})
-    flat.update(verdict.verdict_metrics(out))
+    flat.update({f"verdict/{k}": float(v) for k, v in verdict.decisions(out).items()})
     return {k: float(v) for k, v in flat.items() if v is not None and np.isfinite(v)}
 
 
@@ -232,26 +222,20 @@ def reproducibility_stats(ids, final, final_activation, decoded_activation, cosi
                           n_null: int = nulls.N_DRAWS, start_name: str = "decoded random starts") -> dict:
     """How similar are the runs, and how does that compare with chance? A JSON-serialisable dict.
 
-    ids [runs, pos] decoded token ids; final [runs, pos, d_model] final embeddings; final_activation [runs] and
-    decoded_activation [runs] the mean target activation of the embeddings and of their decoded tokens;
-    cosine [runs, pos] each final vector's cosine to its decoded token; initial_ids [runs, pos] the decoded
-    initial embeddings. start_pool [K]: decoded i.i.d. start vectors (nulls.decoded_start_pool), the primary
-    null (start_name: what the verdict calls it); without it only the uniform null exists and the verdict
-    claims nothing. activation [epochs, runs]:
-    the per-epoch mean activation, for the convergence diagnostic. n_boot bootstrap resamples, n_null Monte
-    Carlo draws per null; seed seeds all of them (numpy default_rng), so the same inputs give the same dict.
-    """
+    final_activation and decoded_activation [runs]: the mean target activation of the final embeddings and of
+    their decoded tokens; cosine [runs, pos]: each final vector's cosine to its decoded token; initial_ids: the
+    decoded initial embeddings. start_pool [K]: decoded i.i.d. starts (nulls.decoded_start_pool), the primary
+    null (start_name: what the verdict calls it); without it the verdict claims nothing. activation [epochs,
+    runs]: for the convergence diagnostic. seed seeds the n_boot resamples and n_null draws per null alike."""
     ids, initial_ids = np.asarray(ids), np.asarray(initial_ids)  # [runs, pos] each
-    final, cosine = np.asarray(final, dtype=np.float64), np.asarray(cosine, dtype=np.float64)
-    final_act = np.asarray(final_activation, dtype=np.float64)  # [runs]
-    decoded_act = np.asarray(decoded_activation, dtype=np.float64)  # [runs]
+    final, cosine = np.asarray(final, dtype=np.float64), np.asarray(cosine, dtype=np.float64)  # [runs, pos(, d)]
+    final_act, decoded_act = (np.asarray(a, dtype=np.float64) for a in (final_activation, decoded_activation))
     runs, pos = ids.shape
-    if initial_ids.shape != ids.shape or cosine.shape != ids.shape or final.shape[:2] != ids.shape:
-        raise ValueError(f"ids {ids.shape}, initial_ids {initial_ids.shape}, cosine {cosine.shape} and "
-                         f"final {final.shape[:2]} must all be [runs, pos]")
-    if final_act.shape != (runs,) or decoded_act.shape != (runs,):
-        raise ValueError(f"final_activation {final_act.shape} and decoded_activation {decoded_act.shape} "
-                         f"must be [{runs}]")
+    if not (initial_ids.shape == cosine.shape == final.shape[:2] == ids.shape
+            and final_act.shape == decoded_act.shape == (runs,)):
+        raise ValueError(f"ids {ids.shape}, initial_ids {initial_ids.shape}, cosine {cosine.shape}, final "
+                         f"{final.shape[:2]} must be [runs, pos], final_activation {final_act.shape} and "
+                         f"decoded_activation {decoded_act.shape} [runs]")
 
     matched, matching = pairwise_matched_cosine(final)
     matrices = {"positional_agreement": pairwise_agreement(ids), "jaccard_mean": pairwise_jaccard(ids),

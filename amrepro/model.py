@@ -101,8 +101,7 @@ def load_model(name: str, device: torch.device, note: Note | None = None) -> Loa
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise AmreproError(f"'{name}' is a folder but not a saved model (it has no config.json).")
-        model, tokenizer = _from_pretrained(name, path)
-        return _ready(name, model, tokenizer, device, source="folder")
+        return _ready(name, *_from_pretrained(name, path), device, source="folder")
     if os.path.exists(path):
         raise AmreproError(f"'{name}' is a file, not a model: --model takes a Hugging Face model id, a folder "
                            "written by save_pretrained, or a .gguf file.")
@@ -111,8 +110,7 @@ def load_model(name: str, device: torch.device, note: Note | None = None) -> Loa
     # An unreachable Hub would cost ~25 s of retries per file; probe it once, then use only the cache.
     hub = "offline" if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") else (
         "online" if _hub_reachable() else "unreachable")
-    model, tokenizer = _from_pretrained(name, path, hub)
-    return _ready(name, model, tokenizer, device, source="hub", revision=_hub_revision(name, model))
+    return _ready(name, *_from_pretrained(name, path, hub), device, source="hub", revision=_hub_revision(name))
 
 
 def _from_pretrained(name: str, path: str, hub: str = "offline"):
@@ -128,12 +126,9 @@ def _from_pretrained(name: str, path: str, hub: str = "offline"):
     except Exception as error:  # noqa: BLE001 - HF raises OSError, ValueError, HTTP errors...
         if os.path.isdir(path):
             raise AmreproError(f"could not load the model saved in '{name}': {_first_line(error)}") from None
-        if hub == "offline":
-            why = "HF_HUB_OFFLINE is set, so only the local cache was searched, and it is not there"
-        elif hub == "unreachable":
-            why = "the Hugging Face Hub is unreachable and the model is not in the local cache"
-        else:
-            why = f"the Hugging Face Hub has no such model or refused it ({_first_line(error)})"
+        why = {"offline": "HF_HUB_OFFLINE is set, so only the local cache was searched, and it is not there",
+               "unreachable": "the Hugging Face Hub is unreachable and the model is not in the local cache",
+               "online": f"the Hugging Face Hub has no such model or refused it ({_first_line(error)})"}[hub]
         # under `mlflow run` the user types -P model=PATH, not --model PATH
         option = "-P model=PATH" if os.environ.get("MLFLOW_RUN_ID") else "--model PATH"
         hint = "" if hub == "offline" else " (HF_HUB_OFFLINE=1 skips the Hub)"
@@ -149,11 +144,8 @@ def _ready(name, model, tokenizer, device, **provenance) -> LoadedModel:
                        **provenance)
 
 
-def _hub_revision(name: str, model) -> str:
+def _hub_revision(name: str) -> str:
     """The commit the Hub cache holds for this model (its snapshot folder is named by it), or ''."""
-    commit = getattr(model.config, "_commit_hash", None)
-    if commit:
-        return str(commit)
     try:
         from huggingface_hub import try_to_load_from_cache
 
@@ -168,16 +160,7 @@ def _hub_revision(name: str, model) -> str:
 # --- GGUF: de-quantized to float32 once, then read back from a cache ----------------------------------------
 
 def gguf_cache_root() -> Path:
-    """$AMREPRO_CACHE/gguf, by default ~/.cache/amrepro/gguf."""
     return Path(os.environ.get("AMREPRO_CACHE") or "~/.cache/amrepro").expanduser() / "gguf"
-
-
-def _sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_gguf(name: str, note: Note):
@@ -190,10 +173,14 @@ def load_gguf(name: str, note: Note):
     path = os.path.expanduser(name)
     if not os.path.isfile(path):
         raise AmreproError(f"no GGUF file at '{name}': the local path does not exist or is not a file.")
+    digest = hashlib.sha256()
     with open(path, "rb") as file:
         if file.read(4) != b"GGUF":
             raise AmreproError(f"'{name}' is not a GGUF file (it does not start with the GGUF magic bytes).")
-    file_sha256 = _sha256_file(path)
+        file.seek(0)
+        for chunk in iter(lambda: file.read(1 << 22), b""):
+            digest.update(chunk)
+    file_sha256 = digest.hexdigest()
     cached = gguf_cache_root() / file_sha256
     if cached.is_dir():
         try:
@@ -206,10 +193,16 @@ def load_gguf(name: str, note: Note):
 
     note(f"converting {os.path.basename(path)} to float32 (once, ~15 s); cached in {cached}")
     folder, filename = os.path.split(os.path.abspath(path))
+    try:  # plain float32 Linear layers, even where transformers 5 would keep GGUF blocks packed for its own kernel
+        from transformers import GgufConfig
+
+        dequantized = {"quantization_config": GgufConfig(dequantize=True)}
+    except ImportError:  # older transformers always de-quantize and know no GgufConfig
+        dequantized = {}
     try:
         with _gguf_parsed_once():
             model = AutoModel.from_pretrained(folder, gguf_file=filename, dtype=torch.float32,
-                                              attn_implementation="eager", local_files_only=True, **_dequantized())
+                                              attn_implementation="eager", local_files_only=True, **dequantized)
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename, local_files_only=True)
     except Exception as error:  # noqa: BLE001 - gguf and transformers raise many kinds on a bad file
         raise AmreproError(f"could not read the GGUF file '{name}' (corrupt, truncated, or an architecture "
@@ -227,10 +220,8 @@ def _gguf_parsed_once():
     `gguf.get_tensor_name_map(arch, n_blocks)` one map. transformers reads the file three times (config, weights,
     tokenizer; each read builds Python objects for the 49k-entry vocabulary) and builds the name map once per
     submodule: half of a SmolLM2 conversion (31 s -> 14 s here). The one reader also parses over a plain ndarray
-    view of its memory map: gguf slices np.memmap once per field part (~1.3 M slices for the vocabulary), and
-    each memmap slice runs numpy's Python-level subclass hooks (reader 2.0 -> 0.6 s of CPU, AMD EPYC). Both are
-    read-only and read the same bytes, so the converted model is byte-identical; the originals are put back
-    afterwards, even on an error."""
+    view of its memory map (_plain_array_reader: 2.0 -> 0.6 s of CPU, AMD EPYC). Both read the same bytes
+    read-only, so the converted model is byte-identical; the originals are put back afterwards, even on an error."""
     import functools
 
     import gguf
@@ -238,10 +229,9 @@ def _gguf_parsed_once():
     # transformers imports both by name from gguf inside its functions, so replacing the module's attributes is
     # enough; a gguf release without one of them keeps the rest
     originals = {name: getattr(gguf, name) for name in ("GGUFReader", "get_tensor_name_map") if hasattr(gguf, name)}
-    replacements = {"GGUFReader": _plain_array_reader(originals["GGUFReader"])} if "GGUFReader" in originals else {}
     try:
         for name, original in originals.items():
-            setattr(gguf, name, functools.lru_cache(maxsize=None)(replacements.get(name, original)))
+            setattr(gguf, name, functools.cache(_plain_array_reader(original) if name == "GGUFReader" else original))
         yield
     finally:
         for name, original in originals.items():
@@ -250,7 +240,8 @@ def _gguf_parsed_once():
 
 def _plain_array_reader(reader: type) -> type:
     """gguf's reader class, storing the np.memmap it opens as a plain ndarray view of the same mapping (the
-    view keeps the map open; its slices are plain ndarrays, without memmap's per-slice Python hooks)."""
+    view keeps the map open). gguf slices it once per field part (~1.3 M slices for the vocabulary), and a
+    memmap's slices run numpy's Python-level subclass hooks; a plain ndarray's do not."""
     import numpy as np
 
     class PlainArrayReader(reader):
@@ -278,16 +269,6 @@ def write_atomically(folder: Path, write: Callable[[Path], object]) -> None:
             raise
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-
-
-def _dequantized() -> dict:
-    """Ask for plain float32 Linear layers even where a packed GGUF matmul kernel is available (transformers 5
-    keeps GGUF blocks packed then); older transformers always de-quantize and know no GgufConfig."""
-    try:
-        from transformers import GgufConfig
-    except ImportError:
-        return {}
-    return {"quantization_config": GgufConfig(dequantize=True)}
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

@@ -1,8 +1,7 @@
 """Chance levels for statistics of decoded tokens, and one-sided Monte Carlo p-values.
 
-Two null models, each a distribution of every statistic of stats.REGISTRY (unique count, repeats across and
-within runs, positional agreement, pairwise Jaccard) over `n_draws` Monte Carlo draws of runs x n_tokens tokens:
-
+Two null models, each a distribution of every statistic of stats.REGISTRY over `n_draws` Monte Carlo draws of
+runs x n_tokens tokens:
 (a) uniform: token ids drawn uniformly from the vocabulary.
 (b) decoded starts (the primary null): the method's own starts, decoded exactly as its results are. For adam,
     N(0, std(E)) vectors i.i.d. as seeding.initial_embeddings draws them, decoded by max cosine to the embedding
@@ -12,23 +11,20 @@ within runs, positional agreement, pairwise Jaccard) over `n_draws` Monte Carlo 
 
 How (b) is sampled. Independent draws would decode n_draws * runs * n_tokens vectors (2000 x 50 vectors against
 a 50k x 768 vocabulary is ~8 TFLOP). Instead a POOL of K i.i.d. start vectors is decoded once (chunked matmuls),
-and every Monte Carlo draw takes runs * n_tokens DISTINCT pool entries (sampling without replacement). The pool
-entries are i.i.d., so any set of distinct entries is an exact sample of i.i.d. decoded starts
-(exchangeability): every draw has exactly the null distribution, no bias. Draws share pool entries, so they
-are not independent of one another: the p-values are conditional on the pool's hub frequencies, which adds
-Monte Carlo variance, not bias. (Sampling WITH replacement would be biased: a pool entry drawn twice in one
-draw fakes a repeat.) Cost on this project's shared 2-core CPU (bench/hubness.py --timing): decoding K = 4096
-vectors against a GPT-2-sized 50257 x 768 matrix took 3.2 s at load ~2 and 8-9 s at load ~7 (other jobs
-running); the 2 x 2000 draws and their statistics 0.1-0.4 s. The "under 2 s" aim would need K ~ 2048, which
-doubles the pool's sampling error of the hub frequencies; K = 4096 was kept.
-
-P-values are one-sided with add-one smoothing, p = (1 + #{draws at least as extreme}) / (1 + n_draws), so the
-smallest possible p is 1 / (1 + n_draws) and p is never 0.
+and every draw takes runs * n_tokens DISTINCT pool entries. The entries are i.i.d., so any set of distinct ones
+is an exact sample of i.i.d. decoded starts (exchangeability): no bias. Draws share pool entries, so the p-values
+are conditional on the pool's hub frequencies: Monte Carlo variance, not bias. (Sampling WITH replacement would
+be biased: an entry drawn twice in one draw fakes a repeat.) Cost on this project's shared 2-core CPU
+(bench/hubness.py --timing): decoding K = 4096 vectors against a GPT-2-sized 50257 x 768 matrix took 3.2 s at
+load ~2 and 8-9 s at load ~7 (other jobs running); the 2 x 2000 draws and their statistics 0.1-0.4 s. The
+"under 2 s" aim would need K ~ 2048, which doubles the pool's sampling error of the hub frequencies; K = 4096
+was kept.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import numpy as np
 
@@ -52,11 +48,9 @@ def pool_seed(seed: int) -> int:
 
 
 def decoded_start_pool(vocab, std: float, size: int, seed: int, chunk: int = 512) -> np.ndarray:
-    """Token ids [size] of `size` i.i.d. start vectors N(0, std) decoded by max cosine to the rows of vocab.
-
-    vocab [n_vocab, d_model] (a torch tensor, any device). The vectors are drawn like
-    seeding.initial_embeddings (float32 on the CPU from a torch.Generator, times std); the decoding is
-    decode.nearest_tokens' arithmetic (normalize both, matmul, max) with the vocabulary normalized once."""
+    """Token ids [size] of `size` i.i.d. start vectors N(0, std), drawn like seeding.initial_embeddings (float32
+    on the CPU from a torch.Generator), decoded by max cosine to the rows of vocab [n_vocab, d_model] (any device)
+    with decode.nearest_tokens' arithmetic, the vocabulary normalized once."""
     import torch  # only here: the rest of this module is numpy
 
     with torch.no_grad():
@@ -78,11 +72,6 @@ def sample_pool(pool: np.ndarray, runs: int, pos: int, n_draws: int, rng: np.ran
         raise ValueError(f"a draw needs {n} distinct pool entries but the pool has {pool.size}")
     picks = np.stack([rng.choice(pool.size, size=n, replace=False) for _ in range(n_draws)])  # [n_draws, n]
     return pool[picks].reshape(n_draws, runs, pos)
-
-
-def sample_uniform(vocab_size: int, runs: int, pos: int, n_draws: int, rng: np.random.Generator) -> np.ndarray:
-    """[n_draws, runs, pos] token ids drawn uniformly from the vocabulary."""
-    return rng.integers(0, vocab_size, size=(n_draws, runs, pos))
 
 
 SPARSE_ABOVE = 100_000  # runs^2 * pos^2 per draw above which draws are counted token by token (_sparse_stats)
@@ -107,43 +96,31 @@ def _sparse_stats(x: np.ndarray) -> tuple[int, int, int, float, int]:
     starts = np.flatnonzero(np.r_[True, token[1:] != token[:-1]])
     counts = np.diff(np.r_[starts, token.size])
     shared = int((counts * (counts - 1) // 2).sum())
-    inter: dict[tuple[int, int], int] = {}
+    inter: Counter[tuple[int, int]] = Counter()  # (run a, run b) -> tokens both hold
     for start, c in zip(starts[counts > 1], counts[counts > 1]):
         holders = run[start:start + c]
-        for i, j in zip(*np.triu_indices(c, k=1)):
-            key = (int(holders[i]), int(holders[j]))
-            inter[key] = inter.get(key, 0) + 1
+        inter.update((int(holders[i]), int(holders[j])) for i, j in zip(*np.triu_indices(c, k=1)))
     jaccard = sum(n / (size[a] + size[b] - n) for (a, b), n in inter.items())
     return n_unique, agreeing, shared, float(jaccard), int(size.sum())
 
 
 def draw_stats(draws: np.ndarray, max_cells: int = 20_000_000) -> dict[str, np.ndarray]:
-    """The token statistics of many [runs, pos] matrices at once: draws [D, runs, pos] -> {name: [D]}.
-
-    Every statistic of stats.REGISTRY and its coincidence count (agreeing run-pair positions, shared tokens
-    summed over run pairs), vectorized; the same definitions as metrics.pairwise_agreement / pairwise_jaccard
-    (pairs of different runs, Jaccard of token sets). The repeats (tokens minus unique ones) split exactly into
-    repeats within runs (a run's tokens minus its distinct ones, summed over runs) and repeats across runs (the
-    runs' distinct tokens minus the unique ones: a token held by k runs is k - 1 of them). Pairwise values are
-    NaN with a single run."""
+    """The token statistics of many [runs, pos] matrices at once: draws [D, runs, pos] -> {name: [D]}: every
+    statistic of stats.REGISTRY and its coincidence count, vectorized, with the definitions of
+    metrics.pairwise_agreement / pairwise_jaccard (pairs of different runs; NaN with a single run)."""
     draws = np.asarray(draws)
     D, runs, pos = draws.shape
-    step = max(1, max_cells // max(1, runs * runs * pos * pos))  # draws per chunk: bounds the [d, r, r, p, p] mask
-    out = {k: [] for k in ("n_unique", "positional_agreement", "jaccard_mean", "agreeing_positions",
-                           "shared_tokens", "held")}
-    upper = np.triu(np.ones((runs, runs), dtype=bool), k=1)  # [runs, runs]: each pair of different runs once
-    n_pairs = runs * (runs - 1) // 2
     if runs * runs * pos * pos > SPARSE_ABOVE:  # many runs: count tokens instead of comparing all pairs
-        stats = np.array([_sparse_stats(x) for x in draws], dtype=float).reshape(D, 5)  # [D, 5]
-        n_unique, agreeing, shared, held = (stats[:, k].astype(int) for k in (0, 1, 2, 4))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return _repeats({"n_unique": n_unique, "positional_agreement": agreeing / (n_pairs * pos),
-                             "jaccard_mean": stats[:, 3] / n_pairs, "agreeing_positions": agreeing,
-                             "shared_tokens": shared, "held": held}, runs * pos)
+        counts = np.array([_sparse_stats(x) for x in draws], dtype=float).reshape(D, 5)  # [D, 5]
+        n_unique, agreeing, shared, held = (counts[:, k].astype(int) for k in (0, 1, 2, 4))
+        return _statistics(n_unique, agreeing, shared, counts[:, 3], held, runs, pos)
+    step = max(1, max_cells // max(1, runs * runs * pos * pos))  # draws per chunk: bounds the [d, r, r, p, p] mask
+    upper = np.triu(np.ones((runs, runs), dtype=bool), k=1)  # [runs, runs]: each pair of different runs once
+    out = {k: [] for k in ("n_unique", "agreeing", "shared", "jaccard", "held")}  # each [d] per chunk
     for start in range(0, D, step):
         x = draws[start:start + step]  # [d, runs, pos]
         flat = np.sort(x.reshape(x.shape[0], -1), axis=1)  # [d, runs * pos]
-        n_unique = 1 + (np.diff(flat, axis=1) != 0).sum(axis=1)  # [d]
+        out["n_unique"].append(1 + (np.diff(flat, axis=1) != 0).sum(axis=1))
         agree = (x[:, :, None, :] == x[:, None, :, :]).sum(axis=-1)  # [d, runs, runs] positions equal
         # token x[a, p] is new in run a if no earlier position of run a holds it: the run's set, without repeats
         same = x[:, :, :, None] == x[:, :, None, :]  # [d, runs, pos, pos]
@@ -152,22 +129,23 @@ def draw_stats(draws: np.ndarray, max_cells: int = 20_000_000) -> dict[str, np.n
         inter = (first[:, :, None, :] & in_other).sum(axis=-1)  # [d, runs, runs] |A ∩ B|
         size = first.sum(axis=-1)  # [d, runs]
         jaccard = inter / (size[:, :, None] + size[:, None, :] - inter)  # [d, runs, runs]
-        agreeing, shared = agree[:, upper].sum(axis=1), inter[:, upper].sum(axis=1)  # [d] each
-        out["n_unique"].append(n_unique)
-        out["held"].append(size.sum(axis=-1))  # [d]: the runs' distinct tokens, summed over runs
-        out["agreeing_positions"].append(agreeing)
-        out["shared_tokens"].append(shared)
-        with np.errstate(invalid="ignore", divide="ignore"):  # one run: no pairs, NaN
-            out["positional_agreement"].append(agreeing / (n_pairs * pos))
-            out["jaccard_mean"].append(jaccard[:, upper].sum(axis=1) / n_pairs)
-    return _repeats({k: np.concatenate(v) for k, v in out.items()}, runs * pos)
+        out["agreeing"].append(agree[:, upper].sum(axis=1))
+        out["shared"].append(inter[:, upper].sum(axis=1))
+        out["jaccard"].append(jaccard[:, upper].sum(axis=1))
+        out["held"].append(size.sum(axis=-1))  # the runs' distinct tokens, summed over runs
+    return _statistics(*(np.concatenate(v) for v in out.values()), runs, pos)
 
 
-def _repeats(values: dict[str, np.ndarray], n_tokens: int) -> dict[str, np.ndarray]:
-    """The repeats and their split, from n_unique and "held" (the runs' distinct tokens summed over runs)."""
-    held = values.pop("held")
-    return {**values, "repeats": n_tokens - values["n_unique"], "within_run_repeats": n_tokens - held,
-            "cross_run_repeats": held - values["n_unique"]}
+def _statistics(n_unique, agreeing, shared, jaccard_sum, held, runs: int, pos: int) -> dict[str, np.ndarray]:
+    """The statistics from the counts of each draw ([D] each). The repeats (tokens minus unique ones) split
+    exactly into repeats within runs (a run's tokens minus its distinct ones, summed over runs) and across runs
+    (the runs' distinct tokens, held, minus the unique ones: a token held by k runs is k - 1 of them)."""
+    n_pairs = runs * (runs - 1) // 2
+    with np.errstate(invalid="ignore", divide="ignore"):  # one run: no pairs, NaN
+        return {"n_unique": n_unique, "positional_agreement": agreeing / (n_pairs * pos),
+                "jaccard_mean": jaccard_sum / n_pairs, "agreeing_positions": agreeing, "shared_tokens": shared,
+                "repeats": runs * pos - n_unique, "within_run_repeats": runs * pos - held,
+                "cross_run_repeats": held - n_unique}
 
 
 def interval(values) -> dict:
@@ -212,12 +190,10 @@ def collision_probability(pool: np.ndarray) -> float:
 
 def binomial_tail(k: int, n: int, q: float) -> float:
     """P(X >= k) for X ~ Binomial(n, q): how often chance alone keeps k or more of n start tokens."""
-    if k <= 0:
+    if k <= 0 or q >= 1.0:
         return 1.0
     if q <= 0.0:
         return 0.0
-    if q >= 1.0:
-        return 1.0
     terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(q)
              + (n - i) * math.log1p(-q) for i in range(k, n + 1)]
     top = max(terms)
@@ -225,10 +201,8 @@ def binomial_tail(k: int, n: int, q: float) -> float:
 
 
 def null_model(draws: np.ndarray, observed: dict) -> dict:
-    """A null's intervals of every registry statistic and the observed statistics' p-values under it.
-
-    draws [D, runs, pos]; observed: draw_stats of the observed matrix (one draw), so that observed and null
-    values come from the same arithmetic."""
+    """A null's intervals of every registry statistic over draws [D, runs, pos], and the p-values under it of
+    observed: draw_stats of the observed matrix, the same arithmetic as the draws'."""
     values = draw_stats(draws)
     out = {"n_draws": int(draws.shape[0])}
     for stat in REGISTRY:
@@ -245,7 +219,7 @@ def null_models(ids: np.ndarray, vocab_size: int, start_pool: np.ndarray | None,
     ids = np.asarray(ids)
     runs, pos = ids.shape
     observed = draw_stats(ids[None])
-    uniform = sample_uniform(vocab_size, runs, pos, n_draws, np.random.default_rng([seed, 2]))
+    uniform = np.random.default_rng([seed, 2]).integers(0, vocab_size, size=(n_draws, runs, pos))
     out = {"uniform": {"description": "token ids drawn uniformly from the vocabulary",
                        **null_model(uniform, observed)},
            "events": {k: int(observed[k][0]) for k in dict.fromkeys(s.events for s in REGISTRY)}}

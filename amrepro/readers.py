@@ -5,14 +5,13 @@ blocks the target needs. Used as context managers, so no hook outlives a run.
   stops the forward right there (TransformerLens' stop_at_layer, done with an exception).
 - GPT2Reader (gpt2.py) is the fast path for GPT-2: a functional forward on the same weights that also skips
   the part of the last block the target does not read. Tests pin it to HookedReader and to HF hidden_states.
+- FeatureReader reads a feature of the site (a direction, an SAE latent: features.py) through HookedReader's
+  whole site.
 
-Both take an optional per-row `index` (a LongTensor [rows]): row r then reads index[r] of the target's site and
-block, so one batch optimizes several targets of a site (--controls; tests/test_controls.py pins each row to a
-reader of that index alone). Without it every row reads target.index, exactly as before.
-
-FeatureReader reads a feature of the site (a direction, an SAE latent: features.py) through HookedReader's whole
-site; its per-row targets are given as Targets (one SAE, or directions), and its `index` is then each row's row
-of its Readout, so that methods can select rows for their candidates (FeatureReader.select).
+An optional per-row `index` [rows] makes row r read index[r] of the target's site and block, so one batch
+optimizes several targets of a site (--controls; tests/test_controls.py pins each row to a reader of that index
+alone). FeatureReader's per-row targets are Targets, and its `index` each row's row of its Readout, so that
+methods can select rows for their candidates (FeatureReader.select).
 """
 
 from __future__ import annotations
@@ -48,8 +47,7 @@ class HookedReader:
             check_target(target, lm.n_layers, width=target.index + 1)
         block = lm.blocks[target.block]
         self.module = block.get_submodule(path) if path else block
-        self._handle = None
-        self._site = None
+        self._handle = self._site = None
         self._reading = False
 
     def _capture(self, tensor) -> None:
@@ -110,8 +108,7 @@ class FeatureReader(HookedReader):
         return FeatureReader(self.lm, self.target, self.readout.select(rows), per_row=True)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        site = self.read_site(x)  # [runs, pos, width]
-        return self.readout(site, self.index)  # [runs, pos]
+        return self.readout(self.read_site(x), self.index)  # [runs, pos, width] -> [runs, pos]
 
 
 def site_width(lm: LoadedModel, target: Target) -> int:
@@ -120,11 +117,10 @@ def site_width(lm: LoadedModel, target: Target) -> int:
         return probe.read_site(torch.zeros(1, 1, lm.d_model, device=lm.device)).shape[-1]
 
 
-def site_reader(lm: LoadedModel, target: Target, fast: bool = True,
-                index: torch.Tensor | Sequence[int] | None = None, width: int | None = None):
-    """The fastest reader that supports this model and target (validated against the model). index: optional
-    per-row indices [rows] of the same site and block (see the module docstring), or per-row Targets; width:
-    the site's, when already probed."""
+def site_reader(lm: LoadedModel, target: Target, index: torch.Tensor | Sequence[int] | None = None,
+                width: int | None = None):
+    """The fastest reader for this model and target, validated against the model. index: per-row indices [rows]
+    of the same site and block (module docstring), or per-row Targets; width: the site's, when already probed."""
     width = width or site_width(lm, target)
     check_target(target, lm.n_layers, width)
     rows = list(index) if index is not None and len(index) and isinstance(index[0], Target) else None
@@ -132,17 +128,14 @@ def site_reader(lm: LoadedModel, target: Target, fast: bool = True,
         from .features import readout
 
         return FeatureReader(lm, target, readout(rows or [target], width), per_row=rows is not None)
-    if rows is not None:
-        index = [t.index for t in rows]
     if index is not None:
-        index = torch.as_tensor(index, dtype=torch.long)
+        index = torch.as_tensor([t.index for t in rows] if rows else index, dtype=torch.long)
         for i in index.unique().tolist():
             check_target(Target(target.block, target.site, i), lm.n_layers, width)
-    if fast:
-        from .gpt2 import GPT2Reader
+    from .gpt2 import GPT2Reader
 
-        if GPT2Reader.supports(lm):
-            return GPT2Reader(lm, target, index)
+    if GPT2Reader.supports(lm):
+        return GPT2Reader(lm, target, index)
     return HookedReader(lm, target, index)
 
 

@@ -1,17 +1,12 @@
 """The verdict: what the statistics allow one to say, in words and as 0/1 metrics, from one set of rules.
 
-Every statistic of stats.REGISTRY with a claim decides one flag verdict/<claim>, and it is claimed only when
-BOTH hold:
-- its one-sided p-value under the primary null (the method's own starts, see nulls.py) is below ALPHA, and
-- at least MIN_EVENTS coincidences make it up (2 repeats across runs, 2 agreeing run-pair positions, 2 shared
-  tokens summed over run pairs, 2 repeats within runs).
-A single coincidence is named as one and never flips a verdict; without a primary null nothing is claimed. Every
-sentence names its null and gives p. The uniform null is reported beside it, never decides.
-
-The reference's unique count is reported with its chance levels, but its repeats mix two things: a token that
-recurs in different runs (seeds agree) and a run repeating a token inside its own sequence ('ynamic' 'ynamic',
-which says nothing about seeds). So "below chance" and verdict/unique_below_chance rest on the repeats across
-runs only; the repeats within runs get their own sentence, null and flag.
+Every statistic of stats.REGISTRY with a claim decides one flag verdict/<claim>, claimed only when BOTH its
+one-sided p-value under the primary null (the method's own starts, see nulls.py) is below ALPHA and at least
+MIN_EVENTS coincidences make it up. A single coincidence is named as one and never flips a verdict; without a
+primary null nothing is claimed. Every sentence names its null and gives p; the uniform null is reported beside
+it, never decides. The unique count's repeats mix seeds agreeing with runs repeating their own token ('ynamic'
+'ynamic'), so verdict/unique_below_chance rests on the repeats across runs only; the repeats within runs get
+their own sentence, null and flag.
 """
 
 from __future__ import annotations
@@ -27,8 +22,8 @@ def _chance(null: dict, digits: int, count: bool = False) -> str:
     """'mean [low, high]' of a null; the ends of a count's interval are counts."""
     if null.get("mean") is None:
         return "n/a"
-    ends = (f"{null['low']:.0f}", f"{null['high']:.0f}") if count else (f"{null['low']:.{digits}f}", f"{null['high']:.{digits}f}")
-    return f"{null['mean']:.{digits}f} [{ends[0]}, {ends[1]}]"
+    ends = 0 if count else digits
+    return f"{null['mean']:.{digits}f} [{null['low']:.{ends}f}, {null['high']:.{ends}f}]"
 
 
 def _significant(stats: dict, stat) -> bool:
@@ -51,19 +46,15 @@ def decisions(stats: dict) -> dict[str, bool]:
     }
 
 
-def verdict_metrics(stats: dict) -> dict[str, float]:
-    return {f"verdict/{k}": float(v) for k, v in decisions(stats).items()}
-
-
 def verdict(stats: dict) -> str:
     d, nulls, events = decisions(stats), stats["nulls"], stats["nulls"]["events"]
     ds, un = nulls.get(PRIMARY), nulls["uniform"]
     u, n, iu = stats["n_unique_tokens"], stats["n_tokens_total"], stats["baselines"]["initial_tokens"]["n_unique"]
     words = f"{u}/{n} tokens unique"
     if ds is None:
-        words += (f"; uniform tokens give {_chance(un['n_unique'], 2, count=True)}, p = {_p(un['n_unique']['pvalue'])}. No "
-                  "decoded-starts null was computed, so nothing is claimed about chance.")
-        return words
+        return words + (f"; uniform tokens give {_chance(un['n_unique'], 2, count=True)}, p = "
+                        f"{_p(un['n_unique']['pvalue'])}. No decoded-starts null was computed, so nothing is "
+                        "claimed about chance.")
     name = ds.get("name", "decoded random starts")  # the method's own starts: vectors decoded, or tokens
     words += (f"; {name} give {_chance(ds['n_unique'], 2, count=True)}, p = {_p(ds['n_unique']['pvalue'])}"
               f" (this few unique or fewer); uniform tokens {_chance(un['n_unique'], 2, count=True)}, "
@@ -77,17 +68,12 @@ def verdict(stats: dict) -> str:
         words += (f" Of the {events['repeats']} repeats, {across} {'is' if across == 1 else 'are'} {where[0]} and "
                   f"{within} {where[1]}; only repeats across runs say whether seeds agree.")
     single = stats["n_runs"] < 2
-    for stat in CLAIMS:
-        if stat.pairwise and single:
-            continue
-        if stat.supports == "method" and not events[stat.events]:
-            continue  # nothing to say about repeats that did not happen
-        words += _sentence(stats, stat, d[stat.claim], name)
+    for stat in CLAIMS:  # none about pairs of a single run, nor about repeats within runs that did not happen
+        if not (stat.pairwise and single) and (stat.supports != "method" or events[stat.events]):
+            words += _sentence(stats, stat, d[stat.claim], name)
     if single:
         words += " A single run has no run-to-run agreement to measure."
-    words += _kept(stats["start_token_kept"], d)
-    words += _converged(stats.get("convergence"), d)
-    return words
+    return words + _kept(stats["start_token_kept"], d) + _converged(stats.get("convergence"), d)
 
 
 def _sentence(stats: dict, stat, claimed: bool, name: str) -> str:
