@@ -110,7 +110,8 @@ def load_model(name: str, device: torch.device, note: Note | None = None) -> Loa
     # An unreachable Hub would cost ~25 s of retries per file; probe it once, then use only the cache.
     hub = "offline" if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") else (
         "online" if _hub_reachable() else "unreachable")
-    return _ready(name, *_from_pretrained(name, path, hub), device, source="hub", revision=_hub_revision(name))
+    model, tokenizer = _from_pretrained(name, path, hub)
+    return _ready(name, model, tokenizer, device, source="hub", revision=_hub_revision(name, model))
 
 
 def _from_pretrained(name: str, path: str, hub: str = "offline"):
@@ -144,8 +145,10 @@ def _ready(name, model, tokenizer, device, **provenance) -> LoadedModel:
                        **provenance)
 
 
-def _hub_revision(name: str) -> str:
+def _hub_revision(name: str, model) -> str:
     """The commit the Hub cache holds for this model (its snapshot folder is named by it), or ''."""
+    if getattr(model.config, "_commit_hash", None):  # transformers 4.x records it on the config
+        return str(model.config._commit_hash)
     try:
         from huggingface_hub import try_to_load_from_cache
 
