@@ -57,15 +57,6 @@ def check(path: str) -> Path:
     raise AmreproError(f"--corpus {path} is {kind}, not a regular file: give a UTF-8 text file.")
 
 
-def read(path: str) -> str:
-    """The whole corpus text (small files, tests); one sentence for a file that is missing or not UTF-8."""
-    file = check(path)
-    try:
-        return file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise AmreproError(f"--corpus {path} is not UTF-8 text (byte {error.start} cannot be decoded).") from None
-
-
 def windows(lm: LoadedModel, text: str, n_tokens: int) -> torch.Tensor:
     """Every window of n_tokens consecutive tokens of the text, stride 1: [n_windows, n_tokens]."""
     ids = torch.tensor(lm.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)  # [n]
@@ -84,16 +75,15 @@ def activations(lm: LoadedModel, target: Target, ids: torch.Tensor, batch: int =
     return torch.cat(out)
 
 
-def pieces(file: Path, chunk_chars: int | None = None):
-    """(text, bytes read so far) of the file, chunk_chars characters at a time, each cut after its last line end
+def pieces(file: Path):
+    """(text, bytes read so far) of the file, CHUNK_CHARS characters at a time, each cut after its last line end
     (the rest starts the next piece): tokenizers split words at line ends, so the pieces' tokens are the whole
     text's. A piece without a line end is cut where it stops."""
-    chunk_chars = chunk_chars or CHUNK_CHARS
     rest = ""
     with open(file, encoding="utf-8") as f:
         while True:
             try:
-                block = f.read(chunk_chars)
+                block = f.read(CHUNK_CHARS)
             except UnicodeDecodeError as error:
                 raise AmreproError(f"--corpus {file} is not UTF-8 text ({error.reason} near byte "
                                    f"{f.buffer.tell()}).") from None
@@ -170,45 +160,49 @@ class _Tally:
         return {"max": float(largest[-1]), "p99": percentile99(largest, self.n), "mean": self.total / self.n}
 
 
-def _stream(lm: LoadedModel, file: Path, n_tokens: int, max_tokens: int,
-            on_progress: Callable[[float, int], None] | None, score: Callable[[torch.Tensor, np.ndarray], None]) -> int:
-    """Every window of the file (check()) in batches: score(batch [b, n_tokens], starts [b]) each; at most
-    max_tokens tokens are read (0: all); on_progress(fraction done, windows so far) after each piece. Returns the
-    tokens read."""
+def _yardsticks(lm: LoadedModel, read: Callable[[torch.Tensor], torch.Tensor], n: int, file: Path, n_tokens: int,
+                max_tokens: int, top: int, on_progress: Callable[[float, int], None] | None) -> list[dict]:
+    """yardstick() of n targets whose activations read(x [b, n_tokens, d_model]) gives ([b, n_tokens] or
+    [b, n_tokens, n]): every window of the file in batches, at most max_tokens tokens read (0: all)."""
     size = max(file.stat().st_size, 1)
     budget = max_tokens or math.inf
+    tallies = [_Tally(top, int(min(budget, size))) for _ in range(n)]  # a token is at least 1 byte
+    E = lm.embedding
     carry = np.empty(0, dtype=np.int64)  # the last n_tokens - 1 tokens: windows run across pieces
-    read = n_windows = 0
+    tokens = 0
     for text, offset in pieces(file):
         ids = np.asarray(lm.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)  # [n]
-        ids = ids[: int(min(ids.size, budget - read))]
-        start = read - carry.size  # the first window of this piece starts at this token
-        read += ids.size
+        ids = ids[: int(min(ids.size, budget - tokens))]
+        start = tokens - carry.size  # the first window of this piece starts at this token
+        tokens += ids.size
         sequence = np.concatenate([carry, ids])  # [carry + n]
         if sequence.size >= n_tokens:
             piece = torch.from_numpy(sequence).unfold(0, n_tokens, 1)  # [w, n_tokens]
             for lo in range(0, piece.shape[0], BATCH):
                 batch = piece[lo:lo + BATCH]  # [b, n_tokens]
-                score(batch, start + lo + np.arange(batch.shape[0]))
-                n_windows += batch.shape[0]
+                acts = read(E[batch.to(E.device)]).mean(dim=1).cpu().numpy().astype(np.float64)  # [b] or [b, n]
+                starts, windows = start + lo + np.arange(batch.shape[0]), batch.numpy()  # [b], [b, n_tokens]
+                for t, tally in enumerate(tallies):
+                    tally.add(acts.reshape(len(batch), n)[:, t], starts, windows)
         carry = sequence[-(n_tokens - 1):] if n_tokens > 1 else sequence[:0]
         if on_progress:
-            on_progress(1.0 if read >= budget else min(offset / size, 1.0), n_windows)
-        if read >= budget:
+            on_progress(1.0 if tokens >= budget else min(offset / size, 1.0), tallies[0].n)
+        if tokens >= budget:
             break
-    if n_windows == 0:
-        raise AmreproError(f"the corpus has {read} tokens, fewer than --n-tokens {n_tokens}.")
-    return read
-
-
-def _result(lm: LoadedModel, tally: _Tally, n_tokens: int, read: int, max_tokens: int, at: np.ndarray) -> dict:
-    """yardstick's dict from a tally; at [top, n_tokens]: the activation at each token of its top windows."""
-    return {"n_windows": tally.n, "n_tokens": n_tokens, **tally.statistics(), "tokens_read": read,
-            "truncated": bool(max_tokens) and read >= max_tokens, "kept": tally.kept,
-            "top": [{"rank": k + 1, "start": int(s), "text": lm.tokenizer.decode(w.tolist()),
-                     "tokens": lm.token_strings(w.tolist()), "ids": w.tolist(), "activation": float(a),
-                     "positions": at[k].tolist()}
-                    for k, (a, s, w) in enumerate(zip(tally.best_acts, tally.best_starts, tally.best_ids))]}
+    if tallies[0].n == 0:
+        raise AmreproError(f"the corpus has {tokens} tokens, fewer than --n-tokens {n_tokens}.")
+    out = []
+    for t, tally in enumerate(tallies):
+        # the activation at each token of the top windows, for the dashboard's colours
+        at = read(E[torch.from_numpy(tally.best_ids).to(E.device)]).reshape(len(tally.best_ids), n_tokens, n)
+        at = at[..., t].cpu().numpy()  # [top, n_tokens]
+        out.append({"n_windows": tally.n, "n_tokens": n_tokens, **tally.statistics(), "tokens_read": tokens,
+                    "truncated": bool(max_tokens) and tokens >= max_tokens, "kept": tally.kept,
+                    "top": [{"rank": k + 1, "start": int(s), "text": lm.tokenizer.decode(w.tolist()),
+                             "tokens": lm.token_strings(w.tolist()), "ids": w.tolist(), "activation": float(a),
+                             "positions": at[k].tolist()}
+                            for k, (a, s, w) in enumerate(zip(tally.best_acts, tally.best_starts, tally.best_ids))]})
+    return out
 
 
 @torch.no_grad()
@@ -218,17 +212,8 @@ def yardstick(lm: LoadedModel, target: Target, file: Path, n_tokens: int, max_to
     activation, positions}]} of the windows of the corpus file (check()), streamed; at most max_tokens tokens are
     read (0: all). Up to EXACT_WINDOWS windows also quantiles and histogram {counts, edges}. positions: the
     activation at each token of a top window. on_progress(fraction done, windows so far) after each piece."""
-    tally = _Tally(top, int(min(max_tokens or math.inf, max(file.stat().st_size, 1))))  # a token: >= 1 byte
-    E = lm.embedding
     with site_reader(lm, target) as reader:
-        def score(batch: torch.Tensor, starts: np.ndarray) -> None:
-            acts = reader(E[batch.to(E.device)]).mean(dim=1).cpu().numpy().astype(np.float64)  # [b]
-            tally.add(acts, starts, batch.numpy())
-
-        read = _stream(lm, file, n_tokens, max_tokens, on_progress, score)
-        # the activation at each token of the top windows, for the dashboard's colours
-        at = reader(E[torch.from_numpy(tally.best_ids).to(E.device)]).cpu().numpy()  # [top, n_tokens]
-    return _result(lm, tally, n_tokens, read, max_tokens, at)
+        return _yardsticks(lm, reader, 1, file, n_tokens, max_tokens, top, on_progress)[0]
 
 
 @torch.no_grad()
@@ -243,22 +228,13 @@ def yardsticks(lm: LoadedModel, targets: list[Target], file: Path, n_tokens: int
         return []
     if any(t.source for t in targets) or len({(t.block, t.site) for t in targets}) > 1:
         raise ValueError("yardsticks scores plain dimensions of one site; use yardstick for each other target")
-    most = int(min(max_tokens or math.inf, max(file.stat().st_size, 1)))
-    tallies = [_Tally(top, most) for _ in targets]
     index = torch.tensor([t.index for t in targets], dtype=torch.long)  # [T]
-    E = lm.embedding
     with HookedReader(lm, targets[0]) as reader:
-        def score(batch: torch.Tensor, starts: np.ndarray) -> None:
-            site = reader.read_site(E[batch.to(E.device)])  # [b, pos, width]
-            acts = site[..., index.to(site.device)].mean(dim=1).cpu().numpy().astype(np.float64)  # [b, T]
-            ids = batch.numpy()
-            for t, tally in enumerate(tallies):
-                tally.add(acts[:, t], starts, ids)
+        def read(x: torch.Tensor) -> torch.Tensor:
+            site = reader.read_site(x)  # [b, pos, width]
+            return site[..., index.to(site.device)]  # [b, pos, T]
 
-        read = _stream(lm, file, n_tokens, max_tokens, on_progress, score)
-        at = [reader.read_site(E[torch.from_numpy(t.best_ids).to(E.device)])[..., i].cpu().numpy()  # [top, n_tokens]
-              for t, i in zip(tallies, index.tolist())]
-    return [_result(lm, tally, n_tokens, read, max_tokens, positions) for tally, positions in zip(tallies, at)]
+        return _yardsticks(lm, read, len(targets), file, n_tokens, max_tokens, top, on_progress)
 
 
 def progress_printer(note: Callable[[str], None], every: float = 30.0) -> Callable[[float, int], None]:

@@ -21,10 +21,14 @@ one (as_logged) instead of probing again. AMREPRO_KERNELS=onednn|mkl|plain force
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
+from pathlib import Path
 
 import torch
+
+from .provenance import cpu_name
 
 KERNELS = ("onednn", "mkl", "plain")
 # The probe is a fraction of a second of GEMMs, and its choice is cached for good: on a busy machine it can pick
@@ -135,7 +139,7 @@ def choose(device: torch.device, weights: list[tuple[torch.Tensor, torch.Tensor]
         _state["chosen"] = kernel
         return kernel
     if _state["chosen"] is None:
-        key = (f"{_cpu()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {rows} rows | "
+        key = (f"{cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {rows} rows | "
                + " ".join("x".join(map(str, w.shape)) for w, _ in weights))
         cache = _read_cache()
         measured = cache.get(key) or probe(weights, rows)
@@ -158,21 +162,11 @@ def pick(measured: dict[str, float]) -> str:
 
 # The probe's result is cached per CPU model, torch, threads and shapes, so that every process on a machine
 # (a sweep's Ray workers, a later `amrepro run`) makes the same choice, hence the same bits, without probing.
-def _cache_file():
-    from pathlib import Path
-
+def _cache_file() -> Path:
     return Path(os.environ.get("AMREPRO_CACHE") or "~/.cache/amrepro").expanduser() / "kernels.json"
 
 
-def _cpu() -> str:
-    from .provenance import cpu_name
-
-    return cpu_name()
-
-
 def _read_cache() -> dict:
-    import json
-
     try:
         return json.loads(_cache_file().read_text())
     except (OSError, ValueError):
@@ -180,8 +174,6 @@ def _read_cache() -> dict:
 
 
 def _write_cache(cache: dict) -> None:
-    import json
-
     path = _cache_file()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

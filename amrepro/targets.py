@@ -24,11 +24,11 @@ from .config import AmreproError
 # site -> (module path inside a block, whether the site is that module's input or output).
 # "" is the block itself: its input is resid_pre, its output resid_post, on every architecture.
 RESIDUAL_SITES = {"hook_resid_pre": ("", "input"), "hook_resid_post": ("", "output")}
+_GPT2_SITES = {"hook_resid_mid": ("ln_2", "input"), "hook_attn_out": ("attn", "output"),
+               "mlp.hook_post": ("mlp.act", "output")}
 SITES_BY_MODEL_TYPE = {
-    "gpt2": {"hook_resid_mid": ("ln_2", "input"), "hook_attn_out": ("attn", "output"),
-             "mlp.hook_post": ("mlp.act", "output")},
-    "gpt_neo": {"hook_resid_mid": ("ln_2", "input"), "hook_attn_out": ("attn", "output"),
-                "mlp.hook_post": ("mlp.act", "output")},
+    "gpt2": _GPT2_SITES,
+    "gpt_neo": _GPT2_SITES,
     # BERT is post-LN: resid_mid is the attention sublayer's normalized output, the MLP's input.
     "bert": {"hook_resid_mid": ("attention", "output"), "hook_attn_out": ("attention.output.dense", "output"),
              "mlp.hook_post": ("intermediate", "output")},
@@ -43,9 +43,8 @@ SITES_BY_MODEL_TYPE = {
 # (With parallel residuals that LayerNorm reads resid_pre itself, so the same hook would be wrong.)
 _SEQUENTIAL_NEOX_SITES = {"hook_resid_mid": ("post_attention_layernorm", "input")}
 ALL_SITES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "mlp.hook_post")
-_NAME = re.compile(r"blocks\.(\d+)\.([a-z_.]+)\[(\d+)\]")
-# a feature: blocks.L.SITE@SOURCE with SOURCE 'sae:PATH[i]', 'random:S[k]' or 'FILE.npy' (no index)
-_FEATURE = re.compile(r"blocks\.(\d+)\.([a-z_.]+)@(sae:.+|random:\d+)\[(\d+)\]|blocks\.(\d+)\.([a-z_.]+)@(.+\.npy)")
+# blocks.L.SITE[i], or a feature: blocks.L.SITE@SOURCE with SOURCE 'sae:PATH[i]', 'random:S[k]' or 'FILE.npy' (no index)
+_NAME = re.compile(r"blocks\.(\d+)\.([a-z_.]+)(?:\[(\d+)\]|@(sae:.+|random:\d+)\[(\d+)\]|@(.+\.npy))")
 _EXPECTED = (f"expected blocks.L.SITE[i], blocks.L.SITE@FILE.npy or blocks.L.SITE@sae:PATH[i] with SITE one of "
              f"{', '.join(ALL_SITES)}, e.g. blocks.8.hook_resid_pre[91] or blocks.6.mlp.hook_post[1234]")
 
@@ -81,16 +80,11 @@ class Target:
     @classmethod
     def parse(cls, text: str) -> "Target":
         text = text.strip()
-        if match := _NAME.fullmatch(text):
-            block, site, index, source = match.group(1), match.group(2), match.group(3), ""
-        elif match := _FEATURE.fullmatch(text):
-            block, site, source, index = (match.group(1), match.group(2), match.group(3), match.group(4)) \
-                if match.group(1) is not None else (match.group(5), match.group(6), match.group(7), "0")
-        else:
-            block = site = None
-        if site not in ALL_SITES:
+        match = _NAME.fullmatch(text)
+        if not match or match.group(2) not in ALL_SITES:
             raise AmreproError(f"unknown target '{text}': {_EXPECTED}.")
-        return cls(block=int(block), site=site, index=int(index), source=source)
+        block, site, index, source, feature_index, npy = match.groups()
+        return cls(block=int(block), site=site, index=int(index or feature_index or 0), source=source or npy or "")
 
     @classmethod
     def from_prefix(cls, prefix: str, index: int) -> "Target":

@@ -173,7 +173,7 @@ def test_corpus_yardstick_reads_the_feature(lm, direction):
     """--corpus windows are scored through the same reader: a latent's corpus activations are its own."""
     from amrepro import corpus
 
-    ids = corpus.windows(lm, corpus.read(str(Path(__file__).parent / "data" / "corpus.txt")), 3)[:40]  # [40, 3]
+    ids = corpus.windows(lm, (Path(__file__).parent / "data" / "corpus.txt").read_text(), 3)[:40]  # [40, 3]
     target = Target.parse(sae_target("standard", 1))
     got = corpus.activations(lm, target, ids)  # [40]
     _, post = _numpy_encode(SAES / "standard", _site(lm, lm.embedding[ids]))
