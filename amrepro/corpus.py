@@ -112,9 +112,9 @@ class _Tally:
 
     def __init__(self, top: int, most_windows: int):
         self.top, self.n, self.total = top, 0, 0.0
-        self.exact: list[np.ndarray] | None = []  # every activation, until there are more than EXACT_WINDOWS
+        self.exact = True  # every activation is held, until there are more than EXACT_WINDOWS
         self.keep = math.ceil(0.01 * most_windows) + 2  # then the largest ones the 99th percentile can need
-        self.largest: list[np.ndarray] = []  # holds them, pruned to `keep` whenever it holds more than 2 x keep
+        self.values: list[np.ndarray] = []  # then pruned to `keep` whenever it holds more than 2 x keep
         self.held = 0
         self.best_acts, self.best_starts = np.empty(0), np.empty(0, dtype=np.int64)
         self.best_ids: np.ndarray | None = None
@@ -129,34 +129,28 @@ class _Tally:
         ids_all = ids if self.best_ids is None else np.concatenate([self.best_ids, ids])
         order = np.lexsort((starts_all, -acts_all))[:self.top]  # highest first, ties: the earlier window
         self.best_acts, self.best_starts, self.best_ids = acts_all[order], starts_all[order], ids_all[order]
-        if self.exact is not None:
-            self.exact.append(acts)
-            self.kept = self.n
-            if self.n > EXACT_WINDOWS:  # from here on, only the largest values
-                self.largest, self.held, self.exact = self.exact, self.n, None
-                self._prune()
-            return
-        self.largest.append(acts)
+        self.values.append(acts)
         self.held += acts.size
         self.kept = max(self.kept, self.held)
-        if self.held > 2 * self.keep:
+        if self.held > (EXACT_WINDOWS if self.exact else 2 * self.keep):  # from here on, only the largest values
+            self.exact = False
             self._prune()
 
     def _prune(self) -> None:
-        values = np.concatenate(self.largest)
+        values = np.concatenate(self.values)
         if values.size > self.keep:
             values = np.partition(values, values.size - self.keep)[-self.keep:]
-        self.largest, self.held = [values], values.size
+        self.values, self.held = [values], values.size
 
     def statistics(self) -> dict:
-        if self.exact is not None:  # numpy's statistics over every value, as before streaming
-            acts = np.concatenate(self.exact)
+        if self.exact:  # numpy's statistics over every value, as before streaming
+            acts = np.concatenate(self.values)
             counts, edges = np.histogram(acts, bins=BINS)  # for the dashboard, with the quantiles
             return {"max": float(acts.max()), "p99": float(np.percentile(acts, 99)), "mean": float(acts.mean()),
                     "quantiles": {f"{q:g}": float(np.quantile(acts, q)) for q in QUANTILES},
                     "histogram": {"counts": counts.tolist(), "edges": edges.tolist()}}
         self._prune()
-        largest = np.sort(self.largest[0])
+        largest = np.sort(self.values[0])
         return {"max": float(largest[-1]), "p99": percentile99(largest, self.n), "mean": self.total / self.n}
 
 

@@ -149,8 +149,7 @@ def load_sae(path: str) -> SAE:
 
 
 def sae_of(target: Target, width: int) -> SAE:
-    """target's SAE, checked against the site (its width, and the SAE's hook where cfg.json names one) and the
-    latent index against d_sae."""
+    """target's SAE, checked against the site (its width, its hook where cfg.json names one) and the latent."""
     sae, site = load_sae(target.source.removeprefix("sae:")), f"blocks.{target.block}.{target.site}"
     if sae.d_in != width:
         raise AmreproError(f"the SAE in {sae.path} reads vectors of width {sae.d_in}, but {site} has {width} "
@@ -268,15 +267,13 @@ def describe(target: Target) -> str:
         return f"{site} . d/|d| with d from {target.source} (|d| = {norm:.4g} in the file; normalized to 1)"
     if target.kind == "random":
         return f"{site} . d with d the random unit direction {target.index} of seed {target.source.split(':')[1]}"
-    if target.kind == "sae":
-        sae, i = load_sae(target.source.removeprefix("sae:")), target.index
-        pre = ("(x - b_dec)" if sae.apply_b_dec_to_input else "x") + f" . W_enc[:, {i}] + b_enc[{i}]"
-        act = {"standard": "relu(pre)", "jumprelu": f"relu(pre) * (pre > threshold[{i}])",
-               "topk": "relu(pre), whether or not the latent is among the top k"
-                       + (" (pre scaled by |W_dec[i]|)" if sae.rescale_by_decoder_norm else "")}[sae.architecture]
-        return (f"latent {i} of the {sae.architecture} SAE in {sae.path} (d_sae {sae.d_sae}) on {site}: "
-                f"{act} with pre = {pre}")
-    return f"{target.name}: dimension {target.index} of {site}"
+    sae, i = load_sae(target.source.removeprefix("sae:")), target.index
+    pre = ("(x - b_dec)" if sae.apply_b_dec_to_input else "x") + f" . W_enc[:, {i}] + b_enc[{i}]"
+    act = {"standard": "relu(pre)", "jumprelu": f"relu(pre) * (pre > threshold[{i}])",
+           "topk": "relu(pre), whether or not the latent is among the top k"
+                   + (" (pre scaled by |W_dec[i]|)" if sae.rescale_by_decoder_norm else "")}[sae.architecture]
+    return (f"latent {i} of the {sae.architecture} SAE in {sae.path} (d_sae {sae.d_sae}) on {site}: {act} with "
+            f"pre = {pre}")
 
 
 def target_tags(target: Target) -> dict[str, str]:

@@ -128,8 +128,8 @@ class Linear:
 
 
 def choose(device: torch.device, weights: list[tuple[torch.Tensor, torch.Tensor]], rows: int) -> str:
-    """The kernel for this process: plain on CUDA; else the forced one; else the one chosen earlier in this
-    process; else the fastest on these (weight [in, out], bias [out]) pairs with `rows`-row inputs."""
+    """plain on CUDA; else the forced kernel; else this process's choice; else the fastest (cached) on these
+    (weight [in, out], bias [out]) pairs with `rows`-row inputs."""
     if device.type != "cpu":
         return "plain"
     kernel = forced()
@@ -141,7 +141,10 @@ def choose(device: torch.device, weights: list[tuple[torch.Tensor, torch.Tensor]
     if _state["chosen"] is None:
         key = (f"{cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {rows} rows | "
                + " ".join("x".join(map(str, w.shape)) for w, _ in weights))
-        cache = _read_cache()
+        try:
+            cache = json.loads(_cache_file().read_text())
+        except (OSError, ValueError):
+            cache = {}
         measured = cache.get(key) or probe(weights, rows)
         if not all(available(k) for k in measured):  # a cache written by another torch build
             measured = probe(weights, rows)
@@ -164,13 +167,6 @@ def pick(measured: dict[str, float]) -> str:
 # (a sweep's Ray workers, a later `amrepro run`) makes the same choice, hence the same bits, without probing.
 def _cache_file() -> Path:
     return Path(os.environ.get("AMREPRO_CACHE") or "~/.cache/amrepro").expanduser() / "kernels.json"
-
-
-def _read_cache() -> dict:
-    try:
-        return json.loads(_cache_file().read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def _write_cache(cache: dict) -> None:

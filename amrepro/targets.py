@@ -39,9 +39,6 @@ SITES_BY_MODEL_TYPE = {
     "llama": {"hook_resid_mid": ("post_attention_layernorm", "input"), "hook_attn_out": ("self_attn", "output"),
               "mlp.hook_post": ("mlp.down_proj", "input")},
 }
-# GPT-NeoX with use_parallel_residual=False is sequential: the MLP's LayerNorm reads resid_pre + attn_out.
-# (With parallel residuals that LayerNorm reads resid_pre itself, so the same hook would be wrong.)
-_SEQUENTIAL_NEOX_SITES = {"hook_resid_mid": ("post_attention_layernorm", "input")}
 ALL_SITES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "mlp.hook_post")
 # blocks.L.SITE[i], or a feature: blocks.L.SITE@SOURCE with SOURCE 'sae:PATH[i]', 'random:S[k]' or 'FILE.npy' (no index)
 _NAME = re.compile(r"blocks\.(\d+)\.([a-z_.]+)(?:\[(\d+)\]|@(sae:.+|random:\d+)\[(\d+)\]|@(.+\.npy))")
@@ -96,8 +93,10 @@ def site_location(model_type: str, site: str, config=None) -> tuple[str, str]:
     """(module path inside the block, 'input' or 'output') of a site on this architecture. config (the HF
     model config, optional) refines architectures whose layout depends on it (sequential GPT-NeoX)."""
     sites = {**RESIDUAL_SITES, **SITES_BY_MODEL_TYPE.get(model_type, {})}
+    # GPT-NeoX with use_parallel_residual=False is sequential: the MLP's LayerNorm reads resid_pre + attn_out.
+    # (With parallel residuals that LayerNorm reads resid_pre itself, so the same hook would be wrong.)
     if model_type == "gpt_neox" and config is not None and not getattr(config, "use_parallel_residual", True):
-        sites.update(_SEQUENTIAL_NEOX_SITES)
+        sites["hook_resid_mid"] = ("post_attention_layernorm", "input")
     if site not in sites:
         why = (" (attention and MLP run in parallel: there is no resid_mid)"
                if model_type == "gpt_neox" and site == "hook_resid_mid" else "")
