@@ -32,6 +32,7 @@ import torch
 from safetensors import safe_open
 
 from .config import AmreproError
+from .specificity import choose_controls
 from .targets import Target
 
 ARCHITECTURES = ("standard", "jumprelu", "topk")
@@ -116,10 +117,10 @@ def _load_sae(path: str, stamp: tuple) -> SAE:
     arch = cfg.get("architecture", "standard")
     if arch not in ARCHITECTURES:
         raise AmreproError(f"the SAE in {path} has architecture '{arch}'; amrepro reads {', '.join(ARCHITECTURES)}.")
-    for key, plain in (("normalize_activations", "none"), ("reshape_activations", "none")):
-        if cfg.get(key, plain) not in (plain, None):
+    for key in ("normalize_activations", "reshape_activations"):
+        if cfg.get(key, "none") not in ("none", None):
             raise AmreproError(f"the SAE in {path} has {key}='{cfg[key]}'; amrepro reads only SAEs with "
-                               f"{key}='{plain}' (fold the scaling into the weights first).")
+                               f"{key}='none' (fold the scaling into the weights first).")
     try:
         with safe_open(weights_path, framework="pt") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -226,11 +227,8 @@ def readout(targets: list[Target], width: int) -> Readout:
 def controls(target: Target, k: int, seed: int, width: int) -> tuple[Target, ...]:
     """--controls K of a feature target: K other latents of the same SAE (drawn like a neuron's controls), or K
     random unit directions of the seed (random:SEED[0..K-1]) for a direction."""
-    from .specificity import choose_controls
-
     if target.kind == "sae":
-        sae = sae_of(target, width)
-        picked = choose_controls(target.index, sae.d_sae, k, seed, target.prefix)
+        picked = choose_controls(target.index, sae_of(target, width).d_sae, k, seed, target.prefix)
         return tuple(Target(target.block, target.site, i, target.source) for i in picked)
     return tuple(Target(target.block, target.site, j, f"random:{seed}") for j in range(k))
 

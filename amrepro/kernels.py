@@ -6,7 +6,8 @@ pre-packed weights is 2-4x MKL (whose AVX-512 paths are Intel-only), on an Intel
 can win. So no kernel is chosen by vendor: the first reader of a process times each candidate on its own
 weights and row count (a block's four weights, both directions: every GEMM shape of the step) and the whole
 process keeps the fastest. The measurement is cached per CPU model, torch, threads and shapes
-($AMREPRO_CACHE/kernels.json, default ~/.cache/amrepro), so later processes on the machine choose the same.
+($AMREPRO_CACHE/kernels.json, default ~/.cache/amrepro), so that every process on the machine (a sweep's Ray
+workers, a later `amrepro run`) makes the same choice, hence the same bits, without probing.
 
 Candidates (CPU; CUDA always uses plain: cuBLAS reads a transposed operand at full speed):
 - onednn: weights reordered once into oneDNN's blocked layout (torch.ops.mkldnn._linear_pointwise);
@@ -141,15 +142,22 @@ def choose(device: torch.device, weights: list[tuple[torch.Tensor, torch.Tensor]
     if _state["chosen"] is None:
         key = (f"{cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {rows} rows | "
                + " ".join("x".join(map(str, w.shape)) for w, _ in weights))
+        path = Path(os.environ.get("AMREPRO_CACHE") or "~/.cache/amrepro").expanduser() / "kernels.json"
         try:
-            cache = json.loads(_cache_file().read_text())
+            cache = json.loads(path.read_text())
         except (OSError, ValueError):
             cache = {}
         measured = cache.get(key) or probe(weights, rows)
         if not all(available(k) for k in measured):  # a cache written by another torch build
             measured = probe(weights, rows)
         if key not in cache:
-            _write_cache({**cache, key: measured})
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps({**cache, key: measured}, indent=1))
+                tmp.replace(path)  # atomic: a concurrent reader sees the old file or the new one
+            except OSError:
+                pass  # no cache: the next process probes again
         _state["probe"] = measured
         _state["chosen"] = pick(measured)
     return _state["chosen"]
@@ -161,23 +169,6 @@ def pick(measured: dict[str, float]) -> str:
     if PROBE_DEFAULT in measured and measured[best] > PROBE_MARGIN * measured[PROBE_DEFAULT]:
         return PROBE_DEFAULT
     return best
-
-
-# The probe's result is cached per CPU model, torch, threads and shapes, so that every process on a machine
-# (a sweep's Ray workers, a later `amrepro run`) makes the same choice, hence the same bits, without probing.
-def _cache_file() -> Path:
-    return Path(os.environ.get("AMREPRO_CACHE") or "~/.cache/amrepro").expanduser() / "kernels.json"
-
-
-def _write_cache(cache: dict) -> None:
-    path = _cache_file()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=1))
-        tmp.replace(path)  # atomic: a concurrent reader sees the old file or the new one
-    except OSError:
-        pass  # no cache: the next process probes again
 
 
 def probe(weights: list[tuple[torch.Tensor, torch.Tensor]], rows: int) -> dict[str, float]:
