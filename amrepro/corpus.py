@@ -57,24 +57,6 @@ def check(path: str) -> Path:
     raise AmreproError(f"--corpus {path} is {kind}, not a regular file: give a UTF-8 text file.")
 
 
-def windows(lm: LoadedModel, text: str, n_tokens: int) -> torch.Tensor:
-    """Every window of n_tokens consecutive tokens of the text, stride 1: [n_windows, n_tokens]."""
-    ids = torch.tensor(lm.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)  # [n]
-    if ids.numel() < n_tokens:
-        raise AmreproError(f"the corpus has {ids.numel()} tokens, fewer than --n-tokens {n_tokens}.")
-    return ids.unfold(0, n_tokens, 1)  # [n - n_tokens + 1, n_tokens]
-
-
-@torch.no_grad()
-def activations(lm: LoadedModel, target: Target, ids: torch.Tensor, batch: int = BATCH) -> torch.Tensor:
-    """Mean target activation [n_windows] of each window ids [n_windows, n_tokens]."""
-    E, out = lm.embedding, []
-    with site_reader(lm, target) as reader:
-        for lo in range(0, ids.shape[0], batch):
-            out.append(reader(E[ids[lo:lo + batch].to(E.device)]).mean(dim=1).cpu())  # [batch]
-    return torch.cat(out)
-
-
 def pieces(file: Path):
     """(text, bytes read so far) of the file, CHUNK_CHARS characters at a time, each cut after its last line end
     (the rest starts the next piece): tokenizers split words at line ends, so the pieces' tokens are the whole
