@@ -26,7 +26,7 @@ import torch
 
 from .config import AmreproError
 from .model import LoadedModel
-from .readers import site_reader
+from .readers import HookedReader, site_reader
 from .targets import Target
 
 BATCH = 512  # windows per forward
@@ -138,8 +138,7 @@ class _Tally:
 
 def _yardsticks(lm: LoadedModel, read: Callable[[torch.Tensor], torch.Tensor], n: int, file: Path, n_tokens: int,
                 max_tokens: int, top: int, on_progress: Callable[[float, int], None] | None) -> list[dict]:
-    """yardstick() of n targets whose activations read(x [b, n_tokens, d_model]) gives ([b, n_tokens] or
-    [b, n_tokens, n]): every window of the file in batches, at most max_tokens tokens read (0: all)."""
+    """yardstick() of the n targets whose activations read(x) gives: [b, n_tokens] (n = 1) or [b, n_tokens, n]."""
     size = max(file.stat().st_size, 1)
     budget = max_tokens or math.inf
     tallies = [_Tally(top, int(min(budget, size))) for _ in range(n)]  # a token is at least 1 byte
@@ -198,8 +197,6 @@ def yardsticks(lm: LoadedModel, targets: list[Target], file: Path, n_tokens: int
     """yardstick() of every target of one site at once: one forward per batch of windows, the targets'
     dimensions read off the whole site vector. Feature targets (an SAE latent, a direction) are refused: their
     readout needs its own reader (use yardstick)."""
-    from .readers import HookedReader
-
     if not targets:
         return []
     if any(t.source for t in targets) or len({(t.block, t.site) for t in targets}) > 1:

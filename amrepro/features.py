@@ -109,8 +109,7 @@ def _load_sae(path: str, stamp: tuple) -> SAE:
         raise AmreproError(f"SAE folder {path} needs {CFG} and {WEIGHTS} (SAELens's save format); "
                            f"{'it does not exist' if not os.path.isdir(path) else 'one of them is missing'}.")
     try:
-        with open(cfg_path) as f:
-            cfg = json.load(f)
+        cfg = json.loads(Path(cfg_path).read_text())
         d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
     except (ValueError, KeyError, TypeError) as error:
         raise AmreproError(f"{cfg_path} is not an SAELens cfg.json with integer d_in and d_sae ({error!r}).") from None
@@ -189,17 +188,15 @@ class Readout:
         s = site if ro.b_dec is None else site - ro.b_dec  # [R, pos, width]
         if rows is None and ro.W.shape[0] == 1:
             pre = s @ ro.W[0] + ro.b[0]  # [R, pos]
-            threshold = None if ro.threshold is None else ro.threshold[0]
         else:
             if ro.W.shape[0] != s.shape[0]:
                 raise ValueError(f"this readout has {ro.W.shape[0]} rows, got {s.shape[0]}")
             pre = torch.einsum("rpw,rw->rp", s, ro.W) + ro.b[:, None]  # [R, pos]
-            threshold = None if ro.threshold is None else ro.threshold[:, None]
         if ro.activation == "linear":
             return pre
         act = torch.relu(pre)
         if ro.activation == "jumprelu":  # SAELens: relu(pre) * (pre > threshold); no gradient below it
-            act = act * (pre > threshold).to(act.dtype)
+            act = act * (pre > ro.threshold[:, None]).to(act.dtype)  # threshold [R or 1, 1]
         return act
 
 
@@ -294,10 +291,9 @@ def file_artifacts(target: Target) -> dict[str, bytes]:
     """The target's file(s) as artifacts under target_file/, when at most 1 MiB together; else nothing (the
     tags keep its sha256 and path)."""
     files = _files(target)
-    if not files or not all(os.path.isfile(p) for p in files) \
-            or sum(os.path.getsize(p) for p in files) > _ARTIFACT_MAX_BYTES:
-        return {}
-    return {f"target_file/{os.path.basename(p)}": Path(p).read_bytes() for p in files}
+    if files and all(map(os.path.isfile, files)) and sum(map(os.path.getsize, files)) <= _ARTIFACT_MAX_BYTES:
+        return {f"target_file/{os.path.basename(p)}": Path(p).read_bytes() for p in files}
+    return {}
 
 
 def check_unchanged(target: Target, tags: dict[str, str]) -> None:

@@ -110,12 +110,10 @@ def specificity(ids: np.ndarray, final: np.ndarray, names: list[str], seed: int 
                  "test": "one-sided permutation test, target labels shuffled within each seed; "
                          "statistic = mean within-target minus mean across-target similarity, different seeds only",
                  "alpha": ALPHA}
-    flat = {}
     if runs < 2:  # no pair of different seeds: nothing to compare like with like
         for key, m in matrices.items():
             out[key] = {"same_seed": float(m[same_seed_pairs].mean()), "within": None, "across": None, "p": None}
-            flat[f"specificity/{key}_same_seed"] = out[key]["same_seed"]
-        out["metrics"] = flat
+        out["metrics"] = {f"specificity/{key}_same_seed": out[key]["same_seed"] for key in matrices}
         return out
 
     perms = _permutations(T, runs, seed, n_perm)  # [n_perm, N]
@@ -127,6 +125,7 @@ def specificity(ids: np.ndarray, final: np.ndarray, names: list[str], seed: int 
             w, a = _pair_means(m, same, diff_seed)
             null[key][start:start + len(chunk)] = w - a
 
+    flat = {}
     for key, m in matrices.items():
         (w,), (a,) = _pair_means(m, same_target[None], diff_seed)
         observed = w - a

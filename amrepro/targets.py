@@ -111,8 +111,6 @@ def check_target(target: Target, n_layers: int, width: int) -> None:
     if not 0 <= target.block < n_layers:
         raise AmreproError(f"block {target.block} is out of range: the model has {n_layers} blocks "
                            f"(valid: 0..{n_layers - 1}; --layer L reads the residual stream before block L).")
-    if target.source:
-        return
-    if not 0 <= target.index < width:
+    if not target.source and not 0 <= target.index < width:
         raise AmreproError(f"index {target.index} is out of range for {target.site}, which has {width} "
                            f"dimensions (valid: 0..{width - 1}).")
