@@ -201,11 +201,10 @@ def yardsticks(lm: LoadedModel, targets: list[Target], file: Path, n_tokens: int
         return []
     if any(t.source for t in targets) or len({(t.block, t.site) for t in targets}) > 1:
         raise ValueError("yardsticks scores plain dimensions of one site; use yardstick for each other target")
-    index = torch.tensor([t.index for t in targets], dtype=torch.long)  # [T]
+    index = torch.tensor([t.index for t in targets], dtype=torch.long, device=lm.device)  # [T]
     with HookedReader(lm, targets[0]) as reader:
         def read(x: torch.Tensor) -> torch.Tensor:
-            site = reader.read_site(x)  # [b, pos, width]
-            return site[..., index.to(site.device)]  # [b, pos, T]
+            return reader.read_site(x)[..., index]  # [b, pos, width] -> [b, pos, T]
 
         return _yardsticks(lm, read, len(targets), file, n_tokens, max_tokens, top, on_progress)
 
