@@ -26,7 +26,7 @@ import torch
 
 from .config import AmreproError
 from .model import LoadedModel
-from .readers import site_reader
+from .readers import HookedReader, site_reader
 from .targets import Target
 
 BATCH = 512  # windows per forward
@@ -57,43 +57,15 @@ def check(path: str) -> Path:
     raise AmreproError(f"--corpus {path} is {kind}, not a regular file: give a UTF-8 text file.")
 
 
-def read(path: str) -> str:
-    """The whole corpus text (small files, tests); one sentence for a file that is missing or not UTF-8."""
-    file = check(path)
-    try:
-        return file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise AmreproError(f"--corpus {path} is not UTF-8 text (byte {error.start} cannot be decoded).") from None
-
-
-def windows(lm: LoadedModel, text: str, n_tokens: int) -> torch.Tensor:
-    """Every window of n_tokens consecutive tokens of the text, stride 1: [n_windows, n_tokens]."""
-    ids = torch.tensor(lm.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)  # [n]
-    if ids.numel() < n_tokens:
-        raise AmreproError(f"the corpus has {ids.numel()} tokens, fewer than --n-tokens {n_tokens}.")
-    return ids.unfold(0, n_tokens, 1)  # [n - n_tokens + 1, n_tokens]
-
-
-@torch.no_grad()
-def activations(lm: LoadedModel, target: Target, ids: torch.Tensor, batch: int = BATCH) -> torch.Tensor:
-    """Mean target activation [n_windows] of each window ids [n_windows, n_tokens]."""
-    E, out = lm.embedding, []
-    with site_reader(lm, target) as reader:
-        for lo in range(0, ids.shape[0], batch):
-            out.append(reader(E[ids[lo:lo + batch].to(E.device)]).mean(dim=1).cpu())  # [batch]
-    return torch.cat(out)
-
-
-def pieces(file: Path, chunk_chars: int | None = None):
-    """(text, bytes read so far) of the file, chunk_chars characters at a time, each cut after its last line end
+def pieces(file: Path):
+    """(text, bytes read so far) of the file, CHUNK_CHARS characters at a time, each cut after its last line end
     (the rest starts the next piece): tokenizers split words at line ends, so the pieces' tokens are the whole
     text's. A piece without a line end is cut where it stops."""
-    chunk_chars = chunk_chars or CHUNK_CHARS
     rest = ""
     with open(file, encoding="utf-8") as f:
         while True:
             try:
-                block = f.read(chunk_chars)
+                block = f.read(CHUNK_CHARS)
             except UnicodeDecodeError as error:
                 raise AmreproError(f"--corpus {file} is not UTF-8 text ({error.reason} near byte "
                                    f"{f.buffer.tell()}).") from None
@@ -122,9 +94,9 @@ class _Tally:
 
     def __init__(self, top: int, most_windows: int):
         self.top, self.n, self.total = top, 0, 0.0
-        self.exact: list[np.ndarray] | None = []  # every activation, until there are more than EXACT_WINDOWS
+        self.exact = True  # every activation is held, until there are more than EXACT_WINDOWS
         self.keep = math.ceil(0.01 * most_windows) + 2  # then the largest ones the 99th percentile can need
-        self.largest: list[np.ndarray] = []  # holds them, pruned to `keep` whenever it holds more than 2 x keep
+        self.values: list[np.ndarray] = []  # then pruned to `keep` whenever it holds more than 2 x keep
         self.held = 0
         self.best_acts, self.best_starts = np.empty(0), np.empty(0, dtype=np.int64)
         self.best_ids: np.ndarray | None = None
@@ -139,76 +111,73 @@ class _Tally:
         ids_all = ids if self.best_ids is None else np.concatenate([self.best_ids, ids])
         order = np.lexsort((starts_all, -acts_all))[:self.top]  # highest first, ties: the earlier window
         self.best_acts, self.best_starts, self.best_ids = acts_all[order], starts_all[order], ids_all[order]
-        if self.exact is not None:
-            self.exact.append(acts)
-            self.kept = self.n
-            if self.n > EXACT_WINDOWS:  # from here on, only the largest values
-                self.largest, self.held, self.exact = self.exact, self.n, None
-                self._prune()
-            return
-        self.largest.append(acts)
+        self.values.append(acts)
         self.held += acts.size
         self.kept = max(self.kept, self.held)
-        if self.held > 2 * self.keep:
+        if self.held > (EXACT_WINDOWS if self.exact else 2 * self.keep):  # from here on, only the largest values
+            self.exact = False
             self._prune()
 
     def _prune(self) -> None:
-        values = np.concatenate(self.largest)
+        values = np.concatenate(self.values)
         if values.size > self.keep:
             values = np.partition(values, values.size - self.keep)[-self.keep:]
-        self.largest, self.held = [values], values.size
+        self.values, self.held = [values], values.size
 
     def statistics(self) -> dict:
-        if self.exact is not None:  # numpy's statistics over every value, as before streaming
-            acts = np.concatenate(self.exact)
+        if self.exact:  # numpy's statistics over every value, as before streaming
+            acts = np.concatenate(self.values)
             counts, edges = np.histogram(acts, bins=BINS)  # for the dashboard, with the quantiles
             return {"max": float(acts.max()), "p99": float(np.percentile(acts, 99)), "mean": float(acts.mean()),
                     "quantiles": {f"{q:g}": float(np.quantile(acts, q)) for q in QUANTILES},
                     "histogram": {"counts": counts.tolist(), "edges": edges.tolist()}}
         self._prune()
-        largest = np.sort(self.largest[0])
+        largest = np.sort(self.values[0])
         return {"max": float(largest[-1]), "p99": percentile99(largest, self.n), "mean": self.total / self.n}
 
 
-def _stream(lm: LoadedModel, file: Path, n_tokens: int, max_tokens: int,
-            on_progress: Callable[[float, int], None] | None, score: Callable[[torch.Tensor, np.ndarray], None]) -> int:
-    """Every window of the file (check()) in batches: score(batch [b, n_tokens], starts [b]) each; at most
-    max_tokens tokens are read (0: all); on_progress(fraction done, windows so far) after each piece. Returns the
-    tokens read."""
+def _yardsticks(lm: LoadedModel, read: Callable[[torch.Tensor], torch.Tensor], n: int, file: Path, n_tokens: int,
+                max_tokens: int, top: int, on_progress: Callable[[float, int], None] | None) -> list[dict]:
+    """yardstick() of the n targets whose activations read(x) gives: [b, n_tokens] (n = 1) or [b, n_tokens, n]."""
     size = max(file.stat().st_size, 1)
     budget = max_tokens or math.inf
+    tallies = [_Tally(top, int(min(budget, size))) for _ in range(n)]  # a token is at least 1 byte
+    E = lm.embedding
     carry = np.empty(0, dtype=np.int64)  # the last n_tokens - 1 tokens: windows run across pieces
-    read = n_windows = 0
+    tokens = 0
     for text, offset in pieces(file):
         ids = np.asarray(lm.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)  # [n]
-        ids = ids[: int(min(ids.size, budget - read))]
-        start = read - carry.size  # the first window of this piece starts at this token
-        read += ids.size
+        ids = ids[: int(min(ids.size, budget - tokens))]
+        start = tokens - carry.size  # the first window of this piece starts at this token
+        tokens += ids.size
         sequence = np.concatenate([carry, ids])  # [carry + n]
         if sequence.size >= n_tokens:
             piece = torch.from_numpy(sequence).unfold(0, n_tokens, 1)  # [w, n_tokens]
             for lo in range(0, piece.shape[0], BATCH):
                 batch = piece[lo:lo + BATCH]  # [b, n_tokens]
-                score(batch, start + lo + np.arange(batch.shape[0]))
-                n_windows += batch.shape[0]
+                acts = read(E[batch.to(E.device)]).mean(dim=1).cpu().numpy().astype(np.float64)  # [b] or [b, n]
+                starts, windows = start + lo + np.arange(batch.shape[0]), batch.numpy()  # [b], [b, n_tokens]
+                for t, tally in enumerate(tallies):
+                    tally.add(acts.reshape(len(batch), n)[:, t], starts, windows)
         carry = sequence[-(n_tokens - 1):] if n_tokens > 1 else sequence[:0]
         if on_progress:
-            on_progress(1.0 if read >= budget else min(offset / size, 1.0), n_windows)
-        if read >= budget:
+            on_progress(1.0 if tokens >= budget else min(offset / size, 1.0), tallies[0].n)
+        if tokens >= budget:
             break
-    if n_windows == 0:
-        raise AmreproError(f"the corpus has {read} tokens, fewer than --n-tokens {n_tokens}.")
-    return read
-
-
-def _result(lm: LoadedModel, tally: _Tally, n_tokens: int, read: int, max_tokens: int, at: np.ndarray) -> dict:
-    """yardstick's dict from a tally; at [top, n_tokens]: the activation at each token of its top windows."""
-    return {"n_windows": tally.n, "n_tokens": n_tokens, **tally.statistics(), "tokens_read": read,
-            "truncated": bool(max_tokens) and read >= max_tokens, "kept": tally.kept,
-            "top": [{"rank": k + 1, "start": int(s), "text": lm.tokenizer.decode(w.tolist()),
-                     "tokens": lm.token_strings(w.tolist()), "ids": w.tolist(), "activation": float(a),
-                     "positions": at[k].tolist()}
-                    for k, (a, s, w) in enumerate(zip(tally.best_acts, tally.best_starts, tally.best_ids))]}
+    if tallies[0].n == 0:
+        raise AmreproError(f"the corpus has {tokens} tokens, fewer than --n-tokens {n_tokens}.")
+    out = []
+    for t, tally in enumerate(tallies):
+        # the activation at each token of the top windows, for the dashboard's colours
+        at = read(E[torch.from_numpy(tally.best_ids).to(E.device)]).reshape(len(tally.best_ids), n_tokens, n)
+        at = at[..., t].cpu().numpy()  # [top, n_tokens]
+        out.append({"n_windows": tally.n, "n_tokens": n_tokens, **tally.statistics(), "tokens_read": tokens,
+                    "truncated": bool(max_tokens) and tokens >= max_tokens, "kept": tally.kept,
+                    "top": [{"rank": k + 1, "start": int(s), "text": lm.tokenizer.decode(w.tolist()),
+                             "tokens": lm.token_strings(w.tolist()), "ids": w.tolist(), "activation": float(a),
+                             "positions": at[k].tolist()}
+                            for k, (a, s, w) in enumerate(zip(tally.best_acts, tally.best_starts, tally.best_ids))]})
+    return out
 
 
 @torch.no_grad()
@@ -218,17 +187,8 @@ def yardstick(lm: LoadedModel, target: Target, file: Path, n_tokens: int, max_to
     activation, positions}]} of the windows of the corpus file (check()), streamed; at most max_tokens tokens are
     read (0: all). Up to EXACT_WINDOWS windows also quantiles and histogram {counts, edges}. positions: the
     activation at each token of a top window. on_progress(fraction done, windows so far) after each piece."""
-    tally = _Tally(top, int(min(max_tokens or math.inf, max(file.stat().st_size, 1))))  # a token: >= 1 byte
-    E = lm.embedding
     with site_reader(lm, target) as reader:
-        def score(batch: torch.Tensor, starts: np.ndarray) -> None:
-            acts = reader(E[batch.to(E.device)]).mean(dim=1).cpu().numpy().astype(np.float64)  # [b]
-            tally.add(acts, starts, batch.numpy())
-
-        read = _stream(lm, file, n_tokens, max_tokens, on_progress, score)
-        # the activation at each token of the top windows, for the dashboard's colours
-        at = reader(E[torch.from_numpy(tally.best_ids).to(E.device)]).cpu().numpy()  # [top, n_tokens]
-    return _result(lm, tally, n_tokens, read, max_tokens, at)
+        return _yardsticks(lm, reader, 1, file, n_tokens, max_tokens, top, on_progress)[0]
 
 
 @torch.no_grad()
@@ -237,28 +197,16 @@ def yardsticks(lm: LoadedModel, targets: list[Target], file: Path, n_tokens: int
     """yardstick() of every target of one site at once: one forward per batch of windows, the targets'
     dimensions read off the whole site vector. Feature targets (an SAE latent, a direction) are refused: their
     readout needs its own reader (use yardstick)."""
-    from .readers import HookedReader
-
     if not targets:
         return []
     if any(t.source for t in targets) or len({(t.block, t.site) for t in targets}) > 1:
         raise ValueError("yardsticks scores plain dimensions of one site; use yardstick for each other target")
-    most = int(min(max_tokens or math.inf, max(file.stat().st_size, 1)))
-    tallies = [_Tally(top, most) for _ in targets]
-    index = torch.tensor([t.index for t in targets], dtype=torch.long)  # [T]
-    E = lm.embedding
+    index = torch.tensor([t.index for t in targets], dtype=torch.long, device=lm.device)  # [T]
     with HookedReader(lm, targets[0]) as reader:
-        def score(batch: torch.Tensor, starts: np.ndarray) -> None:
-            site = reader.read_site(E[batch.to(E.device)])  # [b, pos, width]
-            acts = site[..., index.to(site.device)].mean(dim=1).cpu().numpy().astype(np.float64)  # [b, T]
-            ids = batch.numpy()
-            for t, tally in enumerate(tallies):
-                tally.add(acts[:, t], starts, ids)
+        def read(x: torch.Tensor) -> torch.Tensor:
+            return reader.read_site(x)[..., index]  # [b, pos, width] -> [b, pos, T]
 
-        read = _stream(lm, file, n_tokens, max_tokens, on_progress, score)
-        at = [reader.read_site(E[torch.from_numpy(t.best_ids).to(E.device)])[..., i].cpu().numpy()  # [top, n_tokens]
-              for t, i in zip(tallies, index.tolist())]
-    return [_result(lm, tally, n_tokens, read, max_tokens, positions) for tally, positions in zip(tallies, at)]
+        return _yardsticks(lm, read, len(targets), file, n_tokens, max_tokens, top, on_progress)
 
 
 def progress_printer(note: Callable[[str], None], every: float = 30.0) -> Callable[[float, int], None]:

@@ -25,11 +25,14 @@ import os
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from .config import AmreproError
+from .specificity import choose_controls
 from .targets import Target
 
 ARCHITECTURES = ("standard", "jumprelu", "topk")
@@ -41,6 +44,10 @@ CFG, WEIGHTS = "cfg.json", "sae_weights.safetensors"
 
 
 # --- files ------------------------------------------------------------------------------------------------
+def _stamp(files) -> tuple:  # the caches' key: a changed file is read again
+    return tuple((os.stat(p).st_mtime_ns, os.stat(p).st_size) for p in files)
+
+
 def load_direction(path: str, width: int) -> np.ndarray:
     """The unit direction [width] (float64) of a .npy file, checked against the site's width."""
     if not os.path.isfile(path):
@@ -79,8 +86,6 @@ class SAE:
     def read(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """W [n, d_in] (= W_enc[:, indices].T), b [n], threshold [n] (jumprelu), b_dec [d_in], float32: only
         the columns asked for are read from the file."""
-        from safetensors import safe_open
-
         with safe_open(os.path.join(self.path, WEIGHTS), framework="pt") as f:
             w_enc = f.get_slice("W_enc")  # [d_in, d_sae], read lazily
             out = {"W": torch.stack([w_enc[:, i:i + 1][:, 0] for i in indices]).float(),  # [n, d_in]
@@ -104,20 +109,17 @@ def _load_sae(path: str, stamp: tuple) -> SAE:
         raise AmreproError(f"SAE folder {path} needs {CFG} and {WEIGHTS} (SAELens's save format); "
                            f"{'it does not exist' if not os.path.isdir(path) else 'one of them is missing'}.")
     try:
-        with open(cfg_path) as f:
-            cfg = json.load(f)
+        cfg = json.loads(Path(cfg_path).read_text())
         d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
     except (ValueError, KeyError, TypeError) as error:
         raise AmreproError(f"{cfg_path} is not an SAELens cfg.json with integer d_in and d_sae ({error!r}).") from None
     arch = cfg.get("architecture", "standard")
     if arch not in ARCHITECTURES:
         raise AmreproError(f"the SAE in {path} has architecture '{arch}'; amrepro reads {', '.join(ARCHITECTURES)}.")
-    for key, plain in (("normalize_activations", "none"), ("reshape_activations", "none")):
-        if cfg.get(key, plain) not in (plain, None):
+    for key in ("normalize_activations", "reshape_activations"):
+        if cfg.get(key, "none") not in ("none", None):
             raise AmreproError(f"the SAE in {path} has {key}='{cfg[key]}'; amrepro reads only SAEs with "
-                               f"{key}='{plain}' (fold the scaling into the weights first).")
-    from safetensors import safe_open
-
+                               f"{key}='none' (fold the scaling into the weights first).")
     try:
         with safe_open(weights_path, framework="pt") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -140,17 +142,15 @@ def _load_sae(path: str, stamp: tuple) -> SAE:
 def load_sae(path: str) -> SAE:
     """The SAE's config, checked against its weights' shapes (cached while the files are unchanged)."""
     try:
-        stamp = tuple((os.stat(os.path.join(path, f)).st_mtime_ns, os.stat(os.path.join(path, f)).st_size)
-                      for f in (CFG, WEIGHTS))
+        stamp = _stamp(os.path.join(path, f) for f in (CFG, WEIGHTS))
     except OSError:
         stamp = ()
     return _load_sae(path, stamp)
 
 
 def sae_of(target: Target, width: int) -> SAE:
-    """target's SAE, checked against the site (its width, and the SAE's hook where cfg.json names one) and the
-    latent index against d_sae."""
-    sae, site = load_sae(target.source[len("sae:"):]), f"blocks.{target.block}.{target.site}"
+    """target's SAE, checked against the site (its width, its hook where cfg.json names one) and the latent."""
+    sae, site = load_sae(target.source.removeprefix("sae:")), f"blocks.{target.block}.{target.site}"
     if sae.d_in != width:
         raise AmreproError(f"the SAE in {sae.path} reads vectors of width {sae.d_in}, but {site} has {width} "
                            "dimensions.")
@@ -188,17 +188,15 @@ class Readout:
         s = site if ro.b_dec is None else site - ro.b_dec  # [R, pos, width]
         if rows is None and ro.W.shape[0] == 1:
             pre = s @ ro.W[0] + ro.b[0]  # [R, pos]
-            threshold = None if ro.threshold is None else ro.threshold[0]
         else:
             if ro.W.shape[0] != s.shape[0]:
                 raise ValueError(f"this readout has {ro.W.shape[0]} rows, got {s.shape[0]}")
             pre = torch.einsum("rpw,rw->rp", s, ro.W) + ro.b[:, None]  # [R, pos]
-            threshold = None if ro.threshold is None else ro.threshold[:, None]
         if ro.activation == "linear":
             return pre
         act = torch.relu(pre)
         if ro.activation == "jumprelu":  # SAELens: relu(pre) * (pre > threshold); no gradient below it
-            act = act * (pre > threshold).to(act.dtype)
+            act = act * (pre > ro.threshold[:, None]).to(act.dtype)  # threshold [R or 1, 1]
         return act
 
 
@@ -211,9 +209,7 @@ def readout(targets: list[Target], width: int) -> Readout:
         W = torch.from_numpy(np.stack(rows)).float()  # [n, width]
         return Readout(W, torch.zeros(len(rows)), "linear")
     if kinds == {"sae"} and len({t.source for t in targets}) == 1:
-        sae = sae_of(targets[0], width)
-        for t in targets:
-            sae_of(t, width)
+        sae = [sae_of(t, width) for t in targets][0]  # each latent checked against d_sae
         unique = sorted({t.index for t in targets})
         read = sae.read(unique)
         at = torch.tensor([unique.index(t.index) for t in targets])  # [n]
@@ -228,23 +224,17 @@ def readout(targets: list[Target], width: int) -> Readout:
 def controls(target: Target, k: int, seed: int, width: int) -> tuple[Target, ...]:
     """--controls K of a feature target: K other latents of the same SAE (drawn like a neuron's controls), or K
     random unit directions of the seed (random:SEED[0..K-1]) for a direction."""
-    from .specificity import choose_controls
-
     if target.kind == "sae":
-        sae = sae_of(target, width)
-        picked = choose_controls(target.index, sae.d_sae, k, seed, target.prefix)
+        picked = choose_controls(target.index, sae_of(target, width).d_sae, k, seed, target.prefix)
         return tuple(Target(target.block, target.site, i, target.source) for i in picked)
     return tuple(Target(target.block, target.site, j, f"random:{seed}") for j in range(k))
 
 
 # --- the target's file is part of the result -------------------------------------------------------------------
 def _files(target: Target) -> list[str]:
-    if target.kind == "direction":
-        return [target.source]
     if target.kind == "sae":
-        folder = target.source[len("sae:"):]
-        return [os.path.join(folder, CFG), os.path.join(folder, WEIGHTS)]
-    return []
+        return [os.path.join(target.source.removeprefix("sae:"), f) for f in (CFG, WEIGHTS)]
+    return [target.source] if target.kind == "direction" else []
 
 
 @lru_cache(maxsize=64)
@@ -261,9 +251,7 @@ def _sha256(files: tuple[str, ...], stamp: tuple) -> str:
 def file_sha256(target: Target) -> str | None:
     """sha256 of the target's file (an SAE: of cfg.json and the weights, names included); None for a neuron."""
     files = tuple(_files(target))
-    if not files:
-        return None
-    return _sha256(files, tuple((os.stat(p).st_mtime_ns, os.stat(p).st_size) for p in files))
+    return _sha256(files, _stamp(files)) if files else None
 
 
 def describe(target: Target) -> str:
@@ -274,16 +262,13 @@ def describe(target: Target) -> str:
         return f"{site} . d/|d| with d from {target.source} (|d| = {norm:.4g} in the file; normalized to 1)"
     if target.kind == "random":
         return f"{site} . d with d the random unit direction {target.index} of seed {target.source.split(':')[1]}"
-    if target.kind == "sae":
-        sae = load_sae(target.source[len("sae:"):])
-        pre = f"(x - b_dec) . W_enc[:, {target.index}] + b_enc[{target.index}]" if sae.apply_b_dec_to_input \
-            else f"x . W_enc[:, {target.index}] + b_enc[{target.index}]"
-        act = {"standard": "relu(pre)", "jumprelu": f"relu(pre) * (pre > threshold[{target.index}])",
-               "topk": "relu(pre), whether or not the latent is among the top k"
-                       + (" (pre scaled by |W_dec[i]|)" if sae.rescale_by_decoder_norm else "")}[sae.architecture]
-        return (f"latent {target.index} of the {sae.architecture} SAE in {sae.path} (d_sae {sae.d_sae}) on {site}: "
-                f"{act} with pre = {pre}")
-    return f"{target.name}: dimension {target.index} of {site}"
+    sae, i = load_sae(target.source.removeprefix("sae:")), target.index
+    pre = ("(x - b_dec)" if sae.apply_b_dec_to_input else "x") + f" . W_enc[:, {i}] + b_enc[{i}]"
+    act = {"standard": "relu(pre)", "jumprelu": f"relu(pre) * (pre > threshold[{i}])",
+           "topk": "relu(pre), whether or not the latent is among the top k"
+                   + (" (pre scaled by |W_dec[i]|)" if sae.rescale_by_decoder_norm else "")}[sae.architecture]
+    return (f"latent {i} of the {sae.architecture} SAE in {sae.path} (d_sae {sae.d_sae}) on {site}: {act} with "
+            f"pre = {pre}")
 
 
 def target_tags(target: Target) -> dict[str, str]:
@@ -297,8 +282,8 @@ def target_tags(target: Target) -> dict[str, str]:
     except OSError as error:
         return {"target.description": f"{target.name} (its file could not be read when logged: {error.strerror})"}
     if sha is not None:
-        path = target.source[len("sae:"):] if target.kind == "sae" else target.source
-        tags.update({"target.file_sha256": sha, "target.file_path": os.path.abspath(path)})
+        path = os.path.abspath(target.source.removeprefix("sae:"))
+        tags.update({"target.file_sha256": sha, "target.file_path": path})
     return tags
 
 
@@ -306,22 +291,13 @@ def file_artifacts(target: Target) -> dict[str, bytes]:
     """The target's file(s) as artifacts under target_file/, when at most 1 MiB together; else nothing (the
     tags keep its sha256 and path)."""
     files = _files(target)
-    if not files or not all(os.path.isfile(p) for p in files) \
-            or sum(os.path.getsize(p) for p in files) > _ARTIFACT_MAX_BYTES:
-        return {}
-    out = {}
-    for path in files:
-        with open(path, "rb") as f:
-            out[f"target_file/{os.path.basename(path)}"] = f.read()
-    return out
+    if files and all(map(os.path.isfile, files)) and sum(map(os.path.getsize, files)) <= _ARTIFACT_MAX_BYTES:
+        return {f"target_file/{os.path.basename(p)}": Path(p).read_bytes() for p in files}
+    return {}
 
 
 def check_unchanged(target: Target, tags: dict[str, str]) -> None:
     """Refuse to reproduce a run whose target file is not the one it ran with."""
-    logged = tags.get("target.file_sha256")
-    if logged is None:
-        return
-    now = file_sha256(target)
-    if now != logged:
+    if (logged := tags.get("target.file_sha256")) is not None and (now := file_sha256(target)) != logged:
         raise AmreproError(f"the target's file {tags.get('target.file_path', target.source)} changed since the run "
                            f"(sha256 {logged[:12]}... then, {now[:12]}... now): restore it to reproduce the run.")

@@ -6,7 +6,8 @@ pre-packed weights is 2-4x MKL (whose AVX-512 paths are Intel-only), on an Intel
 can win. So no kernel is chosen by vendor: the first reader of a process times each candidate on its own
 weights and row count (a block's four weights, both directions: every GEMM shape of the step) and the whole
 process keeps the fastest. The measurement is cached per CPU model, torch, threads and shapes
-($AMREPRO_CACHE/kernels.json, default ~/.cache/amrepro), so later processes on the machine choose the same.
+($AMREPRO_CACHE/kernels.json, default ~/.cache/amrepro), so that every process on the machine (a sweep's Ray
+workers, a later `amrepro run`) makes the same choice, hence the same bits, without probing.
 
 Candidates (CPU; CUDA always uses plain: cuBLAS reads a transposed operand at full speed):
 - onednn: weights reordered once into oneDNN's blocked layout (torch.ops.mkldnn._linear_pointwise);
@@ -21,10 +22,14 @@ one (as_logged) instead of probing again. AMREPRO_KERNELS=onednn|mkl|plain force
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
+from pathlib import Path
 
 import torch
+
+from .provenance import cpu_name
 
 KERNELS = ("onednn", "mkl", "plain")
 # The probe is a fraction of a second of GEMMs, and its choice is cached for good: on a busy machine it can pick
@@ -124,8 +129,8 @@ class Linear:
 
 
 def choose(device: torch.device, weights: list[tuple[torch.Tensor, torch.Tensor]], rows: int) -> str:
-    """The kernel for this process: plain on CUDA; else the forced one; else the one chosen earlier in this
-    process; else the fastest on these (weight [in, out], bias [out]) pairs with `rows`-row inputs."""
+    """plain on CUDA; else the forced kernel; else this process's choice; else the fastest (cached) on these
+    (weight [in, out], bias [out]) pairs with `rows`-row inputs."""
     if device.type != "cpu":
         return "plain"
     kernel = forced()
@@ -135,14 +140,24 @@ def choose(device: torch.device, weights: list[tuple[torch.Tensor, torch.Tensor]
         _state["chosen"] = kernel
         return kernel
     if _state["chosen"] is None:
-        key = (f"{_cpu()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {rows} rows | "
+        key = (f"{cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {rows} rows | "
                + " ".join("x".join(map(str, w.shape)) for w, _ in weights))
-        cache = _read_cache()
+        path = Path(os.environ.get("AMREPRO_CACHE") or "~/.cache/amrepro").expanduser() / "kernels.json"
+        try:
+            cache = json.loads(path.read_text())
+        except (OSError, ValueError):
+            cache = {}
         measured = cache.get(key) or probe(weights, rows)
         if not all(available(k) for k in measured):  # a cache written by another torch build
             measured = probe(weights, rows)
         if key not in cache:
-            _write_cache({**cache, key: measured})
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps({**cache, key: measured}, indent=1))
+                tmp.replace(path)  # atomic: a concurrent reader sees the old file or the new one
+            except OSError:
+                pass  # no cache: the next process probes again
         _state["probe"] = measured
         _state["chosen"] = pick(measured)
     return _state["chosen"]
@@ -154,42 +169,6 @@ def pick(measured: dict[str, float]) -> str:
     if PROBE_DEFAULT in measured and measured[best] > PROBE_MARGIN * measured[PROBE_DEFAULT]:
         return PROBE_DEFAULT
     return best
-
-
-# The probe's result is cached per CPU model, torch, threads and shapes, so that every process on a machine
-# (a sweep's Ray workers, a later `amrepro run`) makes the same choice, hence the same bits, without probing.
-def _cache_file():
-    from pathlib import Path
-
-    return Path(os.environ.get("AMREPRO_CACHE") or "~/.cache/amrepro").expanduser() / "kernels.json"
-
-
-def _cpu() -> str:
-    from .provenance import cpu_name
-
-    return cpu_name()
-
-
-def _read_cache() -> dict:
-    import json
-
-    try:
-        return json.loads(_cache_file().read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_cache(cache: dict) -> None:
-    import json
-
-    path = _cache_file()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=1))
-        tmp.replace(path)  # atomic: a concurrent reader sees the old file or the new one
-    except OSError:
-        pass  # no cache: the next process probes again
 
 
 def probe(weights: list[tuple[torch.Tensor, torch.Tensor]], rows: int) -> dict[str, float]:

@@ -59,11 +59,9 @@ def _permutations(T: int, runs: int, seed: int, n_perm: int) -> np.ndarray:
 
 
 def per_target(matrix: np.ndarray, T: int, runs: int, seed: int = 0, n_perm: int = 1999) -> dict:
-    """The same test, one target at a time: is target t's pair of runs (different seeds) more alike than a run of
-    t and a run of any other target (different seeds)? matrix [N, N] a similarity of the T * runs rows (row
-    t * runs + s: target t, seed s; all targets from the same seeds). Statistic per target: mean within-t minus
-    mean t-vs-others similarity, different seeds only; null: the same stratified permutations as specificity().
-    Returns {"within", "across", "difference", "p"}, each a list over the T targets (p one-sided, uncorrected)."""
+    """specificity()'s test, one target t at a time (mean within-t minus mean t-vs-others similarity, different
+    seeds only; the same stratified null). matrix [N, N]: a similarity of the T * runs rows (row t * runs + s: target
+    t, seed s). Returns {"within", "across", "difference", "p"}, each a list over the T targets (p uncorrected)."""
     matrix = np.asarray(matrix, dtype=np.float64)
     if matrix.shape != (T * runs, T * runs) or T < 2 or runs < 2:
         raise ValueError(f"matrix {matrix.shape} must be [T*runs, T*runs] with T >= 2 and runs >= 2")
@@ -112,12 +110,10 @@ def specificity(ids: np.ndarray, final: np.ndarray, names: list[str], seed: int 
                  "test": "one-sided permutation test, target labels shuffled within each seed; "
                          "statistic = mean within-target minus mean across-target similarity, different seeds only",
                  "alpha": ALPHA}
-    flat = {}
     if runs < 2:  # no pair of different seeds: nothing to compare like with like
         for key, m in matrices.items():
             out[key] = {"same_seed": float(m[same_seed_pairs].mean()), "within": None, "across": None, "p": None}
-            flat[f"specificity/{key}_same_seed"] = out[key]["same_seed"]
-        out["metrics"] = flat
+        out["metrics"] = {f"specificity/{key}_same_seed": out[key]["same_seed"] for key in matrices}
         return out
 
     perms = _permutations(T, runs, seed, n_perm)  # [n_perm, N]
@@ -129,6 +125,7 @@ def specificity(ids: np.ndarray, final: np.ndarray, names: list[str], seed: int 
             w, a = _pair_means(m, same, diff_seed)
             null[key][start:start + len(chunk)] = w - a
 
+    flat = {}
     for key, m in matrices.items():
         (w,), (a,) = _pair_means(m, same_target[None], diff_seed)
         observed = w - a
@@ -136,12 +133,12 @@ def specificity(ids: np.ndarray, final: np.ndarray, names: list[str], seed: int 
         # nothing) count as "at least as extreme" despite float summation order
         extreme = int((null[key] >= observed - 1e-12).sum())
         sd = float(null[key].std())
-        per_target = [float(m[np.ix_(labels == t, labels == t)][diff_seed[np.ix_(labels == t, labels == t)]].mean())
-                      for t in range(T)]
+        block = diff_seed[:runs, :runs]  # [runs, runs]: the different-seed pairs of one target's runs
+        within_t = [float(m[t * runs:(t + 1) * runs, t * runs:(t + 1) * runs][block].mean()) for t in range(T)]
         out[key] = {"within": float(w), "across": float(a), "same_seed": float(m[same_seed_pairs].mean()),
                     "difference": float(observed), "null_mean": float(null[key].mean()), "null_std": sd,
                     "z": float((observed - null[key].mean()) / sd) if sd > 0 else None,
-                    "p": (1 + extreme) / (1 + n_perm), "within_per_target": per_target}
+                    "p": (1 + extreme) / (1 + n_perm), "within_per_target": within_t}
         flat.update({f"specificity/{key}_within": w, f"specificity/{key}_across": a,
                      f"specificity/{key}_same_seed": out[key]["same_seed"],
                      f"specificity/{key}_difference": observed, f"pvalue/specificity_{key}": out[key]["p"]})
@@ -151,10 +148,6 @@ def specificity(ids: np.ndarray, final: np.ndarray, names: list[str], seed: int 
     out[high]["p_holm"] = min(1.0, max(out[low]["p_holm"], p_high))
     out["metrics"] = {k: float(v) for k, v in flat.items()}
     return out
-
-
-def _p(p: float) -> str:
-    return f"p = {p:.2g}" if p >= 0.0001 else f"p = {p:.1e}"
 
 
 def specificity_words(spec: dict) -> str:
@@ -168,8 +161,9 @@ def specificity_words(spec: dict) -> str:
         return f"Specificity against {k} control target(s) cannot be tested with one run per target. {same}"
     shown = {"Jaccard": (jac, "Jaccard"), "cosine": (cos, "matched cosine")}
     # the difference is the effect size: with many runs a tiny one can be significant, and it must show
-    parts = {name: f"{label} within {d['within']:.3f} vs across {d['across']:.3f}, difference "
-                   f"{d['difference']:+.2g}, {_p(d['p'])}" + (f", Holm {d['p_holm']:.2g}" if d["p"] < ALPHA else "")
+    parts = {name: f"{label} within {d['within']:.3f} vs across {d['across']:.3f}, difference {d['difference']:+.2g}, "
+                   f"p = {d['p']:{'.2g' if d['p'] >= 0.0001 else '.1e'}}"
+                   + (f", Holm {d['p_holm']:.2g}" if d["p"] < ALPHA else "")
              for name, (d, label) in shown.items()}
     significant = [name for name, (d, _) in shown.items() if d["p_holm"] < ALPHA]
     head = f"Specificity against {k} control target(s) of the same site, different seeds only: "

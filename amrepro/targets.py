@@ -24,11 +24,11 @@ from .config import AmreproError
 # site -> (module path inside a block, whether the site is that module's input or output).
 # "" is the block itself: its input is resid_pre, its output resid_post, on every architecture.
 RESIDUAL_SITES = {"hook_resid_pre": ("", "input"), "hook_resid_post": ("", "output")}
+_GPT2_SITES = {"hook_resid_mid": ("ln_2", "input"), "hook_attn_out": ("attn", "output"),
+               "mlp.hook_post": ("mlp.act", "output")}
 SITES_BY_MODEL_TYPE = {
-    "gpt2": {"hook_resid_mid": ("ln_2", "input"), "hook_attn_out": ("attn", "output"),
-             "mlp.hook_post": ("mlp.act", "output")},
-    "gpt_neo": {"hook_resid_mid": ("ln_2", "input"), "hook_attn_out": ("attn", "output"),
-                "mlp.hook_post": ("mlp.act", "output")},
+    "gpt2": _GPT2_SITES,
+    "gpt_neo": _GPT2_SITES,
     # BERT is post-LN: resid_mid is the attention sublayer's normalized output, the MLP's input.
     "bert": {"hook_resid_mid": ("attention", "output"), "hook_attn_out": ("attention.output.dense", "output"),
              "mlp.hook_post": ("intermediate", "output")},
@@ -39,13 +39,9 @@ SITES_BY_MODEL_TYPE = {
     "llama": {"hook_resid_mid": ("post_attention_layernorm", "input"), "hook_attn_out": ("self_attn", "output"),
               "mlp.hook_post": ("mlp.down_proj", "input")},
 }
-# GPT-NeoX with use_parallel_residual=False is sequential: the MLP's LayerNorm reads resid_pre + attn_out.
-# (With parallel residuals that LayerNorm reads resid_pre itself, so the same hook would be wrong.)
-_SEQUENTIAL_NEOX_SITES = {"hook_resid_mid": ("post_attention_layernorm", "input")}
 ALL_SITES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "mlp.hook_post")
-_NAME = re.compile(r"blocks\.(\d+)\.([a-z_.]+)\[(\d+)\]")
-# a feature: blocks.L.SITE@SOURCE with SOURCE 'sae:PATH[i]', 'random:S[k]' or 'FILE.npy' (no index)
-_FEATURE = re.compile(r"blocks\.(\d+)\.([a-z_.]+)@(sae:.+|random:\d+)\[(\d+)\]|blocks\.(\d+)\.([a-z_.]+)@(.+\.npy)")
+# blocks.L.SITE[i], or a feature: blocks.L.SITE@SOURCE with SOURCE 'sae:PATH[i]', 'random:S[k]' or 'FILE.npy' (no index)
+_NAME = re.compile(r"blocks\.(\d+)\.([a-z_.]+)(?:\[(\d+)\]|@(sae:.+|random:\d+)\[(\d+)\]|@(.+\.npy))")
 _EXPECTED = (f"expected blocks.L.SITE[i], blocks.L.SITE@FILE.npy or blocks.L.SITE@sae:PATH[i] with SITE one of "
              f"{', '.join(ALL_SITES)}, e.g. blocks.8.hook_resid_pre[91] or blocks.6.mlp.hook_post[1234]")
 
@@ -81,16 +77,11 @@ class Target:
     @classmethod
     def parse(cls, text: str) -> "Target":
         text = text.strip()
-        if match := _NAME.fullmatch(text):
-            block, site, index, source = match.group(1), match.group(2), match.group(3), ""
-        elif match := _FEATURE.fullmatch(text):
-            block, site, source, index = (match.group(1), match.group(2), match.group(3), match.group(4)) \
-                if match.group(1) is not None else (match.group(5), match.group(6), match.group(7), "0")
-        else:
-            block = site = None
-        if site not in ALL_SITES:
+        match = _NAME.fullmatch(text)
+        if not match or match.group(2) not in ALL_SITES:
             raise AmreproError(f"unknown target '{text}': {_EXPECTED}.")
-        return cls(block=int(block), site=site, index=int(index), source=source)
+        block, site, index, source, feature_index, npy = match.groups()
+        return cls(block=int(block), site=site, index=int(index or feature_index or 0), source=source or npy or "")
 
     @classmethod
     def from_prefix(cls, prefix: str, index: int) -> "Target":
@@ -102,8 +93,10 @@ def site_location(model_type: str, site: str, config=None) -> tuple[str, str]:
     """(module path inside the block, 'input' or 'output') of a site on this architecture. config (the HF
     model config, optional) refines architectures whose layout depends on it (sequential GPT-NeoX)."""
     sites = {**RESIDUAL_SITES, **SITES_BY_MODEL_TYPE.get(model_type, {})}
+    # GPT-NeoX with use_parallel_residual=False is sequential: the MLP's LayerNorm reads resid_pre + attn_out.
+    # (With parallel residuals that LayerNorm reads resid_pre itself, so the same hook would be wrong.)
     if model_type == "gpt_neox" and config is not None and not getattr(config, "use_parallel_residual", True):
-        sites.update(_SEQUENTIAL_NEOX_SITES)
+        sites["hook_resid_mid"] = ("post_attention_layernorm", "input")
     if site not in sites:
         why = (" (attention and MLP run in parallel: there is no resid_mid)"
                if model_type == "gpt_neox" and site == "hook_resid_mid" else "")
@@ -118,8 +111,6 @@ def check_target(target: Target, n_layers: int, width: int) -> None:
     if not 0 <= target.block < n_layers:
         raise AmreproError(f"block {target.block} is out of range: the model has {n_layers} blocks "
                            f"(valid: 0..{n_layers - 1}; --layer L reads the residual stream before block L).")
-    if target.source:
-        return
-    if not 0 <= target.index < width:
+    if not target.source and not 0 <= target.index < width:
         raise AmreproError(f"index {target.index} is out of range for {target.site}, which has {width} "
                            f"dimensions (valid: 0..{width - 1}).")

@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from amrepro import corpus
 from amrepro.model import load_model
 from amrepro.printable import token_repr
-from amrepro.readers import HookedReader
+from amrepro.readers import HookedReader, site_reader
 from amrepro.targets import Target
 from conftest import SMOL, smollm2_gguf
 from helpers import all_runs, children_of, cli, failing_log_batch
@@ -57,7 +57,7 @@ def test_compare_layout_reads_back_from_mlflow(tiny_gpt2, store):
     assert rows["gcg"]["n_unique"] == gcg_summary["n_unique_tokens"]
     assert rows["gcg"]["xent_mean"] > 0 and rows["epo"]["wall_s"] > 0
     # the corpus row is the corpus file's every 5-token window; its best is the top window of the artifact
-    windows = corpus.windows(load_model(tiny_gpt2, torch.device("cpu")), Path(CORPUS).read_text(), 5)  # [W, pos]
+    windows = _windows(load_model(tiny_gpt2, torch.device("cpu")), Path(CORPUS).read_text(), 5)  # [W, pos]
     top_windows = json.loads(Path(client.download_artifacts(top.info.run_id, "corpus_top_windows.json")).read_text())
     assert rows["corpus"]["n_tokens"] == windows.numel() and rows["corpus"]["act_best"] == top_windows[0]["activation"]
     artifacts = {a.path for a in client.list_artifacts(top.info.run_id)}
@@ -126,12 +126,19 @@ def test_short_compare_of_all_four_methods_on_smollm2(smol, store, small_null_po
     assert all(top.data.metrics[f"compare/{m}/xent_mean"] > 0 for m in ("adam", "pez", "gcg", "epo"))
 
 
+def _windows(lm, text: str, n_tokens: int) -> torch.Tensor:
+    """Every window of n_tokens consecutive tokens of the text, stride 1: [n_windows, n_tokens]."""
+    return torch.tensor(lm.tokenizer(text, add_special_tokens=False)["input_ids"]).unfold(0, n_tokens, 1)
+
+
 def _non_streamed(lm, target, text: str, n_tokens: int, top: int) -> dict:
     """What the yardstick computed before it streamed: every window at once, numpy's statistics."""
     import numpy as np
 
-    ids = corpus.windows(lm, text, n_tokens)  # [W, pos]
-    acts = corpus.activations(lm, target, ids).numpy().astype(np.float64)  # [W]
+    ids = _windows(lm, text, n_tokens)  # [W, pos]
+    with site_reader(lm, target) as reader, torch.no_grad():  # in batches of corpus.BATCH windows, as streamed
+        acts = torch.cat([reader(lm.embedding[ids[lo:lo + corpus.BATCH]]).mean(dim=1)
+                          for lo in range(0, len(ids), corpus.BATCH)]).numpy().astype(np.float64)  # [W]
     order = np.argsort(-acts, kind="stable")[:top]
     return {"n_windows": int(acts.size), "max": float(acts.max()), "p99": float(np.percentile(acts, 99)),
             "mean": float(acts.mean()), "top": [(int(w), float(acts[w])) for w in order]}

@@ -22,7 +22,8 @@ from amrepro.targets import Target
 from helpers import all_runs, children_of, cli
 
 CPU = torch.device("cpu")
-SAES = Path(__file__).parent / "data" / "sae"
+DATA = Path(__file__).parent / "data"
+SAES = DATA / "sae"
 SITE = "blocks.8.hook_resid_pre"  # the fixture SAEs' hook (cfg.json meta.hook_name), d_model 32
 ARCHS = ("standard", "jumprelu", "topk")
 
@@ -169,15 +170,16 @@ def test_every_method_runs_on_a_direction_and_each_sae(lm, tiny_gpt2, direction,
             assert outcome.specificity is not None and len(outcome.specificity["controls"]) == 1
 
 
-def test_corpus_yardstick_reads_the_feature(lm, direction):
+def test_corpus_yardstick_reads_the_feature(lm):
     """--corpus windows are scored through the same reader: a latent's corpus activations are its own."""
     from amrepro import corpus
 
-    ids = corpus.windows(lm, corpus.read(str(Path(__file__).parent / "data" / "corpus.txt")), 3)[:40]  # [40, 3]
-    target = Target.parse(sae_target("standard", 1))
-    got = corpus.activations(lm, target, ids)  # [40]
-    _, post = _numpy_encode(SAES / "standard", _site(lm, lm.embedding[ids]))
-    np.testing.assert_allclose(got.double().numpy(), post[..., 1].mean(axis=1), atol=1e-5)
+    yard = corpus.yardstick(lm, Target.parse(sae_target("standard", 3)), DATA / "corpus.txt", 3, top=10)
+    ids = torch.tensor([w["ids"] for w in yard["top"]])  # [10, 3]
+    _, post = _numpy_encode(SAES / "standard", _site(lm, lm.embedding[ids]))  # [10, 3, d_sae]
+    assert post[..., 3].max() > 0  # the latent fires on these windows: the comparison means something
+    np.testing.assert_allclose([w["positions"] for w in yard["top"]], post[..., 3], atol=1e-5)
+    np.testing.assert_allclose([w["activation"] for w in yard["top"]], post[..., 3].mean(axis=1), atol=1e-5)
 
 
 def test_controls_are_other_latents_or_random_directions(lm, tiny_gpt2, direction):
