@@ -58,16 +58,12 @@ def _guard(module: str, function: str, *args):
 
 
 def _exit(line: str, code: int) -> None:
-    """One line on stderr (markup off: a message may hold brackets) and the exit code."""
+    """One line on stderr (markup off: a message may hold brackets) and the exit code; also for bad input the
+    options alone show (exit 2, before anything is imported)."""
     from .report import errors
 
     errors.print(line, soft_wrap=True, markup=False)
     raise typer.Exit(code)
-
-
-def _refuse(text: str) -> None:
-    """Bad input the options alone show: one sentence, exit 2, before anything is imported."""
-    _exit(f"error: {text}", 2)
 
 
 def with_config(*, exclude: tuple[str, ...] = ()):
@@ -107,8 +103,8 @@ def _yes_no(field, value: str) -> bool:
     if parsed is None:
         env = field.metadata.get("env")
         source = f" (from {env})" if env and os.environ.get(env) == value else ""
-        _refuse(f"--{field.name.replace('_', '-')} must be true or false (or 1/0, yes/no, on/off), got "
-                f"{value!r}{source}.")
+        _exit(f"error: --{field.name.replace('_', '-')} must be true or false (or 1/0, yes/no, on/off), got "
+              f"{value!r}{source}.", 2)
     return parsed
 
 
@@ -173,9 +169,9 @@ def sweep(
     seed, as `amrepro run`); a table, sweep/* metrics, a map and the study of the layer (study.py) on the sweep
     run."""
     if not targets and not resume:
-        _refuse("--targets is required (or --resume SWEEP_RUN_ID).")
+        _exit("error: --targets is required (or --resume SWEEP_RUN_ID).", 2)
     if methods and resume:
-        _refuse("--methods starts a new study; --resume continues one sweep run: give one of them.")
+        _exit("error: --methods starts a new study; --resume continues one sweep run: give one of them.", 2)
     if methods:
         _guard("commands.sweep", "sweep_methods", config, targets, methods, corpus, workers, ray_address or None,
                chunk, experiment or None, layout)

@@ -121,8 +121,7 @@ class Config:
     def to_params(self) -> dict[str, str]:
         """Every field as MLflow params (strings), plus the resolved target name."""
         params = {f.name: str(getattr(self, f.name)) for f in dataclasses.fields(self)}
-        params["target_name"] = self.target_name
-        return params
+        return params | {"target_name": self.target_name}
 
     @classmethod
     def from_params(cls, params: dict[str, str]) -> "Config":

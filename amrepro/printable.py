@@ -6,11 +6,8 @@ and the dashboard alike."""
 
 from __future__ import annotations
 
-REPLACEMENT = "\ufffd"
-
 
 def token_repr(text: str, token_id: int) -> str:
-    """repr(text), with ' (id N)' after a token whose text does not identify it: empty, or holding a replacement
-    character."""
+    """repr(text), with ' (id N)' after a token that is empty or holds the replacement character."""
     shown = repr(text)
-    return f"{shown} (id {int(token_id)})" if not text or REPLACEMENT in text else shown
+    return f"{shown} (id {int(token_id)})" if not text or "\ufffd" in text else shown

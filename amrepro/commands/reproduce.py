@@ -55,17 +55,12 @@ def reproduce(run_id: str, device: str | None = None, tolerance: float = 1e-4) -
             run_name=f"reproduce {run_id[:8]}", experiment_id=parent.experiment_id)
         with report.epoch_progress(config.n_steps, config.runs) as on_epoch:
             outcome = experiment.execute_many(preps, on_epoch)[targets.index(own)]
-        rows = []
-        for seed in seeds:
-            r = seed.run_index
-            new_final = outcome.result.final[r].numpy()
-            rows.append({
-                "seed": seed.seed, "run_id": seed.run_id,
-                "initial_identical": outcome.result.initial[r].numpy().tobytes() == seed.initial.tobytes(),
-                "final_identical": new_final.tobytes() == seed.final.tobytes(),
-                "max_abs_diff": float(np.abs(new_final.astype(np.float64) - seed.final).max()),
-                "tokens_identical": [int(i) for i in outcome.ids[r]] == seed.ids,
-            })
+        initial, final = outcome.result.initial.numpy(), outcome.result.final.numpy()  # [runs, pos, d_model]
+        rows = [{"seed": s.seed, "run_id": s.run_id,
+                 "initial_identical": initial[s.run_index].tobytes() == s.initial.tobytes(),
+                 "final_identical": final[s.run_index].tobytes() == s.final.tobytes(),
+                 "max_abs_diff": float(np.abs(final[s.run_index].astype(np.float64) - s.final).max()),
+                 "tokens_identical": [int(i) for i in outcome.ids[s.run_index]] == s.ids} for s in seeds]
         verdict = _verdict(rows, differences, tolerance, weights)
         ctx.log_metrics(new_run, {"max_abs_diff_final": max(row["max_abs_diff"] for row in rows),
                                       "n_runs_bit_identical": sum(row["final_identical"] for row in rows)})
