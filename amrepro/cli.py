@@ -7,7 +7,6 @@ import dataclasses
 import functools
 import inspect
 import os
-import sys
 
 import typer
 
@@ -37,8 +36,6 @@ def _guard(module: str, function: str, *args):
     signals.install()  # SIGTERM ends runs like Ctrl-C; neither cuts a store call in half
     try:
         return getattr(importlib.import_module(f"amrepro.{module}"), function)(*args)
-    except typer.Exit:
-        raise
     except signals.Terminated as interrupt:
         _exit(f"terminated (SIGTERM): {interrupt or 'nothing was logged yet.'}", 143)
     except (AmreproError, NoResult) as error:
@@ -226,7 +223,3 @@ def doctor(all_hosts: bool = typer.Option(False, "--all", help="Also end RUNNING
 
 def main() -> None:
     app(prog_name="amrepro")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

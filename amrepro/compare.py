@@ -84,8 +84,7 @@ def compare(config: Config, methods_text: str, corpus_path: str = "", experiment
     config.validate()
     corpus_file = corpus.check(corpus_path) if corpus_path else None  # missing, a FIFO, a device: before runs
     ctx = Context(experiment)
-    rows: list[dict] = []
-    index: list[dict] = []  # dashboard.index_row of each method
+    rows, index = [], []  # the table's rows; dashboard.index_row of each method
     with ctx.session():
         lm = load_model(config.model, resolve_device(config.device), note=report.note)
         preps = {m: prepare(dataclasses.replace(config, method=m), lm=lm, note=report.note) for m in names}
