@@ -7,7 +7,6 @@ import dataclasses
 import functools
 import inspect
 import os
-import sys
 
 import typer
 
@@ -19,16 +18,8 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
                   help="Is activation maximization reproducible? Optimize one neuron's input from many seeds, "
                        "decode, compare, and track every run in MLflow (store: MLFLOW_TRACKING_URI).")
 
-
-
 _FORCE_HELP = ("Touch RUNNING runs whose process cannot be checked from this host (another host, no pid tag); "
                "runs whose process is alive here are never touched.")
-
-
-@app.callback()
-def _root() -> None:
-    """Is activation maximization reproducible? Optimize one neuron's input from many seeds, decode, compare,
-    and track every run in MLflow (store: MLFLOW_TRACKING_URI, default sqlite mlflow.db + ./mlruns)."""
 
 
 def _guard(module: str, function: str, *args):
@@ -40,47 +31,36 @@ def _guard(module: str, function: str, *args):
     import signal
 
     from . import signals
-    from .report import errors
 
     saved = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
     signals.install()  # SIGTERM ends runs like Ctrl-C; neither cuts a store call in half
     try:
         return getattr(importlib.import_module(f"amrepro.{module}"), function)(*args)
-    except typer.Exit:
-        raise
     except signals.Terminated as interrupt:
-        errors.print(f"terminated (SIGTERM): {interrupt or 'nothing was logged yet.'}", soft_wrap=True, markup=False)
-        raise typer.Exit(143)
-    except AmreproError as error:
-        errors.print(f"error: {error}", soft_wrap=True, markup=False)
-        raise typer.Exit(2)
-    except NoResult as error:
-        errors.print(f"error: {error}", soft_wrap=True, markup=False)
-        raise typer.Exit(1)
+        _exit(f"terminated (SIGTERM): {interrupt or 'nothing was logged yet.'}", 143)
+    except (AmreproError, NoResult) as error:
+        _exit(f"error: {error}", 2 if isinstance(error, AmreproError) else 1)
     except KeyboardInterrupt as interrupt:
-        errors.print(f"interrupted: {interrupt or 'nothing was logged yet.'}", soft_wrap=True, markup=False)
-        raise typer.Exit(130)
+        _exit(f"interrupted: {interrupt or 'nothing was logged yet.'}", 130)
     except Exception as error:  # noqa: BLE001
         if type(error).__name__ == "StoreLost":  # tracking.StoreLost (not imported here: it would import numpy)
-            errors.print(f"error: {error}", soft_wrap=True, markup=False)
-            raise typer.Exit(3)
+            _exit(f"error: {error}", 3)
         if os.environ.get("AMREPRO_DEBUG"):
             raise
-        errors.print(f"error: {type(error).__name__}: {error} (set AMREPRO_DEBUG=1 for the traceback)",
-                     soft_wrap=True, markup=False)
-        raise typer.Exit(1)
+        _exit(f"error: {type(error).__name__}: {error} (set AMREPRO_DEBUG=1 for the traceback)", 1)
     finally:
         if all(handler is not None for handler in saved):
             signal.signal(signal.SIGINT, saved[0])
             signal.signal(signal.SIGTERM, saved[1])
 
 
-def _refuse(text: str) -> None:
-    """Bad input the options alone show: one sentence, exit 2, before anything is imported."""
+def _exit(line: str, code: int) -> None:
+    """One line on stderr (markup off: a message may hold brackets) and the exit code; also for bad input the
+    options alone show (exit 2, before anything is imported)."""
     from .report import errors
 
-    errors.print(f"error: {text}", soft_wrap=True, markup=False)
-    raise typer.Exit(2)
+    errors.print(line, soft_wrap=True, markup=False)
+    raise typer.Exit(code)
 
 
 def with_config(*, exclude: tuple[str, ...] = ()):
@@ -96,15 +76,11 @@ def with_config(*, exclude: tuple[str, ...] = ()):
 
         @functools.wraps(command)
         def wrapper(**kwargs):
-            values = {f.name: kwargs.pop(f.name) for f in fields}
-            for f in fields:
-                if f.type == "bool":
-                    values[f.name] = _yes_no(f, values[f.name])
-            config = Config(**values)
+            config = Config(**{f.name: _yes_no(f, kwargs.pop(f.name)) if f.type == "bool" else kwargs.pop(f.name)
+                               for f in fields})
             return command(config=config, **kwargs)
 
         wrapper.__signature__ = inspect.Signature(own + options)
-        wrapper.__annotations__ = {p.name: p.annotation for p in own + options}
         return wrapper
 
     return decorate
@@ -114,11 +90,9 @@ def _option(field) -> typer.Option:
     """A field's option, its default from the environment variable the field names (metadata "env"; the one
     place that reads it, e.g. AMREPRO_FIGURES for --figures). A bool one takes a value, true or false
     (`--figures false`: what MLproject's `--figures {figures}` passes; a flag could not be)."""
-    env = field.metadata.get("env")
-    if field.type != "bool":
-        return typer.Option(field.default, help=help_for(field.name), envvar=env, show_envvar=False)
-    return typer.Option(str(field.default).lower(), help=help_for(field.name), metavar="true|false",
-                        envvar=env, show_envvar=False)
+    flag = field.type == "bool"
+    return typer.Option(str(field.default).lower() if flag else field.default, help=help_for(field.name),
+                        metavar="true|false" if flag else None, envvar=field.metadata["env"], show_envvar=False)
 
 
 def _yes_no(field, value: str) -> bool:
@@ -126,8 +100,8 @@ def _yes_no(field, value: str) -> bool:
     if parsed is None:
         env = field.metadata.get("env")
         source = f" (from {env})" if env and os.environ.get(env) == value else ""
-        _refuse(f"--{field.name.replace('_', '-')} must be true or false (or 1/0, yes/no, on/off), got "
-                f"{value!r}{source}.")
+        _exit(f"error: --{field.name.replace('_', '-')} must be true or false (or 1/0, yes/no, on/off), got "
+              f"{value!r}{source}.", 2)
     return parsed
 
 
@@ -192,9 +166,9 @@ def sweep(
     seed, as `amrepro run`); a table, sweep/* metrics, a map and the study of the layer (study.py) on the sweep
     run."""
     if not targets and not resume:
-        _refuse("--targets is required (or --resume SWEEP_RUN_ID).")
+        _exit("error: --targets is required (or --resume SWEEP_RUN_ID).", 2)
     if methods and resume:
-        _refuse("--methods starts a new study; --resume continues one sweep run: give one of them.")
+        _exit("error: --methods starts a new study; --resume continues one sweep run: give one of them.", 2)
     if methods:
         _guard("commands.sweep", "sweep_methods", config, targets, methods, corpus, workers, ray_address or None,
                chunk, experiment or None, layout)
@@ -249,7 +223,3 @@ def doctor(all_hosts: bool = typer.Option(False, "--all", help="Also end RUNNING
 
 def main() -> None:
     app(prog_name="amrepro")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

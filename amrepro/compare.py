@@ -84,8 +84,7 @@ def compare(config: Config, methods_text: str, corpus_path: str = "", experiment
     config.validate()
     corpus_file = corpus.check(corpus_path) if corpus_path else None  # missing, a FIFO, a device: before runs
     ctx = Context(experiment)
-    rows: list[dict] = []
-    index: list[dict] = []  # dashboard.index_row of each method
+    rows, index = [], []  # the table's rows; dashboard.index_row of each method
     with ctx.session():
         lm = load_model(config.model, resolve_device(config.device), note=report.note)
         preps = {m: prepare(dataclasses.replace(config, method=m), lm=lm, note=report.note) for m in names}
@@ -111,10 +110,8 @@ def compare(config: Config, methods_text: str, corpus_path: str = "", experiment
             ctx.keep(outcome, method_run, experiment_id, c.to_params(), env, frozen)
             xent = prompt_xent(lm, torch.from_numpy(outcome.ids)) if causal else None
             rows.append(row(m, outcome, xent, wall))
-            scalars = {"time/wall_s": wall}
-            if xent is not None:
-                scalars["xent/final_mean"] = float(xent.mean())
-            ctx.log_metrics(method_run, scalars)
+            ctx.log_metrics(method_run, {"time/wall_s": wall} if xent is None else
+                            {"time/wall_s": wall, "xent/final_mean": float(xent.mean())})
             report.print_method(m, outcome)  # its headline and its seeds' tokens
             if yard is not None:  # the method's dashboard shows the corpus windows and histogram
                 outcome.summary["corpus"] = yard
@@ -124,13 +121,11 @@ def compare(config: Config, methods_text: str, corpus_path: str = "", experiment
             rows.append({"method": "corpus", "act_mean": yard["mean"], "act_best": yard["max"], "act_p99": yard["p99"],
                          "n_tokens": yard["n_windows"] * config.n_tokens})
         table = [{k: r.get(k) for k in COLUMNS} for r in rows]
+        starts = "; ".join(f"{m}: {methods.start_name(m)}" for m in names)
+        null = (f"{', '.join(s.p_column for s in REGISTRY)}: under each method's own start distribution decoded as "
+                f"its results ({starts}); p_unique_uniform: uniform tokens")
         files = {"compare.json": json_bytes({"target": target.name, "model": config.model, "seeds": config.seeds,
-                                             "rows": table, "corpus": yard,
-                                             "null": ", ".join(s.p_column for s in REGISTRY)
-                                                     + ": under each method's own start distribution decoded as its "
-                                                     "results (" + "; ".join(f"{m}: {methods.start_name(m)}"
-                                                                             for m in names)
-                                                     + "); p_unique_uniform: uniform tokens"})}
+                                             "rows": table, "corpus": yard, "null": null})}
         if yard is not None:
             files["corpus_top_windows.json"] = json_bytes(yard["top"])
         files["dashboard.html"] = dashboard.render_index(f"compare {target.name}", "method", index).encode()

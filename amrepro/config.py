@@ -1,8 +1,7 @@
 """One frozen Config: every hyperparameter of an experiment, each field carrying its own help text.
 
-Only the standard library and the method registry (which reads the methods' declarations without importing
-them, and imports nothing of amrepro but errors.py) are imported here, so `amrepro --help` stays instant (no
-torch import) and no import cycle runs through Config.
+Only the standard library and the method registry (which imports nothing of amrepro but errors.py) are imported
+here, so `amrepro --help` stays instant (no torch import) and no import cycle runs through Config.
 """
 
 from __future__ import annotations
@@ -19,12 +18,8 @@ LR_MAX = 1e37  # float32 max is 3.4e38; Adam divides lr by 1 - beta1 = 0.1 on it
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed and MLflow's integer params stay exact below this
 
 
-FIGURES_ENV = "AMREPRO_FIGURES"  # the default of --figures (cli.with_config reads it, as click's envvar)
-
-
 def _f(default, help: str, env: str | None = None):
-    """A Config field: its default, its help text and, where set, the environment variable that gives the CLI
-    option its default."""
+    """A Config field: its default, its help text and the environment variable, if any, of its CLI default."""
     return field(default=default, metadata={"help": help, "env": env})
 
 
@@ -66,7 +61,7 @@ class Config:
     figures: bool = _f(True, "Draw each target's five PNG figures (curves, token grid, ...) at the end of the run "
                              "(off: `amrepro figures RUN_ID` draws them later; the statistics, tables and "
                              "dashboard.html are logged all the same). Default from the environment variable "
-                             f"{FIGURES_ENV} (0/false/off) when set.", env=FIGURES_ENV)
+                             "AMREPRO_FIGURES (0/false/off) when set.", env="AMREPRO_FIGURES")
 
     @property
     def target_name(self) -> str:
@@ -126,8 +121,7 @@ class Config:
     def to_params(self) -> dict[str, str]:
         """Every field as MLflow params (strings), plus the resolved target name."""
         params = {f.name: str(getattr(self, f.name)) for f in dataclasses.fields(self)}
-        params["target_name"] = self.target_name
-        return params
+        return params | {"target_name": self.target_name}
 
     @classmethod
     def from_params(cls, params: dict[str, str]) -> "Config":
@@ -140,7 +134,10 @@ class Config:
                 raise AmreproError(f"the run has no '{f.name}' param: it was not made by amrepro run.")
             kind = type(f.default)
             if kind is bool:  # bool("False") is True: the spellings str() logs, and click's
-                kwargs[f.name] = _boolean(f.name, params[f.name])
+                kwargs[f.name] = parse_bool(params[f.name])
+                if kwargs[f.name] is None:
+                    raise AmreproError(f"the run's param {f.name}={params[f.name]!r} is not true or false: it was "
+                                       "edited or not made by amrepro run.")
                 continue
             try:
                 kwargs[f.name] = kind(_unquote(params[f.name]) if kind is str else params[f.name])
@@ -151,22 +148,14 @@ class Config:
 
 
 # Fields added after the first release: runs logged before them are read with the field's default.
-_ADDED_LATER = frozenset({"threads", "controls", "method", "steps", "epo_steps", "topk", "candidates", "population", "pez_lr",
-                          "corpus_max_tokens", "figures"})
+_ADDED_LATER = frozenset({"threads", "controls", "method", "steps", "epo_steps", "topk", "candidates",
+                          "population", "pez_lr", "corpus_max_tokens", "figures"})
 
 
 def parse_bool(value: str) -> bool | None:
     """A yes/no option or param as written (true/false, 1/0, yes/no, on/off, any case); None if it is none."""
     return {"true": True, "1": True, "yes": True, "on": True,
             "false": False, "0": False, "no": False, "off": False}.get(_unquote(value).strip().lower())
-
-
-def _boolean(name: str, value: str) -> bool:
-    parsed = parse_bool(value)
-    if parsed is None:
-        raise AmreproError(f"the run's param {name}={value!r} is not true or false: it was edited or not made by "
-                           "amrepro run.")
-    return parsed
 
 
 def _unquote(value: str) -> str:
@@ -183,7 +172,7 @@ def _unquote(value: str) -> str:
 def help_for(name: str) -> str:
     """The help text of a Config field, for the CLI: the field's own, plus what the method registry knows (the
     methods to choose from; which methods read an option that not all of them read)."""
-    text = {f.name: f.metadata["help"] for f in dataclasses.fields(Config)}[name]
+    text = Config.__dataclass_fields__[name].metadata["help"]
     if name == "method":
         return text + " One of: " + "; ".join(f"{s.name} ({s.summary})" for s in specs().values()) + "."
     readers = [s.name for s in specs().values() if name in s.options]

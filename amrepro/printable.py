@@ -6,15 +6,8 @@ and the dashboard alike."""
 
 from __future__ import annotations
 
-REPLACEMENT = "\ufffd"
-
-
-def unreadable(text: str) -> bool:
-    """True when the decoded text does not identify its token: empty, or holding a replacement character."""
-    return not text or REPLACEMENT in text
-
 
 def token_repr(text: str, token_id: int) -> str:
-    """repr(text), with ' (id N)' after a token that does not decode to printable text."""
+    """repr(text), with ' (id N)' after a token that is empty or holds the replacement character."""
     shown = repr(text)
-    return f"{shown} (id {int(token_id)})" if unreadable(text) else shown
+    return f"{shown} (id {int(token_id)})" if not text or "\ufffd" in text else shown

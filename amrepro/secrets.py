@@ -1,9 +1,7 @@
 """Credentials out of everything amrepro prints or stores: a tracking URI such as postgresql://user:PASS@host/db
-or http://user:PASS@host, a git remote such as https://user:TOKEN@host/repo or https://TOKEN@host/repo.
-
-URIs are found anywhere in a text (an error sentence holds one among words), so one function serves the
-messages, the outcome file and the pip freeze. Only the userinfo goes: scheme, host, port and path stay, so a
-redacted URI still says which store or repository it was.
+or http://user:PASS@host, a git remote such as https://user:TOKEN@host/repo or https://TOKEN@host/repo. URIs are
+found anywhere in a text (an error sentence holds one among words), so one function serves the messages, the
+outcome file and the pip freeze. Only the userinfo goes: a redacted URI still says which store or repository it was.
 """
 
 from __future__ import annotations

@@ -1,11 +1,8 @@
 """Loss spikes: a run whose loss jumps up mid-run (an unstable optimization), flagged in its seed row, the verdict
-and the dashboard rather than reported like any other run.
-
-The rule (SPIKE_RULE says it in words): after the first WARMUP share of the epochs, epoch t is a spike when the
-loss rises above the lowest loss of the WINDOW epochs before it by more than THRESHOLD of the run's loss range
-(max - min over the whole run). Adam's ordinary jitter is a fraction of a percent of that range; a jump that
-undoes a tenth of the whole descent within a few epochs is not. The first epochs are skipped because the loss
-of a fresh start can rise while Adam's moments settle. Pure numpy: no MLflow, no words beyond the rule.
+and the dashboard rather than reported like any other run. The rule is SPIKE_RULE (loss range: max - min over the
+whole run). Adam's ordinary jitter is a fraction of a percent of that range; a jump that undoes a tenth of the
+whole descent within a few epochs is not. The first epochs are skipped because the loss of a fresh start can rise
+while Adam's moments settle. Pure numpy: no MLflow, no words beyond the rule.
 """
 
 from __future__ import annotations

@@ -10,8 +10,7 @@ from ..context import read_seeds
 
 
 def decode(run_id: str) -> bool:
-    """The tokens of a child run (or every child of a parent) from its final embeddings; True when they equal
-    the logged tokens.json."""
+    """True when the tokens of a child run (or of every child of a parent) equal the logged tokens.json."""
     parent, seeds = read_seeds(run_id)  # either layout; a bad id is answered before torch is imported
     import torch
 

@@ -14,21 +14,21 @@ def doctor(all_hosts: bool = False) -> None:
     store = Context().store
     ended = alive_n = left = 0
     for run, alive in leftovers(store):
-        tags = run.tags
         name = f"{run.id} ({run.name})"
-        where = f"pid {tags[PID_TAG]} on {tags[HOST_TAG]}" if PID_TAG in tags else "no process tags"
+        where = f"pid {run.tags[PID_TAG]} on {run.tags[HOST_TAG]}" if PID_TAG in run.tags else "no process tags"
         if alive:
             alive_n += 1
-            report.console.print(f"running   {name}: {where}, still alive; left alone", soft_wrap=True, markup=False)
+            line = f"running   {name}: {where}, still alive; left alone"
         elif alive is False or all_hosts:
             why = (gone_reason(run, "amrepro doctor") if alive is False else
                    f"its process ({where}) could not be checked from {HOST}; ended by amrepro doctor --all")
             end_leftover(store, run, why)
             ended += 1
-            report.console.print(f"KILLED    {name}: {why}", soft_wrap=True, markup=False)
+            line = f"KILLED    {name}: {why}"
         else:
             left += 1
-            report.console.print(f"unchecked {name}: {where}, cannot be checked from {HOST}; left alone "
-                                 "(`amrepro doctor --all` ends it)", soft_wrap=True, markup=False)
+            line = (f"unchecked {name}: {where}, cannot be checked from {HOST}; left alone "
+                    "(`amrepro doctor --all` ends it)")
+        report.console.print(line, soft_wrap=True, markup=False)
     report.console.print(f"{ended} run(s) ended KILLED, {alive_n} still running, {left} left alone unchecked "
                          f"in {store.uri}.", soft_wrap=True, markup=False)

@@ -10,8 +10,7 @@ from ..layout import COMPARE_TAG, KIND_TAG, RUN_INDEX, TARGET_NAME, RunReader
 
 
 def figures(run_id: str) -> list[str]:
-    """The five figures of a target (curves, token grid, token frequency, projection gap, hub tokens), logged
-    into its parent run (a finished run takes artifacts)."""
+    """The names of the figures logged into the target's parent run (a finished run takes artifacts)."""
     ctx = Context()
     reader = RunReader(ctx.store)
     run = reader.run(run_id)

@@ -14,8 +14,7 @@ from ..secrets import redact
 
 def log_file(path: str, force: bool = False) -> None:
     """Into the file's parent run when that still exists and is not FINISHED, else into a new parent in the
-    file's experiment, found by name (line printed); then delete the file. Store: MLFLOW_TRACKING_URI, else the
-    one the file was made for."""
+    file's experiment, found by name (line printed); then delete the file."""
     saved = outcome_file.load(path)
     ctx = Context(uri=os.environ.get("MLFLOW_TRACKING_URI") or saved.tracking_uri)
     refuse_live_id(ctx.store, saved.parent_id, f"`amrepro log {path}`", force)  # its `run` may still be logging
@@ -25,9 +24,8 @@ def log_file(path: str, force: bool = False) -> None:
         parent, experiment_id = ctx.reopen(saved.parent_id)
         if parent is None:
             experiment_id = _experiment(ctx, saved)
-            config = saved.outcome.config
             parent = ctx.start_parent(saved.params, {**saved.tags, LOGGED_FROM_TAG: saved.parent_id},
-                                          run_name=run_name(config), experiment_id=experiment_id)
+                                      run_name=run_name(saved.outcome.config), experiment_id=experiment_id)
         lean.log_run(ctx, parent, experiment_id, saved.outcome, saved.pip_freeze, lean.layout_of(saved),
                      resume=parent == saved.parent_id)
         _end_dead_top(ctx, parent)

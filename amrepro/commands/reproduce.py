@@ -55,17 +55,12 @@ def reproduce(run_id: str, device: str | None = None, tolerance: float = 1e-4) -
             run_name=f"reproduce {run_id[:8]}", experiment_id=parent.experiment_id)
         with report.epoch_progress(config.n_steps, config.runs) as on_epoch:
             outcome = experiment.execute_many(preps, on_epoch)[targets.index(own)]
-        rows = []
-        for seed in seeds:
-            r = seed.run_index
-            new_final = outcome.result.final[r].numpy()
-            rows.append({
-                "seed": seed.seed, "run_id": seed.run_id,
-                "initial_identical": outcome.result.initial[r].numpy().tobytes() == seed.initial.tobytes(),
-                "final_identical": new_final.tobytes() == seed.final.tobytes(),
-                "max_abs_diff": float(np.abs(new_final.astype(np.float64) - seed.final).max()),
-                "tokens_identical": [int(i) for i in outcome.ids[r]] == seed.ids,
-            })
+        initial, final = outcome.result.initial.numpy(), outcome.result.final.numpy()  # [runs, pos, d_model]
+        rows = [{"seed": s.seed, "run_id": s.run_id,
+                 "initial_identical": initial[s.run_index].tobytes() == s.initial.tobytes(),
+                 "final_identical": final[s.run_index].tobytes() == s.final.tobytes(),
+                 "max_abs_diff": float(np.abs(final[s.run_index].astype(np.float64) - s.final).max()),
+                 "tokens_identical": [int(i) for i in outcome.ids[s.run_index]] == s.ids} for s in seeds]
         verdict = _verdict(rows, differences, tolerance, weights)
         ctx.log_metrics(new_run, {"max_abs_diff_final": max(row["max_abs_diff"] for row in rows),
                                       "n_runs_bit_identical": sum(row["final_identical"] for row in rows)})
@@ -82,14 +77,13 @@ def _check_family_params(config: Config, parent, children) -> None:
     """A parent and its children are logged with the same hyperparameters; a param edited afterwards (in the UI
     or the store) would otherwise be re-run and blamed on something else. (A lean parent's seeds have no params
     of their own: their seeds, from its seeds.npz, must be the parent's.)"""
-    for seed in children:
-        if seed.params is None:
-            if seed.seed != config.seed + seed.run_index:
-                raise AmreproError(f"run {parent.id}'s {lean.ARTIFACT} holds seed {seed.seed} as run {seed.run_index}, "
-                                   f"but its params start at seed {config.seed}: a param was edited after it was "
-                                   "logged, so the run cannot be reproduced as logged.")
+    for child in children:
+        if child.params is None:
+            if child.seed != config.seed + child.run_index:
+                raise AmreproError(f"run {parent.id}'s {lean.ARTIFACT} holds seed {child.seed} as run "
+                                   f"{child.run_index}, but its params start at seed {config.seed}: a param was "
+                                   "edited after it was logged, so the run cannot be reproduced as logged.")
             continue
-        child = seed  # a seed run: its own params, as logged
         params = {**child.params, SEED: child.params.get(BATCH_SEED, "")}
         try:
             mine = Config.from_params(params)
@@ -97,7 +91,7 @@ def _check_family_params(config: Config, parent, children) -> None:
             mine = None
         if mine != config:
             diff = [f"{name}: parent {getattr(config, name)!r}, child {getattr(mine, name, '?')!r}"
-                    for name in config.__dataclass_fields__ if mine is None or getattr(mine, name) != getattr(config, name)]
+                    for name in config.__dataclass_fields__ if getattr(mine, name, None) != getattr(config, name)]
             raise AmreproError(f"the params of run {parent.id} and its child {child.params.get(SEED, '?')} "
                                f"disagree ({'; '.join(diff)}): one was edited after it was logged, so the run cannot "
                                "be reproduced as logged.")
@@ -124,7 +118,8 @@ def _verdict(rows: list[dict], differences: dict, tolerance: float, weights: tup
     if all(row["final_identical"] for row in rows):
         return "reproduced: bit-identical"
     worst = max(row["max_abs_diff"] for row in rows)
+    changed = f"environment differs: {', '.join(differences)}"
     if differences and worst <= tolerance:
-        return f"reproduced within {tolerance:g} (max |delta| {worst:.2e}; environment differs: {', '.join(differences)})"
+        return f"reproduced within {tolerance:g} (max |delta| {worst:.2e}; {changed})"
     return f"differs: final embeddings not bit-identical (max |delta| {worst:.2e})" + (
-        f"; environment differs: {', '.join(differences)}" if differences else " in the same environment")
+        f"; {changed}" if differences else " in the same environment")
