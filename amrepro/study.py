@@ -26,6 +26,7 @@ from .stats import ALPHA, REPRODUCIBILITY
 from .verdict import decisions
 
 FDR = ALPHA  # Benjamini-Hochberg level of the per-target specificity tests
+CORPUS_FLAGS = ("best_beats_max", "median_beats_max", "best_beats_p99", "median_beats_p99")  # against_corpus
 
 
 @dataclass(frozen=True)
@@ -126,10 +127,9 @@ def study(targets: list[TargetRuns], corpus: dict[str, tuple[float, float]] | No
     spec = cross_target(targets, seed, n_perm)
     rows = []
     for t in targets:
+        test = spec["per_target"].get(t.name, {})
         row = {"target": t.name, "n_runs": len(t.seeds), "above_chance": t.above_chance,
-               "specific": spec["per_target"].get(t.name, {}).get("specific"),
-               "p_specific": spec["per_target"].get(t.name, {}).get("p"),
-               "q_specific": spec["per_target"].get(t.name, {}).get("q"),
+               "specific": test.get("specific"), "p_specific": test.get("p"), "q_specific": test.get("q"),
                "decoded": spread(t.decoded) if t.seeds else None,
                "final": None if t.final is None or not t.seeds else spread(t.final)}
         if corpus is not None and t.name in corpus and t.seeds:
@@ -140,8 +140,8 @@ def study(targets: list[TargetRuns], corpus: dict[str, tuple[float, float]] | No
              "spread": {f"{kind}_{key}": distribution(r[kind][key] for r in rows if r[kind] is not None)
                         for kind in ("decoded", "final") for key in ("cv", "min", "max", "median")}}
     if corpus is not None:
-        for key in ("best_beats_max", "median_beats_max", "best_beats_p99", "median_beats_p99"):
-            layer[f"frac_{key}"] = _fraction(r["corpus"][key] for r in rows if "corpus" in r)
+        layer.update({f"frac_{key}": _fraction(r["corpus"][key] for r in rows if "corpus" in r)
+                      for key in CORPUS_FLAGS})
     return {"targets": rows, "layer": layer}
 
 
@@ -165,23 +165,22 @@ def table_row(method: str, result: dict, seconds: float | None) -> dict:
 
 def target_columns(result: dict) -> dict[str, list]:
     """study_targets.json: one row per target (a log_table for the MLflow UI)."""
-    keys = ("target", "n_runs", "above_chance", "specific", "p_specific", "q_specific")
-    columns: dict[str, list] = {k: [r[k] for r in result["targets"]] for k in keys}
+    rows = result["targets"]
+    columns = {k: [r[k] for r in rows] for k in ("target", "n_runs", "above_chance", "specific", "p_specific",
+                                                 "q_specific")}
     for kind in ("decoded", "final"):
         for stat in ("min", "max", "median", "cv"):
-            columns[f"{kind}_{stat}"] = [None if r[kind] is None else r[kind][stat] for r in result["targets"]]
-    for key in ("corpus_max", "corpus_p99", "best_beats_max", "median_beats_max", "best_beats_p99", "median_beats_p99"):
-        columns[key] = [r["corpus"][key] if "corpus" in r else None for r in result["targets"]]
+            columns[f"{kind}_{stat}"] = [None if r[kind] is None else r[kind][stat] for r in rows]
+    for key in ("corpus_max", "corpus_p99", *CORPUS_FLAGS):
+        columns[key] = [r["corpus"][key] if "corpus" in r else None for r in rows]
     return columns
 
 
 def layer_metrics(result: dict) -> dict[str, float]:
     """study/* metrics of a sweep run: the layer's fractions and the median seed spread."""
-    layer, out = result["layer"], {}
-    for key in ("frac_above_chance", "frac_specific", "frac_best_beats_max", "frac_median_beats_max",
-                "frac_best_beats_p99", "frac_median_beats_p99"):
-        if layer.get(key) is not None:
-            out[f"study/{key}"] = float(layer[key])
+    layer = result["layer"]
+    fractions = ("frac_above_chance", "frac_specific", *(f"frac_{key}" for key in CORPUS_FLAGS))
+    out = {f"study/{key}": float(layer[key]) for key in fractions if layer.get(key) is not None}
     for key in ("decoded_cv", "final_cv"):
         if layer["spread"][key].get("n"):
             out[f"study/median_{key}"] = layer["spread"][key]["median"]

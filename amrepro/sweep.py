@@ -131,9 +131,8 @@ class Worker:
         self.keep = keep
 
     def run_chunk(self, names: list[str]) -> dict:
-        """Optimize and log the targets of a chunk that have no FINISHED parent yet: {"logged": names, "study":
-        their study.TargetRuns, "seconds": {"science": the null's pool + optimize + decode + statistics,
-        "tracking": lookups, run creation, logging}}."""
+        """Optimize and log the targets of a chunk that have no FINISHED parent yet: {"logged": names, "study": their
+        study.TargetRuns, "seconds": {"science": null pool + optimize + decode + statistics, "tracking": the rest}}."""
         import time
         from .context import saying_what_was_saved
         from .experiment import execute_many, prepare_many
@@ -163,12 +162,11 @@ class Worker:
             before = time.perf_counter()
             outcomes = execute_many(preps)
             science += time.perf_counter() - before
+            kept = {**self.env, **({lean.LAYOUT_TAG: "lean"} if job.layout == "lean" else {})}
             paths = {}
-            for parent, outcome in zip(parents, outcomes):  # every outcome file first, then the logging
-                if self.keep:
-                    kept = {**self.env, **({lean.LAYOUT_TAG: "lean"} if job.layout == "lean" else {})}
-                    ctx.keep(outcome, parent, job.experiment_id, outcome.config.to_params(), kept, job.frozen)
-                    paths[parent] = ctx.outcome_path
+            for parent, outcome in zip(parents, outcomes) if self.keep else ():  # every outcome file, then the logging
+                ctx.keep(outcome, parent, job.experiment_id, outcome.config.to_params(), kept, job.frozen)
+                paths[parent] = ctx.outcome_path
             for parent, outcome in zip(parents, outcomes):
                 ctx.outcome_path = paths.get(parent)
                 if job.layout == "lean":  # as `amrepro run` logs it; then its outcome file (--workers 0) goes
@@ -195,15 +193,21 @@ RAY_PROBE_SECONDS = 5.0  # a cluster address that does not answer a TCP connecti
 
 def check_workers(lm, targets: list[Target], config: Config, workers: int, chunk: int, cpus: int,
                   local: bool) -> str | None:
-    """Refuse a --workers whose actors cannot fit in this machine's memory (each loads the model and optimizes a
-    batch of chunk x runs rows), with the number that would fit; say when the workers outnumber the cores.
-    Called before Ray starts and before any run exists. local: Ray runs on this machine (no --ray-address),
-    the only case whose memory is known here. Returns a note for the output, or None."""
-    from .experiment import _available_bytes, memory_needed
+    """Before any run exists (and before a local Ray starts): refuse workers whose actors cannot fit in this
+    machine's memory (each loads the model and optimizes chunk x runs rows), or, with workers 0, this process's
+    largest batch; a note when the workers outnumber the cores, else None. local: no --ray-address (the only
+    case whose memory is known here)."""
+    from .experiment import _available_bytes, check_memory, memory_needed
 
-    if workers <= 0 or not targets:
-        return None
     size = chunk_size(len(targets), workers, chunk)
+    if not workers:  # the largest batch, which would otherwise be refused inside the first one, after the sweep run
+        size = max(len(c) for c in chunks(targets, size))
+        try:
+            check_memory(lm, targets[0], config, rows=size * config.runs * (1 + config.controls))
+        except AmreproError as error:
+            raise AmreproError(f"a batch of {size} targets: {str(error).rstrip('.')}, or fewer targets per batch "
+                               f"(--chunk).") from None
+        return None
     actors = min(workers, len(chunks(targets, size)))  # run_chunks starts no more actors than there are chunks
     weights = sum(t.numel() * t.element_size() for t in (*lm.model.parameters(), *lm.model.buffers()))
     per_run, per_pair = memory_needed(lm, targets[0], config)
@@ -251,12 +255,9 @@ def start_ray(address: str | None, workers: int, threads: int):
                            "correct --ray-address / RAY_ADDRESS.")
     import ray
 
+    where = {"address": address} if address else {"num_cpus": workers * threads, "include_dashboard": False}
     try:
-        if address:
-            ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
-        else:
-            ray.init(num_cpus=workers * threads, include_dashboard=False, logging_level=logging.ERROR,
-                     log_to_driver=False)
+        ray.init(**where, logging_level=logging.ERROR, log_to_driver=False)
     except Exception as error:  # noqa: BLE001 - ConnectionError, a bad address, ...
         raise AmreproError(f"cannot start or join Ray{' at ' + address if address else ''}: {short(error)}") from None
     finally:
@@ -268,10 +269,9 @@ def start_ray(address: str | None, workers: int, threads: int):
 
 def run_chunks(work: list[list[Target]], job: Job, workers: int, lm=None,
                on_chunk: Callable[[list], None] | None = None) -> tuple[list[str], dict[str, float]]:
-    """Every chunk, in this process (workers 0) or on `workers` Ray actors (Ray already started). Returns one
-    sentence per chunk that failed for good (its targets stay for --resume), and the workers' seconds of science
-    and of tracking, summed over chunks; on_chunk(records) after each chunk (records: the study.TargetRuns of the
-    targets it logged)."""
+    """Every chunk, in this process (workers 0) or on `workers` Ray actors (Ray started): one sentence per chunk
+    that failed for good (its targets stay for --resume), and the workers' seconds of science and of tracking;
+    on_chunk(the study.TargetRuns of the targets it logged) after each chunk."""
     queue = [[t.name for t in chunk] for chunk in work]
     failures: list[str] = []
     seconds = {"science": 0.0, "tracking": 0.0}
@@ -343,24 +343,16 @@ def _first_line(error: BaseException) -> str:
 
 
 # --- the sweep run's table, metrics and map ---------------------------------------------------------------
-TABLE_COLUMNS = parent_metrics.TABLE_COLUMNS  # sweep_table.json's columns -> the parent metric each reads
-
-
 def table(targets: list[Target], parents: dict[str, object]) -> dict[str, list]:
     """One row per target of the sweep, in its order: the parent run and its statistics (None where the run has
     not logged it: not run, all seeds diverged, a single seed, or logged before the statistic existed), read by
     parent_metrics.read: the tag amrepro.table_row, or the metrics of a parent logged before it existed."""
-    columns: dict[str, list] = {"target": [], "parent_run_id": [], "status": []}
-    columns.update({name: [] for name in TABLE_COLUMNS})
-    for target in targets:
-        run = parents.get(target.name)
-        columns["target"].append(target.name)
-        columns["parent_run_id"].append(run.id if run else None)
-        columns["status"].append(run.status if run else "NOT RUN")
-        figures = parent_metrics.read(run) if run else {}
-        for name, key in TABLE_COLUMNS.items():
-            value = figures.get(key)
-            columns[name].append(None if value is None else float(value))
+    runs = [parents.get(t.name) for t in targets]
+    figures = [parent_metrics.read(run) if run else {} for run in runs]
+    columns = {"target": [t.name for t in targets], "parent_run_id": [run.id if run else None for run in runs],
+               "status": [run.status if run else "NOT RUN" for run in runs]}
+    for name, key in parent_metrics.TABLE_COLUMNS.items():  # sweep_table.json's column -> the metric it reads
+        columns[name] = [None if f.get(key) is None else float(f[key]) for f in figures]
     return columns
 
 

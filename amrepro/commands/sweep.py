@@ -1,7 +1,6 @@
 """`amrepro sweep`: a sweep run, one parent per target (what `amrepro run --target T` logs), seed runs; the targets
-run in batches of one site on Ray workers (workers 0: in this process). Plan (every check, the targets, the
-corpus levels, the sweep run, what is left to do), run the chunks (sweep.run_chunks), summarize (the sweep run's
-table, metrics, verdict, map, the study of the layer (study.py) and timing).
+run in batches of one site on Ray workers (workers 0: in this process). Plan, run the chunks (sweep.run_chunks),
+summarize (the sweep run's table, metrics, verdict, map, the study of the layer (study.py) and timing).
 
 `amrepro sweep --methods a,b` (sweep_methods): a top run, one such sweep per method under it (the same targets
 and seeds, the model and corpus levels shared), then the study table of the methods on the top run."""
@@ -27,12 +26,11 @@ from ..tracking import refuse_live
 def sweep(config: Config, spec: str, workers: int = 0, ray_address: str | None = None, chunk: int = 0,
           resume: str | None = None, experiment: str | None = None, layout: str = "lean", force: bool = False,
           corpus_path: str = "", parent: str | None = None,
-          shared: dict | None = None) -> tuple[dict[str, float], dict, float]:
+          shared: dict | None = None) -> tuple[dict, float]:
     """--resume SWEEP_RUN_ID redoes the targets without a FINISHED parent, with the sweep's own params; refused
     while that sweep's process or workers are alive (force: also when they cannot be checked from this host).
-    corpus_path: every target scored on every window of that text, before any run. parent: the top run of a
-    many-method sweep; shared: what its method sweeps share (the model, the corpus levels). Returns the sweep/*
-    metrics, the study of the targets this invocation ran, and the workers' seconds of science."""
+    parent: the top run of a many-method sweep; shared: what its method sweeps share (the model, the corpus
+    levels). Returns the study of the targets this invocation ran and the workers' seconds of science."""
     from .. import corpus
     from ..model import load_model, resolve_device
     from ..readers import site_width
@@ -95,7 +93,7 @@ def sweep(config: Config, spec: str, workers: int = 0, ray_address: str | None =
             if ray is not None:
                 ray.shutdown()
 
-        metrics, result = _summarize(ctx, job, targets, done, records, shared.get("corpus"), workers, seconds,
+        result = _summarize(ctx, job, targets, done, records, shared.get("corpus"), workers, seconds,
                                      time.perf_counter() - started)
         if failures:
             ctx.log(job.sweep_id, tags={ERROR_TAG: "; ".join(failures)[:TAG_LIMIT]})
@@ -103,7 +101,7 @@ def sweep(config: Config, spec: str, workers: int = 0, ray_address: str | None =
     if failures:
         raise AmreproError(f"{len(failures)} batch(es) of sweep run {job.sweep_id} failed ({failures[0]}); "
                            f"`amrepro sweep --resume {job.sweep_id}` runs the targets that are not done.")
-    return metrics, result, seconds["science"]
+    return result, seconds["science"]
 
 
 def _start_workers(lm, targets: list, config: Config, workers: int, ray_address: str | None, chunk: int,
@@ -117,8 +115,6 @@ def _start_workers(lm, targets: list, config: Config, workers: int, ray_address:
         ray = sw.start_ray(ray_address, workers, 1)
         cpus = int(ray.cluster_resources().get("CPU", workers))
     note = sw.check_workers(lm, targets, config, workers, chunk, cpus, local=not remote)  # before a local Ray
-    if not workers:  # a batch of chunk x runs rows in this process
-        _check_batch_memory(lm, targets, config, chunk)
     if workers and not resume and not config.threads:  # more threads than cores only spin
         config = dataclasses.replace(config, threads=max(1, cpus // workers))
     if workers and not remote:
@@ -165,19 +161,6 @@ def _config_from_sweep(params: dict[str, str]) -> tuple[Config, str]:
     return config, _unquote(params["targets"])  # `mlflow run -e sweep` logs it shell-quoted
 
 
-def _check_batch_memory(lm, targets: list, config: Config, chunk: int) -> None:
-    """experiment.check_memory for the largest batch of the sweep (it would otherwise refuse inside the first
-    batch, after the sweep run exists)."""
-    from ..experiment import check_memory
-
-    size = max(len(c) for c in sw.chunks(targets, sw.chunk_size(len(targets), 0, chunk)))
-    try:
-        check_memory(lm, targets[0], config, rows=size * config.runs * (1 + config.controls))
-    except AmreproError as error:
-        raise AmreproError(f"a batch of {size} targets: {str(error).rstrip('.')}, or fewer targets per batch "
-                           f"(--chunk).") from None
-
-
 def _end_unfinished(ctx: Context, job: sw.Job, done: set, interrupt: KeyboardInterrupt) -> None:
     """After Ctrl-C or SIGTERM: the target parents and seed runs that this invocation's workers made, in other
     processes (Ray) or in a Context of their own (workers 0), counted into ctx's message, so that it says what
@@ -204,10 +187,9 @@ def _end_unfinished(ctx: Context, job: sw.Job, done: set, interrupt: KeyboardInt
 
 
 def _summarize(ctx, job: sw.Job, targets: list, done: set, records: list, corpus: dict | None, workers: int,
-               seconds: dict, wall: float) -> tuple[dict[str, float], dict]:
-    """The sweep run's table (one row per target, read back from the store, so a resumed sweep has every
-    target), its sweep/* metrics, the verdict over targets, the map, the study of the targets this invocation ran
-    (records: their study.TargetRuns; corpus: the levels of --corpus) and where the time went."""
+               seconds: dict, wall: float) -> dict:
+    """The sweep run's table (read back from the store, so a resumed sweep has every target), sweep/* metrics,
+    verdict and map; the study of the targets this invocation ran (records), returned; where the time went."""
     from .. import dashboard, figures, study
 
     sweep_id, experiment_id = job.sweep_id, job.experiment_id
@@ -247,14 +229,13 @@ def _summarize(ctx, job: sw.Job, targets: list, done: set, records: list, corpus
     slots = max(workers, 1) * wall
     ctx.log_metrics(sweep_id, {"time/wall_seconds": wall, "time/science_seconds": seconds["science"],
                                "time/tracking_seconds": seconds["tracking"], "time/summary_seconds": summing,
-                               "time/share_science": seconds["science"] / slots if slots else 0.0})
-    # the targets logged by this invocation (a batch that failed is not counted as throughput)
-    n_run = len(records)
+                               "time/share_science": seconds["science"] / slots})
+    n_run = len(records)  # the targets logged by this invocation (a batch that failed is not throughput)
     report.console.print(f"{n_run} targets in {wall:.0f} s ({3600 * n_run / wall:.0f} targets/hour); of the "
                          f"workers' time {seconds['science'] / slots:.0%} science, "
                          f"{seconds['tracking'] / slots:.0%} tracking, the rest Ray and model loading.",
                          soft_wrap=True, markup=False)
-    return metrics, result
+    return result
 
 
 def _log_flagged_figures(ctx, columns: dict[str, list]) -> None:
@@ -316,10 +297,9 @@ def sweep_methods(config: Config, spec: str, methods_text: str, corpus_path: str
                                f"study {','.join(names)} {spec} x{config.runs}")
         for m in names:
             report.console.print(f"[bold]{m}[/]", soft_wrap=True)
-            _, result, science = sweep(configs[m], spec, workers, ray_address, chunk, None, experiment, layout, False,
-                                       corpus_path, parent=top, shared=shared)
-            results[m] = result
-            rows.append(study.table_row(m, result, science))
+            results[m], science = sweep(configs[m], spec, workers, ray_address, chunk, None, experiment, layout, False,
+                                        corpus_path, parent=top, shared=shared)
+            rows.append(study.table_row(m, results[m], science))
         cvs = {m: [r["decoded"]["cv"] for r in results[m]["targets"] if r["decoded"] is not None] for m in names}
         table = ("Study: one row per method (fractions of the layer's targets; s_per_target: the workers' seconds "
                  "of optimization, decoding and statistics per target).\n\n" + study.markdown_table(rows))
