@@ -211,10 +211,8 @@ def words(result: dict) -> str:
 def markdown_table(rows: list[dict]) -> str:
     """The study table as markdown, for the top run's description in the MLflow UI."""
     def cell(key, value):
-        if value is None:
-            return "n/a"
-        if key.startswith("frac_"):
-            return f"{value:.0%}"
+        if value is None or key.startswith("frac_"):
+            return _pct(value)
         return f"{value:.3g}" if isinstance(value, float) else str(value)
 
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]

@@ -1,21 +1,21 @@
-"""`amrepro sweep`: many targets, in batches of one site, on Ray workers that log straight to the tracking store.
-
-    targets SPEC -> [Target] -> chunks (one site each) -> Worker.run_chunk on Ray (or in this process)
-                                                         -> one parent per target + seed runs, as `amrepro run`
-    then the sweep run gets the table of every target, the sweep/* metrics and the map.
+"""`amrepro sweep`: --targets SPEC -> chunks of one site -> Worker.run_chunk on Ray workers (or in this process),
+which log each target straight to the tracking store as `amrepro run` does; then the sweep run's table and summary.
 
 Workers and retries. A Worker loads the model once and then takes chunks. Ray restarts a worker whose process
 died and retries its chunk there (max_restarts / max_task_retries). A chunk is owned by one worker at a time, so
 a target parent that is not FINISHED when a chunk starts was left by a dead attempt (or by an interrupted sweep
-that is being resumed): it is ended KILLED, deleted (layout.discard) and redone; a FINISHED one is
-kept and skipped. Targets are looked up by the tags amrepro.sweep and amrepro.target, never by name or order.
+that is being resumed): it is ended KILLED, deleted (layout.discard) and redone; a FINISHED one is kept and
+skipped. Targets are looked up by the tags amrepro.sweep and amrepro.target, never by name or order.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
+import socket
+import time
 import zlib
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -25,6 +25,9 @@ import numpy as np
 
 from . import features, layout, lean, parent_metrics, signals, study
 from .config import AmreproError, Config
+from .context import Context, environment_tags, saying_what_was_saved
+from .experiment import _available_bytes, check_memory, execute_many, memory_needed, prepare_many, setup_device
+from .model import load_model
 from .nulls import binomial_tail
 from .stats import ALPHA, CLAIMS, REPRODUCIBILITY
 from .targets import ALL_SITES, Target, check_target
@@ -89,8 +92,7 @@ def parse_targets(spec: str, width: Callable[[int, str], int], n_layers: int, se
 
 
 def chunks(targets: list[Target], size: int) -> list[list[Target]]:
-    """The targets of one site together (a batch reads one site, experiment.py), at most size per chunk: the
-    sites in the order they first appear, each site's targets in the user's order, wherever they are listed."""
+    """At most size targets of one site (a batch reads one site) per chunk, in the order the sites first appear."""
     by_site: dict[tuple, list[Target]] = {}
     for target in targets:
         by_site.setdefault(target.batch_key, []).append(target)
@@ -118,10 +120,6 @@ class Worker:
     """Loads the model once, then runs chunks of targets: one batch each, logged target by target."""
 
     def __init__(self, job: Job, lm=None, keep: bool = False):
-        from .context import Context, environment_tags
-        from .experiment import setup_device
-        from .model import load_model
-
         self.job, device = job, setup_device(job.config)  # determinism and threads, in this process too (workers 0)
         self.lm = lm or load_model(job.config.model, device)
         self.ctx = Context(uri=job.uri)
@@ -131,12 +129,8 @@ class Worker:
         self.keep = keep
 
     def run_chunk(self, names: list[str]) -> dict:
-        """Optimize and log the targets of a chunk that have no FINISHED parent yet: {"logged": names, "study": their
-        study.TargetRuns, "seconds": {"science": null pool + optimize + decode + statistics, "tracking": the rest}}."""
-        import time
-        from .context import saying_what_was_saved
-        from .experiment import execute_many, prepare_many
-
+        """Optimize and log the chunk's targets without a FINISHED parent: {"logged", "study" (study.TargetRuns),
+        "seconds": {"science": null pool, optimize, decode, statistics; "tracking": the rest}}."""
         ctx, job, started = self.ctx, self.job, time.perf_counter()
         found: dict[str, list] = {}
         for run in layout.sweep_parents(ctx.store, job.sweep_id, job.experiment_id):
@@ -193,12 +187,9 @@ RAY_PROBE_SECONDS = 5.0  # a cluster address that does not answer a TCP connecti
 
 def check_workers(lm, targets: list[Target], config: Config, workers: int, chunk: int, cpus: int,
                   local: bool) -> str | None:
-    """Before any run exists (and before a local Ray starts): refuse workers whose actors cannot fit in this
-    machine's memory (each loads the model and optimizes chunk x runs rows), or, with workers 0, this process's
-    largest batch; a note when the workers outnumber the cores, else None. local: no --ray-address (the only
-    case whose memory is known here)."""
-    from .experiment import _available_bytes, check_memory, memory_needed
-
+    """Before any run (and a local Ray) exists: refuse workers that cannot fit in this machine's memory (each loads
+    the model and optimizes chunk x runs rows), or with workers 0 this process's largest batch; a note when the
+    workers outnumber the cores. local: no --ray-address (the only case whose memory is known here)."""
     size = chunk_size(len(targets), workers, chunk)
     if not workers:  # the largest batch, which would otherwise be refused inside the first one, after the sweep run
         size = max(len(c) for c in chunks(targets, size))
@@ -230,8 +221,6 @@ def check_workers(lm, targets: list[Target], config: Config, workers: int, chunk
 def _probe(address: str) -> str | None:
     """Why the cluster at address cannot be reached (a phrase), or None when its port accepts a connection or
     the address is not host:port (auto, local): ray.init retries an unreachable address for minutes."""
-    import socket
-
     found = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)/?", address.strip())
     if not found:
         return None
@@ -246,8 +235,6 @@ def _probe(address: str) -> str | None:
 
 def start_ray(address: str | None, workers: int, threads: int):
     """Join the cluster at address (or RAY_ADDRESS), else start a local Ray with workers x threads CPUs."""
-    import logging
-
     address = address or os.environ.get("RAY_ADDRESS") or None
     problem = _probe(address) if address else None
     if problem:
@@ -267,8 +254,8 @@ def start_ray(address: str | None, workers: int, threads: int):
     return ray
 
 
-def run_chunks(work: list[list[Target]], job: Job, workers: int, lm=None,
-               on_chunk: Callable[[list], None] | None = None) -> tuple[list[str], dict[str, float]]:
+def run_chunks(work: list[list[Target]], job: Job, workers: int, lm,
+               on_chunk: Callable[[list], None]) -> tuple[list[str], dict[str, float]]:
     """Every chunk, in this process (workers 0) or on `workers` Ray actors (Ray started): one sentence per chunk
     that failed for good (its targets stay for --resume), and the workers' seconds of science and of tracking;
     on_chunk(the study.TargetRuns of the targets it logged) after each chunk."""
@@ -279,8 +266,7 @@ def run_chunks(work: list[list[Target]], job: Job, workers: int, lm=None,
     def done(out: dict) -> None:
         for key in seconds:
             seconds[key] += out["seconds"][key]
-        if on_chunk:
-            on_chunk(out["study"])
+        on_chunk(out["study"])
 
     if workers == 0:
         worker = Worker(job, lm=lm, keep=True)
@@ -344,9 +330,8 @@ def _first_line(error: BaseException) -> str:
 
 # --- the sweep run's table, metrics and map ---------------------------------------------------------------
 def table(targets: list[Target], parents: dict[str, object]) -> dict[str, list]:
-    """One row per target of the sweep, in its order: the parent run and its statistics (None where the run has
-    not logged it: not run, all seeds diverged, a single seed, or logged before the statistic existed), read by
-    parent_metrics.read: the tag amrepro.table_row, or the metrics of a parent logged before it existed."""
+    """One row per target, in the sweep's order: its parent run and statistics (parent_metrics.read; None where the
+    parent has none: not run, all seeds diverged, a single seed, or logged before the statistic existed)."""
     runs = [parents.get(t.name) for t in targets]
     figures = [parent_metrics.read(run) if run else {} for run in runs]
     columns = {"target": [t.name for t in targets], "parent_run_id": [run.id if run else None for run in runs],

@@ -1,5 +1,4 @@
-"""`amrepro sweep`: a sweep run, one parent per target (what `amrepro run --target T` logs), seed runs; the targets
-run in batches of one site on Ray workers (workers 0: in this process). Plan, run the chunks (sweep.run_chunks),
+"""`amrepro sweep`: plan (checks, targets, corpus levels, the sweep run), run the chunks (sweep.run_chunks), then
 summarize (the sweep run's table, metrics, verdict, map, the study of the layer (study.py) and timing).
 
 `amrepro sweep --methods a,b` (sweep_methods): a top run, one such sweep per method under it (the same targets
@@ -12,14 +11,19 @@ import functools
 import os
 import time
 
-from .. import lean, report, signals
+from .. import corpus, dashboard, figures, lean, report, signals, study
 from .. import sweep as sw
+from ..compare import parse_methods
 from ..config import AmreproError, Config, _unquote
 from ..context import Context
 from ..layout import (DASHBOARD, ERROR_TAG, HEADLINE_TAG, KIND_TAG, METHODS_TAG, NOTE_TAG, PARENT_TAG, PID_TAG,
                       RAY_ADDRESS_TAG, STUDY_FIGURE, STUDY_JSON, STUDY_TABLE, STUDY_TAG, STUDY_TARGETS, SWEEP_MAP,
                       SWEEP_TABLE, TAG_LIMIT, TARGET_TAG, VERDICT_TAG, WORKERS_TAG, RunReader, children, json_bytes,
                       run_name, sweep_parents)
+from ..model import load_model, resolve_device
+from ..provenance import pip_freeze
+from ..readers import site_width
+from ..targets import Target
 from ..tracking import refuse_live
 
 
@@ -31,11 +35,6 @@ def sweep(config: Config, spec: str, workers: int = 0, ray_address: str | None =
     while that sweep's process or workers are alive (force: also when they cannot be checked from this host).
     parent: the top run of a many-method sweep; shared: what its method sweeps share (the model, the corpus
     levels). Returns the study of the targets this invocation ran and the workers' seconds of science."""
-    from .. import corpus
-    from ..model import load_model, resolve_device
-    from ..readers import site_width
-    from ..targets import Target
-
     corpus_file = corpus.check(corpus_path) if corpus_path else None  # missing, a FIFO, a device: before runs
     shared = {} if shared is None else shared
     ctx = Context(experiment)
@@ -83,7 +82,7 @@ def sweep(config: Config, spec: str, workers: int = 0, ray_address: str | None =
                                  markup=False)
 
         try:
-            failures, seconds = sw.run_chunks(work, job, workers, lm=None if workers else lm, on_chunk=on_chunk)
+            failures, seconds = sw.run_chunks(work, job, workers, lm, on_chunk)
         except KeyboardInterrupt as interrupt:  # the workers are stopped (run_chunks); their open runs end here
             interrupt = signals.as_raised(interrupt)
             with signals.ignored():
@@ -94,7 +93,7 @@ def sweep(config: Config, spec: str, workers: int = 0, ray_address: str | None =
                 ray.shutdown()
 
         result = _summarize(ctx, job, targets, done, records, shared.get("corpus"), workers, seconds,
-                                     time.perf_counter() - started)
+                            time.perf_counter() - started)
         if failures:
             ctx.log(job.sweep_id, tags={ERROR_TAG: "; ".join(failures)[:TAG_LIMIT]})
         ctx.end(job.sweep_id, "FAILED" if failures else "FINISHED")
@@ -106,14 +105,11 @@ def sweep(config: Config, spec: str, workers: int = 0, ray_address: str | None =
 
 def _start_workers(lm, targets: list, config: Config, workers: int, ray_address: str | None, chunk: int,
                    resume: str | None):
-    """(config, the ray module or None): the workers checked against this machine's memory and cores (of a
-    cluster: its cores, once joined), or this process's batch against its memory, before any run exists; with
-    workers and --threads 0, the cores shared out (logged, so --resume keeps it); Ray started or joined."""
+    """(config, the ray module or None): the memory and cores checked (a cluster's cores once joined) before any
+    run exists; with workers and --threads 0, the cores shared out (logged, so --resume keeps it)."""
     remote = bool(ray_address or os.environ.get("RAY_ADDRESS"))
-    ray, cpus = None, os.cpu_count() or 1
-    if workers and remote:
-        ray = sw.start_ray(ray_address, workers, 1)
-        cpus = int(ray.cluster_resources().get("CPU", workers))
+    ray = sw.start_ray(ray_address, workers, 1) if workers and remote else None
+    cpus = int(ray.cluster_resources().get("CPU", workers)) if ray else os.cpu_count() or 1
     note = sw.check_workers(lm, targets, config, workers, chunk, cpus, local=not remote)  # before a local Ray
     if workers and not resume and not config.threads:  # more threads than cores only spin
         config = dataclasses.replace(config, threads=max(1, cpus // workers))
@@ -127,8 +123,6 @@ def _start_workers(lm, targets: list, config: Config, workers: int, ray_address:
 def _open(ctx: Context, lm, config: Config, spec: str, workers: int, ray_address: str | None, resume: str | None,
           layout: str, corpus_path: str, parent: str | None) -> sw.Job:
     """The sweep run, new (under parent, for a many-method sweep) or reopened (--resume), as the workers' Job."""
-    from ..provenance import pip_freeze
-
     frozen = pip_freeze()
     if resume:
         sweep_id, experiment_id = ctx.reopen(resume)
@@ -147,9 +141,8 @@ def _open(ctx: Context, lm, config: Config, spec: str, workers: int, ray_address
 
 def _sweep_params(config: Config, spec: str) -> dict[str, str]:
     """The sweep run's params: every hyperparameter but the target, and the targets' SPEC."""
-    params = {k: v for k, v in config.to_params().items() if k not in ("target", "target_name", "layer", "dim")}
-    params["targets"] = spec
-    return params
+    target = ("target", "target_name", "layer", "dim")
+    return {**{k: v for k, v in config.to_params().items() if k not in target}, "targets": spec}
 
 
 def _config_from_sweep(params: dict[str, str]) -> tuple[Config, str]:
@@ -162,9 +155,9 @@ def _config_from_sweep(params: dict[str, str]) -> tuple[Config, str]:
 
 
 def _end_unfinished(ctx: Context, job: sw.Job, done: set, interrupt: KeyboardInterrupt) -> None:
-    """After Ctrl-C or SIGTERM: the target parents and seed runs that this invocation's workers made, in other
-    processes (Ray) or in a Context of their own (workers 0), counted into ctx's message, so that it says what
-    the store holds; those still RUNNING (a killed Ray worker ends nothing) are ended KILLED."""
+    """After Ctrl-C or SIGTERM: the runs this invocation's workers made (in other processes, or in a Context of
+    their own with workers 0) counted into ctx's message; those still RUNNING (a killed Ray worker ends nothing)
+    are ended KILLED."""
     pid = str(os.getpid())
     try:
         parents = sweep_parents(ctx.store, job.sweep_id, job.experiment_id)
@@ -190,8 +183,6 @@ def _summarize(ctx, job: sw.Job, targets: list, done: set, records: list, corpus
                seconds: dict, wall: float) -> dict:
     """The sweep run's table (read back from the store, so a resumed sweep has every target), sweep/* metrics,
     verdict and map; the study of the targets this invocation ran (records), returned; where the time went."""
-    from .. import dashboard, figures, study
-
     sweep_id, experiment_id = job.sweep_id, job.experiment_id
     summing = time.perf_counter()
     parents = {}
@@ -255,8 +246,6 @@ def _log_flagged_figures(ctx, columns: dict[str, list]) -> None:
 def _corpus_levels(lm, targets, file, config: Config) -> dict[str, tuple[float, float]]:
     """target name -> (corpus max, 99th percentile): the plain dimensions of each site in one streamed pass (one
     forward per batch of windows for all of them), each feature target on its own."""
-    from .. import corpus
-
     groups: dict = {}
     for target in targets:
         groups.setdefault((target.block, target.site) if not target.source else target.name, []).append(target)
@@ -275,12 +264,8 @@ def _corpus_levels(lm, targets, file, config: Config) -> dict[str, tuple[float, 
 def sweep_methods(config: Config, spec: str, methods_text: str, corpus_path: str = "", workers: int = 0,
                   ray_address: str | None = None, chunk: int = 0, experiment: str | None = None,
                   layout: str = "lean") -> list[dict]:
-    """A top run, one sweep run per method under it (the same targets and seeds), and on the top run the study
-    table (one row per method), study.json, the figure and study/<method>/<column> metrics. Every method's
-    options and the corpus file are checked before the first run."""
-    from .. import corpus, figures, study
-    from ..compare import parse_methods
-
+    """A top run, one sweep per method under it, and on the top run the study table (one row per method),
+    study.json, the figure and study/<method>/<column> metrics; every method and the corpus checked first."""
     names = parse_methods(methods_text)
     configs = {m: dataclasses.replace(config, method=m) for m in names}
     for c in configs.values():
