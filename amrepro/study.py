@@ -101,10 +101,8 @@ def cross_target(targets: list[TargetRuns], seed: int = 0, n_perm: int = 1999) -
         out["per_target"][t.name] = {"within": test["within"][k], "across": test["across"][k],
                                      "difference": test["difference"][k], "p": test["p"][k], "q": float(q[k]),
                                      "specific": bool(q[k] < FDR)}
-    out["n_specific"] = int((q < FDR).sum())
-    out["frac_specific"] = out["n_specific"] / len(tested)
-    out["n_permutations"] = n_perm
-    return out
+    n_specific = int((q < FDR).sum())
+    return {**out, "n_specific": n_specific, "frac_specific": n_specific / len(tested), "n_permutations": n_perm}
 
 
 def against_corpus(decoded, corpus_max: float, corpus_p99: float) -> dict:

@@ -23,10 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import features, layout, lean, parent_metrics, signals, study
+from . import experiment, features, layout, lean, parent_metrics, signals, study
 from .config import AmreproError, Config
 from .context import Context, environment_tags, saying_what_was_saved
-from .experiment import _available_bytes, check_memory, execute_many, memory_needed, prepare_many, setup_device
 from .model import load_model
 from .nulls import binomial_tail
 from .stats import ALPHA, CLAIMS, REPRODUCIBILITY
@@ -42,10 +41,8 @@ _ITEM = re.compile(r"blocks\.(\d+)\.([a-z_.]+)(@sae:.+)?\[([^\]]*)\]")  # the si
 
 # --- --targets SPEC ---------------------------------------------------------------------------------------
 def parse_targets(spec: str, width: Callable[[int, str], int], n_layers: int, seed: int) -> list[Target]:
-    """SPEC: comma-separated items blocks.B.SITE[SEL] or blocks.B.SITE@sae:PATH[SEL] (latents of an SAE), SEL
-    one of i, a:b (a <= i < b), random:K (K distinct indices, drawn reproducibly from the seed and the site, and
-    the SAE's path); or a direction blocks.B.SITE@FILE.npy. width(block, site) is the site's size.
-    Duplicates are dropped (first kept), so the list is the sweep's target order."""
+    """The sweep's targets in order, duplicates dropped, from SPEC (its grammar: cli.sweep's --targets); random:K
+    draws from the seed, the site and an SAE's path. width(block, site) is the site's size."""
     items = [item.strip() for item in re.split(r",(?![^\[]*\])", spec) if item.strip()]
     if not items:
         raise AmreproError("--targets is empty: give e.g. 'blocks.8.hook_resid_pre[0:768]'.")
@@ -120,10 +117,10 @@ class Worker:
     """Loads the model once, then runs chunks of targets: one batch each, logged target by target."""
 
     def __init__(self, job: Job, lm=None, keep: bool = False):
-        self.job, device = job, setup_device(job.config)  # determinism and threads, in this process too (workers 0)
-        self.lm = lm or load_model(job.config.model, device)
+        device = experiment.setup_device(job.config)  # determinism and threads, in this process too (workers 0)
+        self.job, self.lm = job, lm or load_model(job.config.model, device)
         self.ctx = Context(uri=job.uri)
-        self.env = environment_tags(self.lm)
+        self.env = {**environment_tags(self.lm), **({lean.LAYOUT_TAG: "lean"} if job.layout == "lean" else {})}
         # --workers 0 keeps each target's outcome file, as `amrepro run` does (a store that fails: exit 3, then
         # `amrepro log FILE`); a Ray worker keeps none: Ray recomputes a dead worker's chunk
         self.keep = keep
@@ -145,7 +142,7 @@ class Worker:
                                f"interrupted (pid {run.tags.get(layout.PID_TAG)}); the target was redone")
             todo.append(Target.parse(name))
         before = time.perf_counter()
-        preps = prepare_many(job.config, todo, self.lm)  # science too: it draws and decodes the null's starts
+        preps = experiment.prepare_many(job.config, todo, self.lm)  # science: draws and decodes the null's starts
         science = time.perf_counter() - before
         tags = {**self.env, layout.SWEEP_TAG: job.sweep_id, layout.PARENT_TAG: job.sweep_id,
                 layout.BATCH_TAG: layout.batch_tag([p.target for p in preps]) if preps else ""}
@@ -154,12 +151,11 @@ class Worker:
         with saying_what_was_saved(ctx) if self.keep else nullcontext(), ctx:
             parents = [self._start(p.config, {**tags, layout.TARGET_TAG: p.target.name}) for p in preps]
             before = time.perf_counter()
-            outcomes = execute_many(preps)
+            outcomes = experiment.execute_many(preps)
             science += time.perf_counter() - before
-            kept = {**self.env, **({lean.LAYOUT_TAG: "lean"} if job.layout == "lean" else {})}
             paths = {}
             for parent, outcome in zip(parents, outcomes) if self.keep else ():  # every outcome file, then the logging
-                ctx.keep(outcome, parent, job.experiment_id, outcome.config.to_params(), kept, job.frozen)
+                ctx.keep(outcome, parent, job.experiment_id, outcome.config.to_params(), self.env, job.frozen)
                 paths[parent] = ctx.outcome_path
             for parent, outcome in zip(parents, outcomes):
                 ctx.outcome_path = paths.get(parent)
@@ -194,17 +190,17 @@ def check_workers(lm, targets: list[Target], config: Config, workers: int, chunk
     if not workers:  # the largest batch, which would otherwise be refused inside the first one, after the sweep run
         size = max(len(c) for c in chunks(targets, size))
         try:
-            check_memory(lm, targets[0], config, rows=size * config.runs * (1 + config.controls))
+            experiment.check_memory(lm, targets[0], config, rows=size * config.runs * (1 + config.controls))
         except AmreproError as error:
             raise AmreproError(f"a batch of {size} targets: {str(error).rstrip('.')}, or fewer targets per batch "
                                f"(--chunk).") from None
         return None
     actors = min(workers, len(chunks(targets, size)))  # run_chunks starts no more actors than there are chunks
     weights = sum(t.numel() * t.element_size() for t in (*lm.model.parameters(), *lm.model.buffers()))
-    per_run, per_pair = memory_needed(lm, targets[0], config)
+    per_run, per_pair = experiment.memory_needed(lm, targets[0], config)
     rows = config.runs * size  # a batch optimizes every target of the chunk from the same seeds
     per_worker = WORKER_PROCESS_BYTES + weights + rows * per_run + rows * config.runs * per_pair
-    available = _available_bytes(lm.device) if local else None
+    available = experiment._available_bytes(lm.device) if local else None
     if available is not None and actors * per_worker > 0.8 * available:
         fits = int(0.8 * available // per_worker)
         raise AmreproError(f"--workers {workers} starts {actors} Ray workers of about {per_worker / 2**30:.1f} GiB "
