@@ -83,17 +83,15 @@ def distribution(values) -> dict:
 
 
 def cross_target(targets: list[TargetRuns], seed: int = 0, n_perm: int = 1999) -> dict:
-    """Specificity of each target against the other targets of the sweep, on the Jaccard of decoded token sets
-    (tokens are what every method returns; pairs of different seeds only). Only targets whose runs all finished,
-    from the sweep's seeds, are tested (a diverged run would leave a target without its seed's pair)."""
+    """Specific, on the Jaccard of decoded token sets (what every method returns), for the targets with a finite run
+    from every seed of the sweep (a diverged run would leave a target without its seed's pair)."""
     seeds = max((t.seeds for t in targets), key=len, default=())
     tested = [t for t in targets if t.seeds == seeds]
     out = {"measure": "Jaccard of decoded token sets", "n_tested": len(tested),
            "excluded": [t.name for t in targets if t.seeds != seeds], "correction": f"Benjamini-Hochberg FDR {FDR}",
            "per_target": {}}
     if len(tested) < 2 or len(seeds) < 2:
-        out["frac_specific"] = None
-        return out
+        return {**out, "frac_specific": None}
     ids = np.concatenate([t.ids for t in tested])  # [T * runs, pos]: row t * runs + s
     test = per_target(metrics.pairwise_jaccard(ids), len(tested), len(seeds), seed=seed, n_perm=n_perm)
     q = benjamini_hochberg(test["p"])
@@ -120,8 +118,7 @@ def _fraction(flags) -> float | None:
 
 def study(targets: list[TargetRuns], corpus: dict[str, tuple[float, float]] | None = None, seed: int = 0,
           n_perm: int = 1999) -> dict:
-    """Per target and for the layer: above chance, specific, seed spread and (corpus: name -> (max, p99)) real
-    text. JSON-serialisable."""
+    """The four questions, per target and for the layer (corpus: name -> (max, p99)); JSON-serialisable."""
     spec = cross_target(targets, seed, n_perm)
     rows = []
     for t in targets:

@@ -17,6 +17,7 @@ import re
 import socket
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -65,8 +66,9 @@ def parse_targets(spec: str, width: Callable[[int, str], int], n_layers: int, se
         n = width(block, site)
         if source:  # an SAE's latents: the SAE must read this site; SEL picks among its d_sae latents
             n = features.sae_of(Target(block, site, 0, source), n).d_sae
-        if re.fullmatch(r"\d+", sel):
+        if re.fullmatch(r"\d+", sel):  # a range or a draw is within the site by construction
             indices = [int(sel)]
+            check_target(Target(block, site, indices[0]), n_layers, n)
         elif m := re.fullmatch(r"(\d+):(\d+)", sel):
             a, b = int(m.group(1)), int(m.group(2))
             if not 0 <= a < b <= n:
@@ -82,8 +84,6 @@ def parse_targets(spec: str, width: Callable[[int, str], int], n_layers: int, se
             indices = sorted(int(i) for i in rng.choice(n, k, replace=False))
         else:
             raise AmreproError(f"cannot read [{sel}] of '{item}': use an index i, a range a:b or random:K.")
-        for i in indices:
-            check_target(Target(block, site, i), n_layers, n)
         targets += [Target(block, site, i, source) for i in indices]
     return list(dict.fromkeys(targets))
 
@@ -126,7 +126,7 @@ class Worker:
         self.keep = keep
 
     def run_chunk(self, names: list[str]) -> dict:
-        """Optimize and log the chunk's targets without a FINISHED parent: {"logged", "study" (study.TargetRuns),
+        """Optimize and log the chunk's targets without a FINISHED parent: {"study": their study.TargetRuns,
         "seconds": {"science": null pool, optimize, decode, statistics; "tracking": the rest}}."""
         ctx, job, started = self.ctx, self.job, time.perf_counter()
         found: dict[str, list] = {}
@@ -163,7 +163,7 @@ class Worker:
                     lean.log_target(ctx, parent, outcome, job.frozen, params=outcome.config.to_params())
                 else:
                     layout.log_runs(ctx, parent, job.experiment_id, outcome, job.frozen)
-        return {"logged": [p.target.name for p in preps], "study": [study.record(o) for o in outcomes],
+        return {"study": [study.record(o) for o in outcomes],
                 "seconds": {"science": science, "tracking": time.perf_counter() - started - science}}
 
     def _start(self, config: Config, tags: dict[str, str]) -> str:
@@ -214,28 +214,19 @@ def check_workers(lm, targets: list[Target], config: Config, workers: int, chunk
     return None
 
 
-def _probe(address: str) -> str | None:
-    """Why the cluster at address cannot be reached (a phrase), or None when its port accepts a connection or
-    the address is not host:port (auto, local): ray.init retries an unreachable address for minutes."""
-    found = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)/?", address.strip())
-    if not found:
-        return None
-    host, port = found.group(1), int(found.group(2))
-    try:
-        with socket.create_connection((host, port), timeout=RAY_PROBE_SECONDS):
-            return None
-    except OSError as error:
-        return (f"nothing answers at {host}:{port} ({error.strerror or type(error).__name__}"
-                f"{'' if error.strerror else f', no answer in {RAY_PROBE_SECONDS:.0f} s'})")
-
-
 def start_ray(address: str | None, workers: int, threads: int):
     """Join the cluster at address (or RAY_ADDRESS), else start a local Ray with workers x threads CPUs."""
     address = address or os.environ.get("RAY_ADDRESS") or None
-    problem = _probe(address) if address else None
-    if problem:
-        raise AmreproError(f"cannot join Ray at {address}: {problem}; start the cluster (`ray start --head`) or "
-                           "correct --ray-address / RAY_ADDRESS.")
+    found = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)/?", (address or "").strip())
+    if found:  # host:port (not auto): ray.init would retry an address that does not answer for minutes
+        host, port = found.group(1), int(found.group(2))
+        try:
+            with socket.create_connection((host, port), timeout=RAY_PROBE_SECONDS):
+                pass
+        except OSError as error:
+            why = error.strerror or f"{type(error).__name__}, no answer in {RAY_PROBE_SECONDS:.0f} s"
+            raise AmreproError(f"cannot join Ray at {address}: nothing answers at {host}:{port} ({why}); start the "
+                               "cluster (`ray start --head`) or correct --ray-address / RAY_ADDRESS.") from None
     import ray
 
     where = {"address": address} if address else {"num_cpus": workers * threads, "include_dashboard": False}
@@ -257,11 +248,10 @@ def run_chunks(work: list[list[Target]], job: Job, workers: int, lm,
     on_chunk(the study.TargetRuns of the targets it logged) after each chunk."""
     queue = [[t.name for t in chunk] for chunk in work]
     failures: list[str] = []
-    seconds = {"science": 0.0, "tracking": 0.0}
+    seconds = Counter(science=0.0, tracking=0.0)
 
     def done(out: dict) -> None:
-        for key in seconds:
-            seconds[key] += out["seconds"][key]
+        seconds.update(out["seconds"])
         on_chunk(out["study"])
 
     if workers == 0:

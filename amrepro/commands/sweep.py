@@ -29,8 +29,7 @@ from ..tracking import refuse_live
 
 def sweep(config: Config, spec: str, workers: int = 0, ray_address: str | None = None, chunk: int = 0,
           resume: str | None = None, experiment: str | None = None, layout: str = "lean", force: bool = False,
-          corpus_path: str = "", parent: str | None = None,
-          shared: dict | None = None) -> tuple[dict, float]:
+          corpus_path: str = "", parent: str | None = None, shared: dict | None = None) -> tuple[dict, float]:
     """--resume SWEEP_RUN_ID redoes the targets without a FINISHED parent, with the sweep's own params; refused
     while that sweep's process or workers are alive (force: also when they cannot be checked from this host).
     parent: the top run of a many-method sweep; shared: what its method sweeps share (the model, the corpus
