@@ -39,7 +39,12 @@ def sweep(config: Config, spec: str, workers: int = 0, ray_address: str | None =
     ctx = Context(experiment)
     if resume:
         resumed = RunReader(ctx.store).run(resume)
-        config, spec = _config_from_sweep(resumed.params)
+        if "targets" not in resumed.params:
+            raise AmreproError("the run has no 'targets' param: it is not a sweep run made by amrepro sweep.")
+        default = Config()  # the sweep's own params (_sweep_params), with any target
+        config = Config.from_params({**resumed.params, "target": "", "layer": str(default.layer),
+                                     "dim": str(default.dim)})
+        spec = _unquote(resumed.params["targets"])  # `mlflow run -e sweep` logs it shell-quoted
         layout = lean.layout_of(resumed)  # the sweep's own
         refuse_live([resumed, *sweep_parents(ctx.store, resume, resumed.experiment_id)],
                     f"`amrepro sweep --resume {resume}`", force)
@@ -51,9 +56,8 @@ def sweep(config: Config, spec: str, workers: int = 0, ray_address: str | None =
         raise AmreproError(f"--chunk must be 0 (automatic) or more, got {chunk}.")
     with ctx.session(attach=not resume and parent is None):
         # plan: every check, the targets, the corpus levels, the sweep run, what is left to do
-        if "lm" not in shared:
-            shared["lm"] = load_model(config.model, resolve_device(config.device), note=report.note)
-        lm = shared["lm"]
+        lm = shared.get("lm") or load_model(config.model, resolve_device(config.device), note=report.note)
+        shared["lm"] = lm
         width = functools.cache(lambda block, site: site_width(lm, Target(block, site, 0)))  # one probe per site
         targets = sw.parse_targets(spec, width, lm.n_layers, config.seed)
         config, ray = _start_workers(lm, targets, config, workers, ray_address, chunk, resume)
@@ -122,7 +126,6 @@ def _start_workers(lm, targets: list, config: Config, workers: int, ray_address:
 def _open(ctx: Context, lm, config: Config, spec: str, workers: int, ray_address: str | None, resume: str | None,
           layout: str, corpus_path: str, parent: str | None) -> sw.Job:
     """The sweep run, new (under parent, for a many-method sweep) or reopened (--resume), as the workers' Job."""
-    frozen = pip_freeze()
     if resume:
         sweep_id, experiment_id = ctx.reopen(resume)
         if sweep_id is None:
@@ -135,29 +138,19 @@ def _open(ctx: Context, lm, config: Config, spec: str, workers: int, ray_address
                                                 f"sweep {run_name(config).rsplit(' ', 2)[0]} {spec} x{config.runs}")
     ctx.log(sweep_id, tags={WORKERS_TAG: str(workers), RAY_ADDRESS_TAG: ray_address or
                             os.environ.get("RAY_ADDRESS", "local" if workers else "none")})
-    return sw.Job(config, ctx.uri, experiment_id, sweep_id, frozen, layout)
+    return sw.Job(config, ctx.uri, experiment_id, sweep_id, pip_freeze(), layout)
 
 
 def _sweep_params(config: Config, spec: str) -> dict[str, str]:
-    """The sweep run's params: every hyperparameter but the target, and the targets' SPEC."""
+    """The sweep run's params (--resume reads them back): every hyperparameter but the target, and the SPEC."""
     target = ("target", "target_name", "layer", "dim")
     return {**{k: v for k, v in config.to_params().items() if k not in target}, "targets": spec}
-
-
-def _config_from_sweep(params: dict[str, str]) -> tuple[Config, str]:
-    """Inverse of _sweep_params, for --resume."""
-    if "targets" not in params:
-        raise AmreproError("the run has no 'targets' param: it is not a sweep run made by amrepro sweep.")
-    default = Config()
-    config = Config.from_params({**params, "target": "", "layer": str(default.layer), "dim": str(default.dim)})
-    return config, _unquote(params["targets"])  # `mlflow run -e sweep` logs it shell-quoted
 
 
 def _end_unfinished(ctx: Context, job: sw.Job, done: set, interrupt: KeyboardInterrupt) -> None:
     """After Ctrl-C or SIGTERM: the runs this invocation's workers made (in other processes, or in a Context of
     their own with workers 0) counted into ctx's message; those still RUNNING (a killed Ray worker ends nothing)
     are ended KILLED."""
-    pid = str(os.getpid())
     try:
         parents = sweep_parents(ctx.store, job.sweep_id, job.experiment_id)
     except Exception:  # noqa: BLE001 - the store may be what failed; the sweep run is still ended by ctx
@@ -174,7 +167,7 @@ def _end_unfinished(ctx: Context, job: sw.Job, done: set, interrupt: KeyboardInt
                 ctx.stop(run.id, "KILLED", signals.words(interrupt))
             elif run.status == "FINISHED":
                 ctx.n_finished += 1
-            elif run.tags.get(PID_TAG) == pid:  # ended KILLED by the in-process worker's own Context just now
+            elif run.tags.get(PID_TAG) == str(os.getpid()):  # ended KILLED just now by the in-process worker
                 ctx.n_stopped += 1
 
 
