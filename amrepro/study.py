@@ -145,7 +145,7 @@ COLUMNS = ("method", "n_targets", "frac_above_chance", "frac_specific", "median_
            "s_per_target")
 
 
-def table_row(method: str, result: dict, seconds: float | None) -> dict:
+def table_row(method: str, result: dict, seconds: float) -> dict:
     """The study table's row of one method: its layer summary (study()) and its wall time per target."""
     layer, rows = result["layer"], result["targets"]
     ranges = [r["decoded"]["max"] - r["decoded"]["min"] for r in rows if r["decoded"] is not None]
@@ -155,7 +155,7 @@ def table_row(method: str, result: dict, seconds: float | None) -> dict:
             "frac_best_beats_corpus_max": layer.get("frac_best_beats_max"),
             "frac_median_beats_corpus_max": layer.get("frac_median_beats_max"),
             "frac_best_beats_corpus_p99": layer.get("frac_best_beats_p99"),
-            "s_per_target": None if seconds is None or not layer["n_targets"] else seconds / layer["n_targets"]}
+            "s_per_target": seconds / layer["n_targets"] if layer["n_targets"] else None}
 
 
 def target_columns(result: dict) -> dict[str, list]:

@@ -96,7 +96,7 @@ def chunks(targets: list[Target], size: int) -> list[list[Target]]:
     return [same[i:i + size] for same in by_site.values() for i in range(0, len(same), size)]
 
 
-def chunk_size(n_targets: int, workers: int, requested: int = 0) -> int:
+def chunk_size(n_targets: int, workers: int, requested: int) -> int:
     """requested, else enough chunks to keep every worker busy, at most CHUNK_MAX targets each."""
     return requested or max(1, min(CHUNK_MAX, math.ceil(n_targets / max(workers, 1))))
 
@@ -288,7 +288,7 @@ def run_chunks(work: list[list[Target]], job: Job, workers: int, lm,
                                 f"{_first_line(error)}")
                 continue  # the actor is gone for good; the others take the rest of the queue
             except ray.exceptions.RayTaskError as error:
-                failures.append(f"{chunk[0]}..{chunk[-1]} failed: {_first_line(error.cause if error.cause else error)}")
+                failures.append(f"{chunk[0]}..{chunk[-1]} failed: {_first_line(error.cause or error)}")
             give(actor)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the workers stop now (killed, never restarted), and are waited
         with signals.ignored():  # for (their chunks fail once they are dead), so that none writes after the
