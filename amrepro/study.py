@@ -57,9 +57,7 @@ def benjamini_hochberg(p) -> np.ndarray:
     order = np.argsort(p, kind="stable")
     ranked = p[order] * p.size / np.arange(1, p.size + 1)  # [T]: p_(k) * T / k
     q = np.minimum.accumulate(ranked[::-1])[::-1]  # the smallest over every larger rank
-    out = np.empty_like(q)
-    out[order] = np.minimum(q, 1.0)
-    return out
+    return np.minimum(q, 1.0)[np.argsort(order)]  # back in p's order
 
 
 def spread(values) -> dict:
@@ -68,8 +66,7 @@ def spread(values) -> dict:
     v = np.asarray(values, dtype=float)  # [runs]
     mean = float(v.mean())
     cv = float(v.std(ddof=1) / abs(mean)) if v.size > 1 and mean != 0 else None
-    return {"min": float(v.min()), "max": float(v.max()), "median": float(np.median(v)), "cv": cv,
-            "n": int(v.size)}
+    return {"min": float(v.min()), "max": float(v.max()), "median": float(np.median(v)), "cv": cv, "n": int(v.size)}
 
 
 def distribution(values) -> dict:
@@ -163,9 +160,8 @@ def target_columns(result: dict) -> dict[str, list]:
     rows = result["targets"]
     columns = {k: [r[k] for r in rows] for k in ("target", "n_runs", "above_chance", "specific", "p_specific",
                                                  "q_specific")}
-    for kind in ("decoded", "final"):
-        for stat in ("min", "max", "median", "cv"):
-            columns[f"{kind}_{stat}"] = [None if r[kind] is None else r[kind][stat] for r in rows]
+    columns.update({f"{kind}_{stat}": [None if r[kind] is None else r[kind][stat] for r in rows]
+                    for kind in ("decoded", "final") for stat in ("min", "max", "median", "cv")})
     for key in ("corpus_max", "corpus_p99", *CORPUS_FLAGS):
         columns[key] = [r["corpus"][key] if "corpus" in r else None for r in rows]
     return columns
@@ -176,10 +172,8 @@ def layer_metrics(result: dict) -> dict[str, float]:
     layer = result["layer"]
     fractions = ("frac_above_chance", "frac_specific", *(f"frac_{key}" for key in CORPUS_FLAGS))
     out = {f"study/{key}": float(layer[key]) for key in fractions if layer.get(key) is not None}
-    for key in ("decoded_cv", "final_cv"):
-        if layer["spread"][key].get("n"):
-            out[f"study/median_{key}"] = layer["spread"][key]["median"]
-    return out
+    return out | {f"study/median_{key}": s["median"] for key, s in layer["spread"].items()
+                  if key in ("decoded_cv", "final_cv") and s.get("n")}
 
 
 def _pct(value) -> str:

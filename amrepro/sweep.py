@@ -129,18 +129,15 @@ class Worker:
         """Optimize and log the chunk's targets without a FINISHED parent: {"study": their study.TargetRuns,
         "seconds": {"science": null pool, optimize, decode, statistics; "tracking": the rest}}."""
         ctx, job, started = self.ctx, self.job, time.perf_counter()
-        found: dict[str, list] = {}
-        for run in layout.sweep_parents(ctx.store, job.sweep_id, job.experiment_id):
-            found.setdefault(run.tags.get(layout.TARGET_TAG), []).append(run)
-        todo = []
-        for name in names:
-            runs = found.get(name, [])
-            if any(r.status == "FINISHED" for r in runs):
-                continue  # logged by an earlier attempt of this chunk that died later
-            for run in runs:
+        runs = [r for r in layout.sweep_parents(ctx.store, job.sweep_id, job.experiment_id)
+                if r.tags.get(layout.TARGET_TAG) in names]
+        # kept: logged by an earlier attempt of this chunk that died later; the other parents are redone
+        finished = {r.tags[layout.TARGET_TAG] for r in runs if r.status == "FINISHED"}
+        for run in runs:
+            if run.tags[layout.TARGET_TAG] not in finished:
                 layout.discard(ctx.store, run, f"left {run.status} by a worker that died or a sweep that was "
                                f"interrupted (pid {run.tags.get(layout.PID_TAG)}); the target was redone")
-            todo.append(Target.parse(name))
+        todo = [Target.parse(name) for name in names if name not in finished]
         before = time.perf_counter()
         preps = experiment.prepare_many(job.config, todo, self.lm)  # science: draws and decodes the null's starts
         science = time.perf_counter() - before
@@ -243,9 +240,8 @@ def start_ray(address: str | None, workers: int, threads: int):
 
 def run_chunks(work: list[list[Target]], job: Job, workers: int, lm,
                on_chunk: Callable[[list], None]) -> tuple[list[str], dict[str, float]]:
-    """Every chunk, in this process (workers 0) or on `workers` Ray actors (Ray started): one sentence per chunk
-    that failed for good (its targets stay for --resume), and the workers' seconds of science and of tracking;
-    on_chunk(the study.TargetRuns of the targets it logged) after each chunk."""
+    """Every chunk, in this process (workers 0) or on Ray actors: (one sentence per chunk that failed for good (its
+    targets stay for --resume), the workers' seconds of science and tracking); on_chunk(its TargetRuns) after each."""
     queue = [[t.name for t in chunk] for chunk in work]
     failures: list[str] = []
     seconds = Counter(science=0.0, tracking=0.0)
@@ -322,9 +318,8 @@ def table(targets: list[Target], parents: dict[str, object]) -> dict[str, list]:
     figures = [parent_metrics.read(run) if run else {} for run in runs]
     columns = {"target": [t.name for t in targets], "parent_run_id": [run.id if run else None for run in runs],
                "status": [run.status if run else "NOT RUN" for run in runs]}
-    for name, key in parent_metrics.TABLE_COLUMNS.items():  # sweep_table.json's column -> the metric it reads
-        columns[name] = [None if f.get(key) is None else float(f[key]) for f in figures]
-    return columns
+    return columns | {name: [None if f.get(key) is None else float(f[key]) for f in figures]
+                      for name, key in parent_metrics.TABLE_COLUMNS.items()}  # column -> the parent metric it reads
 
 
 def summary(columns: dict[str, list]) -> tuple[dict[str, float], str]:

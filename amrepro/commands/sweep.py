@@ -148,9 +148,8 @@ def _sweep_params(config: Config, spec: str) -> dict[str, str]:
 
 
 def _end_unfinished(ctx: Context, job: sw.Job, done: set, interrupt: KeyboardInterrupt) -> None:
-    """After Ctrl-C or SIGTERM: the runs this invocation's workers made (in other processes, or in a Context of
-    their own with workers 0) counted into ctx's message; those still RUNNING (a killed Ray worker ends nothing)
-    are ended KILLED."""
+    """After Ctrl-C or SIGTERM: the runs of this invocation's workers (other processes, or their own Context with
+    workers 0) counted into ctx's message; those still RUNNING (a killed Ray worker ends nothing) ended KILLED."""
     try:
         parents = sweep_parents(ctx.store, job.sweep_id, job.experiment_id)
     except Exception:  # noqa: BLE001 - the store may be what failed; the sweep run is still ended by ctx
