@@ -206,8 +206,7 @@ def _summarize(ctx, job: sw.Job, targets: list, done: set, records: list, corpus
     ctx.log(sweep_id, tags={STUDY_TAG: study_words[:TAG_LIMIT]})
     report.console.print(study_words, soft_wrap=True, markup=False)
     summing = time.perf_counter() - summing  # the table, map, verdict, study (and lean: the flagged figures)
-    # where the time of this invocation went: the workers' science and tracking, and the rest (Ray: starting
-    # workers, loading models, scheduling; idle workers) as a share of the workers' wall time
+    # where the workers' wall time went: science, tracking, the rest (Ray start-up and scheduling, model loading, idle)
     slots = max(workers, 1) * wall
     ctx.log_metrics(sweep_id, {"time/wall_seconds": wall, "time/science_seconds": seconds["science"],
                                "time/tracking_seconds": seconds["tracking"], "time/summary_seconds": summing,
