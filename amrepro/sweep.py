@@ -240,8 +240,8 @@ def start_ray(address: str | None, workers: int, threads: int):
 
 def run_chunks(work: list[list[Target]], job: Job, workers: int, lm,
                on_chunk: Callable[[list], None]) -> tuple[list[str], dict[str, float]]:
-    """Every chunk, in this process (workers 0) or on Ray actors: (one sentence per chunk that failed for good (its
-    targets stay for --resume), the workers' seconds of science and tracking); on_chunk(its TargetRuns) after each."""
+    """Every chunk, in this process (workers 0) or on Ray actors: a sentence per chunk that failed for good (its
+    targets stay for --resume) and the workers' seconds of science and tracking; on_chunk(its TargetRuns) after each."""
     queue = [[t.name for t in chunk] for chunk in work]
     failures: list[str] = []
     seconds = Counter(science=0.0, tracking=0.0)

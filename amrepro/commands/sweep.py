@@ -170,10 +170,10 @@ def _end_unfinished(ctx: Context, job: sw.Job, done: set, interrupt: KeyboardInt
                 ctx.n_stopped += 1
 
 
-def _summarize(ctx, job: sw.Job, targets: list, done: set, records: list, corpus: dict | None, workers: int,
+def _summarize(ctx, job: sw.Job, targets: list, done: set, records: list, levels: dict | None, workers: int,
                seconds: dict, wall: float) -> dict:
-    """The sweep run's table (read back from the store, so a resumed sweep has every target), sweep/* metrics,
-    verdict and map; the study of the targets this invocation ran (records), returned; where the time went."""
+    """The sweep run's table (read back from the store: a resumed sweep has every target), sweep/* metrics, verdict,
+    map and timing; returns the study of this invocation's records (levels: those of --corpus), also logged."""
     sweep_id, experiment_id = job.sweep_id, job.experiment_id
     summing = time.perf_counter()
     parents = {}
@@ -196,7 +196,7 @@ def _summarize(ctx, job: sw.Job, targets: list, done: set, records: list, corpus
     if job.layout == "lean" and job.config.figures:  # --figures false: none; `amrepro figures RUN_ID` draws them
         _log_flagged_figures(ctx, columns)
     order = {t.name: k for k, t in enumerate(targets)}
-    result = study.study(sorted(records, key=lambda r: order[r.name]), corpus, seed=job.config.seed)
+    result = study.study(sorted(records, key=lambda r: order[r.name]), levels, seed=job.config.seed)
     result["layer"]["note"] = f"the {len(records)} targets run by this invocation" + (
         f" ({len(done)} done by an earlier one are not in it)" if done else "")
     study_words = study.words(result)
