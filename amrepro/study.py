@@ -80,8 +80,8 @@ def distribution(values) -> dict:
 
 
 def cross_target(targets: list[TargetRuns], seed: int = 0, n_perm: int = 1999) -> dict:
-    """Specific, on the Jaccard of decoded token sets (what every method returns), for the targets with a finite run
-    from every seed of the sweep (a diverged run would leave a target without its seed's pair)."""
+    """Specificity against the sweep's other targets on the Jaccard of decoded token sets (what every method returns),
+    for the targets with a finite run from every seed (a diverged run would leave a target without its seed's pair)."""
     seeds = max((t.seeds for t in targets), key=len, default=())
     tested = [t for t in targets if t.seeds == seeds]
     out = {"measure": "Jaccard of decoded token sets", "n_tested": len(tested),
