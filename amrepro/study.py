@@ -26,6 +26,7 @@ from .stats import ALPHA, REPRODUCIBILITY
 from .verdict import decisions
 
 FDR = ALPHA  # Benjamini-Hochberg level of the per-target specificity tests
+CORPUS_FLAGS = ("best_beats_max", "median_beats_max", "best_beats_p99", "median_beats_p99")  # against_corpus
 
 
 @dataclass(frozen=True)
@@ -56,9 +57,7 @@ def benjamini_hochberg(p) -> np.ndarray:
     order = np.argsort(p, kind="stable")
     ranked = p[order] * p.size / np.arange(1, p.size + 1)  # [T]: p_(k) * T / k
     q = np.minimum.accumulate(ranked[::-1])[::-1]  # the smallest over every larger rank
-    out = np.empty_like(q)
-    out[order] = np.minimum(q, 1.0)
-    return out
+    return np.minimum(q, 1.0)[np.argsort(order)]  # back in p's order
 
 
 def spread(values) -> dict:
@@ -67,8 +66,7 @@ def spread(values) -> dict:
     v = np.asarray(values, dtype=float)  # [runs]
     mean = float(v.mean())
     cv = float(v.std(ddof=1) / abs(mean)) if v.size > 1 and mean != 0 else None
-    return {"min": float(v.min()), "max": float(v.max()), "median": float(np.median(v)), "cv": cv,
-            "n": int(v.size)}
+    return {"min": float(v.min()), "max": float(v.max()), "median": float(np.median(v)), "cv": cv, "n": int(v.size)}
 
 
 def distribution(values) -> dict:
@@ -82,17 +80,15 @@ def distribution(values) -> dict:
 
 
 def cross_target(targets: list[TargetRuns], seed: int = 0, n_perm: int = 1999) -> dict:
-    """Specificity of each target against the other targets of the sweep, on the Jaccard of decoded token sets
-    (tokens are what every method returns; pairs of different seeds only). Only targets whose runs all finished,
-    from the sweep's seeds, are tested (a diverged run would leave a target without its seed's pair)."""
+    """Specificity against the sweep's other targets on the Jaccard of decoded token sets (what every method returns),
+    for the targets with a finite run from every seed (a diverged run would leave a target without its seed's pair)."""
     seeds = max((t.seeds for t in targets), key=len, default=())
     tested = [t for t in targets if t.seeds == seeds]
     out = {"measure": "Jaccard of decoded token sets", "n_tested": len(tested),
            "excluded": [t.name for t in targets if t.seeds != seeds], "correction": f"Benjamini-Hochberg FDR {FDR}",
            "per_target": {}}
     if len(tested) < 2 or len(seeds) < 2:
-        out["frac_specific"] = None
-        return out
+        return {**out, "frac_specific": None}
     ids = np.concatenate([t.ids for t in tested])  # [T * runs, pos]: row t * runs + s
     test = per_target(metrics.pairwise_jaccard(ids), len(tested), len(seeds), seed=seed, n_perm=n_perm)
     q = benjamini_hochberg(test["p"])
@@ -100,10 +96,8 @@ def cross_target(targets: list[TargetRuns], seed: int = 0, n_perm: int = 1999) -
         out["per_target"][t.name] = {"within": test["within"][k], "across": test["across"][k],
                                      "difference": test["difference"][k], "p": test["p"][k], "q": float(q[k]),
                                      "specific": bool(q[k] < FDR)}
-    out["n_specific"] = int((q < FDR).sum())
-    out["frac_specific"] = out["n_specific"] / len(tested)
-    out["n_permutations"] = n_perm
-    return out
+    n_specific = int((q < FDR).sum())
+    return {**out, "n_specific": n_specific, "frac_specific": n_specific / len(tested), "n_permutations": n_perm}
 
 
 def against_corpus(decoded, corpus_max: float, corpus_p99: float) -> dict:
@@ -121,15 +115,13 @@ def _fraction(flags) -> float | None:
 
 def study(targets: list[TargetRuns], corpus: dict[str, tuple[float, float]] | None = None, seed: int = 0,
           n_perm: int = 1999) -> dict:
-    """Per target and for the layer: above chance, specific, seed spread and (corpus: name -> (max, p99)) real
-    text. JSON-serialisable."""
+    """The four questions, per target and for the layer (corpus: name -> (max, p99)); JSON-serialisable."""
     spec = cross_target(targets, seed, n_perm)
     rows = []
     for t in targets:
+        test = spec["per_target"].get(t.name, {})
         row = {"target": t.name, "n_runs": len(t.seeds), "above_chance": t.above_chance,
-               "specific": spec["per_target"].get(t.name, {}).get("specific"),
-               "p_specific": spec["per_target"].get(t.name, {}).get("p"),
-               "q_specific": spec["per_target"].get(t.name, {}).get("q"),
+               "specific": test.get("specific"), "p_specific": test.get("p"), "q_specific": test.get("q"),
                "decoded": spread(t.decoded) if t.seeds else None,
                "final": None if t.final is None or not t.seeds else spread(t.final)}
         if corpus is not None and t.name in corpus and t.seeds:
@@ -140,8 +132,8 @@ def study(targets: list[TargetRuns], corpus: dict[str, tuple[float, float]] | No
              "spread": {f"{kind}_{key}": distribution(r[kind][key] for r in rows if r[kind] is not None)
                         for kind in ("decoded", "final") for key in ("cv", "min", "max", "median")}}
     if corpus is not None:
-        for key in ("best_beats_max", "median_beats_max", "best_beats_p99", "median_beats_p99"):
-            layer[f"frac_{key}"] = _fraction(r["corpus"][key] for r in rows if "corpus" in r)
+        layer.update({f"frac_{key}": _fraction(r["corpus"][key] for r in rows if "corpus" in r)
+                      for key in CORPUS_FLAGS})
     return {"targets": rows, "layer": layer}
 
 
@@ -150,7 +142,7 @@ COLUMNS = ("method", "n_targets", "frac_above_chance", "frac_specific", "median_
            "s_per_target")
 
 
-def table_row(method: str, result: dict, seconds: float | None) -> dict:
+def table_row(method: str, result: dict, seconds: float) -> dict:
     """The study table's row of one method: its layer summary (study()) and its wall time per target."""
     layer, rows = result["layer"], result["targets"]
     ranges = [r["decoded"]["max"] - r["decoded"]["min"] for r in rows if r["decoded"] is not None]
@@ -160,32 +152,28 @@ def table_row(method: str, result: dict, seconds: float | None) -> dict:
             "frac_best_beats_corpus_max": layer.get("frac_best_beats_max"),
             "frac_median_beats_corpus_max": layer.get("frac_median_beats_max"),
             "frac_best_beats_corpus_p99": layer.get("frac_best_beats_p99"),
-            "s_per_target": None if seconds is None or not layer["n_targets"] else seconds / layer["n_targets"]}
+            "s_per_target": seconds / layer["n_targets"] if layer["n_targets"] else None}
 
 
 def target_columns(result: dict) -> dict[str, list]:
     """study_targets.json: one row per target (a log_table for the MLflow UI)."""
-    keys = ("target", "n_runs", "above_chance", "specific", "p_specific", "q_specific")
-    columns: dict[str, list] = {k: [r[k] for r in result["targets"]] for k in keys}
-    for kind in ("decoded", "final"):
-        for stat in ("min", "max", "median", "cv"):
-            columns[f"{kind}_{stat}"] = [None if r[kind] is None else r[kind][stat] for r in result["targets"]]
-    for key in ("corpus_max", "corpus_p99", "best_beats_max", "median_beats_max", "best_beats_p99", "median_beats_p99"):
-        columns[key] = [r["corpus"][key] if "corpus" in r else None for r in result["targets"]]
+    rows = result["targets"]
+    columns = {k: [r[k] for r in rows] for k in ("target", "n_runs", "above_chance", "specific", "p_specific",
+                                                 "q_specific")}
+    columns.update({f"{kind}_{stat}": [None if r[kind] is None else r[kind][stat] for r in rows]
+                    for kind in ("decoded", "final") for stat in ("min", "max", "median", "cv")})
+    for key in ("corpus_max", "corpus_p99", *CORPUS_FLAGS):
+        columns[key] = [r["corpus"][key] if "corpus" in r else None for r in rows]
     return columns
 
 
 def layer_metrics(result: dict) -> dict[str, float]:
     """study/* metrics of a sweep run: the layer's fractions and the median seed spread."""
-    layer, out = result["layer"], {}
-    for key in ("frac_above_chance", "frac_specific", "frac_best_beats_max", "frac_median_beats_max",
-                "frac_best_beats_p99", "frac_median_beats_p99"):
-        if layer.get(key) is not None:
-            out[f"study/{key}"] = float(layer[key])
-    for key in ("decoded_cv", "final_cv"):
-        if layer["spread"][key].get("n"):
-            out[f"study/median_{key}"] = layer["spread"][key]["median"]
-    return out
+    layer = result["layer"]
+    fractions = ("frac_above_chance", "frac_specific", *(f"frac_{key}" for key in CORPUS_FLAGS))
+    out = {f"study/{key}": float(layer[key]) for key in fractions if layer.get(key) is not None}
+    return out | {f"study/median_{key}": s["median"] for key, s in layer["spread"].items()
+                  if key in ("decoded_cv", "final_cv") and s.get("n")}
 
 
 def _pct(value) -> str:
@@ -212,10 +200,8 @@ def words(result: dict) -> str:
 def markdown_table(rows: list[dict]) -> str:
     """The study table as markdown, for the top run's description in the MLflow UI."""
     def cell(key, value):
-        if value is None:
-            return "n/a"
-        if key.startswith("frac_"):
-            return f"{value:.0%}"
+        if value is None or key.startswith("frac_"):
+            return _pct(value)
         return f"{value:.3g}" if isinstance(value, float) else str(value)
 
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]

@@ -1,30 +1,33 @@
-"""`amrepro sweep`: many targets, in batches of one site, on Ray workers that log straight to the tracking store.
-
-    targets SPEC -> [Target] -> chunks (one site each) -> Worker.run_chunk on Ray (or in this process)
-                                                         -> one parent per target + seed runs, as `amrepro run`
-    then the sweep run gets the table of every target, the sweep/* metrics and the map.
+"""`amrepro sweep`: --targets SPEC -> chunks of one site -> Worker.run_chunk on Ray workers (or in this process),
+which log each target straight to the tracking store as `amrepro run` does; then the sweep run's table and summary.
 
 Workers and retries. A Worker loads the model once and then takes chunks. Ray restarts a worker whose process
 died and retries its chunk there (max_restarts / max_task_retries). A chunk is owned by one worker at a time, so
 a target parent that is not FINISHED when a chunk starts was left by a dead attempt (or by an interrupted sweep
-that is being resumed): it is ended KILLED, deleted (layout.discard) and redone; a FINISHED one is
-kept and skipped. Targets are looked up by the tags amrepro.sweep and amrepro.target, never by name or order.
+that is being resumed): it is ended KILLED, deleted (layout.discard) and redone; a FINISHED one is kept and
+skipped. Targets are looked up by the tags amrepro.sweep and amrepro.target, never by name or order.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
+import socket
+import time
 import zlib
+from collections import Counter
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 
-from . import features, layout, lean, parent_metrics, signals, study
+from . import experiment, features, layout, lean, parent_metrics, signals, study
 from .config import AmreproError, Config
+from .context import Context, environment_tags, saying_what_was_saved
+from .model import load_model
 from .nulls import binomial_tail
 from .stats import ALPHA, CLAIMS, REPRODUCIBILITY
 from .targets import ALL_SITES, Target, check_target
@@ -39,10 +42,8 @@ _ITEM = re.compile(r"blocks\.(\d+)\.([a-z_.]+)(@sae:.+)?\[([^\]]*)\]")  # the si
 
 # --- --targets SPEC ---------------------------------------------------------------------------------------
 def parse_targets(spec: str, width: Callable[[int, str], int], n_layers: int, seed: int) -> list[Target]:
-    """SPEC: comma-separated items blocks.B.SITE[SEL] or blocks.B.SITE@sae:PATH[SEL] (latents of an SAE), SEL
-    one of i, a:b (a <= i < b), random:K (K distinct indices, drawn reproducibly from the seed and the site, and
-    the SAE's path); or a direction blocks.B.SITE@FILE.npy. width(block, site) is the site's size.
-    Duplicates are dropped (first kept), so the list is the sweep's target order."""
+    """The sweep's targets in order, duplicates dropped, from SPEC (its grammar: cli.sweep's --targets); random:K
+    draws from the seed, the site and an SAE's path. width(block, site) is the site's size."""
     items = [item.strip() for item in re.split(r",(?![^\[]*\])", spec) if item.strip()]
     if not items:
         raise AmreproError("--targets is empty: give e.g. 'blocks.8.hook_resid_pre[0:768]'.")
@@ -65,8 +66,9 @@ def parse_targets(spec: str, width: Callable[[int, str], int], n_layers: int, se
         n = width(block, site)
         if source:  # an SAE's latents: the SAE must read this site; SEL picks among its d_sae latents
             n = features.sae_of(Target(block, site, 0, source), n).d_sae
-        if re.fullmatch(r"\d+", sel):
+        if re.fullmatch(r"\d+", sel):  # a range or a draw is within the site by construction
             indices = [int(sel)]
+            check_target(Target(block, site, indices[0]), n_layers, n)
         elif m := re.fullmatch(r"(\d+):(\d+)", sel):
             a, b = int(m.group(1)), int(m.group(2))
             if not 0 <= a < b <= n:
@@ -82,22 +84,19 @@ def parse_targets(spec: str, width: Callable[[int, str], int], n_layers: int, se
             indices = sorted(int(i) for i in rng.choice(n, k, replace=False))
         else:
             raise AmreproError(f"cannot read [{sel}] of '{item}': use an index i, a range a:b or random:K.")
-        for i in indices:
-            check_target(Target(block, site, i), n_layers, n)
         targets += [Target(block, site, i, source) for i in indices]
     return list(dict.fromkeys(targets))
 
 
 def chunks(targets: list[Target], size: int) -> list[list[Target]]:
-    """The targets of one site together (a batch reads one site, experiment.py), at most size per chunk: the
-    sites in the order they first appear, each site's targets in the user's order, wherever they are listed."""
+    """At most size targets of one site (a batch reads one site) per chunk, in the order the sites first appear."""
     by_site: dict[tuple, list[Target]] = {}
     for target in targets:
         by_site.setdefault(target.batch_key, []).append(target)
     return [same[i:i + size] for same in by_site.values() for i in range(0, len(same), size)]
 
 
-def chunk_size(n_targets: int, workers: int, requested: int = 0) -> int:
+def chunk_size(n_targets: int, workers: int, requested: int) -> int:
     """requested, else enough chunks to keep every worker busy, at most CHUNK_MAX targets each."""
     return requested or max(1, min(CHUNK_MAX, math.ceil(n_targets / max(workers, 1))))
 
@@ -118,41 +117,29 @@ class Worker:
     """Loads the model once, then runs chunks of targets: one batch each, logged target by target."""
 
     def __init__(self, job: Job, lm=None, keep: bool = False):
-        from .context import Context, environment_tags
-        from .experiment import setup_device
-        from .model import load_model
-
-        self.job, device = job, setup_device(job.config)  # determinism and threads, in this process too (workers 0)
-        self.lm = lm or load_model(job.config.model, device)
+        device = experiment.setup_device(job.config)  # determinism and threads, in this process too (workers 0)
+        self.job, self.lm = job, lm or load_model(job.config.model, device)
         self.ctx = Context(uri=job.uri)
-        self.env = environment_tags(self.lm)
+        self.env = {**environment_tags(self.lm), **({lean.LAYOUT_TAG: "lean"} if job.layout == "lean" else {})}
         # --workers 0 keeps each target's outcome file, as `amrepro run` does (a store that fails: exit 3, then
         # `amrepro log FILE`); a Ray worker keeps none: Ray recomputes a dead worker's chunk
         self.keep = keep
 
     def run_chunk(self, names: list[str]) -> dict:
-        """Optimize and log the targets of a chunk that have no FINISHED parent yet: {"logged": names, "study":
-        their study.TargetRuns, "seconds": {"science": the null's pool + optimize + decode + statistics,
-        "tracking": lookups, run creation, logging}}."""
-        import time
-        from .context import saying_what_was_saved
-        from .experiment import execute_many, prepare_many
-
+        """Optimize and log the chunk's targets without a FINISHED parent: {"study": their study.TargetRuns,
+        "seconds": {"science": null pool, optimize, decode, statistics; "tracking": the rest}}."""
         ctx, job, started = self.ctx, self.job, time.perf_counter()
-        found: dict[str, list] = {}
-        for run in layout.sweep_parents(ctx.store, job.sweep_id, job.experiment_id):
-            found.setdefault(run.tags.get(layout.TARGET_TAG), []).append(run)
-        todo = []
-        for name in names:
-            runs = found.get(name, [])
-            if any(r.status == "FINISHED" for r in runs):
-                continue  # logged by an earlier attempt of this chunk that died later
-            for run in runs:
+        runs = [r for r in layout.sweep_parents(ctx.store, job.sweep_id, job.experiment_id)
+                if r.tags.get(layout.TARGET_TAG) in names]
+        # kept: logged by an earlier attempt of this chunk that died later; the other parents are redone
+        finished = {r.tags[layout.TARGET_TAG] for r in runs if r.status == "FINISHED"}
+        for run in runs:
+            if run.tags[layout.TARGET_TAG] not in finished:
                 layout.discard(ctx.store, run, f"left {run.status} by a worker that died or a sweep that was "
                                f"interrupted (pid {run.tags.get(layout.PID_TAG)}); the target was redone")
-            todo.append(Target.parse(name))
+        todo = [Target.parse(name) for name in names if name not in finished]
         before = time.perf_counter()
-        preps = prepare_many(job.config, todo, self.lm)  # science too: it draws and decodes the null's starts
+        preps = experiment.prepare_many(job.config, todo, self.lm)  # science: draws and decodes the null's starts
         science = time.perf_counter() - before
         tags = {**self.env, layout.SWEEP_TAG: job.sweep_id, layout.PARENT_TAG: job.sweep_id,
                 layout.BATCH_TAG: layout.batch_tag([p.target for p in preps]) if preps else ""}
@@ -161,21 +148,19 @@ class Worker:
         with saying_what_was_saved(ctx) if self.keep else nullcontext(), ctx:
             parents = [self._start(p.config, {**tags, layout.TARGET_TAG: p.target.name}) for p in preps]
             before = time.perf_counter()
-            outcomes = execute_many(preps)
+            outcomes = experiment.execute_many(preps)
             science += time.perf_counter() - before
             paths = {}
-            for parent, outcome in zip(parents, outcomes):  # every outcome file first, then the logging
-                if self.keep:
-                    kept = {**self.env, **({lean.LAYOUT_TAG: "lean"} if job.layout == "lean" else {})}
-                    ctx.keep(outcome, parent, job.experiment_id, outcome.config.to_params(), kept, job.frozen)
-                    paths[parent] = ctx.outcome_path
+            for parent, outcome in zip(parents, outcomes) if self.keep else ():  # every outcome file, then the logging
+                ctx.keep(outcome, parent, job.experiment_id, outcome.config.to_params(), self.env, job.frozen)
+                paths[parent] = ctx.outcome_path
             for parent, outcome in zip(parents, outcomes):
                 ctx.outcome_path = paths.get(parent)
                 if job.layout == "lean":  # as `amrepro run` logs it; then its outcome file (--workers 0) goes
                     lean.log_target(ctx, parent, outcome, job.frozen, params=outcome.config.to_params())
                 else:
                     layout.log_runs(ctx, parent, job.experiment_id, outcome, job.frozen)
-        return {"logged": [p.target.name for p in preps], "study": [study.record(o) for o in outcomes],
+        return {"study": [study.record(o) for o in outcomes],
                 "seconds": {"science": science, "tracking": time.perf_counter() - started - science}}
 
     def _start(self, config: Config, tags: dict[str, str]) -> str:
@@ -195,21 +180,24 @@ RAY_PROBE_SECONDS = 5.0  # a cluster address that does not answer a TCP connecti
 
 def check_workers(lm, targets: list[Target], config: Config, workers: int, chunk: int, cpus: int,
                   local: bool) -> str | None:
-    """Refuse a --workers whose actors cannot fit in this machine's memory (each loads the model and optimizes a
-    batch of chunk x runs rows), with the number that would fit; say when the workers outnumber the cores.
-    Called before Ray starts and before any run exists. local: Ray runs on this machine (no --ray-address),
-    the only case whose memory is known here. Returns a note for the output, or None."""
-    from .experiment import _available_bytes, memory_needed
-
-    if workers <= 0 or not targets:
-        return None
+    """Before any run (and a local Ray) exists: refuse workers that cannot fit in this machine's memory (each loads
+    the model and optimizes chunk x runs rows), or with workers 0 this process's largest batch; a note when the
+    workers outnumber the cores. local: no --ray-address (the only case whose memory is known here)."""
     size = chunk_size(len(targets), workers, chunk)
+    if not workers:  # the largest batch, which would otherwise be refused inside the first one, after the sweep run
+        size = max(len(c) for c in chunks(targets, size))
+        try:
+            experiment.check_memory(lm, targets[0], config, rows=size * config.runs * (1 + config.controls))
+        except AmreproError as error:
+            raise AmreproError(f"a batch of {size} targets: {str(error).rstrip('.')}, or fewer targets per batch "
+                               f"(--chunk).") from None
+        return None
     actors = min(workers, len(chunks(targets, size)))  # run_chunks starts no more actors than there are chunks
     weights = sum(t.numel() * t.element_size() for t in (*lm.model.parameters(), *lm.model.buffers()))
-    per_run, per_pair = memory_needed(lm, targets[0], config)
+    per_run, per_pair = experiment.memory_needed(lm, targets[0], config)
     rows = config.runs * size  # a batch optimizes every target of the chunk from the same seeds
     per_worker = WORKER_PROCESS_BYTES + weights + rows * per_run + rows * config.runs * per_pair
-    available = _available_bytes(lm.device) if local else None
+    available = experiment._available_bytes(lm.device) if local else None
     if available is not None and actors * per_worker > 0.8 * available:
         fits = int(0.8 * available // per_worker)
         raise AmreproError(f"--workers {workers} starts {actors} Ray workers of about {per_worker / 2**30:.1f} GiB "
@@ -223,40 +211,24 @@ def check_workers(lm, targets: list[Target], config: Config, workers: int, chunk
     return None
 
 
-def _probe(address: str) -> str | None:
-    """Why the cluster at address cannot be reached (a phrase), or None when its port accepts a connection or
-    the address is not host:port (auto, local): ray.init retries an unreachable address for minutes."""
-    import socket
-
-    found = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)/?", address.strip())
-    if not found:
-        return None
-    host, port = found.group(1), int(found.group(2))
-    try:
-        with socket.create_connection((host, port), timeout=RAY_PROBE_SECONDS):
-            return None
-    except OSError as error:
-        return (f"nothing answers at {host}:{port} ({error.strerror or type(error).__name__}"
-                f"{'' if error.strerror else f', no answer in {RAY_PROBE_SECONDS:.0f} s'})")
-
-
 def start_ray(address: str | None, workers: int, threads: int):
     """Join the cluster at address (or RAY_ADDRESS), else start a local Ray with workers x threads CPUs."""
-    import logging
-
     address = address or os.environ.get("RAY_ADDRESS") or None
-    problem = _probe(address) if address else None
-    if problem:
-        raise AmreproError(f"cannot join Ray at {address}: {problem}; start the cluster (`ray start --head`) or "
-                           "correct --ray-address / RAY_ADDRESS.")
+    found = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)/?", (address or "").strip())
+    if found:  # host:port (not auto): ray.init would retry an address that does not answer for minutes
+        host, port = found.group(1), int(found.group(2))
+        try:
+            with socket.create_connection((host, port), timeout=RAY_PROBE_SECONDS):
+                pass
+        except OSError as error:
+            why = error.strerror or f"{type(error).__name__}, no answer in {RAY_PROBE_SECONDS:.0f} s"
+            raise AmreproError(f"cannot join Ray at {address}: nothing answers at {host}:{port} ({why}); start the "
+                               "cluster (`ray start --head`) or correct --ray-address / RAY_ADDRESS.") from None
     import ray
 
+    where = {"address": address} if address else {"num_cpus": workers * threads, "include_dashboard": False}
     try:
-        if address:
-            ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
-        else:
-            ray.init(num_cpus=workers * threads, include_dashboard=False, logging_level=logging.ERROR,
-                     log_to_driver=False)
+        ray.init(**where, logging_level=logging.ERROR, log_to_driver=False)
     except Exception as error:  # noqa: BLE001 - ConnectionError, a bad address, ...
         raise AmreproError(f"cannot start or join Ray{' at ' + address if address else ''}: {short(error)}") from None
     finally:
@@ -266,21 +238,17 @@ def start_ray(address: str | None, workers: int, threads: int):
     return ray
 
 
-def run_chunks(work: list[list[Target]], job: Job, workers: int, lm=None,
-               on_chunk: Callable[[list], None] | None = None) -> tuple[list[str], dict[str, float]]:
-    """Every chunk, in this process (workers 0) or on `workers` Ray actors (Ray already started). Returns one
-    sentence per chunk that failed for good (its targets stay for --resume), and the workers' seconds of science
-    and of tracking, summed over chunks; on_chunk(records) after each chunk (records: the study.TargetRuns of the
-    targets it logged)."""
+def run_chunks(work: list[list[Target]], job: Job, workers: int, lm,
+               on_chunk: Callable[[list], None]) -> tuple[list[str], dict[str, float]]:
+    """Every chunk, in this process (workers 0) or on Ray actors: a sentence per chunk that failed for good (its
+    targets stay for --resume) and the workers' seconds of science and tracking; on_chunk(its TargetRuns) after each."""
     queue = [[t.name for t in chunk] for chunk in work]
     failures: list[str] = []
-    seconds = {"science": 0.0, "tracking": 0.0}
+    seconds = Counter(science=0.0, tracking=0.0)
 
     def done(out: dict) -> None:
-        for key in seconds:
-            seconds[key] += out["seconds"][key]
-        if on_chunk:
-            on_chunk(out["study"])
+        seconds.update(out["seconds"])
+        on_chunk(out["study"])
 
     if workers == 0:
         worker = Worker(job, lm=lm, keep=True)
@@ -316,7 +284,7 @@ def run_chunks(work: list[list[Target]], job: Job, workers: int, lm=None,
                                 f"{_first_line(error)}")
                 continue  # the actor is gone for good; the others take the rest of the queue
             except ray.exceptions.RayTaskError as error:
-                failures.append(f"{chunk[0]}..{chunk[-1]} failed: {_first_line(error.cause if error.cause else error)}")
+                failures.append(f"{chunk[0]}..{chunk[-1]} failed: {_first_line(error.cause or error)}")
             give(actor)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the workers stop now (killed, never restarted), and are waited
         with signals.ignored():  # for (their chunks fail once they are dead), so that none writes after the
@@ -343,25 +311,15 @@ def _first_line(error: BaseException) -> str:
 
 
 # --- the sweep run's table, metrics and map ---------------------------------------------------------------
-TABLE_COLUMNS = parent_metrics.TABLE_COLUMNS  # sweep_table.json's columns -> the parent metric each reads
-
-
 def table(targets: list[Target], parents: dict[str, object]) -> dict[str, list]:
-    """One row per target of the sweep, in its order: the parent run and its statistics (None where the run has
-    not logged it: not run, all seeds diverged, a single seed, or logged before the statistic existed), read by
-    parent_metrics.read: the tag amrepro.table_row, or the metrics of a parent logged before it existed."""
-    columns: dict[str, list] = {"target": [], "parent_run_id": [], "status": []}
-    columns.update({name: [] for name in TABLE_COLUMNS})
-    for target in targets:
-        run = parents.get(target.name)
-        columns["target"].append(target.name)
-        columns["parent_run_id"].append(run.id if run else None)
-        columns["status"].append(run.status if run else "NOT RUN")
-        figures = parent_metrics.read(run) if run else {}
-        for name, key in TABLE_COLUMNS.items():
-            value = figures.get(key)
-            columns[name].append(None if value is None else float(value))
-    return columns
+    """One row per target, in the sweep's order: its parent run and statistics (parent_metrics.read; None where the
+    parent has none: not run, all seeds diverged, a single seed, or logged before the statistic existed)."""
+    runs = [parents.get(t.name) for t in targets]
+    figures = [parent_metrics.read(run) if run else {} for run in runs]
+    columns = {"target": [t.name for t in targets], "parent_run_id": [run.id if run else None for run in runs],
+               "status": [run.status if run else "NOT RUN" for run in runs]}
+    return columns | {name: [None if f.get(key) is None else float(f[key]) for f in figures]
+                      for name, key in parent_metrics.TABLE_COLUMNS.items()}  # column -> the parent metric it reads
 
 
 def summary(columns: dict[str, list]) -> tuple[dict[str, float], str]:

@@ -267,10 +267,10 @@ def test_every_name_the_tables_read_is_logged():
     table's columns and the flat metrics must agree, or a misspelt name would give a column of None."""
     from types import SimpleNamespace
 
-    from amrepro import compare, nulls, stats, sweep
+    from amrepro import compare, nulls, parent_metrics, stats
 
     s = stats_for(np.random.default_rng(0).integers(0, 100, size=(4, 3)), vocab_size=100)
-    missing = [key for key in sweep.TABLE_COLUMNS.values() if key not in s["metrics"]]
+    missing = [key for key in parent_metrics.TABLE_COLUMNS.values() if key not in s["metrics"]]
     assert not missing, missing
     drawn = nulls.draw_stats(np.zeros((1, 2, 3), int))
     assert all(stat.key in drawn and stat.events in drawn for stat in stats.REGISTRY)

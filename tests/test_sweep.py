@@ -79,7 +79,8 @@ def test_sweep_table_reads_parents_logged_before_and_after_the_headline_metrics(
     """Parents logged before issue 20 have every statistic as a metric; newer ones have the headline metrics,
     rounded, and the sweep table's statistics exact in the tag amrepro.table_row: both give the same exact row."""
     from amrepro.parent_metrics import HEADLINE_METRICS, TABLE_ROW_TAG, shown
-    from amrepro.sweep import TABLE_COLUMNS, table
+    from amrepro.parent_metrics import TABLE_COLUMNS
+    from amrepro.sweep import table
     from amrepro.tracking import RunRecord
 
     exact = {key: k + 1 / 7 for k, key in enumerate(TABLE_COLUMNS.values())}  # 9+ decimals, as logged before

@@ -8,7 +8,7 @@ import pytest
 from mlflow import MlflowClient
 
 from amrepro.parent_metrics import HEADLINE_METRICS
-from amrepro.sweep import TABLE_COLUMNS
+from amrepro.parent_metrics import TABLE_COLUMNS
 from helpers import all_runs, children_of, cli, logged_run
 
 

@@ -1,7 +1,5 @@
-"""`amrepro sweep`: a sweep run, one parent per target (what `amrepro run --target T` logs), seed runs; the targets
-run in batches of one site on Ray workers (workers 0: in this process). Plan (every check, the targets, the
-corpus levels, the sweep run, what is left to do), run the chunks (sweep.run_chunks), summarize (the sweep run's
-table, metrics, verdict, map, the study of the layer (study.py) and timing).
+"""`amrepro sweep`: plan (checks, targets, corpus levels, the sweep run), run the chunks (sweep.run_chunks), then
+summarize (the sweep run's table, metrics, verdict, map, the study of the layer (study.py) and timing).
 
 `amrepro sweep --methods a,b` (sweep_methods): a top run, one such sweep per method under it (the same targets
 and seeds, the model and corpus levels shared), then the study table of the methods on the top run."""
@@ -13,37 +11,40 @@ import functools
 import os
 import time
 
-from .. import lean, report, signals
+from .. import corpus, dashboard, figures, lean, report, signals, study
 from .. import sweep as sw
+from ..compare import parse_methods
 from ..config import AmreproError, Config, _unquote
 from ..context import Context
 from ..layout import (DASHBOARD, ERROR_TAG, HEADLINE_TAG, KIND_TAG, METHODS_TAG, NOTE_TAG, PARENT_TAG, PID_TAG,
                       RAY_ADDRESS_TAG, STUDY_FIGURE, STUDY_JSON, STUDY_TABLE, STUDY_TAG, STUDY_TARGETS, SWEEP_MAP,
                       SWEEP_TABLE, TAG_LIMIT, TARGET_TAG, VERDICT_TAG, WORKERS_TAG, RunReader, children, json_bytes,
                       run_name, sweep_parents)
+from ..model import load_model, resolve_device
+from ..provenance import pip_freeze
+from ..readers import site_width
+from ..targets import Target
 from ..tracking import refuse_live
 
 
 def sweep(config: Config, spec: str, workers: int = 0, ray_address: str | None = None, chunk: int = 0,
           resume: str | None = None, experiment: str | None = None, layout: str = "lean", force: bool = False,
-          corpus_path: str = "", parent: str | None = None,
-          shared: dict | None = None) -> tuple[dict[str, float], dict, float]:
+          corpus_path: str = "", parent: str | None = None, shared: dict | None = None) -> tuple[dict, float]:
     """--resume SWEEP_RUN_ID redoes the targets without a FINISHED parent, with the sweep's own params; refused
     while that sweep's process or workers are alive (force: also when they cannot be checked from this host).
-    corpus_path: every target scored on every window of that text, before any run. parent: the top run of a
-    many-method sweep; shared: what its method sweeps share (the model, the corpus levels). Returns the sweep/*
-    metrics, the study of the targets this invocation ran, and the workers' seconds of science."""
-    from .. import corpus
-    from ..model import load_model, resolve_device
-    from ..readers import site_width
-    from ..targets import Target
-
+    parent: the top run of a many-method sweep; shared: what its method sweeps share (the model, the corpus
+    levels). Returns the study of the targets this invocation ran and the workers' seconds of science."""
     corpus_file = corpus.check(corpus_path) if corpus_path else None  # missing, a FIFO, a device: before runs
     shared = {} if shared is None else shared
     ctx = Context(experiment)
     if resume:
         resumed = RunReader(ctx.store).run(resume)
-        config, spec = _config_from_sweep(resumed.params)
+        if "targets" not in resumed.params:
+            raise AmreproError("the run has no 'targets' param: it is not a sweep run made by amrepro sweep.")
+        default = Config()  # the sweep's own params (_sweep_params), with any target
+        config = Config.from_params({**resumed.params, "target": "", "layer": str(default.layer),
+                                     "dim": str(default.dim)})
+        spec = _unquote(resumed.params["targets"])  # `mlflow run -e sweep` logs it shell-quoted
         layout = lean.layout_of(resumed)  # the sweep's own
         refuse_live([resumed, *sweep_parents(ctx.store, resume, resumed.experiment_id)],
                     f"`amrepro sweep --resume {resume}`", force)
@@ -55,9 +56,8 @@ def sweep(config: Config, spec: str, workers: int = 0, ray_address: str | None =
         raise AmreproError(f"--chunk must be 0 (automatic) or more, got {chunk}.")
     with ctx.session(attach=not resume and parent is None):
         # plan: every check, the targets, the corpus levels, the sweep run, what is left to do
-        if "lm" not in shared:
-            shared["lm"] = load_model(config.model, resolve_device(config.device), note=report.note)
-        lm = shared["lm"]
+        lm = shared.get("lm") or load_model(config.model, resolve_device(config.device), note=report.note)
+        shared["lm"] = lm
         width = functools.cache(lambda block, site: site_width(lm, Target(block, site, 0)))  # one probe per site
         targets = sw.parse_targets(spec, width, lm.n_layers, config.seed)
         config, ray = _start_workers(lm, targets, config, workers, ray_address, chunk, resume)
@@ -85,7 +85,7 @@ def sweep(config: Config, spec: str, workers: int = 0, ray_address: str | None =
                                  markup=False)
 
         try:
-            failures, seconds = sw.run_chunks(work, job, workers, lm=None if workers else lm, on_chunk=on_chunk)
+            failures, seconds = sw.run_chunks(work, job, workers, lm, on_chunk)
         except KeyboardInterrupt as interrupt:  # the workers are stopped (run_chunks); their open runs end here
             interrupt = signals.as_raised(interrupt)
             with signals.ignored():
@@ -95,30 +95,25 @@ def sweep(config: Config, spec: str, workers: int = 0, ray_address: str | None =
             if ray is not None:
                 ray.shutdown()
 
-        metrics, result = _summarize(ctx, job, targets, done, records, shared.get("corpus"), workers, seconds,
-                                     time.perf_counter() - started)
+        result = _summarize(ctx, job, targets, done, records, shared.get("corpus"), workers, seconds,
+                            time.perf_counter() - started)
         if failures:
             ctx.log(job.sweep_id, tags={ERROR_TAG: "; ".join(failures)[:TAG_LIMIT]})
         ctx.end(job.sweep_id, "FAILED" if failures else "FINISHED")
     if failures:
         raise AmreproError(f"{len(failures)} batch(es) of sweep run {job.sweep_id} failed ({failures[0]}); "
                            f"`amrepro sweep --resume {job.sweep_id}` runs the targets that are not done.")
-    return metrics, result, seconds["science"]
+    return result, seconds["science"]
 
 
 def _start_workers(lm, targets: list, config: Config, workers: int, ray_address: str | None, chunk: int,
                    resume: str | None):
-    """(config, the ray module or None): the workers checked against this machine's memory and cores (of a
-    cluster: its cores, once joined), or this process's batch against its memory, before any run exists; with
-    workers and --threads 0, the cores shared out (logged, so --resume keeps it); Ray started or joined."""
+    """(config, the ray module or None): the memory and cores checked (a cluster's cores once joined) before any
+    run exists; with workers and --threads 0, the cores shared out (logged, so --resume keeps it)."""
     remote = bool(ray_address or os.environ.get("RAY_ADDRESS"))
-    ray, cpus = None, os.cpu_count() or 1
-    if workers and remote:
-        ray = sw.start_ray(ray_address, workers, 1)
-        cpus = int(ray.cluster_resources().get("CPU", workers))
+    ray = sw.start_ray(ray_address, workers, 1) if workers and remote else None
+    cpus = int(ray.cluster_resources().get("CPU", workers)) if ray else os.cpu_count() or 1
     note = sw.check_workers(lm, targets, config, workers, chunk, cpus, local=not remote)  # before a local Ray
-    if not workers:  # a batch of chunk x runs rows in this process
-        _check_batch_memory(lm, targets, config, chunk)
     if workers and not resume and not config.threads:  # more threads than cores only spin
         config = dataclasses.replace(config, threads=max(1, cpus // workers))
     if workers and not remote:
@@ -131,9 +126,6 @@ def _start_workers(lm, targets: list, config: Config, workers: int, ray_address:
 def _open(ctx: Context, lm, config: Config, spec: str, workers: int, ray_address: str | None, resume: str | None,
           layout: str, corpus_path: str, parent: str | None) -> sw.Job:
     """The sweep run, new (under parent, for a many-method sweep) or reopened (--resume), as the workers' Job."""
-    from ..provenance import pip_freeze
-
-    frozen = pip_freeze()
     if resume:
         sweep_id, experiment_id = ctx.reopen(resume)
         if sweep_id is None:
@@ -146,43 +138,18 @@ def _open(ctx: Context, lm, config: Config, spec: str, workers: int, ray_address
                                                 f"sweep {run_name(config).rsplit(' ', 2)[0]} {spec} x{config.runs}")
     ctx.log(sweep_id, tags={WORKERS_TAG: str(workers), RAY_ADDRESS_TAG: ray_address or
                             os.environ.get("RAY_ADDRESS", "local" if workers else "none")})
-    return sw.Job(config, ctx.uri, experiment_id, sweep_id, frozen, layout)
+    return sw.Job(config, ctx.uri, experiment_id, sweep_id, pip_freeze(), layout)
 
 
 def _sweep_params(config: Config, spec: str) -> dict[str, str]:
-    """The sweep run's params: every hyperparameter but the target, and the targets' SPEC."""
-    params = {k: v for k, v in config.to_params().items() if k not in ("target", "target_name", "layer", "dim")}
-    params["targets"] = spec
-    return params
-
-
-def _config_from_sweep(params: dict[str, str]) -> tuple[Config, str]:
-    """Inverse of _sweep_params, for --resume."""
-    if "targets" not in params:
-        raise AmreproError("the run has no 'targets' param: it is not a sweep run made by amrepro sweep.")
-    default = Config()
-    config = Config.from_params({**params, "target": "", "layer": str(default.layer), "dim": str(default.dim)})
-    return config, _unquote(params["targets"])  # `mlflow run -e sweep` logs it shell-quoted
-
-
-def _check_batch_memory(lm, targets: list, config: Config, chunk: int) -> None:
-    """experiment.check_memory for the largest batch of the sweep (it would otherwise refuse inside the first
-    batch, after the sweep run exists)."""
-    from ..experiment import check_memory
-
-    size = max(len(c) for c in sw.chunks(targets, sw.chunk_size(len(targets), 0, chunk)))
-    try:
-        check_memory(lm, targets[0], config, rows=size * config.runs * (1 + config.controls))
-    except AmreproError as error:
-        raise AmreproError(f"a batch of {size} targets: {str(error).rstrip('.')}, or fewer targets per batch "
-                           f"(--chunk).") from None
+    """The sweep run's params (--resume reads them back): every hyperparameter but the target, and the SPEC."""
+    target = ("target", "target_name", "layer", "dim")
+    return {**{k: v for k, v in config.to_params().items() if k not in target}, "targets": spec}
 
 
 def _end_unfinished(ctx: Context, job: sw.Job, done: set, interrupt: KeyboardInterrupt) -> None:
-    """After Ctrl-C or SIGTERM: the target parents and seed runs that this invocation's workers made, in other
-    processes (Ray) or in a Context of their own (workers 0), counted into ctx's message, so that it says what
-    the store holds; those still RUNNING (a killed Ray worker ends nothing) are ended KILLED."""
-    pid = str(os.getpid())
+    """After Ctrl-C or SIGTERM: the runs of this invocation's workers (other processes, or their own Context with
+    workers 0) counted into ctx's message; those still RUNNING (a killed Ray worker ends nothing) ended KILLED."""
     try:
         parents = sweep_parents(ctx.store, job.sweep_id, job.experiment_id)
     except Exception:  # noqa: BLE001 - the store may be what failed; the sweep run is still ended by ctx
@@ -199,17 +166,14 @@ def _end_unfinished(ctx: Context, job: sw.Job, done: set, interrupt: KeyboardInt
                 ctx.stop(run.id, "KILLED", signals.words(interrupt))
             elif run.status == "FINISHED":
                 ctx.n_finished += 1
-            elif run.tags.get(PID_TAG) == pid:  # ended KILLED by the in-process worker's own Context just now
+            elif run.tags.get(PID_TAG) == str(os.getpid()):  # ended KILLED just now by the in-process worker
                 ctx.n_stopped += 1
 
 
-def _summarize(ctx, job: sw.Job, targets: list, done: set, records: list, corpus: dict | None, workers: int,
-               seconds: dict, wall: float) -> tuple[dict[str, float], dict]:
-    """The sweep run's table (one row per target, read back from the store, so a resumed sweep has every
-    target), its sweep/* metrics, the verdict over targets, the map, the study of the targets this invocation ran
-    (records: their study.TargetRuns; corpus: the levels of --corpus) and where the time went."""
-    from .. import dashboard, figures, study
-
+def _summarize(ctx, job: sw.Job, targets: list, done: set, records: list, levels: dict | None, workers: int,
+               seconds: dict, wall: float) -> dict:
+    """The sweep run's table (read back from the store: a resumed sweep has every target), sweep/* metrics, verdict,
+    map and timing; returns the study of this invocation's records (levels: those of --corpus), also logged."""
     sweep_id, experiment_id = job.sweep_id, job.experiment_id
     summing = time.perf_counter()
     parents = {}
@@ -232,7 +196,7 @@ def _summarize(ctx, job: sw.Job, targets: list, done: set, records: list, corpus
     if job.layout == "lean" and job.config.figures:  # --figures false: none; `amrepro figures RUN_ID` draws them
         _log_flagged_figures(ctx, columns)
     order = {t.name: k for k, t in enumerate(targets)}
-    result = study.study(sorted(records, key=lambda r: order[r.name]), corpus, seed=job.config.seed)
+    result = study.study(sorted(records, key=lambda r: order[r.name]), levels, seed=job.config.seed)
     result["layer"]["note"] = f"the {len(records)} targets run by this invocation" + (
         f" ({len(done)} done by an earlier one are not in it)" if done else "")
     study_words = study.words(result)
@@ -242,19 +206,17 @@ def _summarize(ctx, job: sw.Job, targets: list, done: set, records: list, corpus
     ctx.log(sweep_id, tags={STUDY_TAG: study_words[:TAG_LIMIT]})
     report.console.print(study_words, soft_wrap=True, markup=False)
     summing = time.perf_counter() - summing  # the table, map, verdict, study (and lean: the flagged figures)
-    # where the time of this invocation went: the workers' science and tracking, and the rest (Ray: starting
-    # workers, loading models, scheduling; idle workers) as a share of the workers' wall time
+    # where the workers' wall time went: science, tracking, the rest (Ray start-up and scheduling, model loading, idle)
     slots = max(workers, 1) * wall
     ctx.log_metrics(sweep_id, {"time/wall_seconds": wall, "time/science_seconds": seconds["science"],
                                "time/tracking_seconds": seconds["tracking"], "time/summary_seconds": summing,
-                               "time/share_science": seconds["science"] / slots if slots else 0.0})
-    # the targets logged by this invocation (a batch that failed is not counted as throughput)
-    n_run = len(records)
+                               "time/share_science": seconds["science"] / slots})
+    n_run = len(records)  # the targets logged by this invocation (a batch that failed is not throughput)
     report.console.print(f"{n_run} targets in {wall:.0f} s ({3600 * n_run / wall:.0f} targets/hour); of the "
                          f"workers' time {seconds['science'] / slots:.0%} science, "
                          f"{seconds['tracking'] / slots:.0%} tracking, the rest Ray and model loading.",
                          soft_wrap=True, markup=False)
-    return metrics, result
+    return result
 
 
 def _log_flagged_figures(ctx, columns: dict[str, list]) -> None:
@@ -274,8 +236,6 @@ def _log_flagged_figures(ctx, columns: dict[str, list]) -> None:
 def _corpus_levels(lm, targets, file, config: Config) -> dict[str, tuple[float, float]]:
     """target name -> (corpus max, 99th percentile): the plain dimensions of each site in one streamed pass (one
     forward per batch of windows for all of them), each feature target on its own."""
-    from .. import corpus
-
     groups: dict = {}
     for target in targets:
         groups.setdefault((target.block, target.site) if not target.source else target.name, []).append(target)
@@ -294,12 +254,8 @@ def _corpus_levels(lm, targets, file, config: Config) -> dict[str, tuple[float, 
 def sweep_methods(config: Config, spec: str, methods_text: str, corpus_path: str = "", workers: int = 0,
                   ray_address: str | None = None, chunk: int = 0, experiment: str | None = None,
                   layout: str = "lean") -> list[dict]:
-    """A top run, one sweep run per method under it (the same targets and seeds), and on the top run the study
-    table (one row per method), study.json, the figure and study/<method>/<column> metrics. Every method's
-    options and the corpus file are checked before the first run."""
-    from .. import corpus, figures, study
-    from ..compare import parse_methods
-
+    """A top run, one sweep per method under it, and on the top run the study table (one row per method),
+    study.json, the figure and study/<method>/<column> metrics; every method and the corpus checked first."""
     names = parse_methods(methods_text)
     configs = {m: dataclasses.replace(config, method=m) for m in names}
     for c in configs.values():
@@ -316,10 +272,9 @@ def sweep_methods(config: Config, spec: str, methods_text: str, corpus_path: str
                                f"study {','.join(names)} {spec} x{config.runs}")
         for m in names:
             report.console.print(f"[bold]{m}[/]", soft_wrap=True)
-            _, result, science = sweep(configs[m], spec, workers, ray_address, chunk, None, experiment, layout, False,
-                                       corpus_path, parent=top, shared=shared)
-            results[m] = result
-            rows.append(study.table_row(m, result, science))
+            results[m], science = sweep(configs[m], spec, workers, ray_address, chunk, None, experiment, layout, False,
+                                        corpus_path, parent=top, shared=shared)
+            rows.append(study.table_row(m, results[m], science))
         cvs = {m: [r["decoded"]["cv"] for r in results[m]["targets"] if r["decoded"] is not None] for m in names}
         table = ("Study: one row per method (fractions of the layer's targets; s_per_target: the workers' seconds "
                  "of optimization, decoding and statistics per target).\n\n" + study.markdown_table(rows))
