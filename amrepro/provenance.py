@@ -55,10 +55,7 @@ def environment(device: torch.device) -> dict[str, str]:
     return {
         "env.python": platform.python_version(),
         "env.torch": torch.__version__,
-        "env.transformers": _version("transformers"),
-        "env.mlflow": _version("mlflow"),
-        "env.numpy": _version("numpy"),
-        "env.amrepro": _version("amrepro"),
+        **{f"env.{package}": _version(package) for package in ("transformers", "mlflow", "numpy", "amrepro")},
         "env.device": device.type,
         "env.device_name": name,
         "env.cuda": torch.version.cuda or "none",
@@ -137,8 +134,7 @@ def busy_cores_note() -> str | None:
     (measured in the README: 8 concurrent runs on 2 cores took 16x longer with default threads than with one)."""
     import torch
 
-    cores = os.cpu_count() or 1
-    threads = torch.get_num_threads()
+    cores, threads = os.cpu_count() or 1, torch.get_num_threads()
     try:
         load = os.getloadavg()[0]  # runnable processes, averaged over the last minute
     except OSError:
@@ -146,4 +142,3 @@ def busy_cores_note() -> str | None:
     if threads > 1 and load >= cores:
         return (f"the machine is busy (load {load:.1f} on {cores} cores) and torch uses {threads} threads, which "
                 "spin against the other processes; when several runs share the cores, --threads 1 is much faster.")
-    return None
