@@ -27,8 +27,7 @@ from .tracking import Store, StoreLost, owner_alive, process_tags, quick_http_fa
 
 
 def environment_tags(lm) -> dict[str, str]:
-    """env.* (versions, device, threads, git, the GEMM kernel) and model.* (fingerprint) tags of a loaded model
-    here and now."""
+    """env.* (versions, device, threads, git, the GEMM kernel) and model.* (fingerprint) tags of a loaded model."""
     from . import kernels  # imports torch
 
     return {**environment(lm.device), **kernels.tags(), **lm.fingerprint()}
@@ -90,7 +89,6 @@ class Context:
     def __exit__(self, kind, error, tb) -> None:
         if kind is None:
             return
-        self._batch = None
         status = self.stopped_as = "KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED"
         message = signals.words(error) if status == "KILLED" else short(error)
         with signals.ignored(), quick_http_failure():  # a store that just failed is not retried for minutes
@@ -136,7 +134,7 @@ class Context:
                 tags = {**tags, RUN_NAME_TAG: run_name}
         else:
             with signals.shielded():  # a run that exists is in open_runs, whenever a Ctrl-C comes
-                experiment_id = experiment_id or self.write(self.store.experiment_id, self.experiment)
+                experiment_id = experiment_id or self.write(self.store.experiment, self.experiment)[0]
                 run_id = self.write(self.store.create, experiment_id, run_name, process_tags())
                 self.open_runs.append(run_id)
         self.write(self.log, run_id, params=params, tags={**tags, **process_tags()})
@@ -228,8 +226,7 @@ class Context:
             self.store.log_batch(run_id, params or {}, tags or {}, metrics or [])
 
     def log_metrics(self, run_id: str, scalars: dict[str, float], history: dict[str, np.ndarray] | None = None):
-        """Scalars at step 0 and whole per-epoch histories (step = epoch), in batches: one call per 1000
-        values instead of one HTTP/sqlite round trip per value."""
+        """Scalars at step 0 and whole per-epoch histories (step = epoch), in one log_batch (see log())."""
         metrics = [(k, v, 0) for k, v in scalars.items()]
         for key, values in (history or {}).items():
             metrics += [(key, v, step) for step, v in enumerate(np.asarray(values, dtype=float).tolist())]

@@ -8,6 +8,7 @@ import platform
 import re
 import subprocess
 import sys
+from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,13 +37,10 @@ def _version(package: str) -> str:
 
 def cpu_name() -> str:
     """The CPU model ("AMD EPYC 9R14 ..."), not just the architecture that platform.processor() gives on Linux."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    with suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
 
 
@@ -63,7 +61,7 @@ def environment(device: torch.device) -> dict[str, str]:
         "env.threads": str(torch.get_num_threads()),
         "env.platform": platform.platform(),
         "env.git_commit": commit or "unknown",
-        "env.git_dirty": ("true" if _git("status", "--porcelain", "--untracked-files=no") else "false") if commit else "unknown",
+        "env.git_dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower() if commit else "unknown",
     }
 
 

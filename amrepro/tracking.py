@@ -55,8 +55,8 @@ def store_problem(error: BaseException, uri: str) -> str:
     return redact(f"the MLflow tracking store at {uri} failed: {short(error)}")
 
 
-def short(error: BaseException | None) -> str:
-    text = str(error).strip().splitlines() if error is not None else []
+def short(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
     return (text[0] if text else type(error).__name__)[:300]
 
 
@@ -74,9 +74,8 @@ def _environment(**values: str):
         yield
     finally:
         for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
+            os.environ.pop(key, None)
+            if value is not None:
                 os.environ[key] = value
 
 
@@ -135,10 +134,9 @@ class Store:
     with these methods."""
 
     def __init__(self, uri: str | None = None):
-        import mlflow
-        from mlflow import MlflowClient
+        from mlflow import MlflowClient, get_tracking_uri
 
-        uri = uri or mlflow.get_tracking_uri()
+        uri = uri or get_tracking_uri()
         if has_credentials(uri):  # MLflow's "View run ... at" lines would print the host with its password
             os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         folder = None  # of a sqlite database (not a "file:" URI)
@@ -157,10 +155,9 @@ class Store:
                     raise AmreproError(store_problem(error, uri) + ".") from None
                 raise AmreproError(redact(f"cannot use the MLflow tracking store at {uri}: {short(error)}")) from None
         self._client, self.uri = client, uri
-        # runs this Store created: where their artifacts go, and those with a parent run (a sweep's targets, seed
-        # runs). Over HTTP each saves a request: an upload need not ask the server for the run's artifact location,
-        # and ending a child need not fetch the run again for MLflow's "View run ... at" line (printed for the runs
-        # a user opens, not once per target and seed)
+        # runs this Store created: where their artifacts go, and those with a parent run (sweep targets, seed runs).
+        # Each saves a request over HTTP: an upload need not ask for the run's artifact location, nor ending a child
+        # fetch the run for MLflow's "View run ... at" line (printed for the runs a user opens, not per seed)
         self._artifact_uris: dict[str, str] = {}
         self._children: set[str] = set()
 
@@ -175,35 +172,31 @@ class Store:
                 raise
 
     # --- experiments ------------------------------------------------------------------------------------
-    def experiment_id(self, name: str | None) -> str:
-        """name, else MLflow's own variables (MLFLOW_EXPERIMENT_NAME / _ID), else DEFAULT_EXPERIMENT: never
-        MLflow's catch-all 'Default'. Created (tagged as model training) when it does not exist."""
+    def experiment(self, name: str | None) -> tuple[str, bool]:
+        """(id, whether it existed and is active) of the experiment name, else of MLflow's own variables
+        (MLFLOW_EXPERIMENT_NAME / _ID), else of DEFAULT_EXPERIMENT: never MLflow's catch-all 'Default'. Created
+        (tagged as model training) when it does not exist."""
         from mlflow.tracking.fluent import _get_experiment_id
 
         if not name and (os.environ.get("MLFLOW_EXPERIMENT_NAME") or os.environ.get("MLFLOW_EXPERIMENT_ID")):
-            return _get_experiment_id() or "0"
+            return _get_experiment_id() or "0", True
         name = name or DEFAULT_EXPERIMENT
         found = self._call("get_experiment_by_name", name)
         if found:
-            return found.experiment_id
+            return found.experiment_id, found.lifecycle_stage == "active"
         try:
-            return self._call("create_experiment", name, tags={EXPERIMENT_KIND: MODEL_TRAINING})
+            return self._call("create_experiment", name, tags={EXPERIMENT_KIND: MODEL_TRAINING}), False
         except Exception:  # noqa: BLE001 - another process created it a moment ago
             found = self._call("get_experiment_by_name", name)
             if found is None:
                 raise
-            return found.experiment_id
+            return found.experiment_id, False
 
     # (experiment_id): tagged as model training, so MLflow 3 (where it reads the tag) lists runs, not traces
     mark_experiment = _client_call("set_experiment_tag", key=EXPERIMENT_KIND, value=MODEL_TRAINING)
 
     def experiment_name(self, experiment_id: str) -> str:
         return self._call("get_experiment", experiment_id).name
-
-    def find_experiment(self, name: str) -> str | None:
-        """The id of the active experiment called name; None when there is none."""
-        found = self._call("get_experiment_by_name", name)
-        return found.experiment_id if found is not None and found.lifecycle_stage == "active" else None
 
     def experiment_exists(self, experiment_id: str) -> bool:
         try:
