@@ -20,9 +20,9 @@ import numpy as np
 
 from . import outcome_file, report, signals
 from .config import AmreproError
-from .provenance import busy_cores_note, environment
 from .layout import (ERROR_TAG, HOST_TAG, PARENT_TAG, PID_TAG, REPRODUCES_TAG, RUN_INDEX, RUN_NAME_TAG, SHA256_PREFIX,
                      TAG_LIMIT, TARGET_NAME)
+from .provenance import busy_cores_note, environment
 from .tracking import Store, StoreLost, owner_alive, process_tags, quick_http_failure, short, store_problem
 
 
