@@ -21,7 +21,7 @@ import numpy as np
 from . import outcome_file, report, signals
 from .config import AmreproError
 from .layout import (ERROR_TAG, HOST_TAG, PARENT_TAG, PID_TAG, REPRODUCES_TAG, RUN_INDEX, RUN_NAME_TAG, SHA256_PREFIX,
-                     TAG_LIMIT, TARGET_NAME)
+                     TAG_LIMIT, TARGET_NAME, RunReader)
 from .provenance import busy_cores_note, environment
 from .tracking import Store, StoreLost, owner_alive, process_tags, quick_http_failure, short, store_problem
 
@@ -267,8 +267,7 @@ def end_leftovers(ctx: Context) -> None:
 
 
 def gone_reason(run, by: str) -> str:
-    tags = run.tags
-    return (f"its process (pid {tags.get(PID_TAG)} on {tags.get(HOST_TAG)}) is gone: killed or crashed "
+    return (f"its process (pid {run.tags.get(PID_TAG)} on {run.tags.get(HOST_TAG)}) is gone: killed or crashed "
             f"without ending the run; ended by {by}")
 
 
@@ -310,7 +309,6 @@ def _what_was_saved(ctx: Context) -> str:
 def read_seeds(run_id: str, store=None):
     """(parent run, [lean.Seed]) of a run id in either layout (lean.read_seeds), its note printed."""
     from . import lean
-    from .layout import RunReader
 
     reader = RunReader(store or Store())
     parent, seeds = lean.read_seeds(reader, run_id)

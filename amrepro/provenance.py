@@ -48,20 +48,20 @@ def environment(device: torch.device) -> dict[str, str]:
     """Tags `env.*` for the parent run."""
     import torch  # here, not at the top: pip_freeze and cpu_name need no torch
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     commit = _git("rev-parse", "HEAD")
+    dirty = _git("status", "--porcelain", "--untracked-files=no") if commit else None
     return {
         "env.python": platform.python_version(),
         "env.torch": torch.__version__,
         **{f"env.{package}": _version(package) for package in ("transformers", "mlflow", "numpy", "amrepro")},
         "env.device": device.type,
-        "env.device_name": name,
+        "env.device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "env.cuda": torch.version.cuda or "none",
         "env.dtype": "float32",
         "env.threads": str(torch.get_num_threads()),
         "env.platform": platform.platform(),
         "env.git_commit": commit or "unknown",
-        "env.git_dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower() if commit else "unknown",
+        "env.git_dirty": "unknown" if dirty is None else str(bool(dirty)).lower(),
     }
 
 
@@ -129,7 +129,7 @@ def _editable_line(name: str, version: str, path: str) -> str:
 
 def busy_cores_note() -> str | None:
     """A warning when other processes already keep the cores busy: torch's threads then spin against them
-    (measured in the README: 8 concurrent runs on 2 cores took 16x longer with default threads than with one)."""
+    (docs/speed.md: 4 runs at once on 2 cores took 196 s with the default threads, 45 s with --threads 1)."""
     import torch
 
     cores, threads = os.cpu_count() or 1, torch.get_num_threads()

@@ -210,10 +210,8 @@ class Store:
 
     def search(self, experiment_ids: list[str] | None, filter_string: str) -> list[RunRecord]:
         """Runs matching an MLflow filter, in the given experiments (None: every active one)."""
-        if experiment_ids is None:
-            from mlflow.entities import ViewType
-
-            experiment_ids = [e.experiment_id for e in self._call("search_experiments", view_type=ViewType.ACTIVE_ONLY)]
+        if experiment_ids is None:  # search_experiments lists the active ones by default
+            experiment_ids = [e.experiment_id for e in self._call("search_experiments")]
             if not experiment_ids:
                 return []
         return [_record(r) for r in self._call("search_runs", experiment_ids, filter_string=filter_string,
