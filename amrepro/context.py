@@ -21,24 +21,22 @@ import numpy as np
 from . import outcome_file, report, signals
 from .config import AmreproError
 from .layout import (ERROR_TAG, HOST_TAG, PARENT_TAG, PID_TAG, REPRODUCES_TAG, RUN_INDEX, RUN_NAME_TAG, SHA256_PREFIX,
-                     TAG_LIMIT, TARGET_NAME)
+                     TAG_LIMIT, TARGET_NAME, RunReader)
+from .provenance import busy_cores_note, environment
 from .tracking import Store, StoreLost, owner_alive, process_tags, quick_http_failure, short, store_problem
 
 
 def environment_tags(lm) -> dict[str, str]:
-    """env.* (versions, device, threads, git, the GEMM kernel) and model.* (fingerprint) tags of a loaded model
-    here and now."""
-    from . import kernels
-    from .provenance import environment
+    """env.* (versions, device, threads, git, the GEMM kernel) and model.* (fingerprint) tags of a loaded model."""
+    from . import kernels  # imports torch
 
     return {**environment(lm.device), **kernels.tags(), **lm.fingerprint()}
 
 
 class Context:
-    """The runs a command opens: as a context manager (or through session()) it guarantees none is left RUNNING:
-    on an exception every open run ends FAILED (KILLED on Ctrl-C or SIGTERM) with the error as a tag. It counts
-    what it ended, so the command can say what the store now holds, and batches a run's params, tags and
-    metrics into one log_batch (batched())."""
+    """The runs a command opens: as a context manager (or through session()), on an exception every open run ends
+    FAILED (KILLED on Ctrl-C or SIGTERM) with the error as a tag, counted, so the command can say what the store
+    now holds."""
 
     def __init__(self, experiment: str | None = None, uri: str | None = None):
         self.store = Store(uri)  # fails fast, before minutes of model loading and optimization
@@ -65,19 +63,22 @@ class Context:
         if leftovers:
             end_leftovers(self)
         with saying_what_was_saved(self), self:
-            if attach:
-                self.attach_mlflow_run()
+            run_id = os.environ.get("MLFLOW_RUN_ID") if attach else None
+            if run_id:  # `mlflow run`'s run is our parent: held open now, so a failure from here on ends it FAILED
+                try:
+                    self.store.get(run_id)
+                except Exception:  # noqa: BLE001
+                    raise AmreproError(f"MLFLOW_RUN_ID={run_id} names no run in {self.uri}.") from None
+                self.open_runs.append(run_id)
+                self.write(self.log, run_id, tags=process_tags())  # a SIGKILL from now on is found by `amrepro doctor`
+            self.attached = run_id
             yield self
 
     def describe(self, lm, busy_note: bool = True) -> dict[str, str]:
         """The environment tags of the top run (kept as self.env); busy_note: say when other processes keep the
         cores busy (a speed figure from this run would be misleading)."""
-        if busy_note:
-            from .provenance import busy_cores_note
-
-            busy = busy_cores_note()
-            if busy:
-                report.note(busy)
+        if busy_note and (busy := busy_cores_note()):
+            report.note(busy)
         self.env = environment_tags(lm)
         return self.env
 
@@ -88,7 +89,6 @@ class Context:
     def __exit__(self, kind, error, tb) -> None:
         if kind is None:
             return
-        self._batch = None
         status = self.stopped_as = "KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED"
         message = signals.words(error) if status == "KILLED" else short(error)
         with signals.ignored(), quick_http_failure():  # a store that just failed is not retried for minutes
@@ -112,19 +112,6 @@ class Context:
             if run_id in self.open_runs:
                 self.open_runs.remove(run_id)
 
-    def attach_mlflow_run(self) -> None:
-        """Under `mlflow run`, the run it created (MLFLOW_RUN_ID) is our parent: hold it open from the start,
-        so that a failure before the science starts still ends it FAILED."""
-        run_id = os.environ.get("MLFLOW_RUN_ID")
-        if run_id:
-            try:
-                self.store.get(run_id)
-            except Exception:  # noqa: BLE001
-                raise AmreproError(f"MLFLOW_RUN_ID={run_id} names no run in {self.uri}.") from None
-            self.open_runs.append(run_id)
-            self.write(self.log, run_id, tags=process_tags())  # a SIGKILL from now on is found by `amrepro doctor`
-        self.attached = run_id
-
     def write(self, fn, *args, **kwargs):
         """A store write before any result exists: a store that refuses it (read-only, gone) is bad input."""
         try:
@@ -147,7 +134,7 @@ class Context:
                 tags = {**tags, RUN_NAME_TAG: run_name}
         else:
             with signals.shielded():  # a run that exists is in open_runs, whenever a Ctrl-C comes
-                experiment_id = experiment_id or self.write(self.store.experiment_id, self.experiment)
+                experiment_id = experiment_id or self.write(self.store.experiment, self.experiment)[0]
                 run_id = self.write(self.store.create, experiment_id, run_name, process_tags())
                 self.open_runs.append(run_id)
         self.write(self.log, run_id, params=params, tags={**tags, **process_tags()})
@@ -222,13 +209,12 @@ class Context:
     def batched(self, run_id: str):
         """Params, tags and metrics logged to run_id inside the block go to the store as ONE log_batch at its
         end: a child costs create_run, one artifact upload, one log_batch and set_terminated, whatever it logs."""
-        self._batch = {"run_id": run_id, "params": {}, "tags": {}, "metrics": []}
+        self._batch = batch = {"run_id": run_id, "params": {}, "tags": {}, "metrics": []}
         try:
             yield
-            batch, self._batch = self._batch, None
-            self._send(run_id, batch["params"], batch["tags"], batch["metrics"])
         finally:
             self._batch = None
+        self.log(**batch)
 
     def log(self, run_id: str, params: dict | None = None, tags: dict | None = None, metrics: list | None = None):
         """params and tags name -> value, metrics (key, value, step); inside batched(run_id) they wait for its end."""
@@ -236,16 +222,11 @@ class Context:
             self._batch["params"].update(params or {})
             self._batch["tags"].update(tags or {})
             self._batch["metrics"] += metrics or []
-            return
-        self._send(run_id, params or {}, tags or {}, metrics or [])
-
-    def _send(self, run_id: str, params: dict, tags: dict, metrics: list) -> None:
-        if params or tags or metrics:
-            self.store.log_batch(run_id, params, tags, metrics)
+        elif params or tags or metrics:
+            self.store.log_batch(run_id, params or {}, tags or {}, metrics or [])
 
     def log_metrics(self, run_id: str, scalars: dict[str, float], history: dict[str, np.ndarray] | None = None):
-        """Scalars at step 0 and whole per-epoch histories (step = epoch), in batches: one call per 1000
-        values instead of one HTTP/sqlite round trip per value."""
+        """Scalars at step 0 and whole per-epoch histories (step = epoch), in one log_batch (see log())."""
         metrics = [(k, v, 0) for k, v in scalars.items()]
         for key, values in (history or {}).items():
             metrics += [(key, v, step) for step, v in enumerate(np.asarray(values, dtype=float).tolist())]
@@ -286,8 +267,7 @@ def end_leftovers(ctx: Context) -> None:
 
 
 def gone_reason(run, by: str) -> str:
-    tags = run.tags
-    return (f"its process (pid {tags.get(PID_TAG)} on {tags.get(HOST_TAG)}) is gone: killed or crashed "
+    return (f"its process (pid {run.tags.get(PID_TAG)} on {run.tags.get(HOST_TAG)}) is gone: killed or crashed "
             f"without ending the run; ended by {by}")
 
 
@@ -329,7 +309,6 @@ def _what_was_saved(ctx: Context) -> str:
 def read_seeds(run_id: str, store=None):
     """(parent run, [lean.Seed]) of a run id in either layout (lean.read_seeds), its note printed."""
     from . import lean
-    from .layout import RunReader
 
     reader = RunReader(store or Store())
     parent, seeds = lean.read_seeds(reader, run_id)

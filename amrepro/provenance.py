@@ -8,6 +8,7 @@ import platform
 import re
 import subprocess
 import sys
+from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,13 +37,10 @@ def _version(package: str) -> str:
 
 def cpu_name() -> str:
     """The CPU model ("AMD EPYC 9R14 ..."), not just the architecture that platform.processor() gives on Linux."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    with suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
 
 
@@ -50,23 +48,20 @@ def environment(device: torch.device) -> dict[str, str]:
     """Tags `env.*` for the parent run."""
     import torch  # here, not at the top: pip_freeze and cpu_name need no torch
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     commit = _git("rev-parse", "HEAD")
+    dirty = _git("status", "--porcelain", "--untracked-files=no") if commit else None
     return {
         "env.python": platform.python_version(),
         "env.torch": torch.__version__,
-        "env.transformers": _version("transformers"),
-        "env.mlflow": _version("mlflow"),
-        "env.numpy": _version("numpy"),
-        "env.amrepro": _version("amrepro"),
+        **{f"env.{package}": _version(package) for package in ("transformers", "mlflow", "numpy", "amrepro")},
         "env.device": device.type,
-        "env.device_name": name,
+        "env.device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "env.cuda": torch.version.cuda or "none",
         "env.dtype": "float32",
         "env.threads": str(torch.get_num_threads()),
         "env.platform": platform.platform(),
         "env.git_commit": commit or "unknown",
-        "env.git_dirty": ("true" if _git("status", "--porcelain", "--untracked-files=no") else "false") if commit else "unknown",
+        "env.git_dirty": "unknown" if dirty is None else str(bool(dirty)).lower(),
     }
 
 
@@ -134,11 +129,10 @@ def _editable_line(name: str, version: str, path: str) -> str:
 
 def busy_cores_note() -> str | None:
     """A warning when other processes already keep the cores busy: torch's threads then spin against them
-    (measured in the README: 8 concurrent runs on 2 cores took 16x longer with default threads than with one)."""
+    (docs/speed.md: 4 runs at once on 2 cores took 196 s with the default threads, 45 s with --threads 1)."""
     import torch
 
-    cores = os.cpu_count() or 1
-    threads = torch.get_num_threads()
+    cores, threads = os.cpu_count() or 1, torch.get_num_threads()
     try:
         load = os.getloadavg()[0]  # runnable processes, averaged over the last minute
     except OSError:
@@ -146,4 +140,3 @@ def busy_cores_note() -> str | None:
     if threads > 1 and load >= cores:
         return (f"the machine is busy (load {load:.1f} on {cores} cores) and torch uses {threads} threads, which "
                 "spin against the other processes; when several runs share the cores, --threads 1 is much faster.")
-    return None

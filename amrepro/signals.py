@@ -26,8 +26,7 @@ class Terminated(KeyboardInterrupt):
 
 _depth = 0  # nesting of shielded() blocks in the main thread
 _pending: int | None = None  # a signal that arrived while shielded, raised when the shield drops
-_on_first_interrupt: Callable[[], str] | None = None  # logging phase: the message the first Ctrl-C prints
-_interrupts = 0  # Ctrl-C presses seen during the logging phase
+_on_first_interrupt: Callable[[], str] | None = None  # logging phase, until its first Ctrl-C: what that prints
 _ignoring = False  # while open runs are being ended after an interrupt: more signals cannot make it better
 _raised: int | None = None  # the signal last raised as an exception
 
@@ -35,24 +34,21 @@ _raised: int | None = None  # the signal last raised as an exception
 def _raise_for(signum: int):
     global _raised
     _raised = signum
-    if signum == signal.SIGTERM:
-        raise Terminated("terminated (SIGTERM)")
-    raise KeyboardInterrupt()
+    raise Terminated("terminated (SIGTERM)") if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def _handler(signum, frame):
-    global _pending, _interrupts
+    global _pending, _on_first_interrupt
     if _ignoring:
         return
     if signum == signal.SIGINT and _on_first_interrupt is not None:
-        _interrupts += 1
-        if _interrupts == 1:
-            try:
-                text = _on_first_interrupt()
-            except Exception:  # noqa: BLE001 - a message must never turn a Ctrl-C into a crash
-                text = "logging is in progress; press Ctrl-C again to stop it."
-            os.write(2, f"\n{text}\n".encode(errors="replace"))
-            return
+        progress, _on_first_interrupt = _on_first_interrupt, None  # the second Ctrl-C stops
+        try:
+            text = progress()
+        except Exception:  # noqa: BLE001 - a message must never turn a Ctrl-C into a crash
+            text = "logging is in progress; press Ctrl-C again to stop it."
+        os.write(2, f"\n{text}\n".encode(errors="replace"))
+        return
     if _depth > 0:
         if _pending is None or signum == signal.SIGTERM:  # SIGTERM wins: it decides the exit code
             _pending = signum
@@ -62,10 +58,9 @@ def _handler(signum, frame):
 
 def install() -> None:
     """Route SIGINT and SIGTERM through this module (main thread only; elsewhere Python's defaults stay)."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    signal.signal(signal.SIGINT, _handler)
-    signal.signal(signal.SIGTERM, _handler)
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _handler)
 
 
 def words(interrupt: BaseException) -> str:
@@ -98,12 +93,12 @@ def shielded():
 @contextmanager
 def logging_phase(progress: Callable[[], str]):
     """The first Ctrl-C prints progress() and is otherwise ignored; the second stops as usual."""
-    global _on_first_interrupt, _interrupts
-    _on_first_interrupt, _interrupts = progress, 0
+    global _on_first_interrupt
+    _on_first_interrupt = progress
     try:
         yield
     finally:
-        _on_first_interrupt, _interrupts = None, 0
+        _on_first_interrupt = None
 
 
 @contextmanager

@@ -13,22 +13,22 @@ import re
 import socket
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 from . import signals
 from .config import AmreproError
 from .secrets import has_credentials, redact
 
-os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no download bars on stderr
-# A tracking server that goes away: MLflow's defaults (7 retries, backoff factor 2, 120 s timeout) retry one
-# request for 4+ minutes, and every later request again. Ours give up on a server that stays down after about
-# a minute (waits 0+4+8+16+32 s, plus jitter), and lose nothing from one that is back within that minute.
-# A user who sets MLflow's own variables keeps them.
-HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
-                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
-for _key, _value in HTTP_RETRY_DEFAULTS.items():
+# No async logging, no download bars on stderr. A tracking server that goes away: MLflow's defaults (7 retries,
+# backoff factor 2, 120 s timeout) retry one request for 4+ minutes, and every later request again. Ours give up on
+# a server that stays down after about a minute (waits 0+4+8+16+32 s, plus jitter), and lose nothing from one that
+# is back within that minute. A user who sets MLflow's own variables keeps them.
+for _key, _value in {"MLFLOW_ENABLE_ASYNC_LOGGING": "false", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+                     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
+                     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}.items():
     os.environ.setdefault(_key, _value)
 if not os.environ.get("AMREPRO_DEBUG"):  # a store error is one sentence from amrepro, not MLflow's logged traceback
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
@@ -55,16 +55,14 @@ def store_problem(error: BaseException, uri: str) -> str:
     return redact(f"the MLflow tracking store at {uri} failed: {short(error)}")
 
 
-def short(error: BaseException | None) -> str:
-    text = str(error).strip().splitlines() if error is not None else []
+def short(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
     return (text[0] if text else type(error).__name__)[:300]
 
 
-@contextmanager
 def quick_http_failure():
     """A store that is down should fail in seconds, not after MLflow's minutes of retries."""
-    with _environment(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10"):
-        yield
+    return _environment(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
 
 
 @contextmanager
@@ -76,29 +74,22 @@ def _environment(**values: str):
         yield
     finally:
         for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
+            os.environ.pop(key, None)
+            if value is not None:
                 os.environ[key] = value
 
 
 @contextmanager
-def _sqlite_creation_lock(uri: str):
+def _sqlite_creation_lock(folder: str | None):
     """MLflow corrupts a fresh sqlite store when several processes create its tables at once; hold an flock
-    on the database's folder while this process opens (and maybe creates) it. Other stores: no lock."""
-    if not uri.startswith("sqlite:///"):
-        yield
-        return
+    on the database's folder while this process opens (and maybe creates) it. Other stores (None): no lock."""
     try:
-        import fcntl
-    except ImportError:  # Windows: no flock; create the store first there
+        import fcntl  # not on Windows: create the store first there
+        fd = os.open(folder, os.O_RDONLY) if folder else None
+    except (ImportError, OSError):
+        fd = None
+    if fd is None:
         yield
-        return
-    folder = os.path.dirname(os.path.abspath(uri[len("sqlite:///"):])) or "."
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        yield  # a folder that does not exist: let MLflow say so
         return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -130,27 +121,32 @@ def _record(run) -> RunRecord:
                      dict(data.params), dict(data.tags), dict(data.metrics))
 
 
+def _client_call(name: str, **fixed):
+    """A Store method that is one client call: store.method(*args) is client.name(*args, **fixed), through _call."""
+    return lambda self, *args: self._call(name, *args, **fixed)
+
+
 class Store:
-    """The tracking store, MLflow's configured one (or uri): create runs, log batches, upload and download
-    artifacts, end, search and get. Connecting checks it with one cheap request, so a store that is down or
-    unusable is one clear sentence within seconds, before minutes of model loading. No call is cut in half by
-    Ctrl-C or SIGTERM (signals.py); a failed call keeps its duration on the exception (amrepro_store_seconds), so
-    a caller can say how long the store was tried. Another backend is another class with these methods."""
+    """The tracking store, MLflow's configured one (or uri). Connecting checks it with one cheap request, so a
+    store that is down or unusable is one clear sentence within seconds, before minutes of model loading. No call
+    is cut in half by Ctrl-C or SIGTERM (signals.py); a failed call keeps its duration on the exception
+    (amrepro_store_seconds), so a caller can say how long the store was tried. Another backend is another class
+    with these methods."""
 
     def __init__(self, uri: str | None = None):
-        import mlflow
-        from mlflow import MlflowClient
+        from mlflow import MlflowClient, get_tracking_uri
 
-        uri = uri or mlflow.get_tracking_uri()
+        uri = uri or get_tracking_uri()
         if has_credentials(uri):  # MLflow's "View run ... at" lines would print the host with its password
             os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+        folder = None  # of a sqlite database (not a "file:" URI)
         if uri.startswith("sqlite:///") and not uri.startswith("sqlite:///file:"):
             folder = os.path.dirname(os.path.abspath(uri[len("sqlite:///"):].split("?")[0]))
             if not os.path.isdir(folder):  # MLflow would create it: a typo in the path would start an empty store
                 raise AmreproError(f"cannot use the MLflow tracking store at {uri}: the folder {folder} does not "
                                    "exist (create it first, or correct MLFLOW_TRACKING_URI).")
         # opening a fresh sqlite store creates its tables: under a lock, so concurrent workers can start on it
-        with quick_http_failure(), _sqlite_creation_lock(uri), signals.shielded():
+        with quick_http_failure(), _sqlite_creation_lock(folder), signals.shielded():
             try:
                 client = MlflowClient(uri)
                 client.search_experiments(max_results=1)
@@ -159,10 +155,9 @@ class Store:
                     raise AmreproError(store_problem(error, uri) + ".") from None
                 raise AmreproError(redact(f"cannot use the MLflow tracking store at {uri}: {short(error)}")) from None
         self._client, self.uri = client, uri
-        # runs this Store created: where their artifacts go, and those with a parent run (a sweep's targets, seed
-        # runs). Over HTTP each saves a request: an upload need not ask the server for the run's artifact location,
-        # and ending a child need not fetch the run again for MLflow's "View run ... at" line (printed for the runs
-        # a user opens, not once per target and seed)
+        # runs this Store created: where their artifacts go, and those with a parent run (sweep targets, seed runs).
+        # Each saves a request over HTTP: an upload need not ask for the run's artifact location, nor ending a child
+        # fetch the run for MLflow's "View run ... at" line (printed for the runs a user opens, not per seed)
         self._artifact_uris: dict[str, str] = {}
         self._children: set[str] = set()
 
@@ -177,36 +172,31 @@ class Store:
                 raise
 
     # --- experiments ------------------------------------------------------------------------------------
-    def experiment_id(self, name: str | None) -> str:
-        """name, else MLflow's own variables (MLFLOW_EXPERIMENT_NAME / _ID), else DEFAULT_EXPERIMENT: never
-        MLflow's catch-all 'Default'. Created (tagged as model training) when it does not exist."""
+    def experiment(self, name: str | None) -> tuple[str, bool]:
+        """(id, whether it existed and is active) of the experiment name, else of MLflow's own variables
+        (MLFLOW_EXPERIMENT_NAME / _ID), else of DEFAULT_EXPERIMENT: never MLflow's catch-all 'Default'. Created
+        (tagged as model training) when it does not exist."""
         from mlflow.tracking.fluent import _get_experiment_id
 
         if not name and (os.environ.get("MLFLOW_EXPERIMENT_NAME") or os.environ.get("MLFLOW_EXPERIMENT_ID")):
-            return _get_experiment_id() or "0"
+            return _get_experiment_id() or "0", True
         name = name or DEFAULT_EXPERIMENT
         found = self._call("get_experiment_by_name", name)
         if found:
-            return found.experiment_id
+            return found.experiment_id, found.lifecycle_stage == "active"
         try:
-            return self._call("create_experiment", name, tags={EXPERIMENT_KIND: MODEL_TRAINING})
+            return self._call("create_experiment", name, tags={EXPERIMENT_KIND: MODEL_TRAINING}), False
         except Exception:  # noqa: BLE001 - another process created it a moment ago
             found = self._call("get_experiment_by_name", name)
             if found is None:
                 raise
-            return found.experiment_id
+            return found.experiment_id, False
 
-    def mark_experiment(self, experiment_id: str) -> None:
-        """Tag the experiment as model training, so MLflow 3 (where it reads the tag) lists runs, not traces."""
-        self._call("set_experiment_tag", experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
+    # (experiment_id): tagged as model training, so MLflow 3 (where it reads the tag) lists runs, not traces
+    mark_experiment = _client_call("set_experiment_tag", key=EXPERIMENT_KIND, value=MODEL_TRAINING)
 
     def experiment_name(self, experiment_id: str) -> str:
         return self._call("get_experiment", experiment_id).name
-
-    def find_experiment(self, name: str) -> str | None:
-        """The id of the active experiment called name; None when there is none."""
-        found = self._call("get_experiment_by_name", name)
-        return found.experiment_id if found is not None and found.lifecycle_stage == "active" else None
 
     def experiment_exists(self, experiment_id: str) -> bool:
         try:
@@ -220,10 +210,8 @@ class Store:
 
     def search(self, experiment_ids: list[str] | None, filter_string: str) -> list[RunRecord]:
         """Runs matching an MLflow filter, in the given experiments (None: every active one)."""
-        if experiment_ids is None:
-            from mlflow.entities import ViewType
-
-            experiment_ids = [e.experiment_id for e in self._call("search_experiments", view_type=ViewType.ACTIVE_ONLY)]
+        if experiment_ids is None:  # search_experiments lists the active ones by default
+            experiment_ids = [e.experiment_id for e in self._call("search_experiments")]
             if not experiment_ids:
                 return []
         return [_record(r) for r in self._call("search_runs", experiment_ids, filter_string=filter_string,
@@ -250,11 +238,10 @@ class Store:
                    params=[Param(k, str(v)) for k, v in params.items()],
                    tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
-    def set_tag(self, run_id: str, key: str, value: str) -> None:
-        self._call("set_tag", run_id, key, value)
-
-    def delete_tag(self, run_id: str, key: str) -> None:
-        self._call("delete_tag", run_id, key)
+    set_tag = _client_call("set_tag")  # (run_id, key, value)
+    delete_tag = _client_call("delete_tag")  # (run_id, key)
+    restart = _client_call("update_run", status="RUNNING")  # (run_id): an ended run RUNNING again
+    delete = _client_call("delete_run")  # (run_id): into the store's trash (`mlflow gc` removes it for good)
 
     def end(self, run_id: str, status: str) -> None:
         quiet = run_id in self._children and "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT" not in os.environ
@@ -263,22 +250,13 @@ class Store:
         self._children.discard(run_id)
         self._artifact_uris.pop(run_id, None)  # held for open runs only (a later upload looks it up)
 
-    def restart(self, run_id: str) -> None:
-        """Mark an ended run RUNNING again."""
-        self._call("update_run", run_id, status="RUNNING")
-
-    def delete(self, run_id: str) -> None:
-        """Into the store's trash (`mlflow gc` removes it for good)."""
-        self._call("delete_run", run_id)
-
     # --- artifacts --------------------------------------------------------------------------------------
     def upload(self, run_id: str, files: dict[str, bytes]) -> None:
         """Files (relative path -> bytes) as artifacts of the run, in one upload."""
         with tempfile.TemporaryDirectory() as folder:
             for path, data in files.items():
-                os.makedirs(os.path.dirname(os.path.join(folder, path)) or folder, exist_ok=True)
-                with open(os.path.join(folder, path), "wb") as f:
-                    f.write(data)
+                (Path(folder) / path).parent.mkdir(parents=True, exist_ok=True)
+                (Path(folder) / path).write_bytes(data)
             uri = self._artifact_uris.get(run_id)
             if uri is None:  # a run made elsewhere (`mlflow run`'s, a reopened one): MLflow looks its location up
                 self._call("log_artifacts", run_id, folder)
@@ -288,16 +266,12 @@ class Store:
                 self._call(lambda: get_artifact_repository(uri, tracking_uri=self.uri).log_artifacts(folder))
 
     def download(self, run_id: str, path: str) -> bytes:
-        with open(self._call("download_artifacts", run_id, path), "rb") as f:
-            return f.read()
+        return Path(self._call("download_artifacts", run_id, path)).read_bytes()
 
-    def log_table(self, run_id: str, columns: dict[str, list], path: str) -> None:
-        """A table the MLflow UI shows as a table (Artifacts tab): columns name -> values, as a .json artifact."""
-        self._call("log_table", run_id, data=columns, artifact_file=path)
+    # (run_id, columns name -> values, path): a .json artifact the MLflow UI shows as a table (Artifacts tab)
+    log_table = _client_call("log_table")
 
     def log_figure(self, run_id: str, figure, path: str) -> None:
-        import warnings
-
         with warnings.catch_warnings():  # a token in a script the font lacks is drawn as a box, not an error
             warnings.filterwarnings("ignore", message="Glyph .* missing from font")
             self._call("log_figure", run_id, figure, path)
@@ -323,7 +297,6 @@ def _process_start(pid: int) -> str:
 
 
 def process_tags() -> dict[str, str]:
-    """amrepro.host, amrepro.pid and amrepro.pid_start of this process."""
     pid = os.getpid()
     return {HOST_TAG: HOST, PID_TAG: str(pid), PID_START_TAG: _process_start(pid)}
 
@@ -348,9 +321,7 @@ def refuse_live(runs, doing: str, force: bool = False) -> None:
     """Before `--resume`, `log` or a discard touches runs: refuse (AmreproError, one sentence) when one is RUNNING
     and its process is alive on this host, or cannot be checked from here (another host, no process tags)
     unless force (as `amrepro doctor --all`). runs: records with .id, .status and .tags."""
-    for run in runs:
-        if run.status != "RUNNING":
-            continue
+    for run in [r for r in runs if r.status == "RUNNING"]:
         alive, tags = owner_alive(run.tags), run.tags
         if alive:
             raise AmreproError(f"run {run.id} is still being written by amrepro process {tags[PID_TAG]} on this "

@@ -42,13 +42,12 @@ def _experiment(ctx: Context, saved) -> str:
             _say(f"logging into experiment id {saved.experiment_id}, the one of the store the outcome file was made "
                  "for (the file does not name its experiment: an older amrepro wrote it).")
             return saved.experiment_id
-        experiment_id = ctx.write(ctx.store.experiment_id, None)
+        experiment_id, _ = ctx.write(ctx.store.experiment, None)
         _say(f"the outcome file does not name its experiment (an older amrepro wrote it) and was made for "
              f"{saved.tracking_uri}: logging into the default experiment "
              f"{ctx.store.experiment_name(experiment_id)!r} (id {experiment_id}).")
         return experiment_id
-    found = ctx.write(ctx.store.find_experiment, name)
-    experiment_id = found or ctx.write(ctx.store.experiment_id, name)
+    experiment_id, found = ctx.write(ctx.store.experiment, name)
     _say(f"logging into the {'existing' if found else 'new'} experiment {name!r} (id {experiment_id}) of {ctx.uri}, "
          "matched by the name the outcome file records.")
     return experiment_id
