@@ -31,7 +31,7 @@ import re
 
 import numpy as np
 
-from . import report, signals
+from . import outcome_file, parent_metrics, report, signals
 from .config import AmreproError, Config
 from .errors import NoResult
 from .tracking import HOST_TAG, PID_TAG, owner_alive, refuse_live  # process tags: amrepro.host, amrepro.pid
@@ -141,109 +141,106 @@ def log_outcome(ctx, parent: str, experiment_id: str, outcome, frozen: bytes, re
 def log_runs(ctx, parent: str, experiment_id: str, outcome, frozen: bytes, skip=(), on_run=None) -> None:
     """Every seed run (but the run indices in skip), then the parent, and its end (FAILED when every run
     diverged); its outcome file goes. on_run() after each seed run."""
+    from . import figures
+
     for r in range(outcome.config.runs):
         if r not in skip:
             log_seed_run(ctx, parent, experiment_id, outcome, r)
             if on_run is not None:
                 on_run()
-    with ctx.batched(parent):  # everything of the parent but its end; an all-diverged outcome says so as its error
-        _log_parent(ctx, parent, outcome, frozen)
-        if outcome.summary["statistics"] is None:
-            ctx.log(parent, tags={ERROR_TAG: f"all {outcome.config.runs} runs diverged"})
-    with signals.shielded():  # a parent that is ended has no outcome file left, whenever a Ctrl-C comes
+    files, tags = parent_record(outcome, frozen)
+    stats = outcome.summary["statistics"]
+    with ctx.batched(parent):  # everything of the parent but its end: one log_batch
+        # the headline figures, and the seeds' curves that MLflow's chart view shows first (sections sort by name:
+        # act/target, loss/total before null/..., pvalue, runs, stats), within the lean layout's row budget
+        ctx.log(parent, tags=tags, metrics=parent_metrics.metric_rows(outcome, parent_metrics.ROW_BUDGET))
+        ctx.log_artifacts(parent, files)
+        if stats is not None:
+            ctx.store.log_table(parent, report.token_columns(outcome), TOKEN_GRID)
+        if stats is not None and outcome.config.figures:  # --figures false: `amrepro figures RUN_ID` draws them
+            result, ok = outcome.result, outcome.ok
+            log_figures(ctx, parent, figures.figure_makers(
+                result.loss.numpy()[:, ok], result.activation.numpy()[:, ok],
+                [s for s, keep in zip(result.seeds, ok) if keep], [t for t, keep in zip(outcome.tokens, ok) if keep],
+                outcome.ids[ok], result.final_activation.numpy()[ok], outcome.decoded_activation[ok],
+                hubs=stats["nulls"]["decoded_starts"]))
+    end_parent(ctx, parent, outcome)
+
+
+def end_parent(ctx, parent: str, outcome) -> None:
+    """A target parent ends FAILED when every run diverged; once ended, its outcome file goes."""
+    with signals.shielded():  # an ended parent has no outcome file left, whenever a Ctrl-C comes
         ctx.end(parent, "FAILED" if outcome.summary["statistics"] is None else "FINISHED")
         ctx.logged(parent)
+
+
+def parent_record(outcome, frozen: bytes) -> tuple[dict[str, bytes], dict[str, str]]:
+    """The artifacts and tags of a target parent in either layout (the lean one adds its seeds.npz and seed
+    table; the seeds layout its token grid and figures)."""
+    from . import dashboard, features
+    from .headline import headline
+    from .specificity import specificity_words
+
+    s = outcome.summary
+    files = {SUMMARY: json_bytes(s), PIP_FREEZE: frozen, DASHBOARD: dashboard.page(outcome, run_name(outcome.config)),
+             **features.file_artifacts(outcome.target)}  # a direction's .npy, a small SAE
+    tags = {**features.target_tags(outcome.target),  # a feature: what it reads, its file's sha256
+            HEADLINE_TAG: headline(s), **parent_metrics.table_row(outcome)}  # the sweep's index; its table's row
+    if s["statistics"] is None:  # every run diverged: no statistic exists, and none is logged
+        tags.update({VERDICT_TAG: f"no result: all {len(outcome.diverged)} runs diverged",
+                     ERROR_TAG: f"all {outcome.config.runs} runs diverged"})
+        return files, tags
+    # the run page's description: the verdict, statistics and tokens, cut at TAG_LIMIT characters by
+    # report.markdown_summary (summary.json holds everything)
+    tags.update({VERDICT_TAG: s["statistics"]["verdict"][:TAG_LIMIT], NOTE_TAG: report.markdown_summary(outcome)})
+    if outcome.specificity is not None:  # --controls (its p-values are headline metrics, the rest in summary.json)
+        tags[SPECIFICITY_TAG] = specificity_words(outcome.specificity)[:TAG_LIMIT]
+    return files, tags
 
 
 def log_seed_run(ctx, parent: str, experiment_id: str, outcome, r: int) -> None:
     """Run r of the outcome as a seed run under parent: one create_run, one artifact upload, one log_batch, one
     set_terminated. A diverged run says why and ends FAILED: divergence is not a result."""
-    config = outcome.config
-    child = ctx.start_child(parent, f"seed-{config.seeds[r]}", {}, experiment_id)
-    why = outcome.diverged.get(r)
-    with ctx.batched(child):  # params, tags and metrics: one log_batch
-        ctx.log(child, params=child_params(config, r))
-        _log_child(ctx, child, outcome, r)
-        if why:
-            ctx.log(child, tags={ERROR_TAG: f"diverged: {why}"})
-    ctx.end(child, "FAILED" if why else "FINISHED")
-
-
-def _log_child(ctx, run_id: str, outcome, r: int) -> None:
-    from . import metrics, parent_metrics
-    from .printable import token_repr
-
-    result = outcome.result
-    files = {INITIAL: npy_bytes(result.initial[r].numpy().astype(np.float32)),
-             FINAL: npy_bytes(result.final[r].numpy().astype(np.float32))}
-    if r in outcome.diverged:  # NaN "decodes" to nothing meaningful: only the history up to the divergence
-        epoch = int(result.diverged_at[r])
-        ctx.log_metrics(run_id, scalars={"diverged/epoch": epoch},
-                            history={"loss/total": result.loss[:epoch, r].numpy(),
-                                     "act/target": result.activation[:epoch, r].numpy()})
-        ctx.log_artifacts(run_id, files)
-        return
-    scalars = {"act/final": float(result.final_activation[r]), "act/decoded": float(outcome.decoded_activation[r]),
-               "loss/final": float(result.loss[-1, r]),
-               # statistics hold the finite runs only: run r is their entry number ok[:r].sum()
-               **metrics.child_metrics(outcome.summary["statistics"], int(outcome.ok[:r].sum()))}
-    # rounded for the runs table (exact: the parent's summary.json per_run lists; loss/final: loss/total's last step)
-    ctx.log_metrics(run_id, scalars={k: parent_metrics.shown(v) for k, v in scalars.items()},
-                        history={"loss/total": result.loss[:, r].numpy(), "act/target": result.activation[:, r].numpy(),
-                                 **{key: values[:, r].numpy() for key, values in result.history.items()}})
-    files[TOKENS] = json_bytes({"ids": [int(i) for i in outcome.ids[r]], "tokens": outcome.tokens[r]})
-    # the tokens as a column of the MLflow runs table, and the seed's colour of the figures in the UI's charts
-    readable = (token_repr(t, i) for t, i in zip(outcome.tokens[r], outcome.ids[r]))  # '\ufffd' tokens with their id
-    ctx.log(run_id, tags={TOKENS_TAG: " | ".join(readable), COLOR_TAG: _seed_color(r, len(result.seeds))})
-    spike = (outcome.summary.get("loss_spikes") or [None] * (r + 1))[r]
-    if spike is not None:  # the seed row says it
-        ctx.log(run_id, tags={UNSTABLE_TAG: f"loss spike at epoch {spike['epoch']} "
-                                            f"(+{spike['share']:.0%} of the loss range)"})
-    ctx.log_artifacts(run_id, files)
-
-
-def _seed_color(r: int, runs: int) -> str:
     from matplotlib.colors import to_hex
 
+    from . import metrics
     from .figures import seed_colors
+    from .printable import token_repr
 
-    return to_hex(seed_colors(runs)[r])
-
-
-def _log_parent(ctx, run_id: str, outcome, frozen: bytes | None) -> None:
-    from . import dashboard, features, figures, parent_metrics
-    from .headline import headline
-    from .provenance import pip_freeze
-    from .specificity import specificity_words
-
-    s = outcome.summary
-    headline_metrics = parent_metrics.logged(outcome)
-    # the headline figures, and the seeds' curves that MLflow's chart view shows first (sections sort by name:
-    # act/target, loss/total before null/..., pvalue, runs, stats), within the lean layout's row budget
-    ctx.log(run_id, metrics=[(k, v, 0) for k, v in headline_metrics.items()]
-            + parent_metrics.chart_curves(outcome.result, parent_metrics.ROW_BUDGET - len(headline_metrics)))
-    ctx.log_artifacts(run_id, {SUMMARY: json_bytes(s), PIP_FREEZE: frozen if frozen is not None else pip_freeze(),
-                               DASHBOARD: dashboard.page(outcome, run_name(outcome.config)),
-                               **features.file_artifacts(outcome.target)})  # a direction's .npy, a small SAE
-    ctx.log(run_id, tags={**features.target_tags(outcome.target),  # a feature: what it reads, its file's sha256
-                          HEADLINE_TAG: headline(s), **parent_metrics.table_row(outcome)})
-    if s["statistics"] is None:  # every run diverged: no statistic exists, and none is logged
-        ctx.log(run_id, tags={VERDICT_TAG: f"no result: all {len(outcome.diverged)} runs diverged"})
-        return
-    ctx.log(run_id, tags={VERDICT_TAG: s["statistics"]["verdict"][:TAG_LIMIT],
-                              # the run page's description: the verdict, statistics and tokens, cut at TAG_LIMIT
-                              # characters by report.markdown_summary (summary.json holds everything)
-                              NOTE_TAG: report.markdown_summary(outcome)})
-    ctx.store.log_table(run_id, report.token_columns(outcome), TOKEN_GRID)
-    if outcome.specificity is not None:  # --controls (its p-values are headline metrics, the rest in summary.json)
-        ctx.log(run_id, tags={SPECIFICITY_TAG: specificity_words(outcome.specificity)[:TAG_LIMIT]})
-    if not outcome.config.figures:  # --figures false: `amrepro figures RUN_ID` draws them from the runs later
-        return
-    result, ok = outcome.result, outcome.ok
-    log_figures(ctx, run_id, figures.figure_makers(
-        result.loss.numpy()[:, ok], result.activation.numpy()[:, ok], [s for s, keep in zip(result.seeds, ok) if keep],
-        [t for t, keep in zip(outcome.tokens, ok) if keep], outcome.ids[ok], result.final_activation.numpy()[ok],
-        outcome.decoded_activation[ok], hubs=s["statistics"]["nulls"]["decoded_starts"]))
+    config, result, why = outcome.config, outcome.result, outcome.diverged.get(r)
+    child = ctx.start_child(parent, f"seed-{config.seeds[r]}", {}, experiment_id)
+    files = {INITIAL: npy_bytes(result.initial[r].numpy().astype(np.float32)),
+             FINAL: npy_bytes(result.final[r].numpy().astype(np.float32))}
+    with ctx.batched(child):  # params, tags and metrics: one log_batch
+        ctx.log(child, params=child_params(config, r))
+        if why is not None:  # NaN "decodes" to nothing meaningful: only the history up to the divergence
+            epoch = int(result.diverged_at[r])
+            ctx.log_metrics(child, scalars={"diverged/epoch": epoch},
+                            history={"loss/total": result.loss[:epoch, r].numpy(),
+                                     "act/target": result.activation[:epoch, r].numpy()})
+            ctx.log(child, tags={ERROR_TAG: f"diverged: {why}"})
+        else:
+            scalars = {"act/final": float(result.final_activation[r]),
+                       "act/decoded": float(outcome.decoded_activation[r]), "loss/final": float(result.loss[-1, r]),
+                       # statistics hold the finite runs only: run r is their entry number ok[:r].sum()
+                       **metrics.child_metrics(outcome.summary["statistics"], int(outcome.ok[:r].sum()))}
+            # rounded for the runs table (exact: the parent's summary.json per_run lists; loss/final: loss/total's
+            # last step)
+            ctx.log_metrics(child, scalars={k: parent_metrics.shown(v) for k, v in scalars.items()},
+                            history={"loss/total": result.loss[:, r].numpy(),
+                                     "act/target": result.activation[:, r].numpy(),
+                                     **{key: values[:, r].numpy() for key, values in result.history.items()}})
+            files[TOKENS] = json_bytes({"ids": [int(i) for i in outcome.ids[r]], "tokens": outcome.tokens[r]})
+            # the tokens as a column of the MLflow runs table ('\ufffd' tokens with their id), and the seed's colour
+            # of the figures in the UI's charts
+            readable = (token_repr(t, i) for t, i in zip(outcome.tokens[r], outcome.ids[r]))
+            tags = {TOKENS_TAG: " | ".join(readable), COLOR_TAG: to_hex(seed_colors(len(result.seeds))[r])}
+            spike = (outcome.summary.get("loss_spikes") or [None] * (r + 1))[r]
+            if spike is not None:  # the seed row says it
+                tags[UNSTABLE_TAG] = f"loss spike at epoch {spike['epoch']} (+{spike['share']:.0%} of the loss range)"
+            ctx.log(child, tags=tags)
+        ctx.log_artifacts(child, files)
+    ctx.end(child, "FAILED" if why is not None else "FINISHED")
 
 
 def log_figures(ctx, run_id: str, makers: dict) -> None:
@@ -309,8 +306,6 @@ def discard(store, run, why: str) -> None:
         store.delete(child.id)
     store.set_tag(run.id, ERROR_TAG, why[:TAG_LIMIT])
     # the target is redone (bit-identically): an outcome file of this parent would log a second parent of it
-    from . import outcome_file
-
     outcome_file.path_for(run.id).unlink(missing_ok=True)
     if run.status == "RUNNING":
         store.end(run.id, "KILLED")
@@ -419,7 +414,5 @@ def _state(run) -> str:
 
 
 def _outcome_file_note(parent_id: str) -> str:
-    from . import outcome_file
-
     path = outcome_file.path_for(parent_id)
     return f"its results are kept in {path}: `amrepro log {path}` logs them" if path.exists() else ""

@@ -56,15 +56,16 @@ def shown(value: float) -> float:
     return value if not np.isfinite(value) or value.is_integer() else float(f"{value:.{SHOWN_DIGITS}g}")
 
 
-def logged(outcome) -> dict[str, float]:
-    """The HEADLINE_METRICS of an outcome that it has (a single run has no pairwise statistic; an all-diverged
-    outcome has only runs/*), rounded by shown()."""
+def metric_rows(outcome, room: int) -> list[tuple[str, float, int]]:
+    """A parent's metrics, within `room` rows: the HEADLINE_METRICS the outcome has (a single run has no pairwise
+    statistic; an all-diverged outcome has only runs/*) at step 0, rounded by shown(), then chart_curves."""
     s = outcome.summary
     every = {"runs/diverged": len(outcome.diverged), "runs/ok": s["n_runs_ok"]}
     if s["statistics"] is not None:
         every.update(s["statistics"]["metrics"])
         every.update((outcome.specificity or {}).get("metrics", {}))
-    return {k: shown(every[k]) for k in HEADLINE_METRICS if k in every}
+    headline = [(k, shown(every[k]), 0) for k in HEADLINE_METRICS if k in every]
+    return headline + chart_curves(outcome.result, room - len(headline))
 
 
 def table_row(outcome) -> dict[str, str]:
