@@ -2,10 +2,9 @@
 back. Users' scripts depend on these names: they never change.
 
 - top run of `amrepro run` (the one `mlflow run` created, via MLFLOW_RUN_ID, or a new one): every hyperparameter
-  as a param, environment tags env.* and model.*, the headline metrics only (parent_metrics.py: every statistic,
-  exact, is in summary.json; the sweep table's in the tag amrepro.table_row), each seed's per-epoch curves
-  `act/target/seed-N`, `loss/total/seed-N` (parent_metrics.chart_curves), the verdict and the description as tags,
-  summary.json, token_grid.json, the pip freeze and the figures;
+  as a param; tags env.*, model.*, the verdict and the description; the headline metrics and each seed's per-epoch
+  curves (parent_metrics.py; every statistic, exact, is in summary.json); summary.json, token_grid.json, the pip
+  freeze and the figures;
 - one seed run per seed under it (tag mlflow.parentRunId, named seed-N): params incl. its own seed, run_index
   and batch_seed, per-epoch metrics loss/total and act/target (step = epoch), act/final, act/decoded, loss/final,
   artifacts embeddings/initial.npy, embeddings/final.npy, tokens.json, each with a sha256/<path> tag;
@@ -79,13 +78,6 @@ def json_bytes(obj) -> bytes:
 def run_name(config: Config) -> str:
     """'{model} {target} x{runs}': what a parent is, readable in the MLflow runs table."""
     return f"{report.model_label(config.model)} {config.target_name} x{config.runs}"
-
-
-def child_params(config: Config, r: int) -> dict[str, str]:
-    """Every hyperparameter, with this run's own seed; run_index and batch_seed locate it in its batch."""
-    params = config.to_params()
-    params.update({SEED: str(config.seed + r), RUN_INDEX: str(r), BATCH_SEED: str(config.seed)})
-    return params
 
 
 def batch_tag(targets: list) -> str:
@@ -212,7 +204,9 @@ def log_seed_run(ctx, parent: str, experiment_id: str, outcome, r: int) -> None:
     files = {INITIAL: npy_bytes(result.initial[r].numpy().astype(np.float32)),
              FINAL: npy_bytes(result.final[r].numpy().astype(np.float32))}
     with ctx.batched(child):  # params, tags and metrics: one log_batch
-        ctx.log(child, params=child_params(config, r))
+        # every hyperparameter, with this run's own seed; run_index and batch_seed locate it in its batch
+        ctx.log(child, params={**config.to_params(), SEED: str(config.seed + r), RUN_INDEX: str(r),
+                               BATCH_SEED: str(config.seed)})
         if why is not None:  # NaN "decodes" to nothing meaningful: only the history up to the divergence
             epoch = int(result.diverged_at[r])
             ctx.log_metrics(child, scalars={"diverged/epoch": epoch},
@@ -224,15 +218,13 @@ def log_seed_run(ctx, parent: str, experiment_id: str, outcome, r: int) -> None:
                        "act/decoded": float(outcome.decoded_activation[r]), "loss/final": float(result.loss[-1, r]),
                        # statistics hold the finite runs only: run r is their entry number ok[:r].sum()
                        **metrics.child_metrics(outcome.summary["statistics"], int(outcome.ok[:r].sum()))}
-            # rounded for the runs table (exact: the parent's summary.json per_run lists; loss/final: loss/total's
-            # last step)
+            # rounded for the runs table (exact: the parent's summary.json; loss/final: loss/total's last step)
             ctx.log_metrics(child, scalars={k: parent_metrics.shown(v) for k, v in scalars.items()},
                             history={"loss/total": result.loss[:, r].numpy(),
                                      "act/target": result.activation[:, r].numpy(),
                                      **{key: values[:, r].numpy() for key, values in result.history.items()}})
             files[TOKENS] = json_bytes({"ids": [int(i) for i in outcome.ids[r]], "tokens": outcome.tokens[r]})
-            # the tokens as a column of the MLflow runs table ('\ufffd' tokens with their id), and the seed's colour
-            # of the figures in the UI's charts
+            # the tokens as a column of the runs table ('\ufffd' with its id); the seed's colour of the figures
             readable = (token_repr(t, i) for t, i in zip(outcome.tokens[r], outcome.ids[r]))
             tags = {TOKENS_TAG: " | ".join(readable), COLOR_TAG: to_hex(seed_colors(len(result.seeds))[r])}
             spike = (outcome.summary.get("loss_spikes") or [None] * (r + 1))[r]
@@ -259,17 +251,12 @@ def log_figures(ctx, run_id: str, makers: dict) -> None:
 
 
 def figure_makers(reader, run_id: str) -> dict:
-    """The figures of a seeds-layout target parent (an `amrepro run` parent, a sweep target, a compare's method
-    run), from what it logged: each finished seed run's per-epoch history and tokens.json, and the parent's
-    summary.json (exact final and decoded activations, the hub tokens). As the run drew them, diverged runs left
-    out."""
+    """The figures of a seeds-layout target parent, as the run drew them (diverged runs left out), from each
+    finished seed run's per-epoch history and tokens.json and the parent's summary.json."""
     from . import figures
 
     parent, seeds = reader.family(run_id)
-    summary = reader.json(parent, SUMMARY)
-    stats = summary.get("statistics")
-    if stats is None:
-        raise AmreproError(f"run {parent.id} has no result (all its runs diverged): there is nothing to draw.")
+    summary, stats = drawable(reader, parent)
     histories = {key: np.array([reader.store.history(c.id, key) for c in seeds]).T  # [epochs, runs]
                  for key in ("loss/total", "act/target")}
     grids = [reader.json(c, TOKENS) for c in seeds]
@@ -282,6 +269,14 @@ def figure_makers(reader, run_id: str) -> dict:
                                  np.array(stats["final_activation"]["per_run"])[entries],
                                  np.array(stats["decoded_activation"]["per_run"])[entries],
                                  hubs=stats["nulls"]["decoded_starts"])
+
+
+def drawable(reader, run) -> tuple[dict, dict]:
+    """A target parent's summary.json and its statistics; one sentence when it has none to draw."""
+    summary = reader.json(run, SUMMARY)
+    if summary.get("statistics") is None:
+        raise AmreproError(f"run {run.id} has no result (all its runs diverged): there is nothing to draw.")
+    return summary, summary["statistics"]
 
 
 # --- queries ----------------------------------------------------------------------------------------------
@@ -403,9 +398,8 @@ def _state(run) -> str:
     if status == "FINISHED":
         return ""
     if status == "RUNNING":
-        alive = owner_alive(tags)
         where = f" (pid {tags.get(PID_TAG)} on {tags.get(HOST_TAG)})" if PID_TAG in tags else ""
-        if alive is False:
+        if owner_alive(tags) is False:
             return f"marked RUNNING but its process{where} is gone (`amrepro doctor` ends it KILLED)"
         return f"still running{where}"
     if status == "KILLED":

@@ -1,31 +1,27 @@
 """The lean layout of a target: ONE parent run, no seed runs; made for sweeps of a whole layer.
 
 A lean target parent (tag amrepro.layout = lean) holds what a seeds-layout parent holds (layout.parent_record:
-params, tags env.*, verdict, description, sha256/<path>; the headline metrics and each seed's per-epoch curves,
-parent_metrics.py; summary.json, the pip freeze), and instead of seed runs:
+params, tags, the headline metrics and each seed's per-epoch curves, summary.json, the pip freeze), and instead
+of seed runs:
 - seeds.npz: every seed's initial and final embeddings, decoded token ids, full per-epoch histories (what
   `decode`, `reproduce` and `figures` read);
 - seed_table.json: one row per seed, in the format of MlflowClient.log_table, so the UI shows it as a table.
 
 Store requests per target: create_run (every tag), one artifact upload, one log_batch (params, metrics, tags; at
 most MLflow's 1000 entities so that it is one request) and set_terminated. Figures are rendered on demand
-(`amrepro figures RUN_ID`) or for the targets a sweep flags. The reader side, read_seeds, gives the same per-seed
-arrays for both layouts: one path for decode/reproduce.
+(`amrepro figures RUN_ID`) or for the targets a sweep flags. read_seeds reads both layouts.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from dataclasses import dataclass
 
 import numpy as np
 
-from . import parent_metrics, signals
+from . import layout, parent_metrics, signals
 from .config import AmreproError
-from .layout import FINAL, INITIAL, RUN_INDEX, RUN_NAME_TAG, SEED, SHA256_PREFIX, SUMMARY, TOKENS, _outcome_file_note, \
-    _state, end_parent, log_outcome, parent_record
 from .printable import token_repr
 
 LAYOUT_TAG = "amrepro.layout"  # on lean parents (and a sweep run): "lean"; absent means "seeds"
@@ -37,9 +33,9 @@ FIGURES_TAG = "amrepro.figures"  # on a lean parent whose figures were drawn: th
 FLAGGED_MAX = 16  # figures a sweep renders by itself, at most (the rest: `amrepro figures RUN_ID`)
 
 
-def check_layout(layout: str) -> None:
-    if layout not in LAYOUTS:
-        raise AmreproError(f"--layout must be one of {', '.join(LAYOUTS)}, got '{layout}'.")
+def check_layout(name: str) -> None:
+    if name not in LAYOUTS:
+        raise AmreproError(f"--layout must be one of {', '.join(LAYOUTS)}, got '{name}'.")
 
 
 def layout_of(run) -> str:
@@ -53,7 +49,7 @@ def start_target(ctx, experiment_id: str, run_name: str, tags: dict[str, str]) -
 
     with signals.shielded():  # a run that exists is in open_runs, whenever a Ctrl-C comes
         run_id = ctx.write(ctx.store.create, experiment_id, run_name,
-                           {**tags, LAYOUT_TAG: "lean", RUN_NAME_TAG: run_name, **process_tags()})
+                           {**tags, LAYOUT_TAG: "lean", layout.RUN_NAME_TAG: run_name, **process_tags()})
         ctx.open_runs.append(run_id)
     return run_id
 
@@ -61,16 +57,15 @@ def start_target(ctx, experiment_id: str, run_name: str, tags: dict[str, str]) -
 def log_target(ctx, parent: str, outcome, frozen: bytes, params: dict[str, str] | None = None) -> None:
     """Log an outcome into its lean parent and end it (one upload, one log_batch); its outcome file goes.
     params: the parent's params when they are not logged yet (a sweep's target)."""
-    files, tags = parent_record(outcome, frozen)
+    files, tags = layout.parent_record(outcome, frozen)
     files.update({ARTIFACT: seeds_npz(outcome), TABLE: seed_table(outcome)})
-    ctx.store.upload(parent, files)  # one request (over HTTP: one per file)
-    tags.update({SHA256_PREFIX + path: hashlib.sha256(data).hexdigest() for path, data in files.items()})
     tags[LOGGED_ARTIFACTS_TAG] = json.dumps([{"path": TABLE, "type": "table"}])  # what log_table sets
     params = params or {}
-    room = min(parent_metrics.ROW_BUDGET, BATCH_ENTITIES - len(params) - len(tags))
-    # one request (MLflow would split a larger batch)
-    ctx.store.log_batch(parent, params, tags, parent_metrics.metric_rows(outcome, room))
-    end_parent(ctx, parent, outcome)
+    room = min(parent_metrics.ROW_BUDGET, BATCH_ENTITIES - len(params) - len(tags) - len(files))  # + sha256 tags
+    with ctx.batched(parent):  # one request (MLflow would split a larger batch)
+        ctx.log_artifacts(parent, files)  # one upload (over HTTP: one request per file), a sha256 tag per file
+        ctx.log(parent, params, tags, parent_metrics.metric_rows(outcome, room))
+    layout.end_parent(ctx, parent, outcome)
 
 
 def seeds_npz(outcome) -> bytes:
@@ -126,8 +121,9 @@ def read_seeds(reader, run_id: str):
     run = reader.run(run_id)
     if layout_of(run) != "lean":
         parent, children = reader.family(run_id)
-        return parent, [Seed(int(c.params[SEED]), int(c.params[RUN_INDEX]), c.id, reader.npy(c, INITIAL),
-                             reader.npy(c, FINAL), reader.json(c, TOKENS)["ids"], c.params) for c in children]
+        return parent, [Seed(int(c.params[layout.SEED]), int(c.params[layout.RUN_INDEX]), c.id,
+                             reader.npy(c, layout.INITIAL), reader.npy(c, layout.FINAL),
+                             reader.json(c, layout.TOKENS)["ids"], c.params) for c in children]
     arrays = read_arrays(reader, run)
     reader.note = None
     ok = arrays["diverged_at"] < 0
@@ -141,9 +137,9 @@ def read_seeds(reader, run_id: str):
 
 def read_arrays(reader, run) -> dict[str, np.ndarray]:
     """seeds.npz of a lean parent, checked against its sha256 tag; one sentence when it was never logged."""
-    if SHA256_PREFIX + ARTIFACT not in run.tags:
-        kept = _outcome_file_note(run.id)
-        raise AmreproError(f"run {run.id} is {_state(run) or 'finished'} and its seeds were never logged, "
+    if layout.SHA256_PREFIX + ARTIFACT not in run.tags:
+        kept = layout._outcome_file_note(run.id)
+        raise AmreproError(f"run {run.id} is {layout._state(run) or 'finished'} and its seeds were never logged, "
                            f"so there is nothing to read{'; ' + kept if kept else ''}.")
     with np.load(io.BytesIO(reader.artifact(run, ARTIFACT)), allow_pickle=False) as npz:
         return {key: npz[key] for key in npz.files}
@@ -153,13 +149,10 @@ def read_arrays(reader, run) -> dict[str, np.ndarray]:
 def log_figures(ctx, reader, run) -> list[str]:
     """Draw a lean target's figures from its artifacts and log them into it, as the seeds layout does (one upload;
     one that cannot be drawn is a warning and a tag); the paths."""
-    from . import figures, layout
+    from . import figures
 
     arrays = read_arrays(reader, run)
-    summary = reader.json(run, SUMMARY)
-    stats = summary.get("statistics")
-    if stats is None:
-        raise AmreproError(f"run {run.id} has no result (all its runs diverged): there is nothing to draw.")
+    summary, stats = layout.drawable(reader, run)
     ok = arrays["diverged_at"] < 0  # [runs]
     makers = figures.figure_makers(arrays["loss"][:, ok], arrays["activation"][:, ok],
                                    [int(s) for s in arrays["seeds"][ok]],
@@ -181,13 +174,13 @@ def flagged(columns: dict[str, list]) -> list[str]:
             and any(columns[stat.claim][i] == 1.0 for stat in REPRODUCIBILITY)]
 
 
-def log_run(ctx, parent: str, experiment_id: str, outcome, frozen: bytes, layout: str, resume: bool = False) -> None:
+def log_run(ctx, parent: str, experiment_id: str, outcome, frozen: bytes, kind: str, resume: bool = False) -> None:
     """`amrepro run` (and `amrepro log` of its outcome file) in either layout: lean, log_target; seeds,
     layout.log_outcome (resume: see there). No result (every run diverged) is NoResult, once all is logged."""
     from .errors import NoResult
 
-    if layout != "lean":
-        return log_outcome(ctx, parent, experiment_id, outcome, frozen, resume)
+    if kind != "lean":
+        return layout.log_outcome(ctx, parent, experiment_id, outcome, frozen, resume)
     log_target(ctx, parent, outcome, frozen)
     if outcome.summary["statistics"] is None:
         raise NoResult(f"all {outcome.config.runs} runs diverged ({outcome.diverged[0]}), so there is nothing to "

@@ -36,12 +36,8 @@ class Saved:
     experiment_name: str | None = None  # None in files written before it was recorded
 
 
-def folder() -> Path:
-    return Path(os.environ.get("AMREPRO_OUTCOMES", "amrepro-outcomes"))
-
-
 def path_for(parent_id: str) -> Path:
-    return folder() / f"{parent_id}.npz"
+    return Path(os.environ.get("AMREPRO_OUTCOMES", "amrepro-outcomes")) / f"{parent_id}.npz"
 
 
 def save(outcome, parent_id: str, experiment_id: str, tracking_uri: str, params: dict, tags: dict,
@@ -108,12 +104,11 @@ def load(path: str | Path) -> Saved:
     problem = _problem(meta, arrays, config, target)
     if problem:
         raise AmreproError(f"{path} is not a valid amrepro outcome file: {problem}; nothing was logged.")
-    tensors = {k.removeprefix("result."): torch.from_numpy(v) for k, v in arrays.items() if k.startswith("result.")}
-    history = {k.removeprefix("history."): torch.from_numpy(v) for k, v in arrays.items() if k.startswith("history.")}
-    positions = {k.removeprefix("positions."): torch.from_numpy(v) for k, v in arrays.items()
-                 if k.startswith("positions.")}
-    result = Result(seeds=meta["seeds"], **tensors, history=history, frontier=meta.get("frontier"),
-                    positions=positions)
+    def tensors(prefix: str) -> dict:
+        return {k.removeprefix(prefix): torch.from_numpy(v) for k, v in arrays.items() if k.startswith(prefix)}
+
+    result = Result(seeds=meta["seeds"], **tensors("result."), history=tensors("history."),
+                    frontier=meta.get("frontier"), positions=tensors("positions."))
     outcome = Outcome(config, target, result, arrays["ids"], meta["tokens"], arrays["cosine"],
                       arrays["decoded_activation"], meta["summary"],
                       {int(r): why for r, why in meta["diverged"].items()},

@@ -2,8 +2,6 @@
 statistics are read back. Every statistic stays in summary.json (statistics.metrics, exact, under the same names);
 the ones the sweep table reads are also one exact JSON tag, which comes back with every run search. Each seed's
 per-epoch curves go on the parent too (chart_curves), the charts MLflow's chart view shows first.
-
-Parents logged before this module have every statistic as a metric and no table-row tag: read as before.
 """
 
 from __future__ import annotations
