@@ -17,8 +17,7 @@ back. Users' scripts depend on these names: they never change.
 - `amrepro reproduce`: a run tagged amrepro.reproduces = the run it re-ran, its description linking that run's
   parent; not nested (before, it was nested under that parent: such runs still read as reproductions).
 
-Over 400 lines on purpose: the names, their writers and their readers stay in one file, so that a name changes
-in one place (split, the writers would import the names back and the readers would need both).
+The names, their writers and their readers stay in one file, so that a name changes in one place.
 """
 
 from __future__ import annotations
@@ -30,9 +29,13 @@ import re
 
 import numpy as np
 
-from . import outcome_file, parent_metrics, report, signals
+from . import dashboard, figures, metrics, outcome_file, parent_metrics, report, signals
 from .config import AmreproError, Config
 from .errors import NoResult
+from .headline import headline
+from .printable import token_repr
+from .specificity import specificity_words
+from .targets import Target
 from .tracking import HOST_TAG, PID_TAG, owner_alive, refuse_live  # process tags: amrepro.host, amrepro.pid
 
 # --- names ------------------------------------------------------------------------------------------------
@@ -88,17 +91,14 @@ def batch_tag(targets: list) -> str:
 
 def batch_targets(tag: str) -> list:
     """The targets of a batch_tag, in batch order."""
-    from .targets import Target
-
     site, indices = tag.rsplit(":", 1)
     return [Target.from_prefix(site, int(i)) for i in indices.split(",")]
 
 
 # --- writers ----------------------------------------------------------------------------------------------
 def log_outcome(ctx, parent: str, experiment_id: str, outcome, frozen: bytes, resume: bool = False) -> None:
-    """Log every seed run (one create_run, one artifact upload, one log_batch, one set_terminated each) and
-    then the parent, from the outcome saved in ctx.outcome_path, which is removed once all is logged.
-    resume: keep the children an interrupted logging already finished, replace the others."""
+    """Log every seed run, then the parent, from the outcome saved in ctx.outcome_path (removed once all is
+    logged), with a progress bar. resume: keep the children an interrupted logging finished, replace the others."""
     config, path = outcome.config, ctx.outcome_path
     done = set()
     if resume:
@@ -133,8 +133,6 @@ def log_outcome(ctx, parent: str, experiment_id: str, outcome, frozen: bytes, re
 def log_runs(ctx, parent: str, experiment_id: str, outcome, frozen: bytes, skip=(), on_run=None) -> None:
     """Every seed run (but the run indices in skip), then the parent, and its end (FAILED when every run
     diverged); its outcome file goes. on_run() after each seed run."""
-    from . import figures
-
     for r in range(outcome.config.runs):
         if r not in skip:
             log_seed_run(ctx, parent, experiment_id, outcome, r)
@@ -169,9 +167,7 @@ def end_parent(ctx, parent: str, outcome) -> None:
 def parent_record(outcome, frozen: bytes) -> tuple[dict[str, bytes], dict[str, str]]:
     """The artifacts and tags of a target parent in either layout (the lean one adds its seeds.npz and seed
     table; the seeds layout its token grid and figures)."""
-    from . import dashboard, features
-    from .headline import headline
-    from .specificity import specificity_words
+    from . import features  # imports torch: late
 
     s = outcome.summary
     files = {SUMMARY: json_bytes(s), PIP_FREEZE: frozen, DASHBOARD: dashboard.page(outcome, run_name(outcome.config)),
@@ -195,23 +191,18 @@ def log_seed_run(ctx, parent: str, experiment_id: str, outcome, r: int) -> None:
     set_terminated. A diverged run says why and ends FAILED: divergence is not a result."""
     from matplotlib.colors import to_hex
 
-    from . import metrics
-    from .figures import seed_colors
-    from .printable import token_repr
-
     config, result, why = outcome.config, outcome.result, outcome.diverged.get(r)
     child = ctx.start_child(parent, f"seed-{config.seeds[r]}", {}, experiment_id)
     files = {INITIAL: npy_bytes(result.initial[r].numpy().astype(np.float32)),
              FINAL: npy_bytes(result.final[r].numpy().astype(np.float32))}
+    stop = int(result.diverged_at[r]) if why is not None else None  # a diverged run: its history up to then
+    history = {"loss/total": result.loss[:stop, r].numpy(), "act/target": result.activation[:stop, r].numpy()}
     with ctx.batched(child):  # params, tags and metrics: one log_batch
         # every hyperparameter, with this run's own seed; run_index and batch_seed locate it in its batch
         ctx.log(child, params={**config.to_params(), SEED: str(config.seed + r), RUN_INDEX: str(r),
                                BATCH_SEED: str(config.seed)})
-        if why is not None:  # NaN "decodes" to nothing meaningful: only the history up to the divergence
-            epoch = int(result.diverged_at[r])
-            ctx.log_metrics(child, scalars={"diverged/epoch": epoch},
-                            history={"loss/total": result.loss[:epoch, r].numpy(),
-                                     "act/target": result.activation[:epoch, r].numpy()})
+        if why is not None:  # NaN "decodes" to nothing meaningful
+            ctx.log_metrics(child, scalars={"diverged/epoch": stop}, history=history)
             ctx.log(child, tags={ERROR_TAG: f"diverged: {why}"})
         else:
             scalars = {"act/final": float(result.final_activation[r]),
@@ -219,14 +210,12 @@ def log_seed_run(ctx, parent: str, experiment_id: str, outcome, r: int) -> None:
                        # statistics hold the finite runs only: run r is their entry number ok[:r].sum()
                        **metrics.child_metrics(outcome.summary["statistics"], int(outcome.ok[:r].sum()))}
             # rounded for the runs table (exact: the parent's summary.json; loss/final: loss/total's last step)
-            ctx.log_metrics(child, scalars={k: parent_metrics.shown(v) for k, v in scalars.items()},
-                            history={"loss/total": result.loss[:, r].numpy(),
-                                     "act/target": result.activation[:, r].numpy(),
-                                     **{key: values[:, r].numpy() for key, values in result.history.items()}})
+            history.update({key: values[:, r].numpy() for key, values in result.history.items()})
+            ctx.log_metrics(child, scalars={k: parent_metrics.shown(v) for k, v in scalars.items()}, history=history)
             files[TOKENS] = json_bytes({"ids": [int(i) for i in outcome.ids[r]], "tokens": outcome.tokens[r]})
             # the tokens as a column of the runs table ('\ufffd' with its id); the seed's colour of the figures
             readable = (token_repr(t, i) for t, i in zip(outcome.tokens[r], outcome.ids[r]))
-            tags = {TOKENS_TAG: " | ".join(readable), COLOR_TAG: to_hex(seed_colors(len(result.seeds))[r])}
+            tags = {TOKENS_TAG: " | ".join(readable), COLOR_TAG: to_hex(figures.seed_colors(len(result.seeds))[r])}
             spike = (outcome.summary.get("loss_spikes") or [None] * (r + 1))[r]
             if spike is not None:  # the seed row says it
                 tags[UNSTABLE_TAG] = f"loss spike at epoch {spike['epoch']} (+{spike['share']:.0%} of the loss range)"
@@ -238,8 +227,6 @@ def log_seed_run(ctx, parent: str, experiment_id: str, outcome, r: int) -> None:
 def log_figures(ctx, run_id: str, makers: dict) -> None:
     """Each figure rendered on its own and logged; one that cannot be drawn is a warning line naming it and a
     tag on the run, never an error: the run's statistics, tables and seeds are logged all the same."""
-    from . import figures
-
     rendered, failed = figures.render(makers)
     if rendered:
         ctx.log_artifacts(run_id, rendered)
@@ -253,8 +240,6 @@ def log_figures(ctx, run_id: str, makers: dict) -> None:
 def figure_makers(reader, run_id: str) -> dict:
     """The figures of a seeds-layout target parent, as the run drew them (diverged runs left out), from each
     finished seed run's per-epoch history and tokens.json and the parent's summary.json."""
-    from . import figures
-
     parent, seeds = reader.family(run_id)
     summary, stats = drawable(reader, parent)
     histories = {key: np.array([reader.store.history(c.id, key) for c in seeds]).T  # [epochs, runs]
@@ -363,12 +348,9 @@ class RunReader:
                                f"{f' and none of its {n_runs} runs was logged' if state else ''}, so there is "
                                f"nothing to decode{'; ' + kept if kept else ''}.")
         if missing or diverged:
-            parts = [f"{len(done)} of its {n_runs} runs are used here"]
-            if diverged:
-                parts.append(f"{len(diverged)} diverged")
-            if missing:
-                parts.append(f"{missing} were not logged{': ' + kept if kept else ''}")
-            self.note = f"run {run_id} is {state or 'finished'}: " + ", ".join(parts) + "."
+            parts = [f"{len(done)} of its {n_runs} runs are used here", diverged and f"{len(diverged)} diverged",
+                     missing and f"{missing} were not logged{': ' + kept if kept else ''}"]
+            self.note = f"run {run_id} is {state or 'finished'}: " + ", ".join(p for p in parts if p) + "."
         return parent, done
 
     def artifact(self, run, path: str) -> bytes:

@@ -20,9 +20,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import layout, parent_metrics, signals
+from . import figures, layout, parent_metrics, signals
 from .config import AmreproError
+from .errors import NoResult
 from .printable import token_repr
+from .stats import REPRODUCIBILITY
+from .tracking import process_tags
 
 LAYOUT_TAG = "amrepro.layout"  # on lean parents (and a sweep run): "lean"; absent means "seeds"
 LAYOUTS = ("seeds", "lean")
@@ -45,8 +48,6 @@ def layout_of(run) -> str:
 # --- writer -----------------------------------------------------------------------------------------------
 def start_target(ctx, experiment_id: str, run_name: str, tags: dict[str, str]) -> str:
     """A lean target parent, created with every tag in one request (its params come with its results)."""
-    from .tracking import process_tags
-
     with signals.shielded():  # a run that exists is in open_runs, whenever a Ctrl-C comes
         run_id = ctx.write(ctx.store.create, experiment_id, run_name,
                            {**tags, LAYOUT_TAG: "lean", layout.RUN_NAME_TAG: run_name, **process_tags()})
@@ -149,8 +150,6 @@ def read_arrays(reader, run) -> dict[str, np.ndarray]:
 def log_figures(ctx, reader, run) -> list[str]:
     """Draw a lean target's figures from its artifacts and log them into it, as the seeds layout does (one upload;
     one that cannot be drawn is a warning and a tag); the paths."""
-    from . import figures
-
     arrays = read_arrays(reader, run)
     summary, stats = layout.drawable(reader, run)
     ok = arrays["diverged_at"] < 0  # [runs]
@@ -167,8 +166,6 @@ def log_figures(ctx, reader, run) -> list[str]:
 def flagged(columns: dict[str, list]) -> list[str]:
     """Parent run ids of the FINISHED targets of a sweep table with a claim that seeds agree above chance (the
     verdict's reproducibility claims, what the sweep's "any above chance" counts)."""
-    from .stats import REPRODUCIBILITY
-
     rows = range(len(columns["target"]))
     return [columns["parent_run_id"][i] for i in rows if columns["status"][i] == "FINISHED"
             and any(columns[stat.claim][i] == 1.0 for stat in REPRODUCIBILITY)]
@@ -177,8 +174,6 @@ def flagged(columns: dict[str, list]) -> list[str]:
 def log_run(ctx, parent: str, experiment_id: str, outcome, frozen: bytes, kind: str, resume: bool = False) -> None:
     """`amrepro run` (and `amrepro log` of its outcome file) in either layout: lean, log_target; seeds,
     layout.log_outcome (resume: see there). No result (every run diverged) is NoResult, once all is logged."""
-    from .errors import NoResult
-
     if kind != "lean":
         return layout.log_outcome(ctx, parent, experiment_id, outcome, frozen, resume)
     log_target(ctx, parent, outcome, frozen)

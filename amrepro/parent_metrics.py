@@ -95,14 +95,12 @@ def curve_steps(epochs: int, points: int) -> np.ndarray:
 
 
 def chart_curves(result, room: int) -> list[tuple[str, float, int]]:
-    """(key, value, epoch) rows of the per-epoch histories, within `room` rows: per seed `<key>/seed-<seed>`
-    with up to MAX_POINTS epochs each; when even 2 points per seed do not fit (hundreds of seeds), one mean
-    curve per key instead. A diverged seed's curve stops before its divergence (NaN is no point). Values are
-    rounded by parent_metrics.shown: a chart to read, not the record (seed runs and seeds.npz hold the exact ones)."""
+    """(key, value, epoch) rows of the per-epoch histories, within `room` rows: per seed `<key>/seed-<seed>` with
+    up to MAX_POINTS epochs each; when even 2 points per seed do not fit (hundreds of seeds), one mean curve per key
+    instead. A diverged seed's curve stops before its divergence. Values rounded by shown(): a chart, not a record."""
     histories = {"loss/total": result.loss.numpy(), "act/target": result.activation.numpy(),
                  **{k: v.numpy() for k, v in result.history.items()}}  # each [epochs, runs]
-    runs = len(result.seeds)
-    points = min(MAX_POINTS, room // max(1, runs * len(histories)))
+    points = min(MAX_POINTS, room // max(1, len(result.seeds) * len(histories)))
     rows: list[tuple[str, float, int]] = []
     if points >= 2:
         for key, values in histories.items():
