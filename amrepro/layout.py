@@ -158,7 +158,7 @@ def log_runs(ctx, parent: str, experiment_id: str, outcome, frozen: bytes, skip=
 
 
 def end_parent(ctx, parent: str, outcome) -> None:
-    """A target parent ends FAILED when every run diverged; once ended, its outcome file goes."""
+    """FAILED when every run diverged; its outcome file goes."""
     with signals.shielded():  # an ended parent has no outcome file left, whenever a Ctrl-C comes
         ctx.end(parent, "FAILED" if outcome.summary["statistics"] is None else "FINISHED")
         ctx.logged(parent)
@@ -178,8 +178,7 @@ def parent_record(outcome, frozen: bytes) -> tuple[dict[str, bytes], dict[str, s
         tags.update({VERDICT_TAG: f"no result: all {len(outcome.diverged)} runs diverged",
                      ERROR_TAG: f"all {outcome.config.runs} runs diverged"})
         return files, tags
-    # the run page's description: the verdict, statistics and tokens, cut at TAG_LIMIT characters by
-    # report.markdown_summary (summary.json holds everything)
+    # the run page's description, cut at TAG_LIMIT characters by report.markdown_summary (summary.json: all)
     tags.update({VERDICT_TAG: s["statistics"]["verdict"][:TAG_LIMIT], NOTE_TAG: report.markdown_summary(outcome)})
     if outcome.specificity is not None:  # --controls (its p-values are headline metrics, the rest in summary.json)
         tags[SPECIFICITY_TAG] = specificity_words(outcome.specificity)[:TAG_LIMIT]

@@ -4,8 +4,7 @@ is logged: a store that goes away, or a Ctrl-C while logging, then loses nothing
 One .npz per parent run, ./amrepro-outcomes/<parent run id>.npz (folder: AMREPRO_OUTCOMES): the Outcome's
 arrays, and as JSON the config, the parent's params and tags, the summary, the tokens, the divergences and
 the pip freeze. Written to a temporary name and renamed, so a file that exists is complete; mode 0600, and the
-tracking URI without its password (`amrepro log` takes the credentials from the environment). load() checks the
-whole file before anything is logged from it.
+tracking URI without its password (`amrepro log` takes the credentials from the environment).
 """
 
 from __future__ import annotations
@@ -44,9 +43,8 @@ def save(outcome, parent_id: str, experiment_id: str, tracking_uri: str, params:
          pip_freeze: bytes, experiment_name: str | None = None) -> Path:
     result = outcome.result
     arrays = {f"result.{f.name}": getattr(result, f.name).numpy() for f in dataclasses.fields(result)
-              if f.name not in ("seeds", "ids", "history", "frontier", "positions")}
-    if result.ids is not None:  # pez, gcg, epo: their real tokens
-        arrays["result.ids"] = result.ids.numpy()
+              if f.name not in ("seeds", "history", "frontier", "positions")
+              and getattr(result, f.name) is not None}  # ids: the real tokens of pez, gcg, epo only
     arrays.update({f"history.{key}": values.numpy() for key, values in result.history.items()})
     arrays.update({f"positions.{key}": values.numpy() for key, values in result.positions.items()})
     arrays.update(ids=np.asarray(outcome.ids), cosine=np.asarray(outcome.cosine),
