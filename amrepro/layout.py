@@ -130,14 +130,13 @@ def log_outcome(ctx, parent: str, experiment_id: str, outcome, frozen: bytes, re
                        "compare; lower --lr or --l2. The runs are marked FAILED.")
 
 
-def log_runs(ctx, parent: str, experiment_id: str, outcome, frozen: bytes, skip=(), on_run=None) -> None:
+def log_runs(ctx, parent: str, experiment_id: str, outcome, frozen: bytes, skip=(), on_run=lambda: None) -> None:
     """Every seed run (but the run indices in skip), then the parent, and its end (FAILED when every run
     diverged); its outcome file goes. on_run() after each seed run."""
     for r in range(outcome.config.runs):
         if r not in skip:
             log_seed_run(ctx, parent, experiment_id, outcome, r)
-            if on_run is not None:
-                on_run()
+            on_run()
     files, tags = parent_record(outcome, frozen)
     stats = outcome.summary["statistics"]
     with ctx.batched(parent):  # everything of the parent but its end: one log_batch
@@ -312,8 +311,8 @@ class RunReader:
         asked for, by run_index. A parent that was interrupted or is still running gives its finished children
         and says so in self.note; one with none says what happened instead of "not made by amrepro"."""
         run = self.run(run_id)
-        original = run.tags.get(REPRODUCES_TAG)
-        if original:  # a comparison, not a seed run (older ones are nested under the parent they re-ran)
+        # a comparison, not a seed run (older ones are nested under the parent they re-ran)
+        if original := run.tags.get(REPRODUCES_TAG):
             raise AmreproError(f"run {run_id} is a reproduction of run {original} (see its reproduction.json); "
                                f"decode or reproduce {original} itself.")
         if COMPARE_TAG in run.tags:  # its children are method runs, each a parent of seed runs

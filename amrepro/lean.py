@@ -7,9 +7,8 @@ of seed runs:
   `decode`, `reproduce` and `figures` read);
 - seed_table.json: one row per seed, in the format of MlflowClient.log_table, so the UI shows it as a table.
 
-Store requests per target: create_run (every tag), one artifact upload, one log_batch (params, metrics, tags; at
-most MLflow's 1000 entities so that it is one request) and set_terminated. Figures are rendered on demand
-(`amrepro figures RUN_ID`) or for the targets a sweep flags. read_seeds reads both layouts.
+Four store requests per target (start_target, log_target). Figures are rendered on demand (`amrepro figures
+RUN_ID`) or for the targets a sweep flags. read_seeds reads both layouts.
 """
 
 from __future__ import annotations
@@ -126,12 +125,11 @@ def read_seeds(reader, run_id: str):
                              reader.npy(c, layout.INITIAL), reader.npy(c, layout.FINAL),
                              reader.json(c, layout.TOKENS)["ids"], c.params) for c in children]
     arrays = read_arrays(reader, run)
-    reader.note = None
     ok = arrays["diverged_at"] < 0
     if not ok.any():
         raise AmreproError(f"run {run_id} has nothing to decode: all its {len(ok)} runs diverged.")
-    if not ok.all():
-        reader.note = f"run {run_id}: {int(ok.sum())} of its {len(ok)} runs are used here, {int((~ok).sum())} diverged."
+    reader.note = None if ok.all() else (f"run {run_id}: {int(ok.sum())} of its {len(ok)} runs are used here, "
+                                         f"{int((~ok).sum())} diverged.")
     return run, [Seed(int(arrays["seeds"][r]), r, run.id, arrays["initial"][r], arrays["final"][r],
                       [int(i) for i in arrays["ids"][r]], None) for r in np.flatnonzero(ok)]
 

@@ -99,8 +99,7 @@ def load(path: str | Path) -> Saved:
         target = Target.parse(meta["target"]) if isinstance(meta.get("target"), str) else None
     except AmreproError as error:
         raise AmreproError(f"{path} is not a valid amrepro outcome file: {error}") from None
-    problem = _problem(meta, arrays, config, target)
-    if problem:
+    if problem := _problem(meta, arrays, config, target):
         raise AmreproError(f"{path} is not a valid amrepro outcome file: {problem}; nothing was logged.")
     def tensors(prefix: str) -> dict:
         return {k.removeprefix(prefix): torch.from_numpy(v) for k, v in arrays.items() if k.startswith(prefix)}
@@ -132,8 +131,7 @@ _OPTIONAL_ARRAYS = {"result.ids": "RP", "positions.tokens": "RP", "positions.fin
 
 
 def _problem(meta: dict, arrays: dict, config, target) -> str | None:
-    """What is wrong with a loaded outcome file, in a phrase; None when every field is there, has its type and
-    agrees with the number of runs."""
+    """What is wrong with a loaded outcome file (a missing, mistyped or inconsistent field), in a phrase; or None."""
     missing = [k for k in _META if k not in meta]
     extra = [k for k in meta if k not in _META and k not in _OPTIONAL_META]
     if missing or extra:

@@ -38,10 +38,9 @@ def _table_columns() -> dict[str, str]:
     for stat in REGISTRY:
         columns[stat.sweep_column or stat.column] = stat.metric
         columns[stat.p_column] = stat.pvalue_metric(PRIMARY)
-    columns.update({"final_activation": "stats/final_activation_mean",
-                    "decoded_activation": "stats/decoded_activation_mean",
-                    "projection_gap": "stats/projection_gap_mean"})
-    return {**columns, **{stat.claim: f"verdict/{stat.claim}" for stat in CLAIMS}}
+    return {**columns, "final_activation": "stats/final_activation_mean",
+            "decoded_activation": "stats/decoded_activation_mean", "projection_gap": "stats/projection_gap_mean",
+            **{stat.claim: f"verdict/{stat.claim}" for stat in CLAIMS}}
 
 
 TABLE_COLUMNS = _table_columns()  # a test checks that a parent's amrepro.table_row tag has every metric named here
