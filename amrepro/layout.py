@@ -2,10 +2,9 @@
 back. Users' scripts depend on these names: they never change.
 
 - top run of `amrepro run` (the one `mlflow run` created, via MLFLOW_RUN_ID, or a new one): every hyperparameter
-  as a param, environment tags env.* and model.*, the headline metrics only (parent_metrics.py: every statistic,
-  exact, is in summary.json; the sweep table's in the tag amrepro.table_row), each seed's per-epoch curves
-  `act/target/seed-N`, `loss/total/seed-N` (parent_metrics.chart_curves), the verdict and the description as tags,
-  summary.json, token_grid.json, the pip freeze and the figures;
+  as a param; tags env.*, model.*, the verdict and the description; the headline metrics and each seed's per-epoch
+  curves (parent_metrics.py; every statistic, exact, is in summary.json); summary.json, token_grid.json, the pip
+  freeze and the figures;
 - one seed run per seed under it (tag mlflow.parentRunId, named seed-N): params incl. its own seed, run_index
   and batch_seed, per-epoch metrics loss/total and act/target (step = epoch), act/final, act/decoded, loss/final,
   artifacts embeddings/initial.npy, embeddings/final.npy, tokens.json, each with a sha256/<path> tag;
@@ -18,8 +17,7 @@ back. Users' scripts depend on these names: they never change.
 - `amrepro reproduce`: a run tagged amrepro.reproduces = the run it re-ran, its description linking that run's
   parent; not nested (before, it was nested under that parent: such runs still read as reproductions).
 
-Over 400 lines on purpose: the names, their writers and their readers stay in one file, so that a name changes
-in one place (split, the writers would import the names back and the readers would need both).
+The names, their writers and their readers stay in one file, so that a name changes in one place.
 """
 
 from __future__ import annotations
@@ -31,9 +29,13 @@ import re
 
 import numpy as np
 
-from . import report, signals
+from . import dashboard, figures, metrics, outcome_file, parent_metrics, report, signals
 from .config import AmreproError, Config
 from .errors import NoResult
+from .headline import headline
+from .printable import token_repr
+from .specificity import specificity_words
+from .targets import Target
 from .tracking import HOST_TAG, PID_TAG, owner_alive, refuse_live  # process tags: amrepro.host, amrepro.pid
 
 # --- names ------------------------------------------------------------------------------------------------
@@ -81,13 +83,6 @@ def run_name(config: Config) -> str:
     return f"{report.model_label(config.model)} {config.target_name} x{config.runs}"
 
 
-def child_params(config: Config, r: int) -> dict[str, str]:
-    """Every hyperparameter, with this run's own seed; run_index and batch_seed locate it in its batch."""
-    params = config.to_params()
-    params.update({SEED: str(config.seed + r), RUN_INDEX: str(r), BATCH_SEED: str(config.seed)})
-    return params
-
-
 def batch_tag(targets: list) -> str:
     """The targets of one batch, recorded on each of its target parents so that `amrepro reproduce` can re-run the
     same batch (a batch of other shape rounds differently): 'blocks.B.SITE:i,j,k' (one site per batch)."""
@@ -96,17 +91,14 @@ def batch_tag(targets: list) -> str:
 
 def batch_targets(tag: str) -> list:
     """The targets of a batch_tag, in batch order."""
-    from .targets import Target
-
     site, indices = tag.rsplit(":", 1)
     return [Target.from_prefix(site, int(i)) for i in indices.split(",")]
 
 
 # --- writers ----------------------------------------------------------------------------------------------
 def log_outcome(ctx, parent: str, experiment_id: str, outcome, frozen: bytes, resume: bool = False) -> None:
-    """Log every seed run (one create_run, one artifact upload, one log_batch, one set_terminated each) and
-    then the parent, from the outcome saved in ctx.outcome_path, which is removed once all is logged.
-    resume: keep the children an interrupted logging already finished, replace the others."""
+    """Log every seed run, then the parent, from the outcome saved in ctx.outcome_path (removed once all is
+    logged), with a progress bar. resume: keep the children an interrupted logging finished, replace the others."""
     config, path = outcome.config, ctx.outcome_path
     done = set()
     if resume:
@@ -138,119 +130,101 @@ def log_outcome(ctx, parent: str, experiment_id: str, outcome, frozen: bytes, re
                        "compare; lower --lr or --l2. The runs are marked FAILED.")
 
 
-def log_runs(ctx, parent: str, experiment_id: str, outcome, frozen: bytes, skip=(), on_run=None) -> None:
+def log_runs(ctx, parent: str, experiment_id: str, outcome, frozen: bytes, skip=(), on_run=lambda: None) -> None:
     """Every seed run (but the run indices in skip), then the parent, and its end (FAILED when every run
     diverged); its outcome file goes. on_run() after each seed run."""
     for r in range(outcome.config.runs):
         if r not in skip:
             log_seed_run(ctx, parent, experiment_id, outcome, r)
-            if on_run is not None:
-                on_run()
-    with ctx.batched(parent):  # everything of the parent but its end; an all-diverged outcome says so as its error
-        _log_parent(ctx, parent, outcome, frozen)
-        if outcome.summary["statistics"] is None:
-            ctx.log(parent, tags={ERROR_TAG: f"all {outcome.config.runs} runs diverged"})
-    with signals.shielded():  # a parent that is ended has no outcome file left, whenever a Ctrl-C comes
+            on_run()
+    files, tags = parent_record(outcome, frozen)
+    stats = outcome.summary["statistics"]
+    with ctx.batched(parent):  # everything of the parent but its end: one log_batch
+        # the headline figures, and the seeds' curves that MLflow's chart view shows first (sections sort by name:
+        # act/target, loss/total before null/..., pvalue, runs, stats), within the lean layout's row budget
+        ctx.log(parent, tags=tags, metrics=parent_metrics.metric_rows(outcome, parent_metrics.ROW_BUDGET))
+        ctx.log_artifacts(parent, files)
+        if stats is not None:
+            ctx.store.log_table(parent, report.token_columns(outcome), TOKEN_GRID)
+        if stats is not None and outcome.config.figures:  # --figures false: `amrepro figures RUN_ID` draws them
+            result, ok = outcome.result, outcome.ok
+            log_figures(ctx, parent, figures.figure_makers(
+                result.loss.numpy()[:, ok], result.activation.numpy()[:, ok],
+                [s for s, keep in zip(result.seeds, ok) if keep], [t for t, keep in zip(outcome.tokens, ok) if keep],
+                outcome.ids[ok], result.final_activation.numpy()[ok], outcome.decoded_activation[ok],
+                hubs=stats["nulls"]["decoded_starts"]))
+    end_parent(ctx, parent, outcome)
+
+
+def end_parent(ctx, parent: str, outcome) -> None:
+    """FAILED when every run diverged; its outcome file goes."""
+    with signals.shielded():  # an ended parent has no outcome file left, whenever a Ctrl-C comes
         ctx.end(parent, "FAILED" if outcome.summary["statistics"] is None else "FINISHED")
         ctx.logged(parent)
+
+
+def parent_record(outcome, frozen: bytes) -> tuple[dict[str, bytes], dict[str, str]]:
+    """The artifacts and tags of a target parent in either layout (the lean one adds its seeds.npz and seed
+    table; the seeds layout its token grid and figures)."""
+    from . import features  # imports torch: late
+
+    s = outcome.summary
+    files = {SUMMARY: json_bytes(s), PIP_FREEZE: frozen, DASHBOARD: dashboard.page(outcome, run_name(outcome.config)),
+             **features.file_artifacts(outcome.target)}  # a direction's .npy, a small SAE
+    tags = {**features.target_tags(outcome.target),  # a feature: what it reads, its file's sha256
+            HEADLINE_TAG: headline(s), **parent_metrics.table_row(outcome)}  # the sweep's index; its table's row
+    if s["statistics"] is None:  # every run diverged: no statistic exists, and none is logged
+        tags.update({VERDICT_TAG: f"no result: all {len(outcome.diverged)} runs diverged",
+                     ERROR_TAG: f"all {outcome.config.runs} runs diverged"})
+        return files, tags
+    # the run page's description, cut at TAG_LIMIT characters by report.markdown_summary (summary.json: all)
+    tags.update({VERDICT_TAG: s["statistics"]["verdict"][:TAG_LIMIT], NOTE_TAG: report.markdown_summary(outcome)})
+    if outcome.specificity is not None:  # --controls (its p-values are headline metrics, the rest in summary.json)
+        tags[SPECIFICITY_TAG] = specificity_words(outcome.specificity)[:TAG_LIMIT]
+    return files, tags
 
 
 def log_seed_run(ctx, parent: str, experiment_id: str, outcome, r: int) -> None:
     """Run r of the outcome as a seed run under parent: one create_run, one artifact upload, one log_batch, one
     set_terminated. A diverged run says why and ends FAILED: divergence is not a result."""
-    config = outcome.config
-    child = ctx.start_child(parent, f"seed-{config.seeds[r]}", {}, experiment_id)
-    why = outcome.diverged.get(r)
-    with ctx.batched(child):  # params, tags and metrics: one log_batch
-        ctx.log(child, params=child_params(config, r))
-        _log_child(ctx, child, outcome, r)
-        if why:
-            ctx.log(child, tags={ERROR_TAG: f"diverged: {why}"})
-    ctx.end(child, "FAILED" if why else "FINISHED")
-
-
-def _log_child(ctx, run_id: str, outcome, r: int) -> None:
-    from . import metrics, parent_metrics
-    from .printable import token_repr
-
-    result = outcome.result
-    files = {INITIAL: npy_bytes(result.initial[r].numpy().astype(np.float32)),
-             FINAL: npy_bytes(result.final[r].numpy().astype(np.float32))}
-    if r in outcome.diverged:  # NaN "decodes" to nothing meaningful: only the history up to the divergence
-        epoch = int(result.diverged_at[r])
-        ctx.log_metrics(run_id, scalars={"diverged/epoch": epoch},
-                            history={"loss/total": result.loss[:epoch, r].numpy(),
-                                     "act/target": result.activation[:epoch, r].numpy()})
-        ctx.log_artifacts(run_id, files)
-        return
-    scalars = {"act/final": float(result.final_activation[r]), "act/decoded": float(outcome.decoded_activation[r]),
-               "loss/final": float(result.loss[-1, r]),
-               # statistics hold the finite runs only: run r is their entry number ok[:r].sum()
-               **metrics.child_metrics(outcome.summary["statistics"], int(outcome.ok[:r].sum()))}
-    # rounded for the runs table (exact: the parent's summary.json per_run lists; loss/final: loss/total's last step)
-    ctx.log_metrics(run_id, scalars={k: parent_metrics.shown(v) for k, v in scalars.items()},
-                        history={"loss/total": result.loss[:, r].numpy(), "act/target": result.activation[:, r].numpy(),
-                                 **{key: values[:, r].numpy() for key, values in result.history.items()}})
-    files[TOKENS] = json_bytes({"ids": [int(i) for i in outcome.ids[r]], "tokens": outcome.tokens[r]})
-    # the tokens as a column of the MLflow runs table, and the seed's colour of the figures in the UI's charts
-    readable = (token_repr(t, i) for t, i in zip(outcome.tokens[r], outcome.ids[r]))  # '\ufffd' tokens with their id
-    ctx.log(run_id, tags={TOKENS_TAG: " | ".join(readable), COLOR_TAG: _seed_color(r, len(result.seeds))})
-    spike = (outcome.summary.get("loss_spikes") or [None] * (r + 1))[r]
-    if spike is not None:  # the seed row says it
-        ctx.log(run_id, tags={UNSTABLE_TAG: f"loss spike at epoch {spike['epoch']} "
-                                            f"(+{spike['share']:.0%} of the loss range)"})
-    ctx.log_artifacts(run_id, files)
-
-
-def _seed_color(r: int, runs: int) -> str:
     from matplotlib.colors import to_hex
 
-    from .figures import seed_colors
-
-    return to_hex(seed_colors(runs)[r])
-
-
-def _log_parent(ctx, run_id: str, outcome, frozen: bytes | None) -> None:
-    from . import dashboard, features, figures, parent_metrics
-    from .headline import headline
-    from .provenance import pip_freeze
-    from .specificity import specificity_words
-
-    s = outcome.summary
-    headline_metrics = parent_metrics.logged(outcome)
-    # the headline figures, and the seeds' curves that MLflow's chart view shows first (sections sort by name:
-    # act/target, loss/total before null/..., pvalue, runs, stats), within the lean layout's row budget
-    ctx.log(run_id, metrics=[(k, v, 0) for k, v in headline_metrics.items()]
-            + parent_metrics.chart_curves(outcome.result, parent_metrics.ROW_BUDGET - len(headline_metrics)))
-    ctx.log_artifacts(run_id, {SUMMARY: json_bytes(s), PIP_FREEZE: frozen if frozen is not None else pip_freeze(),
-                               DASHBOARD: dashboard.page(outcome, run_name(outcome.config)),
-                               **features.file_artifacts(outcome.target)})  # a direction's .npy, a small SAE
-    ctx.log(run_id, tags={**features.target_tags(outcome.target),  # a feature: what it reads, its file's sha256
-                          HEADLINE_TAG: headline(s), **parent_metrics.table_row(outcome)})
-    if s["statistics"] is None:  # every run diverged: no statistic exists, and none is logged
-        ctx.log(run_id, tags={VERDICT_TAG: f"no result: all {len(outcome.diverged)} runs diverged"})
-        return
-    ctx.log(run_id, tags={VERDICT_TAG: s["statistics"]["verdict"][:TAG_LIMIT],
-                              # the run page's description: the verdict, statistics and tokens, cut at TAG_LIMIT
-                              # characters by report.markdown_summary (summary.json holds everything)
-                              NOTE_TAG: report.markdown_summary(outcome)})
-    ctx.store.log_table(run_id, report.token_columns(outcome), TOKEN_GRID)
-    if outcome.specificity is not None:  # --controls (its p-values are headline metrics, the rest in summary.json)
-        ctx.log(run_id, tags={SPECIFICITY_TAG: specificity_words(outcome.specificity)[:TAG_LIMIT]})
-    if not outcome.config.figures:  # --figures false: `amrepro figures RUN_ID` draws them from the runs later
-        return
-    result, ok = outcome.result, outcome.ok
-    log_figures(ctx, run_id, figures.figure_makers(
-        result.loss.numpy()[:, ok], result.activation.numpy()[:, ok], [s for s, keep in zip(result.seeds, ok) if keep],
-        [t for t, keep in zip(outcome.tokens, ok) if keep], outcome.ids[ok], result.final_activation.numpy()[ok],
-        outcome.decoded_activation[ok], hubs=s["statistics"]["nulls"]["decoded_starts"]))
+    config, result, why = outcome.config, outcome.result, outcome.diverged.get(r)
+    child = ctx.start_child(parent, f"seed-{config.seeds[r]}", {}, experiment_id)
+    files = {INITIAL: npy_bytes(result.initial[r].numpy().astype(np.float32)),
+             FINAL: npy_bytes(result.final[r].numpy().astype(np.float32))}
+    stop = int(result.diverged_at[r]) if why is not None else None  # a diverged run: its history up to then
+    history = {"loss/total": result.loss[:stop, r].numpy(), "act/target": result.activation[:stop, r].numpy()}
+    with ctx.batched(child):  # params, tags and metrics: one log_batch
+        # every hyperparameter, with this run's own seed; run_index and batch_seed locate it in its batch
+        ctx.log(child, params={**config.to_params(), SEED: str(config.seed + r), RUN_INDEX: str(r),
+                               BATCH_SEED: str(config.seed)})
+        if why is not None:  # NaN "decodes" to nothing meaningful
+            ctx.log_metrics(child, scalars={"diverged/epoch": stop}, history=history)
+            ctx.log(child, tags={ERROR_TAG: f"diverged: {why}"})
+        else:
+            scalars = {"act/final": float(result.final_activation[r]),
+                       "act/decoded": float(outcome.decoded_activation[r]), "loss/final": float(result.loss[-1, r]),
+                       # statistics hold the finite runs only: run r is their entry number ok[:r].sum()
+                       **metrics.child_metrics(outcome.summary["statistics"], int(outcome.ok[:r].sum()))}
+            # rounded for the runs table (exact: the parent's summary.json; loss/final: loss/total's last step)
+            history.update({key: values[:, r].numpy() for key, values in result.history.items()})
+            ctx.log_metrics(child, scalars={k: parent_metrics.shown(v) for k, v in scalars.items()}, history=history)
+            files[TOKENS] = json_bytes({"ids": [int(i) for i in outcome.ids[r]], "tokens": outcome.tokens[r]})
+            # the tokens as a column of the runs table ('\ufffd' with its id); the seed's colour of the figures
+            readable = (token_repr(t, i) for t, i in zip(outcome.tokens[r], outcome.ids[r]))
+            tags = {TOKENS_TAG: " | ".join(readable), COLOR_TAG: to_hex(figures.seed_colors(len(result.seeds))[r])}
+            spike = (outcome.summary.get("loss_spikes") or [None] * (r + 1))[r]
+            if spike is not None:  # the seed row says it
+                tags[UNSTABLE_TAG] = f"loss spike at epoch {spike['epoch']} (+{spike['share']:.0%} of the loss range)"
+            ctx.log(child, tags=tags)
+        ctx.log_artifacts(child, files)
+    ctx.end(child, "FAILED" if why is not None else "FINISHED")
 
 
 def log_figures(ctx, run_id: str, makers: dict) -> None:
     """Each figure rendered on its own and logged; one that cannot be drawn is a warning line naming it and a
     tag on the run, never an error: the run's statistics, tables and seeds are logged all the same."""
-    from . import figures
-
     rendered, failed = figures.render(makers)
     if rendered:
         ctx.log_artifacts(run_id, rendered)
@@ -262,17 +236,10 @@ def log_figures(ctx, run_id: str, makers: dict) -> None:
 
 
 def figure_makers(reader, run_id: str) -> dict:
-    """The figures of a seeds-layout target parent (an `amrepro run` parent, a sweep target, a compare's method
-    run), from what it logged: each finished seed run's per-epoch history and tokens.json, and the parent's
-    summary.json (exact final and decoded activations, the hub tokens). As the run drew them, diverged runs left
-    out."""
-    from . import figures
-
+    """The figures of a seeds-layout target parent, as the run drew them (diverged runs left out), from each
+    finished seed run's per-epoch history and tokens.json and the parent's summary.json."""
     parent, seeds = reader.family(run_id)
-    summary = reader.json(parent, SUMMARY)
-    stats = summary.get("statistics")
-    if stats is None:
-        raise AmreproError(f"run {parent.id} has no result (all its runs diverged): there is nothing to draw.")
+    summary, stats = drawable(reader, parent)
     histories = {key: np.array([reader.store.history(c.id, key) for c in seeds]).T  # [epochs, runs]
                  for key in ("loss/total", "act/target")}
     grids = [reader.json(c, TOKENS) for c in seeds]
@@ -285,6 +252,14 @@ def figure_makers(reader, run_id: str) -> dict:
                                  np.array(stats["final_activation"]["per_run"])[entries],
                                  np.array(stats["decoded_activation"]["per_run"])[entries],
                                  hubs=stats["nulls"]["decoded_starts"])
+
+
+def drawable(reader, run) -> tuple[dict, dict]:
+    """A target parent's summary.json and its statistics; one sentence when it has none to draw."""
+    summary = reader.json(run, SUMMARY)
+    if summary.get("statistics") is None:
+        raise AmreproError(f"run {run.id} has no result (all its runs diverged): there is nothing to draw.")
+    return summary, summary["statistics"]
 
 
 # --- queries ----------------------------------------------------------------------------------------------
@@ -309,8 +284,6 @@ def discard(store, run, why: str) -> None:
         store.delete(child.id)
     store.set_tag(run.id, ERROR_TAG, why[:TAG_LIMIT])
     # the target is redone (bit-identically): an outcome file of this parent would log a second parent of it
-    from . import outcome_file
-
     outcome_file.path_for(run.id).unlink(missing_ok=True)
     if run.status == "RUNNING":
         store.end(run.id, "KILLED")
@@ -338,8 +311,8 @@ class RunReader:
         asked for, by run_index. A parent that was interrupted or is still running gives its finished children
         and says so in self.note; one with none says what happened instead of "not made by amrepro"."""
         run = self.run(run_id)
-        original = run.tags.get(REPRODUCES_TAG)
-        if original:  # a comparison, not a seed run (older ones are nested under the parent they re-ran)
+        # a comparison, not a seed run (older ones are nested under the parent they re-ran)
+        if original := run.tags.get(REPRODUCES_TAG):
             raise AmreproError(f"run {run_id} is a reproduction of run {original} (see its reproduction.json); "
                                f"decode or reproduce {original} itself.")
         if COMPARE_TAG in run.tags:  # its children are method runs, each a parent of seed runs
@@ -373,12 +346,9 @@ class RunReader:
                                f"{f' and none of its {n_runs} runs was logged' if state else ''}, so there is "
                                f"nothing to decode{'; ' + kept if kept else ''}.")
         if missing or diverged:
-            parts = [f"{len(done)} of its {n_runs} runs are used here"]
-            if diverged:
-                parts.append(f"{len(diverged)} diverged")
-            if missing:
-                parts.append(f"{missing} were not logged{': ' + kept if kept else ''}")
-            self.note = f"run {run_id} is {state or 'finished'}: " + ", ".join(parts) + "."
+            parts = [f"{len(done)} of its {n_runs} runs are used here", diverged and f"{len(diverged)} diverged",
+                     missing and f"{missing} were not logged{': ' + kept if kept else ''}"]
+            self.note = f"run {run_id} is {state or 'finished'}: " + ", ".join(p for p in parts if p) + "."
         return parent, done
 
     def artifact(self, run, path: str) -> bytes:
@@ -408,9 +378,8 @@ def _state(run) -> str:
     if status == "FINISHED":
         return ""
     if status == "RUNNING":
-        alive = owner_alive(tags)
         where = f" (pid {tags.get(PID_TAG)} on {tags.get(HOST_TAG)})" if PID_TAG in tags else ""
-        if alive is False:
+        if owner_alive(tags) is False:
             return f"marked RUNNING but its process{where} is gone (`amrepro doctor` ends it KILLED)"
         return f"still running{where}"
     if status == "KILLED":
@@ -419,7 +388,5 @@ def _state(run) -> str:
 
 
 def _outcome_file_note(parent_id: str) -> str:
-    from . import outcome_file
-
     path = outcome_file.path_for(parent_id)
     return f"its results are kept in {path}: `amrepro log {path}` logs them" if path.exists() else ""

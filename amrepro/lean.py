@@ -1,37 +1,30 @@
 """The lean layout of a target: ONE parent run, no seed runs; made for sweeps of a whole layer.
 
-What a lean target parent holds (tag amrepro.layout = lean):
-- params: every hyperparameter, as a seeds-layout parent; tags: env.*, verdict, description, sha256/<path>;
-- metrics: what every target parent logs (parent_metrics.py): the headline figures (every statistic is in
-  summary.json, what sweep.table reads also in the tag amrepro.table_row) and, for the UI's charts, each seed's
-  per-epoch curves `<key>/seed-<seed>` (act/target/seed-3, loss/total/seed-3), at most 50 epochs each (step = the
-  true epoch), to 4 significant digits (seeds.npz has the exact histories); within ROW_BUDGET metric rows;
-- artifacts: seeds.npz (every seed's initial and final embeddings, decoded token ids, full per-epoch
-  histories: what `decode`, `reproduce` and `figures` read), seed_table.json (one row per seed, in the format
-  of MlflowClient.log_table, so the UI shows it as a table), summary.json, environment/pip-freeze.txt.
+A lean target parent (tag amrepro.layout = lean) holds what a seeds-layout parent holds (layout.parent_record:
+params, tags, the headline metrics and each seed's per-epoch curves, summary.json, the pip freeze), and instead
+of seed runs:
+- seeds.npz: every seed's initial and final embeddings, decoded token ids, full per-epoch histories (what
+  `decode`, `reproduce` and `figures` read);
+- seed_table.json: one row per seed, in the format of MlflowClient.log_table, so the UI shows it as a table.
 
-Store requests per target: create_run (every tag), one artifact upload (4 files), one log_batch (params,
-metrics, tags; at most MLflow's 1000 entities so that it is one request) and set_terminated. Figures are
-rendered on demand (`amrepro figures RUN_ID`) or for the targets a sweep flags.
-
-The reader side, read_seeds, gives the same per-seed arrays for both layouts: one path for decode/reproduce.
+Four store requests per target (start_target, log_target). Figures are rendered on demand (`amrepro figures
+RUN_ID`) or for the targets a sweep flags. read_seeds reads both layouts.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from dataclasses import dataclass
 
 import numpy as np
 
-from . import signals
+from . import figures, layout, parent_metrics, signals
 from .config import AmreproError
-from .parent_metrics import ROW_BUDGET, chart_curves
+from .errors import NoResult
 from .printable import token_repr
-from .layout import ERROR_TAG, NOTE_TAG, PIP_FREEZE as FREEZE, RUN_NAME_TAG, SHA256_PREFIX, SPECIFICITY_TAG, SUMMARY, \
-    TAG_LIMIT, VERDICT_TAG, DASHBOARD, HEADLINE_TAG, json_bytes, log_outcome
+from .stats import REPRODUCIBILITY
+from .tracking import process_tags
 
 LAYOUT_TAG = "amrepro.layout"  # on lean parents (and a sweep run): "lean"; absent means "seeds"
 LAYOUTS = ("seeds", "lean")
@@ -42,10 +35,9 @@ FIGURES_TAG = "amrepro.figures"  # on a lean parent whose figures were drawn: th
 FLAGGED_MAX = 16  # figures a sweep renders by itself, at most (the rest: `amrepro figures RUN_ID`)
 
 
-def check_layout(layout: str) -> str:
-    if layout not in LAYOUTS:
-        raise AmreproError(f"--layout must be one of {', '.join(LAYOUTS)}, got '{layout}'.")
-    return layout
+def check_layout(name: str) -> None:
+    if name not in LAYOUTS:
+        raise AmreproError(f"--layout must be one of {', '.join(LAYOUTS)}, got '{name}'.")
 
 
 def layout_of(run) -> str:
@@ -55,49 +47,25 @@ def layout_of(run) -> str:
 # --- writer -----------------------------------------------------------------------------------------------
 def start_target(ctx, experiment_id: str, run_name: str, tags: dict[str, str]) -> str:
     """A lean target parent, created with every tag in one request (its params come with its results)."""
-    from .tracking import process_tags
-
     with signals.shielded():  # a run that exists is in open_runs, whenever a Ctrl-C comes
         run_id = ctx.write(ctx.store.create, experiment_id, run_name,
-                           {**tags, LAYOUT_TAG: "lean", RUN_NAME_TAG: run_name, **process_tags()})
+                           {**tags, LAYOUT_TAG: "lean", layout.RUN_NAME_TAG: run_name, **process_tags()})
         ctx.open_runs.append(run_id)
     return run_id
 
 
 def log_target(ctx, parent: str, outcome, frozen: bytes, params: dict[str, str] | None = None) -> None:
-    """Log an outcome into its lean parent and end it: one artifact upload, one log_batch, set_terminated; its
-    outcome file goes. params: the parent's params when they are not logged yet (a sweep's target)."""
-    from . import dashboard, features, layout, parent_metrics, report
-    from .headline import headline
-
-    s = outcome.summary
-    files = {ARTIFACT: seeds_npz(outcome), TABLE: table_json(seed_table(outcome)),
-             SUMMARY: json_bytes(s), FREEZE: frozen,
-             DASHBOARD: dashboard.page(outcome, layout.run_name(outcome.config)),  # its page, as the seeds layout
-             **features.file_artifacts(outcome.target)}  # a direction's .npy, a small SAE: as the seeds layout
-    ctx.store.upload(parent, files)  # one request (over HTTP: one per file)
-    tags = {SHA256_PREFIX + path: hashlib.sha256(data).hexdigest() for path, data in files.items()}
-    tags.update(features.target_tags(outcome.target))  # a feature: what it reads, its file's sha256
-    tags[HEADLINE_TAG] = headline(s)  # the sweep's index dashboard shows it
-    tags.update(parent_metrics.table_row(outcome))  # the sweep table's statistics, exact
+    """Log an outcome into its lean parent and end it (one upload, one log_batch); its outcome file goes.
+    params: the parent's params when they are not logged yet (a sweep's target)."""
+    files, tags = layout.parent_record(outcome, frozen)
+    files.update({ARTIFACT: seeds_npz(outcome), TABLE: seed_table(outcome)})
     tags[LOGGED_ARTIFACTS_TAG] = json.dumps([{"path": TABLE, "type": "table"}])  # what log_table sets
-    scalars = parent_metrics.logged(outcome)  # the headline figures; every statistic is in summary.json
-    if s["statistics"] is None:
-        tags.update({VERDICT_TAG: f"no result: all {len(outcome.diverged)} runs diverged",
-                     ERROR_TAG: f"all {outcome.config.runs} runs diverged"})
-    else:
-        from .specificity import specificity_words
-
-        tags.update({VERDICT_TAG: s["statistics"]["verdict"][:TAG_LIMIT], NOTE_TAG: report.markdown_summary(outcome)})
-        if outcome.specificity is not None:
-            tags[SPECIFICITY_TAG] = specificity_words(outcome.specificity)[:TAG_LIMIT]
     params = params or {}
-    room = min(ROW_BUDGET, BATCH_ENTITIES - len(params) - len(tags)) - len(scalars)
-    metrics = [(k, float(v), 0) for k, v in scalars.items()] + chart_curves(outcome.result, room)
-    ctx.store.log_batch(parent, params, tags, metrics)  # one request (MLflow would split a larger batch)
-    with signals.shielded():  # an ended parent has no outcome file left, whenever a Ctrl-C comes
-        ctx.end(parent, "FAILED" if s["statistics"] is None else "FINISHED")
-        ctx.logged(parent)
+    room = min(parent_metrics.ROW_BUDGET, BATCH_ENTITIES - len(params) - len(tags) - len(files))  # + sha256 tags
+    with ctx.batched(parent):  # one request (MLflow would split a larger batch)
+        ctx.log_artifacts(parent, files)  # one upload (over HTTP: one request per file), a sha256 tag per file
+        ctx.log(parent, params, tags, parent_metrics.metric_rows(outcome, room))
+    layout.end_parent(ctx, parent, outcome)
 
 
 def seeds_npz(outcome) -> bytes:
@@ -117,23 +85,21 @@ def seeds_npz(outcome) -> bytes:
     return buffer.getvalue()
 
 
-def seed_table(outcome) -> dict[str, list]:
-    """One row per seed: what a user compares across seeds."""
-    result = outcome.result
-    finite = [r not in outcome.diverged for r in range(len(result.seeds))]
-    return {"seed": [int(s) for s in result.seeds],
-            "tokens": [" | ".join(token_repr(t, i) for t, i in zip(row, ids)) if ok else "(diverged)"
-                       for row, ids, ok in zip(outcome.tokens, outcome.ids, finite)],  # '\ufffd' with its id
-            "act (final)": [float(a) if ok else None for a, ok in zip(result.final_activation.tolist(), finite)],
-            "act (decoded)": [float(a) if ok else None for a, ok in zip(outcome.decoded_activation.tolist(), finite)],
-            "diverged": [not ok for ok in finite],
-            "why": [outcome.diverged.get(r, "") for r in range(len(result.seeds))]}
-
-
-def table_json(columns: dict[str, list]) -> bytes:
-    """The bytes MlflowClient.log_table writes for a dict (pandas, orient 'split'), without its 4 requests."""
+def seed_table(outcome) -> bytes:
+    """One row per seed, what a user compares across seeds, as the bytes MlflowClient.log_table writes for a dict
+    (pandas, orient 'split'), without its 4 requests."""
     import pandas as pd
 
+    result = outcome.result
+    finite = [r not in outcome.diverged for r in range(len(result.seeds))]
+    columns = {"seed": [int(s) for s in result.seeds],
+               "tokens": [" | ".join(token_repr(t, i) for t, i in zip(row, ids)) if ok else "(diverged)"
+                          for row, ids, ok in zip(outcome.tokens, outcome.ids, finite)],  # '\ufffd' with its id
+               "act (final)": [float(a) if ok else None for a, ok in zip(result.final_activation.tolist(), finite)],
+               "act (decoded)": [float(a) if ok else None
+                                 for a, ok in zip(outcome.decoded_activation.tolist(), finite)],
+               "diverged": [not ok for ok in finite],
+               "why": [outcome.diverged.get(r, "") for r in range(len(result.seeds))]}
     return pd.DataFrame(columns).to_json(orient="split", index=False, date_format="iso").encode()
 
 
@@ -152,60 +118,44 @@ class Seed:
 def read_seeds(reader, run_id: str):
     """(parent run, [Seed] of its finished seeds) of a run id, in either layout; reader.note says what is left
     out (diverged, not logged). A seed run id selects that seed alone."""
-    from .layout import FINAL, INITIAL, RUN_INDEX, SEED, TOKENS
-
     run = reader.run(run_id)
     if layout_of(run) != "lean":
         parent, children = reader.family(run_id)
-        return parent, [Seed(int(c.params[SEED]), int(c.params[RUN_INDEX]), c.id, reader.npy(c, INITIAL),
-                             reader.npy(c, FINAL), reader.json(c, TOKENS)["ids"], c.params) for c in children]
+        return parent, [Seed(int(c.params[layout.SEED]), int(c.params[layout.RUN_INDEX]), c.id,
+                             reader.npy(c, layout.INITIAL), reader.npy(c, layout.FINAL),
+                             reader.json(c, layout.TOKENS)["ids"], c.params) for c in children]
     arrays = read_arrays(reader, run)
-    reader.note = None
     ok = arrays["diverged_at"] < 0
     if not ok.any():
         raise AmreproError(f"run {run_id} has nothing to decode: all its {len(ok)} runs diverged.")
-    if not ok.all():
-        reader.note = f"run {run_id}: {int(ok.sum())} of its {len(ok)} runs are used here, {int((~ok).sum())} diverged."
+    reader.note = None if ok.all() else (f"run {run_id}: {int(ok.sum())} of its {len(ok)} runs are used here, "
+                                         f"{int((~ok).sum())} diverged.")
     return run, [Seed(int(arrays["seeds"][r]), r, run.id, arrays["initial"][r], arrays["final"][r],
                       [int(i) for i in arrays["ids"][r]], None) for r in np.flatnonzero(ok)]
 
 
 def read_arrays(reader, run) -> dict[str, np.ndarray]:
     """seeds.npz of a lean parent, checked against its sha256 tag; one sentence when it was never logged."""
-    from .layout import _outcome_file_note, _state
-
-    if SHA256_PREFIX + ARTIFACT not in run.tags:
-        kept = _outcome_file_note(run.id)
-        raise AmreproError(f"run {run.id} is {_state(run) or 'finished'} and its seeds were never logged, "
+    if layout.SHA256_PREFIX + ARTIFACT not in run.tags:
+        kept = layout._outcome_file_note(run.id)
+        raise AmreproError(f"run {run.id} is {layout._state(run) or 'finished'} and its seeds were never logged, "
                            f"so there is nothing to read{'; ' + kept if kept else ''}.")
     with np.load(io.BytesIO(reader.artifact(run, ARTIFACT)), allow_pickle=False) as npz:
         return {key: npz[key] for key in npz.files}
 
 
 # --- figures on demand --------------------------------------------------------------------------------------
-def figure_makers(reader, run) -> dict:
-    """The seeds layout's figures of a lean target, from its artifacts: path -> a function that builds it."""
-    from . import figures
-
-    arrays = read_arrays(reader, run)
-    summary = reader.json(run, SUMMARY)
-    stats = summary.get("statistics")
-    if stats is None:
-        raise AmreproError(f"run {run.id} has no result (all its runs diverged): there is nothing to draw.")
-    ok = arrays["diverged_at"] < 0  # [runs]
-    return figures.figure_makers(arrays["loss"][:, ok], arrays["activation"][:, ok],
-                               [int(s) for s in arrays["seeds"][ok]],
-                               [t for t, keep in zip(summary["tokens"], ok) if keep], arrays["ids"][ok],
-                               arrays["final_activation"][ok], arrays["decoded_activation"][ok],
-                               hubs=stats["nulls"]["decoded_starts"])
-
-
 def log_figures(ctx, reader, run) -> list[str]:
-    """Draw a lean target's figures and log them into it, as the seeds layout does (one upload; one that cannot
-    be drawn is a warning and a tag); the paths."""
-    from . import layout
-
-    makers = figure_makers(reader, run)
+    """Draw a lean target's figures from its artifacts and log them into it, as the seeds layout does (one upload;
+    one that cannot be drawn is a warning and a tag); the paths."""
+    arrays = read_arrays(reader, run)
+    summary, stats = layout.drawable(reader, run)
+    ok = arrays["diverged_at"] < 0  # [runs]
+    makers = figures.figure_makers(arrays["loss"][:, ok], arrays["activation"][:, ok],
+                                   [int(s) for s in arrays["seeds"][ok]],
+                                   [t for t, keep in zip(summary["tokens"], ok) if keep], arrays["ids"][ok],
+                                   arrays["final_activation"][ok], arrays["decoded_activation"][ok],
+                                   hubs=stats["nulls"]["decoded_starts"])
     layout.log_figures(ctx, run.id, makers)
     ctx.log(run.id, tags={FIGURES_TAG: ", ".join(makers)})
     return list(makers)
@@ -214,20 +164,16 @@ def log_figures(ctx, reader, run) -> list[str]:
 def flagged(columns: dict[str, list]) -> list[str]:
     """Parent run ids of the FINISHED targets of a sweep table with a claim that seeds agree above chance (the
     verdict's reproducibility claims, what the sweep's "any above chance" counts)."""
-    from .stats import REPRODUCIBILITY
-
     rows = range(len(columns["target"]))
     return [columns["parent_run_id"][i] for i in rows if columns["status"][i] == "FINISHED"
             and any(columns[stat.claim][i] == 1.0 for stat in REPRODUCIBILITY)]
 
 
-def log_run(ctx, parent: str, experiment_id: str, outcome, frozen: bytes, layout: str, resume: bool = False) -> None:
+def log_run(ctx, parent: str, experiment_id: str, outcome, frozen: bytes, kind: str, resume: bool = False) -> None:
     """`amrepro run` (and `amrepro log` of its outcome file) in either layout: lean, log_target; seeds,
     layout.log_outcome (resume: see there). No result (every run diverged) is NoResult, once all is logged."""
-    from .errors import NoResult
-
-    if layout != "lean":
-        return log_outcome(ctx, parent, experiment_id, outcome, frozen, resume)
+    if kind != "lean":
+        return layout.log_outcome(ctx, parent, experiment_id, outcome, frozen, resume)
     log_target(ctx, parent, outcome, frozen)
     if outcome.summary["statistics"] is None:
         raise NoResult(f"all {outcome.config.runs} runs diverged ({outcome.diverged[0]}), so there is nothing to "

@@ -4,8 +4,7 @@ is logged: a store that goes away, or a Ctrl-C while logging, then loses nothing
 One .npz per parent run, ./amrepro-outcomes/<parent run id>.npz (folder: AMREPRO_OUTCOMES): the Outcome's
 arrays, and as JSON the config, the parent's params and tags, the summary, the tokens, the divergences and
 the pip freeze. Written to a temporary name and renamed, so a file that exists is complete; mode 0600, and the
-tracking URI without its password (`amrepro log` takes the credentials from the environment). load() checks the
-whole file before anything is logged from it.
+tracking URI without its password (`amrepro log` takes the credentials from the environment).
 """
 
 from __future__ import annotations
@@ -36,21 +35,16 @@ class Saved:
     experiment_name: str | None = None  # None in files written before it was recorded
 
 
-def folder() -> Path:
-    return Path(os.environ.get("AMREPRO_OUTCOMES", "amrepro-outcomes"))
-
-
 def path_for(parent_id: str) -> Path:
-    return folder() / f"{parent_id}.npz"
+    return Path(os.environ.get("AMREPRO_OUTCOMES", "amrepro-outcomes")) / f"{parent_id}.npz"
 
 
 def save(outcome, parent_id: str, experiment_id: str, tracking_uri: str, params: dict, tags: dict,
          pip_freeze: bytes, experiment_name: str | None = None) -> Path:
     result = outcome.result
     arrays = {f"result.{f.name}": getattr(result, f.name).numpy() for f in dataclasses.fields(result)
-              if f.name not in ("seeds", "ids", "history", "frontier", "positions")}
-    if result.ids is not None:  # pez, gcg, epo: their real tokens
-        arrays["result.ids"] = result.ids.numpy()
+              if f.name not in ("seeds", "history", "frontier", "positions")
+              and getattr(result, f.name) is not None}  # ids: the real tokens of pez, gcg, epo only
     arrays.update({f"history.{key}": values.numpy() for key, values in result.history.items()})
     arrays.update({f"positions.{key}": values.numpy() for key, values in result.positions.items()})
     arrays.update(ids=np.asarray(outcome.ids), cosine=np.asarray(outcome.cosine),
@@ -105,15 +99,13 @@ def load(path: str | Path) -> Saved:
         target = Target.parse(meta["target"]) if isinstance(meta.get("target"), str) else None
     except AmreproError as error:
         raise AmreproError(f"{path} is not a valid amrepro outcome file: {error}") from None
-    problem = _problem(meta, arrays, config, target)
-    if problem:
+    if problem := _problem(meta, arrays, config, target):
         raise AmreproError(f"{path} is not a valid amrepro outcome file: {problem}; nothing was logged.")
-    tensors = {k.removeprefix("result."): torch.from_numpy(v) for k, v in arrays.items() if k.startswith("result.")}
-    history = {k.removeprefix("history."): torch.from_numpy(v) for k, v in arrays.items() if k.startswith("history.")}
-    positions = {k.removeprefix("positions."): torch.from_numpy(v) for k, v in arrays.items()
-                 if k.startswith("positions.")}
-    result = Result(seeds=meta["seeds"], **tensors, history=history, frontier=meta.get("frontier"),
-                    positions=positions)
+    def tensors(prefix: str) -> dict:
+        return {k.removeprefix(prefix): torch.from_numpy(v) for k, v in arrays.items() if k.startswith(prefix)}
+
+    result = Result(seeds=meta["seeds"], **tensors("result."), history=tensors("history."),
+                    frontier=meta.get("frontier"), positions=tensors("positions."))
     outcome = Outcome(config, target, result, arrays["ids"], meta["tokens"], arrays["cosine"],
                       arrays["decoded_activation"], meta["summary"],
                       {int(r): why for r, why in meta["diverged"].items()},
@@ -139,8 +131,7 @@ _OPTIONAL_ARRAYS = {"result.ids": "RP", "positions.tokens": "RP", "positions.fin
 
 
 def _problem(meta: dict, arrays: dict, config, target) -> str | None:
-    """What is wrong with a loaded outcome file, in a phrase; None when every field is there, has its type and
-    agrees with the number of runs."""
+    """What is wrong with a loaded outcome file (a missing, mistyped or inconsistent field), in a phrase; or None."""
     missing = [k for k in _META if k not in meta]
     extra = [k for k in meta if k not in _META and k not in _OPTIONAL_META]
     if missing or extra:

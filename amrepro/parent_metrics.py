@@ -2,8 +2,6 @@
 statistics are read back. Every statistic stays in summary.json (statistics.metrics, exact, under the same names);
 the ones the sweep table reads are also one exact JSON tag, which comes back with every run search. Each seed's
 per-epoch curves go on the parent too (chart_curves), the charts MLflow's chart view shows first.
-
-Parents logged before this module have every statistic as a metric and no table-row tag: read as before.
 """
 
 from __future__ import annotations
@@ -40,10 +38,9 @@ def _table_columns() -> dict[str, str]:
     for stat in REGISTRY:
         columns[stat.sweep_column or stat.column] = stat.metric
         columns[stat.p_column] = stat.pvalue_metric(PRIMARY)
-    columns.update({"final_activation": "stats/final_activation_mean",
-                    "decoded_activation": "stats/decoded_activation_mean",
-                    "projection_gap": "stats/projection_gap_mean"})
-    return {**columns, **{stat.claim: f"verdict/{stat.claim}" for stat in CLAIMS}}
+    return {**columns, "final_activation": "stats/final_activation_mean",
+            "decoded_activation": "stats/decoded_activation_mean", "projection_gap": "stats/projection_gap_mean",
+            **{stat.claim: f"verdict/{stat.claim}" for stat in CLAIMS}}
 
 
 TABLE_COLUMNS = _table_columns()  # a test checks that a parent's amrepro.table_row tag has every metric named here
@@ -56,15 +53,16 @@ def shown(value: float) -> float:
     return value if not np.isfinite(value) or value.is_integer() else float(f"{value:.{SHOWN_DIGITS}g}")
 
 
-def logged(outcome) -> dict[str, float]:
-    """The HEADLINE_METRICS of an outcome that it has (a single run has no pairwise statistic; an all-diverged
-    outcome has only runs/*), rounded by shown()."""
+def metric_rows(outcome, room: int) -> list[tuple[str, float, int]]:
+    """A parent's metrics, within `room` rows: the HEADLINE_METRICS the outcome has (a single run has no pairwise
+    statistic; an all-diverged outcome has only runs/*) at step 0, rounded by shown(), then chart_curves."""
     s = outcome.summary
     every = {"runs/diverged": len(outcome.diverged), "runs/ok": s["n_runs_ok"]}
     if s["statistics"] is not None:
         every.update(s["statistics"]["metrics"])
         every.update((outcome.specificity or {}).get("metrics", {}))
-    return {k: shown(every[k]) for k in HEADLINE_METRICS if k in every}
+    headline = [(k, shown(every[k]), 0) for k in HEADLINE_METRICS if k in every]
+    return headline + chart_curves(outcome.result, room - len(headline))
 
 
 def table_row(outcome) -> dict[str, str]:
@@ -96,14 +94,12 @@ def curve_steps(epochs: int, points: int) -> np.ndarray:
 
 
 def chart_curves(result, room: int) -> list[tuple[str, float, int]]:
-    """(key, value, epoch) rows of the per-epoch histories, within `room` rows: per seed `<key>/seed-<seed>`
-    with up to MAX_POINTS epochs each; when even 2 points per seed do not fit (hundreds of seeds), one mean
-    curve per key instead. A diverged seed's curve stops before its divergence (NaN is no point). Values are
-    rounded by parent_metrics.shown: a chart to read, not the record (seed runs and seeds.npz hold the exact ones)."""
+    """(key, value, epoch) rows of the per-epoch histories, within `room` rows: per seed `<key>/seed-<seed>` with
+    up to MAX_POINTS epochs each; when even 2 points per seed do not fit (hundreds of seeds), one mean curve per key
+    instead. A diverged seed's curve stops before its divergence. Values rounded by shown(): a chart, not a record."""
     histories = {"loss/total": result.loss.numpy(), "act/target": result.activation.numpy(),
                  **{k: v.numpy() for k, v in result.history.items()}}  # each [epochs, runs]
-    runs = len(result.seeds)
-    points = min(MAX_POINTS, room // max(1, runs * len(histories)))
+    points = min(MAX_POINTS, room // max(1, len(result.seeds) * len(histories)))
     rows: list[tuple[str, float, int]] = []
     if points >= 2:
         for key, values in histories.items():
