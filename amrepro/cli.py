@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import inspect
 import os
+import sys
 
 import typer
 
@@ -223,3 +224,7 @@ def doctor(all_hosts: bool = typer.Option(False, "--all", help="Also end RUNNING
 
 def main() -> None:
     app(prog_name="amrepro")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
