@@ -5,11 +5,7 @@ the runs to distrust (diverged, loss spike, not converged). The full verdict fol
 
 from __future__ import annotations
 
-from .verdict import PRIMARY, decisions
-
-
-def _p(p) -> str:
-    return "n/a" if p is None else f"{p:.2g}"
+from .verdict import PRIMARY, decisions, p_text
 
 
 def headline(summary: dict) -> str:
@@ -32,13 +28,13 @@ def headline(summary: dict) -> str:
     elif d["agreement_above_chance"] or d["jaccard_above_chance"]:
         key, label = (("positional_agreement", "agreement") if d["agreement_above_chance"]
                       else ("jaccard_mean", "Jaccard"))
-        parts.append(f"Seeds agree more than chance ({label} p = {_p(null[key]['pvalue'])})")
+        parts.append(f"Seeds agree more than chance ({label} p = {p_text(null[key]['pvalue'])})")
     else:
-        parts.append(f"No evidence that seeds agree (agreement p = {_p(null['positional_agreement']['pvalue'])}, "
-                     f"Jaccard p = {_p(null['jaccard_mean']['pvalue'])})")
+        parts.append(f"No evidence that seeds agree (agreement p = {p_text(null['positional_agreement']['pvalue'])}, "
+                     f"Jaccard p = {p_text(null['jaccard_mean']['pvalue'])})")
     if d["unique_below_chance"]:
         parts.append(f"fewer unique tokens than chance ({stats['n_unique_tokens']}/{stats['n_tokens_total']}, "
-                     f"p = {_p(null['n_unique']['pvalue'])})")
+                     f"p = {p_text(null['n_unique']['pvalue'])})")
     kept = stats["start_token_kept"]
     if d["tokens_identify_seed"]:
         parts.append(f"tokens identify the seed ({kept['mean']:.0%} kept from the start)")

@@ -281,10 +281,10 @@ def run_chunks(work: list[list[Target]], job: Job, workers: int, lm,
                 done(ray.get(ref))
             except ray.exceptions.RayActorError as error:  # dead more than MAX_RETRIES times: give its chunk up
                 failures.append(f"a worker died {MAX_RETRIES + 1} times on {chunk[0]}..{chunk[-1]}: "
-                                f"{_first_line(error)}")
+                                f"{_last_line(error)}")
                 continue  # the actor is gone for good; the others take the rest of the queue
             except ray.exceptions.RayTaskError as error:
-                failures.append(f"{chunk[0]}..{chunk[-1]} failed: {_first_line(error.cause or error)}")
+                failures.append(f"{chunk[0]}..{chunk[-1]} failed: {_last_line(error.cause or error)}")
             give(actor)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the workers stop now (killed, never restarted), and are waited
         with signals.ignored():  # for (their chunks fail once they are dead), so that none writes after the
@@ -304,7 +304,7 @@ def run_chunks(work: list[list[Target]], job: Job, workers: int, lm,
     return failures, seconds
 
 
-def _first_line(error: BaseException) -> str:
+def _last_line(error: BaseException) -> str:
     """The last line of a worker's error: Ray puts the traceback first."""
     lines = [line for line in str(error).strip().splitlines() if line.strip()]
     return (lines[-1] if lines else type(error).__name__)[:300]

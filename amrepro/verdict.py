@@ -14,7 +14,8 @@ from __future__ import annotations
 from .stats import ALPHA, CLAIMS, MIN_EVENTS, PRIMARY
 
 
-def _p(p: float | None) -> str:
+def p_text(p: float | None) -> str:
+    """A p-value as the verdict and the headline print it."""
     return "n/a" if p is None else f"{p:.2g}"
 
 
@@ -53,12 +54,12 @@ def verdict(stats: dict) -> str:
     words = f"{u}/{n} tokens unique"
     if ds is None:
         return words + (f"; uniform tokens give {_chance(un['n_unique'], 2, count=True)}, p = "
-                        f"{_p(un['n_unique']['pvalue'])}. No decoded-starts null was computed, so nothing is "
+                        f"{p_text(un['n_unique']['pvalue'])}. No decoded-starts null was computed, so nothing is "
                         "claimed about chance.")
     name = ds.get("name", "decoded random starts")  # the method's own starts: vectors decoded, or tokens
-    words += (f"; {name} give {_chance(ds['n_unique'], 2, count=True)}, p = {_p(ds['n_unique']['pvalue'])}"
+    words += (f"; {name} give {_chance(ds['n_unique'], 2, count=True)}, p = {p_text(ds['n_unique']['pvalue'])}"
               f" (this few unique or fewer); uniform tokens {_chance(un['n_unique'], 2, count=True)}, "
-              f"p = {_p(un['n_unique']['pvalue'])}; decoded initial embeddings of these runs {iu}/{n}.")
+              f"p = {p_text(un['n_unique']['pvalue'])}; decoded initial embeddings of these runs {iu}/{n}.")
     across, within = events["cross_run_repeats"], events["within_run_repeats"]
     where = ("across runs (a token in two or more runs)", "within a run (a run repeating its own token)")
     if events["repeats"] == 1:
@@ -84,7 +85,7 @@ def _sentence(stats: dict, stat, claimed: bool, name: str) -> str:
     if stat.events != stat.key:  # a count is its own events; a mean says how many coincidences make it up
         shown += f" ({n_events} {stat.event[0] if n_events == 1 else stat.event[1]})"
     words = (f" {stat.label[0].upper() + stat.label[1:]} {shown}; {name} {_chance(ds, stat.digits, stat.count)}, "
-             f"p = {_p(ds['pvalue'])}; uniform p = {_p(un['pvalue'])}: ")
+             f"p = {p_text(ds['pvalue'])}; uniform p = {p_text(un['pvalue'])}: ")
     if claimed:
         words += stat.says.format(null=name) + "."
         initial = stats["baselines"]["initial_tokens"].get(stat.key)
@@ -105,7 +106,7 @@ def _kept(kept: dict, d: dict) -> str:
     if not d["start_tokens_kept"]:
         return ""
     words = (f" {kept['n_kept']}/{kept['n_total']} final tokens ({kept['mean']:.0%}) are the decoded token of "
-             f"their own random start (chance {kept['chance']:.2g} per token, p = {_p(kept['pvalue'])})")
+             f"their own random start (chance {kept['chance']:.2g} per token, p = {p_text(kept['pvalue'])})")
     if d["tokens_identify_seed"]:
         return words + ": the decoded tokens identify the seed more than the neuron."
     return words + ": the optimization keeps part of its start."
