@@ -188,10 +188,10 @@ class GPT2Reader:
             tape.append((q, k, v, att))
         return torch.bmm(att, v).view(R, H, P, hd).transpose(1, 2).reshape(R * P, D)  # [R*P, D]
 
-    def _mlp_hidden(self, blk: _Block, h: torch.Tensor, tape: list | None) -> torch.Tensor:
-        """gelu(ln_2(h) @ W_fc + b_fc): h [R, P, D] -> [R*P, d_mlp]."""
+    def _mlp_hidden(self, blk: _Block, h: torch.Tensor, tape: list | None, fc=None) -> torch.Tensor:
+        """gelu(ln_2(h) @ W_fc + b_fc): h [R, P, D] -> [R*P, d_mlp], or [R, P] when fc reads one unit's column."""
         a = _layer_norm(h, blk.ln_2, tape)  # [R, P, D]
-        pre = blk.fc(a.view(-1, a.shape[-1]))  # [R*P, d_mlp]
+        pre = (fc or blk.fc)(a.view(-1, a.shape[-1]))  # [R*P, d_mlp]
         if tape is not None:
             tape.append(pre)
         return F.gelu(pre, approximate=self.gelu)
@@ -220,12 +220,8 @@ class GPT2Reader:
             act = self._project(y, blk.column, h.shape[:-1])  # [R, P]: one column of W_O
             return act + self._pick(h) if self.site == "hook_resid_mid" else act
         h = h + blk.proj(y).view(h.shape)  # resid_mid [R, P, D]: ln_2 needs every dimension
-        if self.site == "mlp.hook_post":
-            a = _layer_norm(h, blk.ln_2, tape)  # [R, P, D]
-            pre = self._project(a.view(-1, a.shape[-1]), blk.column, h.shape[:-1])  # [R, P]: one hidden unit
-            if tape is not None:
-                tape.append(pre)
-            return F.gelu(pre, approximate=self.gelu)
+        if self.site == "mlp.hook_post":  # one hidden unit: [R, P]
+            return self._mlp_hidden(blk, h, tape, lambda a: self._project(a, blk.column, h.shape[:-1]))
         u = self._mlp_hidden(blk, h, tape)  # resid_post: [R*P, d_mlp]
         return self._pick(h) + self._project(u, blk.column, h.shape[:-1])  # [R, P]: one column of W_out
 
@@ -249,12 +245,12 @@ class GPT2Reader:
         da = blk.attn.grad(dqkv).view(R, P, H * hd)  # [R, P, D]
         return _layer_norm_grad(da, blk.ln_1, ln_saved)
 
-    def _mlp_hidden_grad(self, blk: _Block, du: torch.Tensor, tape: list) -> torch.Tensor:
-        """du [R*P, d_mlp] -> gradient of the MLP input (resid_mid) [R, P, D]."""
+    def _mlp_hidden_grad(self, blk: _Block, du: torch.Tensor, tape: list, fc_grad=None) -> torch.Tensor:
+        """du [R*P, d_mlp] (or [R, P] with fc_grad of one unit's column) -> gradient of resid_mid [R, P, D]."""
         pre = tape.pop()  # [R*P, d_mlp]
         ln_saved = tape.pop()
         dpre = torch.ops.aten.gelu_backward(du, pre, approximate=self.gelu)  # [R*P, d_mlp]
-        return _layer_norm_grad(blk.fc.grad(dpre).view(ln_saved[0].shape), blk.ln_2, ln_saved)
+        return _layer_norm_grad((fc_grad or blk.fc.grad)(dpre).view(ln_saved[0].shape), blk.ln_2, ln_saved)
 
     def _block_grad(self, blk: _Block, dh: torch.Tensor, tape: list) -> torch.Tensor:
         """Gradient of resid_post [R, P, D] -> gradient of resid_pre [R, P, D]."""
@@ -264,17 +260,14 @@ class GPT2Reader:
 
     def _last_block_grad(self, blk: _Block, dact: torch.Tensor, tape: list) -> torch.Tensor:
         """dact [R, P] -> gradient of the last block's input [R, P, D]."""
-        R, P = dact.shape
         if self.site in ("hook_attn_out", "hook_resid_mid"):
             dh = self._attention_grad(blk, self._project_grad(dact, blk.column), tape)  # [R, P, D]
             return self._pick_grad_(dh, dact) if self.site == "hook_resid_mid" else dh
         if self.site == "mlp.hook_post":
-            pre = tape.pop()  # [R, P]
-            dpre = torch.ops.aten.gelu_backward(dact, pre, approximate=self.gelu)  # [R, P]
-            dmid = _layer_norm_grad(self._project_grad(dpre, blk.column).view(R, P, -1), blk.ln_2, tape.pop())
+            dmid = self._mlp_hidden_grad(blk, dact, tape, lambda dpre: self._project_grad(dpre, blk.column))
         else:  # resid_post
             dmid = self._pick_grad_(self._mlp_hidden_grad(blk, self._project_grad(dact, blk.column), tape), dact)
-        return self._attention_grad(blk, blk.proj.grad(dmid.view(R * P, -1)), tape).add_(dmid)
+        return self._attention_grad(blk, blk.proj.grad(dmid.view(-1, dmid.shape[-1])), tape).add_(dmid)
 
     def _backward(self, dact: torch.Tensor, tape: list, shape: torch.Size, blocks: list[_Block]) -> torch.Tensor:
         """dact [R, P] -> dx [R, P, D]; the position embedding add passes the gradient through unchanged.
