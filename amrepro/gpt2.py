@@ -112,16 +112,15 @@ class GPT2Reader:
     def _build(self, rows: int, device: torch.device) -> list[_Block]:
         h = self.model.h[:0 if self.site == "stream" else self.last + 1]
         convs = [(b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj) for b in h]
-        kernel = "plain"
+        self.kernel = "plain"
         if h and device.type == "cpu":
             used = sum(m.weight.numel() for block in convs for m in block)
             if 2 * 4 * used <= _PACK_RAM_FRACTION * _physical_memory():
                 # every block has the same shapes: its four weights are the step's GEMMs
-                kernel = kernels.choose(device, [(m.weight, m.bias) for m in convs[0]], rows)
-        self.kernel = kernel
+                self.kernel = kernels.choose(device, [(m.weight, m.bias) for m in convs[0]], rows)
 
         def lin(conv) -> _Linear:
-            return _Linear(conv.weight, conv.bias, rows, kernel)
+            return _Linear(conv.weight, conv.bias, rows, self.kernel)
 
         full_proj = self.site in ("hook_resid_post", "mlp.hook_post")  # ln_2 needs every dimension of resid_mid
         blocks = []
@@ -163,8 +162,7 @@ class GPT2Reader:
         w, b = column
         if self.index is None:
             return (y @ w + b).view(shape)
-        R, P = shape
-        return torch.bmm(y.view(R, P, -1), w[:, :, None]).view(R, P) + b[:, None]  # [R, P]
+        return torch.bmm(y.view(*shape, -1), w[:, :, None]).view(shape) + b[:, None]  # [R, P]
 
     def _project_grad(self, dact: torch.Tensor, column: tuple) -> torch.Tensor:
         """dact [R, P] -> d(act)/d(y) * dact [R*P, in]: the column itself, scaled by each row's gradient."""
