@@ -1,5 +1,4 @@
-"""From continuous embeddings back to tokens: the token whose input-embedding row has maximal cosine
-similarity, and the activation those real tokens reach when fed back."""
+"""From continuous embeddings back to tokens: the token whose input-embedding row has maximal cosine similarity."""
 
 from __future__ import annotations
 
@@ -13,19 +12,8 @@ def nearest_tokens(embeddings: torch.Tensor, vocab: torch.Tensor) -> tuple[torch
     """embeddings [runs, pos, d_model], vocab [n_vocab, d_model] -> (ids [runs, pos], cosine [runs, pos])."""
     e = torch.nn.functional.normalize(embeddings.to(vocab.device, vocab.dtype), dim=-1)
     v = torch.nn.functional.normalize(vocab, dim=-1)
-    if e.shape[0] * e.shape[1] * v.shape[0] <= CHUNK_ELEMENTS:  # the common case: one matmul
-        best, ids = (e @ v.T).max(dim=-1)  # [runs, pos, n_vocab] -> [runs, pos]
-        return ids.cpu(), best.cpu()
-    # Thousands of runs: [runs, pos, n_vocab] would not fit; a few runs at a time keeps it to CHUNK_ELEMENTS.
+    # [runs, pos, n_vocab] -> [runs, pos], one matmul in the common case; for thousands of runs the cosines would
+    # not fit, and a few runs at a time keeps them to CHUNK_ELEMENTS
     step = max(1, CHUNK_ELEMENTS // (e.shape[1] * v.shape[0]))
     parts = [(e[i:i + step] @ v.T).max(dim=-1) for i in range(0, e.shape[0], step)]
     return torch.cat([p.indices for p in parts]).cpu(), torch.cat([p.values for p in parts]).cpu()
-
-
-@torch.no_grad()
-def token_activation(reader, ids: torch.Tensor, vocab: torch.Tensor) -> torch.Tensor:
-    """Mean target activation [runs] when the tokens ids [runs, pos] are fed as real input.
-
-    Feeding vocab[ids] as inputs_embeds is exactly what the model does with input_ids (an embedding lookup).
-    """
-    return reader(vocab[ids.to(vocab.device)]).mean(dim=1).cpu()

@@ -213,7 +213,7 @@ def optimize_rows(lm: LoadedModel, reader, seeds: list[int], config: Config,
     with torch.no_grad():  # the activation at each position, for the dashboard's token colours
         tokens_at = reader(E[ids.to(E.device)])  # [rows, pos]: the decoded tokens fed back as real input
         final_at = tokens_at if result.ids is not None else reader(result.final.to(E.device))  # [rows, pos]
-    decoded = tokens_at.mean(dim=1).cpu()  # [rows]: exactly decode.token_activation
+    decoded = tokens_at.mean(dim=1).cpu()  # [rows]: the mean activation of the decoded tokens
     result.positions = {"tokens": tokens_at.cpu(), "final": final_at.cpu()}
     return result, ids, cosine, decoded
 

@@ -23,6 +23,7 @@ HF's Conv1D stores weights as [in, out]: y = b + x @ W.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -59,6 +60,13 @@ class _Block:
     column: tuple | None = None
 
 
+@functools.cache
+def _causal_mask(P: int, device: torch.device) -> torch.Tensor:
+    """Additive causal mask, as HF's: 0 where a query may attend, float32 min above the diagonal. [P, P]"""
+    future = torch.ones(P, P, dtype=torch.bool, device=device).triu(1)
+    return torch.zeros(P, P, device=device).masked_fill_(future, torch.finfo(torch.float32).min)
+
+
 def _layer_norm(h: torch.Tensor, ln: tuple, tape: list | None):
     out, mean, rstd = torch.native_layer_norm(h, (h.shape[-1],), ln[0], ln[1], ln[2])
     if tape is not None:
@@ -83,8 +91,7 @@ class GPT2Reader:
                 and not any(p.requires_grad for p in lm.model.parameters()))
 
     def __init__(self, lm: LoadedModel, target: Target, index: torch.Tensor | None = None):
-        """index: None reads target.index in every row; a LongTensor [rows] reads index[r] of the same site and
-        block in row r (calls must then pass exactly rows rows)."""
+        """index: None reads target.index in every row; a LongTensor [rows] (calls must then pass exactly rows rows)."""
         self.model, self.target = lm.model, target
         self.index = None if index is None else torch.as_tensor(index, dtype=torch.long, device=lm.device)
         self.n_head = lm.model.config.n_head
@@ -94,32 +101,26 @@ class GPT2Reader:
             self.site, self.last = ("stream", 0) if target.block == 0 else ("hook_resid_post", target.block - 1)
         self._blocks: list[_Block] | None = None  # built (and packed) on first use, dropped on __exit__
         self.kernel: str | None = None  # the GEMM kernel the blocks use (kernels.py), once built
-        self._masks: dict = {}
 
     def __enter__(self) -> "GPT2Reader":
         return self  # no hooks to install: the reader is a plain function of x
 
     def __exit__(self, *exc) -> None:
         self._blocks = None  # frees the packed weight copies
-        self._masks = {}
 
     # --- weights ------------------------------------------------------------------------------------------
-    def _n_blocks(self) -> int:
-        return 0 if self.site == "stream" else self.last + 1
-
     def _build(self, rows: int, device: torch.device) -> list[_Block]:
-        h = self.model.h[:self._n_blocks()]
-        kernel = "plain"
+        h = self.model.h[:0 if self.site == "stream" else self.last + 1]
+        convs = [(b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj) for b in h]
+        self.kernel = "plain"
         if h and device.type == "cpu":
-            used = sum(m.weight.numel() for b in h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj))
+            used = sum(m.weight.numel() for block in convs for m in block)
             if 2 * 4 * used <= _PACK_RAM_FRACTION * _physical_memory():
-                b = h[0]  # every block has the same shapes: its four weights are the step's GEMMs
-                kernel = kernels.choose(device, [(m.weight, m.bias) for m in (b.attn.c_attn, b.attn.c_proj,
-                                                                              b.mlp.c_fc, b.mlp.c_proj)], rows)
-        self.kernel = kernel
+                # every block has the same shapes: its four weights are the step's GEMMs
+                self.kernel = kernels.choose(device, [(m.weight, m.bias) for m in convs[0]], rows)
 
         def lin(conv) -> _Linear:
-            return _Linear(conv.weight, conv.bias, rows, kernel)
+            return _Linear(conv.weight, conv.bias, rows, self.kernel)
 
         full_proj = self.site in ("hook_resid_post", "mlp.hook_post")  # ln_2 needs every dimension of resid_mid
         blocks = []
@@ -140,8 +141,7 @@ class GPT2Reader:
     def _column(self, conv) -> tuple:
         if self.index is not None:
             return conv.weight[:, self.index].t().contiguous(), conv.bias[self.index]  # [rows, in], [rows]
-        i = self.target.index
-        return conv.weight[:, i].contiguous(), conv.bias[i]  # [in], []
+        return conv.weight[:, self.target.index].contiguous(), conv.bias[self.target.index]  # [in], []
 
     # --- per-row helpers: with index None they are the single-target ops, unchanged --------------------------
     def _pick(self, h: torch.Tensor) -> torch.Tensor:
@@ -162,8 +162,7 @@ class GPT2Reader:
         w, b = column
         if self.index is None:
             return (y @ w + b).view(shape)
-        R, P = shape
-        return torch.bmm(y.view(R, P, -1), w[:, :, None]).view(R, P) + b[:, None]  # [R, P]
+        return torch.bmm(y.view(*shape, -1), w[:, :, None]).view(shape) + b[:, None]  # [R, P]
 
     def _project_grad(self, dact: torch.Tensor, column: tuple) -> torch.Tensor:
         """dact [R, P] -> d(act)/d(y) * dact [R*P, in]: the column itself, scaled by each row's gradient."""
@@ -171,14 +170,6 @@ class GPT2Reader:
         if self.index is None:
             return dact.reshape(-1, 1) * w  # [R*P, in]
         return (dact[..., None] * w[:, None, :]).view(-1, w.shape[-1])  # [R*P, in]
-
-    def _causal_mask(self, P: int, device: torch.device) -> torch.Tensor:
-        """Additive causal mask, as HF's: 0 where a query may attend, float32 min above the diagonal. [P, P]"""
-        key = (P, device)
-        if key not in self._masks:
-            future = torch.ones(P, P, dtype=torch.bool, device=device).triu(1)
-            self._masks[key] = torch.zeros(P, P, device=device).masked_fill_(future, torch.finfo(torch.float32).min)
-        return self._masks[key]
 
     # --- forward (appending what the backward needs to `tape` when it is a list) ---------------------------
     def _attention(self, blk: _Block, h: torch.Tensor, tape: list | None) -> torch.Tensor:
@@ -190,15 +181,15 @@ class GPT2Reader:
         # one copy into head-major layout, then q, k, v are contiguous [R*H, P, hd] batches for bmm
         q, k, v = qkv.view(R, P, 3, H, hd).permute(2, 0, 3, 1, 4).reshape(3, R * H, P, hd)
         # mask + (q @ k^T) * hd^-0.5 in one call: [R*H, P, P]
-        att = torch.baddbmm(self._causal_mask(P, h.device), q, k.transpose(1, 2), alpha=hd**-0.5).softmax(-1)
+        att = torch.baddbmm(_causal_mask(P, h.device), q, k.transpose(1, 2), alpha=hd**-0.5).softmax(-1)
         if tape is not None:
             tape.append((q, k, v, att))
         return torch.bmm(att, v).view(R, H, P, hd).transpose(1, 2).reshape(R * P, D)  # [R*P, D]
 
-    def _mlp_hidden(self, blk: _Block, h: torch.Tensor, tape: list | None) -> torch.Tensor:
-        """gelu(ln_2(h) @ W_fc + b_fc): h [R, P, D] -> [R*P, d_mlp]."""
+    def _mlp_hidden(self, blk: _Block, h: torch.Tensor, tape: list | None, fc=None) -> torch.Tensor:
+        """gelu(ln_2(h) @ W_fc + b_fc): h [R, P, D] -> [R*P, d_mlp], or [R, P] when fc reads one unit's column."""
         a = _layer_norm(h, blk.ln_2, tape)  # [R, P, D]
-        pre = blk.fc(a.view(-1, a.shape[-1]))  # [R*P, d_mlp]
+        pre = (fc or blk.fc)(a.view(-1, a.shape[-1]))  # [R*P, d_mlp]
         if tape is not None:
             tape.append(pre)
         return F.gelu(pre, approximate=self.gelu)
@@ -227,15 +218,8 @@ class GPT2Reader:
             act = self._project(y, blk.column, h.shape[:-1])  # [R, P]: one column of W_O
             return act + self._pick(h) if self.site == "hook_resid_mid" else act
         h = h + blk.proj(y).view(h.shape)  # resid_mid [R, P, D]: ln_2 needs every dimension
-        if self.site == "mlp.hook_post":
-            a = _layer_norm(h, blk.ln_2, tape)  # [R, P, D]
-            if self.index is None:
-                pre = a @ blk.column[0] + blk.column[1]  # [R, P]: one hidden unit
-            else:
-                pre = self._project(a.view(-1, a.shape[-1]), blk.column, h.shape[:-1])  # [R, P]
-            if tape is not None:
-                tape.append(pre)
-            return F.gelu(pre, approximate=self.gelu)
+        if self.site == "mlp.hook_post":  # one hidden unit: [R, P]
+            return self._mlp_hidden(blk, h, tape, lambda a: self._project(a, blk.column, h.shape[:-1]))
         u = self._mlp_hidden(blk, h, tape)  # resid_post: [R*P, d_mlp]
         return self._pick(h) + self._project(u, blk.column, h.shape[:-1])  # [R, P]: one column of W_out
 
@@ -259,12 +243,12 @@ class GPT2Reader:
         da = blk.attn.grad(dqkv).view(R, P, H * hd)  # [R, P, D]
         return _layer_norm_grad(da, blk.ln_1, ln_saved)
 
-    def _mlp_hidden_grad(self, blk: _Block, du: torch.Tensor, tape: list) -> torch.Tensor:
-        """du [R*P, d_mlp] -> gradient of the MLP input (resid_mid) [R, P, D]."""
+    def _mlp_hidden_grad(self, blk: _Block, du: torch.Tensor, tape: list, fc_grad=None) -> torch.Tensor:
+        """du [R*P, d_mlp] (or [R, P] with fc_grad of one unit's column) -> gradient of resid_mid [R, P, D]."""
         pre = tape.pop()  # [R*P, d_mlp]
         ln_saved = tape.pop()
         dpre = torch.ops.aten.gelu_backward(du, pre, approximate=self.gelu)  # [R*P, d_mlp]
-        return _layer_norm_grad(blk.fc.grad(dpre).view(ln_saved[0].shape), blk.ln_2, ln_saved)
+        return _layer_norm_grad((fc_grad or blk.fc.grad)(dpre).view(ln_saved[0].shape), blk.ln_2, ln_saved)
 
     def _block_grad(self, blk: _Block, dh: torch.Tensor, tape: list) -> torch.Tensor:
         """Gradient of resid_post [R, P, D] -> gradient of resid_pre [R, P, D]."""
@@ -274,17 +258,14 @@ class GPT2Reader:
 
     def _last_block_grad(self, blk: _Block, dact: torch.Tensor, tape: list) -> torch.Tensor:
         """dact [R, P] -> gradient of the last block's input [R, P, D]."""
-        R, P = dact.shape
         if self.site in ("hook_attn_out", "hook_resid_mid"):
             dh = self._attention_grad(blk, self._project_grad(dact, blk.column), tape)  # [R, P, D]
             return self._pick_grad_(dh, dact) if self.site == "hook_resid_mid" else dh
         if self.site == "mlp.hook_post":
-            pre = tape.pop()  # [R, P]
-            dpre = torch.ops.aten.gelu_backward(dact, pre, approximate=self.gelu)  # [R, P]
-            dmid = _layer_norm_grad(self._project_grad(dpre, blk.column).view(R, P, -1), blk.ln_2, tape.pop())
+            dmid = self._mlp_hidden_grad(blk, dact, tape, lambda dpre: self._project_grad(dpre, blk.column))
         else:  # resid_post
             dmid = self._pick_grad_(self._mlp_hidden_grad(blk, self._project_grad(dact, blk.column), tape), dact)
-        return self._attention_grad(blk, blk.proj.grad(dmid.view(R * P, -1)), tape).add_(dmid)
+        return self._attention_grad(blk, blk.proj.grad(dmid.view(-1, dmid.shape[-1])), tape).add_(dmid)
 
     def _backward(self, dact: torch.Tensor, tape: list, shape: torch.Size, blocks: list[_Block]) -> torch.Tensor:
         """dact [R, P] -> dx [R, P, D]; the position embedding add passes the gradient through unchanged.

@@ -10,11 +10,9 @@ from typing import Callable
 
 import torch
 
-Fn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
 
 class Objective:
-    def __init__(self, fn: Fn, name: str):
+    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], name: str):
         self.fn, self.name = fn, name
 
     def __call__(self, act: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -44,10 +42,8 @@ def activation() -> Objective:
 
 
 def l2() -> Objective:
-    """sum(x**2) over positions and dimensions of each run."""
     return Objective(lambda act, x: x.pow(2).sum(dim=(1, 2)), "l2")
 
 
 def reference_loss(l2_weight: float) -> Objective:
-    """The reference's loss: -mean_pos(act) + l2 * sum(x**2)."""
     return -activation() + l2_weight * l2()

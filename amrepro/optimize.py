@@ -42,8 +42,7 @@ class Result:
             return None
         if epoch >= self.loss.shape[0]:
             return f"the embeddings became non-finite after the last step (epoch {epoch - 1})"
-        value = float(self.loss[epoch, r])
-        return f"the loss became non-finite ({value}) at epoch {epoch}"
+        return f"the loss became non-finite ({float(self.loss[epoch, r])}) at epoch {epoch}"
 
     def rows(self, pick: slice) -> "Result":
         """The result of the runs in pick alone (the rows of a batch are independent)."""
@@ -73,16 +72,14 @@ def optimize(reader: Callable[[torch.Tensor], torch.Tensor], initial: torch.Tens
         loss.sum().backward()  # d(sum)/d(loss_r) = 1: each run gets its own gradient
         optimizer.step()
         losses[epoch] = loss.detach()
-        first = (diverged_at < 0) & ~torch.isfinite(losses[epoch])  # [runs]
-        diverged_at.masked_fill_(first, epoch)
+        diverged_at.masked_fill_((diverged_at < 0) & ~torch.isfinite(losses[epoch]), epoch)  # [runs]
         acts[epoch] = mean_act(act, x).detach()
         if on_epoch is not None:
             on_epoch(epoch)
     final = x.detach()
     with torch.no_grad():
         final_act = mean_act(reader(final), final)
-    last = (diverged_at < 0) & ~torch.isfinite(final).flatten(1).all(dim=1)  # [runs]
-    diverged_at.masked_fill_(last, epochs)
+    diverged_at.masked_fill_((diverged_at < 0) & ~torch.isfinite(final).flatten(1).all(dim=1), epochs)  # [runs]
     return Result(seeds=list(seeds), initial=initial.detach().cpu().clone(), final=final.cpu().clone(),
                   loss=losses.cpu(), activation=acts.cpu(), final_activation=final_act.cpu(),
                   diverged_at=diverged_at.cpu())

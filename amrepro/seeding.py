@@ -46,8 +46,6 @@ def initial_embeddings(seeds: list[int], n_tokens: int, std: float, d_model: int
     Drawn on the CPU with one torch.Generator per seed, so run r's start depends on its seed alone (not on
     the batch it ran in, nor on the device it will be optimized on).
     """
-    starts = []
-    for seed in seeds:
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        starts.append(torch.randn(n_tokens, d_model, generator=generator, dtype=torch.float32) * std)
+    starts = [torch.randn(n_tokens, d_model, generator=torch.Generator(device="cpu").manual_seed(seed),
+                          dtype=torch.float32) * std for seed in seeds]
     return torch.stack(starts)  # [runs, pos, d_model]
