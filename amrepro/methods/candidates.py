@@ -1,5 +1,5 @@
-"""The one place where token sequences are scored: forward-only through the stop-at-block site reader, every
-row's candidates in one batch (chunked only to bound memory), and the one-hot gradient that ranks swaps.
+"""gcg's scoring of token sequences: forward-only through the stop-at-block site reader, every row's candidates
+in one batch (chunked only to bound memory), and the one-hot gradient that ranks swaps.
 
 With a per-row index (--controls), candidate c of row r must read row r's target: the candidates get a reader
 whose index repeats each row's index once per candidate (built once per chunk shape and kept)."""
@@ -17,8 +17,7 @@ MAX_SEQUENCES = 2048  # candidate sequences per forward: bounds the activations 
 
 class Candidates:
     def __init__(self, problem):
-        self.problem, self.lm = problem, problem.lm
-        self.reader = problem.reader
+        self.lm, self.reader = problem.lm, problem.reader
         self.index = getattr(self.reader, "index", None)  # [rows] or None
         self._readers: dict = {}
         self._stack = ExitStack()
@@ -28,7 +27,6 @@ class Candidates:
 
     def __exit__(self, *exc) -> None:
         self._stack.close()
-        self._readers = {}
 
     def _reader_for(self, lo: int, hi: int, per_row: int):
         if self.index is None:
