@@ -56,7 +56,7 @@ def run(problem: Problem, on_step: OnStep = None) -> Result:
             onehot_grad = torch.mm(grad.reshape(-1, grad.shape[-1]), E.t()).view(R * M, P, -1)  # [R*M, pos, vocab]
             top = onehot_grad.topk(k, dim=-1).indices.cpu()  # [R*M, pos, k]
             cand = one_swap(flat, top, C, member_gens).view(R, M * C, P)  # [R, M*C, pos]
-            cand_act, cand_xent = _score(read, E, cand, index_for, R)  # [R, M*C] each
+            cand_act, cand_xent = _score(read, E, cand, index_for)  # [R, M*C] each
             pool = torch.cat([ids, cand], dim=1)  # [R, M + M*C, pos]
             pool_act = torch.cat([act.detach().cpu().view(R, M), cand_act], dim=1)  # [R, M + M*C]
             pool_xent = torch.cat([xent.detach().cpu().view(R, M), cand_xent], dim=1)
@@ -77,9 +77,9 @@ def run(problem: Problem, on_step: OnStep = None) -> Result:
 
 
 @torch.no_grad()
-def _score(read: LMReader, E: torch.Tensor, cand: torch.Tensor, index_for, R: int):
+def _score(read: LMReader, E: torch.Tensor, cand: torch.Tensor, index_for):
     """(activation, xent) [R, n] of candidates cand [R, n, pos], forward only, whole rows per chunk."""
-    n, P = cand.shape[1], cand.shape[2]
+    R, n, P = cand.shape
     step = max(1, min(MAX_SEQUENCES, LOGIT_ELEMENTS // (P * E.shape[0])) // n)  # rows per chunk: bounds logits too
     acts, xents = [], []
     for lo in range(0, R, step):
