@@ -1,10 +1,8 @@
 """Optimization methods, one file each, one shape: method(problem, on_step) -> optimize.Result.
 
-Each method file declares `SPEC = Spec(...)`: its name, the Config fields it reads, its budget field, its start
-distribution and what it needs from the model. This registry reads those declarations and is what the CLI
-(--method, compare --methods and their help), Config.validate, compare, the report and the generated MLproject
-consult, so a new method is one new file here (plus its tests). The declarations are read from the files' source
-(`ast`), not imported: the methods import torch, and `amrepro --help` must not.
+Each method file declares `SPEC = Spec(...)`. This registry reads those declarations from the files' source
+(`ast`), without importing them (they import torch, and `amrepro --help` must not), for the CLI, Config.validate,
+compare, the report and the generated MLproject: a new method is one new file here (plus its tests).
 
 - adam.py: the reference. Continuous vectors, Adam, decoded to their nearest tokens afterwards (unchanged).
 - pez.py: continuous vectors whose forward runs on their nearest tokens (Wen et al. 2023, "Hard prompts made easy").
@@ -12,16 +10,14 @@ consult, so a new method is one new file here (plus its tests). The declarations
 - epo.py: gcg with a population trading activation against fluency (Thompson et al. 2024, `dreamy`).
 
 pez, gcg and epo end in real tokens: Result.ids holds them and their target activation IS the score. Every
-random choice (start, candidate sampling) draws from the row's own generator, seeded by the row's seed, so a
-run depends on its seed alone and `amrepro reproduce` is bit-identical. candidates.py is the one place that
-evaluates token sequences forward-only through the stop-at-block reader; tokens.py holds what the token methods
-share; problem.py what a method is handed (Problem) and what the experiment asks of it once the model is loaded.
-This registry imports no method file (Spec.run imports one when it is run) and nothing of amrepro but errors.py:
-Config reads it, and the method files import Config.
+random choice draws from the row's own generator, seeded by the row's seed, so `amrepro reproduce` is
+bit-identical. candidates.py scores token sequences forward-only; tokens.py holds what the token methods share;
+problem.py what a method is handed and what the experiment asks of it once the model is loaded. This registry
+imports nothing of amrepro but errors.py: Config reads it, and the method files import Config.
 
 The null of each method is its own start distribution, decoded as its results are (nulls.py): "vectors" starts
-are N(0, std(E)) vectors decoded to their nearest tokens; "tokens" starts are drawn uniformly from the
-vocabulary and "decode" to themselves, so their chance level is uniform random tokens.
+are N(0, std(E)) vectors decoded to their nearest tokens; "tokens" starts are uniform random tokens, which
+decode to themselves.
 """
 
 from __future__ import annotations
@@ -41,14 +37,11 @@ NEEDS = {"lm_head"}  # what a method may need beyond the site reader (epo: the L
 
 @dataclass(frozen=True)
 class Spec:
-    """A method's declaration, written with literals only (the registry reads it without importing the file).
+    """A method's declaration, in literals only (the registry reads it without importing the file).
 
     name: --method NAME, the file amrepro/methods/NAME.py, whose `run(problem, on_step)` does the work.
-    summary: one phrase for --help.
-    budget: the Config field that counts its steps (epochs, steps, epo_steps).
-    options: every Config field its run reads besides the shared ones (SHARED).
-    start: its start distribution, a key of START_NULLS; it names the primary null.
-    needs: from NEEDS, checked once the model is loaded, before any MLflow run exists.
+    budget: the Config field that counts its steps. options: every Config field its run reads but SHARED.
+    start: a key of START_NULLS. needs: from NEEDS, checked once the model is loaded, before any MLflow run.
     """
     name: str
     summary: str
@@ -56,15 +49,6 @@ class Spec:
     options: tuple[str, ...]
     start: str
     needs: tuple[str, ...] = ()
-
-    @property
-    def run(self):
-        """The method function, imported on first use."""
-        return importlib.import_module(f"{__name__}.{self.name}").run
-
-    @property
-    def null_name(self) -> str:
-        return START_NULLS[self.start]
 
     @property
     def unit(self) -> str:
@@ -100,10 +84,10 @@ def spec(name: str) -> Spec:
 
 
 def get(name: str):
-    """The method function of --method NAME."""
-    return spec(name).run
+    """The method function of --method NAME, imported on first use."""
+    return importlib.import_module(f"{__name__}.{spec(name).name}").run
 
 
 def start_name(method: str) -> str:
     """What the verdict calls the method's primary null: its own starts, decoded as its results are."""
-    return spec(method).null_name
+    return START_NULLS[spec(method).start]

@@ -1,5 +1,5 @@
-"""The one place where token sequences are scored: forward-only through the stop-at-block site reader, every
-row's candidates in one batch (chunked only to bound memory), and the one-hot gradient that ranks swaps.
+"""gcg's scoring of token sequences: forward-only through the stop-at-block site reader, every row's candidates
+in one batch (chunked only to bound memory), and the one-hot gradient that ranks swaps.
 
 With a per-row index (--controls), candidate c of row r must read row r's target: the candidates get a reader
 whose index repeats each row's index once per candidate (built once per chunk shape and kept)."""
@@ -15,20 +15,14 @@ from ..readers import site_reader
 MAX_SEQUENCES = 2048  # candidate sequences per forward: bounds the activations held at once
 
 
-class Candidates:
+class Candidates(ExitStack):
+    """A context manager: it holds the per-row readers it builds until it exits."""
+
     def __init__(self, problem):
-        self.problem, self.lm = problem, problem.lm
-        self.reader = problem.reader
+        super().__init__()
+        self.lm, self.reader = problem.lm, problem.reader
         self.index = getattr(self.reader, "index", None)  # [rows] or None
         self._readers: dict = {}
-        self._stack = ExitStack()
-
-    def __enter__(self) -> "Candidates":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stack.close()
-        self._readers = {}
 
     def _reader_for(self, lo: int, hi: int, per_row: int):
         if self.index is None:
@@ -38,7 +32,7 @@ class Candidates:
             index = self.index[lo:hi].repeat_interleave(per_row)  # [(hi - lo) * per_row]
             reader = (self.reader.select(index) if hasattr(self.reader, "select")  # a feature: readout rows
                       else site_reader(self.lm, self.reader.target, index=index.cpu()))
-            self._readers[key] = self._stack.enter_context(reader)
+            self._readers[key] = self.enter_context(reader)
         return self._readers[key]
 
     @torch.no_grad()

@@ -16,29 +16,17 @@ a GCG step of the same size.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..optimize import Result
 from . import Spec
 from .candidates import MAX_SEQUENCES, one_swap
-from .fluency import LMReader
+from .fluency import LOGIT_ELEMENTS, LMReader
 from .problem import OnStep, Problem
 from .tokens import token_result, uniform_tokens
 
 SPEC = Spec(name="epo", summary="gcg with a population trading activation against fluency", budget="epo_steps",
             options=("epo_steps", "topk", "candidates", "population"), start="tokens", needs=("lm_head",))
-
-PENALTY_RANGE = (0.1, 10.0)  # dreamy's x_penalty_min, x_penalty_max
-
-
-def penalties(population: int) -> torch.Tensor:
-    """[population] penalties log-spaced over PENALTY_RANGE (the middle one for a population of 1)."""
-    lo, hi = (math.log10(v) for v in PENALTY_RANGE)
-    if population == 1:
-        return torch.tensor([10 ** ((lo + hi) / 2)])
-    return torch.logspace(lo, hi, population)
 
 
 def run(problem: Problem, on_step: OnStep = None) -> Result:
@@ -48,14 +36,14 @@ def run(problem: Problem, on_step: OnStep = None) -> Result:
     k = min(c.topk, E.shape[0])
     generators = problem.generators()
     member_gens = [g for g in generators for _ in range(M)]  # a run's members draw, in turn, from its generator
-    lam = penalties(M)  # [M]
+    # [M] penalties log-spaced from dreamy's x_penalty_min 0.1 to x_penalty_max 10 (a population of 1: the middle)
+    lam = torch.logspace(-1, 1, M) if M > 1 else torch.ones(1)
     row_index = getattr(problem.reader, "index", None)  # [R] per-row targets (--controls) or None
-    target = problem.reader.target
     start = uniform_tokens(generators, P, E.shape[0])  # [R, pos]
     ids = start[:, None, :].repeat(1, M, 1)  # [R, M, pos]: every member starts from the run's start
     hist = {"act/tokens": torch.empty(c.epo_steps, R), "xent/tokens": torch.empty(c.epo_steps, R)}
     acts = torch.empty(c.epo_steps, R)  # [steps, R]: the best member's activation before the step
-    with LMReader(lm, target, getattr(problem.reader, "readout", None)) as read:
+    with LMReader(lm, problem.reader.target, getattr(problem.reader, "readout", None)) as read:
         def index_for(n: int, lo: int = 0, hi: int = R):  # per-row target index repeated n times per row
             return None if row_index is None else row_index[lo:hi].repeat_interleave(n)
 
@@ -68,7 +56,7 @@ def run(problem: Problem, on_step: OnStep = None) -> Result:
             onehot_grad = torch.mm(grad.reshape(-1, grad.shape[-1]), E.t()).view(R * M, P, -1)  # [R*M, pos, vocab]
             top = onehot_grad.topk(k, dim=-1).indices.cpu()  # [R*M, pos, k]
             cand = one_swap(flat, top, C, member_gens).view(R, M * C, P)  # [R, M*C, pos]
-            cand_act, cand_xent = _score(read, E, cand, index_for, R)  # [R, M*C] each
+            cand_act, cand_xent = _score(read, E, cand, index_for)  # [R, M*C] each
             pool = torch.cat([ids, cand], dim=1)  # [R, M + M*C, pos]
             pool_act = torch.cat([act.detach().cpu().view(R, M), cand_act], dim=1)  # [R, M + M*C]
             pool_xent = torch.cat([xent.detach().cpu().view(R, M), cand_xent], dim=1)
@@ -89,10 +77,10 @@ def run(problem: Problem, on_step: OnStep = None) -> Result:
 
 
 @torch.no_grad()
-def _score(read: LMReader, E: torch.Tensor, cand: torch.Tensor, index_for, R: int):
+def _score(read: LMReader, E: torch.Tensor, cand: torch.Tensor, index_for):
     """(activation, xent) [R, n] of candidates cand [R, n, pos], forward only, whole rows per chunk."""
-    n, P = cand.shape[1], cand.shape[2]
-    step = max(1, min(MAX_SEQUENCES, 2**25 // (P * E.shape[0])) // n)  # rows per chunk: bounds logits too
+    R, n, P = cand.shape
+    step = max(1, min(MAX_SEQUENCES, LOGIT_ELEMENTS // (P * E.shape[0])) // n)  # rows per chunk: bounds logits too
     acts, xents = [], []
     for lo in range(0, R, step):
         hi = min(R, lo + step)

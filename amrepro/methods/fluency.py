@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from ..config import AmreproError
 from ..model import LoadedModel
-from ..readers import site_hook
-from ..targets import Target, site_location
+from ..readers import HookedReader
+from ..targets import Target
 
 LOGIT_ELEMENTS = 2**25  # logits held at once (128 MB of float32): sequences per chunk = this / (pos * vocab)
 
@@ -59,28 +59,17 @@ def prompt_xent(lm: LoadedModel, ids: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
-class LMReader:
+class LMReader(HookedReader):
     """The whole forward: (target activation [N, pos], cross-entropy [N]) of ids [N, pos]. index: per-row target
     indices [N] of the target's site and block, or None for target.index. A context manager (one hook)."""
 
     def __init__(self, lm: LoadedModel, target: Target, readout=None):
         """readout: a feature target's features.Readout (then index selects its rows), or None for a neuron."""
-        self.lm, self.target, self.readout = lm, target, readout
-        path, self.kind = site_location(lm.model_type, target.site, lm.model.config)
-        block = lm.blocks[target.block]
-        self.module = block.get_submodule(path) if path else block
-        self._site, self._handle = None, None
+        super().__init__(lm, target)
+        self.readout = readout
 
-    def _capture(self, tensor) -> None:
+    def _capture(self, tensor) -> None:  # keeps the site and lets the forward run on: the LM head reads the end
         self._site = tensor[0] if isinstance(tensor, (tuple, list)) else tensor
-
-    def __enter__(self) -> "LMReader":
-        self._handle = site_hook(self.module, self.kind, self._capture)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._handle.remove()
-        self._handle = self._site = None
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, index: torch.Tensor | None = None):
         """x [N, pos, d_model] (E[ids], may require grad), ids [N, pos] -> (act [N, pos], xent [N])."""

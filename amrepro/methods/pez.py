@@ -22,8 +22,7 @@ SPEC = Spec(name="pez", summary="continuous vectors, forward on their nearest to
 
 def run(problem: Problem, on_step: OnStep = None) -> Result:
     c, E = problem.config, problem.lm.embedding
-    generators = problem.generators()
-    start = uniform_tokens(generators, c.n_tokens, E.shape[0])  # [rows, pos]
+    start = uniform_tokens(problem.generators(), c.n_tokens, E.shape[0])  # [rows, pos]
     x = E[start.to(E.device)].detach().clone().requires_grad_(True)  # [rows, pos, d_model]
     optimizer = torch.optim.Adam([x], lr=c.pez_lr)
     acts = torch.empty(c.steps, problem.rows)  # [steps, rows]: activation of the projected tokens

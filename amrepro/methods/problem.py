@@ -1,20 +1,20 @@
 """What the experiment hands a method (Problem, on_step) and asks of its declaration once the model is loaded:
 the checks it needs (check) and its start distribution's null pool (start_pool). Apart from the registry
-(methods/__init__.py), which Config reads, because these need Config and the model."""
+(methods/__init__.py), which Config reads, because these need Config, torch and the model."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
+import numpy as np
+import torch
+
+from .. import nulls
+from ..config import Config
+from ..model import LoadedModel
 from . import spec
-
-if TYPE_CHECKING:
-    import numpy as np
-    import torch
-
-    from ..config import Config
-    from ..model import LoadedModel
+from .fluency import check_causal
 
 OnStep = Callable[[int], None] | None
 
@@ -34,26 +34,18 @@ class Problem:
 
     def generators(self) -> list[torch.Generator]:
         """One CPU generator per row, seeded by the row's seed: the row's draws depend on its seed alone."""
-        import torch
-
         return [torch.Generator(device="cpu").manual_seed(seed) for seed in self.seeds]
 
 
 def check(config: Config, lm: LoadedModel) -> None:
     """Checks a method needs the model for, done by experiment.prepare before any MLflow run exists."""
     if "lm_head" in spec(config.method).needs:
-        from .fluency import check_causal
-
         check_causal(lm, f"--method {config.method}")
 
 
 def start_pool(config: Config, lm: LoadedModel, size: int) -> tuple[np.ndarray, str]:
     """(token ids [size], description): i.i.d. draws of the method's own start distribution, decoded as its
     results are, for the primary null (nulls.null_models' start_pool)."""
-    import torch
-
-    from .. import nulls
-
     if spec(config.method).start == "vectors":
         pool = nulls.decoded_start_pool(lm.embedding, lm.embedding_std(), size, config.seed)
         return pool, (f"the method's start vectors (N(0, std(E)) i.i.d.) decoded to their max-cosine tokens: "
