@@ -121,11 +121,6 @@ def _record(run) -> RunRecord:
                      dict(data.params), dict(data.tags), dict(data.metrics))
 
 
-def _client_call(name: str, **fixed):
-    """A Store method that is one client call: store.method(*args) is client.name(*args, **fixed), through _call."""
-    return lambda self, *args: self._call(name, *args, **fixed)
-
-
 class Store:
     """The tracking store, MLflow's configured one (or uri). Connecting checks it with one cheap request, so a
     store that is down or unusable is one clear sentence within seconds, before minutes of model loading. No call
@@ -192,8 +187,9 @@ class Store:
                 raise
             return found.experiment_id, False
 
-    # (experiment_id): tagged as model training, so MLflow 3 (where it reads the tag) lists runs, not traces
-    mark_experiment = _client_call("set_experiment_tag", key=EXPERIMENT_KIND, value=MODEL_TRAINING)
+    def mark_experiment(self, experiment_id: str) -> None:
+        """Tag the experiment as model training, so MLflow 3 (where it reads the tag) lists runs, not traces."""
+        self._call("set_experiment_tag", experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
 
     def experiment_name(self, experiment_id: str) -> str:
         return self._call("get_experiment", experiment_id).name
@@ -238,10 +234,19 @@ class Store:
                    params=[Param(k, str(v)) for k, v in params.items()],
                    tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
-    set_tag = _client_call("set_tag")  # (run_id, key, value)
-    delete_tag = _client_call("delete_tag")  # (run_id, key)
-    restart = _client_call("update_run", status="RUNNING")  # (run_id): an ended run RUNNING again
-    delete = _client_call("delete_run")  # (run_id): into the store's trash (`mlflow gc` removes it for good)
+    def set_tag(self, run_id: str, key: str, value: str) -> None:
+        self._call("set_tag", run_id, key, value)
+
+    def delete_tag(self, run_id: str, key: str) -> None:
+        self._call("delete_tag", run_id, key)
+
+    def restart(self, run_id: str) -> None:
+        """Mark an ended run RUNNING again."""
+        self._call("update_run", run_id, status="RUNNING")
+
+    def delete(self, run_id: str) -> None:
+        """Into the store's trash (`mlflow gc` removes it for good)."""
+        self._call("delete_run", run_id)
 
     def end(self, run_id: str, status: str) -> None:
         quiet = run_id in self._children and "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT" not in os.environ
@@ -268,8 +273,9 @@ class Store:
     def download(self, run_id: str, path: str) -> bytes:
         return Path(self._call("download_artifacts", run_id, path)).read_bytes()
 
-    # (run_id, columns name -> values, path): a .json artifact the MLflow UI shows as a table (Artifacts tab)
-    log_table = _client_call("log_table")
+    def log_table(self, run_id: str, columns: dict[str, list], path: str) -> None:
+        """A table the MLflow UI shows as a table (Artifacts tab): columns name -> values, as a .json artifact."""
+        self._call("log_table", run_id, data=columns, artifact_file=path)
 
     def log_figure(self, run_id: str, figure, path: str) -> None:
         with warnings.catch_warnings():  # a token in a script the font lacks is drawn as a box, not an error
